@@ -1,0 +1,12 @@
+# Turns migrations/NNNN_name.sql into a C++ array of {version, name, sql}.
+set(content "// Generated from storage/migrations/*.sql. Do not edit.\n")
+foreach(f ${FILES})
+  get_filename_component(fname ${f} NAME_WE)
+  string(REGEX MATCH "^([0-9]+)_(.*)$" _ ${fname})
+  set(version ${CMAKE_MATCH_1})
+  math(EXPR version "${version} + 0")
+  file(READ ${f} sql)
+  string(APPEND content "{${version}, \"${CMAKE_MATCH_2}\", R\"btxsql(${sql})btxsql\"},\n")
+endforeach()
+file(WRITE ${OUT}.tmp "${content}")
+file(COPY_FILE ${OUT}.tmp ${OUT} ONLY_IF_DIFFERENT)

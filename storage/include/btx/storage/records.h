@@ -1,0 +1,125 @@
+// Plain rows as the repositories read and write them. Storage knows nothing of gRPC; the scheduler
+// converts these to API messages.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "btx/common/clock.h"
+
+namespace btx::storage {
+
+// States are stored as text so the database is readable by hand (and by Grafana's SQL panels).
+namespace pipeline_state {
+inline constexpr char kRunning[] = "RUNNING";
+inline constexpr char kSucceeded[] = "SUCCEEDED";
+inline constexpr char kFailed[] = "FAILED";
+inline constexpr char kCancelled[] = "CANCELLED";
+}  // namespace pipeline_state
+
+namespace job_state {
+inline constexpr char kPending[] = "PENDING";
+inline constexpr char kReady[] = "READY";
+inline constexpr char kLeased[] = "LEASED";
+inline constexpr char kSucceeded[] = "SUCCEEDED";
+inline constexpr char kRetryWait[] = "RETRY_WAIT";
+inline constexpr char kFailed[] = "FAILED";
+inline constexpr char kCancelled[] = "CANCELLED";
+}  // namespace job_state
+
+struct JobRecord {
+  std::string id, pipeline_id, name, kind, state;
+  int attempt = 0;
+  int max_attempts = 1;
+  std::vector<std::string> depends_on;  // parent job names
+  std::string worker_id;
+  std::optional<TimePoint> lease_deadline, ready_at, started_at, finished_at;
+  TimePoint created_at;
+  std::string progress_json = "{}";
+  std::string checkpoint_uri, artifact_uri, error;
+  std::string spec_json = "{}";
+  std::string result_json;  // empty when none
+  int gpus = 0;
+  bool cancel_requested = false;
+};
+
+struct PipelineRecord {
+  std::string id, name, state, spec_json, idempotency_key, error, result_json;
+  bool cancel_requested = false;
+  TimePoint created_at, updated_at;
+  int jobs_total = 0, jobs_succeeded = 0;
+  std::vector<JobRecord> jobs;  // filled by GetPipeline only
+};
+
+struct WorkerRecord {
+  std::string id, name, hostname, capabilities_json, version, state;
+  TimePoint registered_at, last_seen;
+  std::vector<std::string> running_job_ids;
+};
+
+struct EventRecord {
+  int64_t id = 0;
+  std::string pipeline_id, job_id, job_name, type, payload_json;
+  TimePoint created_at;
+};
+
+struct LogRecord {
+  int64_t id = 0;
+  int attempt = 0;
+  std::string stream, line;
+  TimePoint created_at;
+};
+
+struct NewJob {
+  std::string name, kind;
+  std::string spec_json = "{}";
+  std::vector<std::string> depends_on;  // names of jobs in the same pipeline
+  int max_attempts = 3;
+  int gpus = 0;
+  int priority = 0;  // lower first
+};
+
+struct NewPipeline {
+  std::string name;
+  std::string spec_json;
+  std::string idempotency_key;  // empty = none
+  std::vector<NewJob> jobs;     // a DAG: every depends_on names an earlier-or-later job of this list
+};
+
+// A lease handed to a worker, with what the scheduler needs to resolve the job's arguments.
+struct ClaimedJob {
+  JobRecord job;
+  std::string pipeline_name;
+  std::map<std::string, std::string> parent_artifacts;  // parent name -> artifact URI
+};
+
+struct JobReportRow {
+  std::string job_id;
+  int attempt = 0;
+  std::string progress_json;  // empty: no progress in this report
+  int64_t step = -1;
+  double loss = 0, tokens_per_second = 0, learning_rate = 0;
+  std::string checkpoint_uri;
+  std::vector<LogRecord> logs;
+};
+
+enum class Directive { kContinue, kCancel, kLeaseLost };
+
+struct JobDirectiveRow {
+  std::string job_id;
+  int attempt = 0;
+  Directive directive = Directive::kContinue;
+  std::optional<TimePoint> lease_deadline;
+};
+
+struct RetryPolicy {
+  Duration base = std::chrono::seconds(5);
+  Duration max = std::chrono::minutes(5);
+  // Backoff before attempt `failed_attempt + 1`: base * 2^(failed_attempt-1), capped.
+  Duration BackoffAfter(int failed_attempt) const;
+};
+
+}  // namespace btx::storage

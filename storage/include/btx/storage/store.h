@@ -1,0 +1,94 @@
+// Repositories over PostgreSQL: every state transition of pipelines, jobs and workers is one
+// transaction here, so the scheduler holds no state of its own and can be killed at any time.
+// Time always comes from the caller (an injectable clock), never from the database's now().
+#pragma once
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "btx/storage/pool.h"
+#include "btx/storage/records.h"
+
+namespace btx::storage {
+
+// Channels NOTIFY'd on commit, so long polls and watch streams on any replica wake at once.
+inline constexpr char kJobsChannel[] = "btx_jobs";
+inline constexpr char kEventsChannel[] = "btx_events";
+
+struct PipelineFilter {
+  std::string state;        // empty = any
+  std::string name_prefix;
+  int page_size = 50;
+  std::string page_token;   // opaque cursor from the previous page
+};
+
+struct PipelinePage {
+  std::vector<PipelineRecord> pipelines;
+  std::string next_page_token;
+};
+
+struct ExpiredLease {
+  std::string job_id, pipeline_id, name, kind;
+  int attempt = 0;
+  bool requeued = false;  // false: out of attempts, FAILED
+};
+
+struct FailOutcome {
+  std::string new_state;  // RETRY_WAIT, FAILED or CANCELLED
+  bool pipeline_failed = false;
+};
+
+class Store {
+ public:
+  explicit Store(ConnectionPool& pool) : pool_(pool) {}
+
+  // Creates the pipeline and its job DAG (roots READY). With an idempotency key that already exists,
+  // returns that pipeline and created=false.
+  absl::StatusOr<std::pair<PipelineRecord, bool>> CreatePipeline(const NewPipeline& p, TimePoint now);
+  absl::StatusOr<PipelineRecord> GetPipeline(const std::string& id);
+  absl::StatusOr<PipelinePage> ListPipelines(const PipelineFilter& filter);
+  absl::StatusOr<PipelineRecord> CancelPipeline(const std::string& id, const std::string& reason, TimePoint now);
+  absl::StatusOr<PipelineRecord> RetryPipeline(const std::string& id, TimePoint now);
+
+  absl::StatusOr<std::vector<JobRecord>> ListJobs(const std::string& pipeline_id, const std::string& state, int limit);
+  absl::StatusOr<JobRecord> GetJob(const std::string& job_id);
+
+  // Leases the first claimable job that fits free_gpus (FOR UPDATE SKIP LOCKED), bumping its attempt.
+  absl::StatusOr<std::optional<ClaimedJob>> ClaimJob(const std::string& worker_id, int free_gpus, Duration lease,
+                                                     TimePoint now);
+  absl::StatusOr<std::vector<JobDirectiveRow>> Heartbeat(const std::string& worker_id,
+                                                         const std::vector<JobReportRow>& reports, bool draining,
+                                                         Duration lease, TimePoint now);
+  // FAILED_PRECONDITION when (job_id, attempt) is not the current lease of worker_id.
+  absl::Status CompleteJob(const std::string& worker_id, const std::string& job_id, int attempt,
+                           const std::string& artifact_uri, const std::string& result_json, TimePoint now);
+  absl::StatusOr<FailOutcome> FailJob(const std::string& worker_id, const std::string& job_id, int attempt,
+                                      const std::string& error, bool retryable, bool cancelled,
+                                      const std::string& checkpoint_uri, const RetryPolicy& policy, TimePoint now);
+  // Requeues (or fails, when out of attempts) every lease that expired before `now`.
+  absl::StatusOr<std::vector<ExpiredLease>> ReapExpiredLeases(const RetryPolicy& policy, TimePoint now);
+  // Workers not seen for `timeout` become LOST.
+  absl::StatusOr<int> MarkLostWorkers(Duration timeout, TimePoint now);
+
+  absl::StatusOr<std::string> RegisterWorker(const std::string& name, const std::string& hostname,
+                                             const std::string& capabilities_json, const std::string& version,
+                                             TimePoint now);
+  absl::StatusOr<std::vector<WorkerRecord>> ListWorkers();
+
+  absl::StatusOr<std::vector<EventRecord>> EventsAfter(const std::string& pipeline_id, int64_t after_id, int limit);
+  absl::StatusOr<std::vector<LogRecord>> LogsAfter(const std::string& job_id, int64_t after_id, int limit);
+
+  // Counts for metrics: state -> count.
+  absl::StatusOr<std::vector<std::tuple<std::string, std::string, int64_t>>> CountJobsByStateAndKind();
+  absl::StatusOr<std::vector<std::pair<std::string, int64_t>>> CountPipelinesByState();
+
+ private:
+  ConnectionPool& pool_;
+};
+
+// Maps libpqxx exceptions to statuses: connection loss -> UNAVAILABLE, serialization -> ABORTED.
+absl::Status StatusFromException(const std::exception& e, std::string_view what);
+
+}  // namespace btx::storage

@@ -1,0 +1,251 @@
+// Row decoding and the read-only queries.
+#include <nlohmann/json.hpp>
+
+#include "absl/strings/numbers.h"
+
+#include "btx/common/strings.h"
+
+#include "store_internal.h"
+
+namespace btx::storage {
+using namespace internal;
+
+Duration RetryPolicy::BackoffAfter(int failed_attempt) const {
+  Duration d = base;
+  for (int i = 1; i < failed_attempt && d < max; ++i) d *= 2;
+  return std::min(d, max);
+}
+
+absl::Status StatusFromException(const std::exception& e, std::string_view what) {
+  if (dynamic_cast<const pqxx::broken_connection*>(&e) || dynamic_cast<const pqxx::in_doubt_error*>(&e)) {
+    return absl::UnavailableError(Cat(what, ": database unavailable: ", e.what()));
+  }
+  if (const auto* sql = dynamic_cast<const pqxx::sql_error*>(&e)) {
+    const std::string& state = sql->sqlstate();
+    if (state == "40001" || state == "40P01") return absl::AbortedError(Cat(what, ": ", e.what()));
+    if (state == "22P02") return absl::InvalidArgumentError(Cat(what, ": malformed id: ", e.what()));
+    if (state.rfind("08", 0) == 0 || state == "57P01" || state == "57P03") {
+      return absl::UnavailableError(Cat(what, ": database unavailable: ", e.what()));
+    }
+  }
+  return absl::InternalError(Cat(what, ": ", e.what()));
+}
+
+namespace internal {
+
+std::optional<TimePoint> OptTime(const pqxx::field& f) {
+  if (f.is_null()) return std::nullopt;
+  return FromUnixMicros(f.as<int64_t>());
+}
+
+const std::string kJobColumns =
+    "j.id, j.pipeline_id, j.name, j.kind, j.state, j.attempt, j.max_attempts, "
+    "coalesce(j.worker_id::text, ''), " + Us("j.lease_deadline") + ", " + Us("j.ready_at") + ", " +
+    Us("j.started_at") + ", " + Us("j.finished_at") + ", " + Us("j.created_at") +
+    ", j.progress::text, j.checkpoint_uri, j.artifact_uri, j.error, j.spec::text, coalesce(j.result::text, ''), "
+    "j.gpus, j.cancel_requested, "
+    "(SELECT coalesce(string_agg(p.name, ',' ORDER BY p.name), '') FROM job_deps d JOIN jobs p ON p.id = d.depends_on "
+    "WHERE d.job_id = j.id)";
+
+JobRecord JobFromRow(const pqxx::row& r) {
+  JobRecord j;
+  j.id = r[0].as<std::string>();
+  j.pipeline_id = r[1].as<std::string>();
+  j.name = r[2].as<std::string>();
+  j.kind = r[3].as<std::string>();
+  j.state = r[4].as<std::string>();
+  j.attempt = r[5].as<int>();
+  j.max_attempts = r[6].as<int>();
+  j.worker_id = r[7].as<std::string>();
+  j.lease_deadline = OptTime(r[8]);
+  j.ready_at = OptTime(r[9]);
+  j.started_at = OptTime(r[10]);
+  j.finished_at = OptTime(r[11]);
+  j.created_at = FromUnixMicros(r[12].as<int64_t>());
+  j.progress_json = r[13].as<std::string>();
+  j.checkpoint_uri = r[14].as<std::string>();
+  j.artifact_uri = r[15].as<std::string>();
+  j.error = r[16].as<std::string>();
+  j.spec_json = r[17].as<std::string>();
+  j.result_json = r[18].as<std::string>();
+  j.gpus = r[19].as<int>();
+  j.cancel_requested = r[20].as<bool>();
+  std::string deps = r[21].as<std::string>();
+  if (!deps.empty()) j.depends_on = Split(deps, ',');
+  return j;
+}
+
+const std::string kPipelineColumns =
+    "p.id, p.name, p.state, p.spec::text, coalesce(p.idempotency_key, ''), p.error, coalesce(p.result::text, ''), "
+    "p.cancel_requested, " + Us("p.created_at") + ", " + Us("p.updated_at") +
+    ", (SELECT count(*) FROM jobs WHERE pipeline_id = p.id), "
+    "(SELECT count(*) FROM jobs WHERE pipeline_id = p.id AND state = 'SUCCEEDED')";
+
+PipelineRecord PipelineFromRow(const pqxx::row& r) {
+  PipelineRecord p;
+  p.id = r[0].as<std::string>();
+  p.name = r[1].as<std::string>();
+  p.state = r[2].as<std::string>();
+  p.spec_json = r[3].as<std::string>();
+  p.idempotency_key = r[4].as<std::string>();
+  p.error = r[5].as<std::string>();
+  p.result_json = r[6].as<std::string>();
+  p.cancel_requested = r[7].as<bool>();
+  p.created_at = FromUnixMicros(r[8].as<int64_t>());
+  p.updated_at = FromUnixMicros(r[9].as<int64_t>());
+  p.jobs_total = r[10].as<int>();
+  p.jobs_succeeded = r[11].as<int>();
+  return p;
+}
+
+}  // namespace internal
+
+absl::StatusOr<PipelineRecord> Store::GetPipeline(const std::string& id) {
+  return InTx<PipelineRecord>(pool_, "get pipeline", [&](pqxx::work& tx) -> absl::StatusOr<PipelineRecord> {
+    auto r = tx.exec_params("SELECT " + kPipelineColumns + " FROM pipelines p WHERE p.id::text = $1", id);
+    if (r.empty()) return absl::NotFoundError(Cat("pipeline '", id, "' not found"));
+    PipelineRecord p = PipelineFromRow(r[0]);
+    for (const auto& row : tx.exec_params("SELECT " + kJobColumns +
+                                              " FROM jobs j WHERE j.pipeline_id = $1 ORDER BY j.priority, j.name",
+                                          p.id)) {
+      p.jobs.push_back(JobFromRow(row));
+    }
+    return p;
+  });
+}
+
+absl::StatusOr<PipelinePage> Store::ListPipelines(const PipelineFilter& f) {
+  int64_t cursor_us = 0;  // 0: first page
+  std::string cursor_id;
+  if (!f.page_token.empty()) {
+    std::vector<std::string> parts = Split(f.page_token, '_');
+    if (parts.size() != 2 || !absl::SimpleAtoi(parts[0], &cursor_us)) {
+      return absl::InvalidArgumentError(Cat("page_token '", f.page_token, "': not a token from a previous page"));
+    }
+    cursor_id = parts[1];
+  }
+  return InTx<PipelinePage>(pool_, "list pipelines", [&](pqxx::work& tx) -> absl::StatusOr<PipelinePage> {
+    auto rows = tx.exec_params(
+        "SELECT " + kPipelineColumns + ", " + Us("p.created_at") +
+            " FROM pipelines p WHERE ($1 = '' OR p.state = $1) AND p.name LIKE $2 || '%' "
+            "AND ($3::int8 = 0 OR (p.created_at, p.id::text) < (" + Ts(3) + ", $4)) ORDER BY p.created_at DESC, p.id::text DESC LIMIT $5",
+        f.state, f.name_prefix, cursor_us, cursor_id, f.page_size + 1);
+    PipelinePage page;
+    for (const auto& r : rows) {
+      if (static_cast<int>(page.pipelines.size()) == f.page_size) {
+        const auto& last = page.pipelines.back();
+        page.next_page_token = Cat(ToUnixMicros(last.created_at), "_", last.id);
+        break;
+      }
+      page.pipelines.push_back(PipelineFromRow(r));
+    }
+    return page;
+  });
+}
+
+absl::StatusOr<std::vector<JobRecord>> Store::ListJobs(const std::string& pipeline_id, const std::string& state,
+                                                       int limit) {
+  return InTx<std::vector<JobRecord>>(pool_, "list jobs", [&](pqxx::work& tx) -> absl::StatusOr<std::vector<JobRecord>> {
+    std::vector<JobRecord> out;
+    for (const auto& r : tx.exec_params("SELECT " + kJobColumns +
+                                            " FROM jobs j WHERE ($1 = '' OR j.pipeline_id::text = $1) AND "
+                                            "($2 = '' OR j.state = $2) ORDER BY j.created_at DESC, j.priority, j.name LIMIT $3",
+                                        pipeline_id, state, limit)) {
+      out.push_back(JobFromRow(r));
+    }
+    return out;
+  });
+}
+
+absl::StatusOr<JobRecord> Store::GetJob(const std::string& job_id) {
+  return InTx<JobRecord>(pool_, "get job", [&](pqxx::work& tx) -> absl::StatusOr<JobRecord> {
+    auto r = tx.exec_params("SELECT " + kJobColumns + " FROM jobs j WHERE j.id::text = $1", job_id);
+    if (r.empty()) return absl::NotFoundError(Cat("job '", job_id, "' not found"));
+    return JobFromRow(r[0]);
+  });
+}
+
+absl::StatusOr<std::vector<WorkerRecord>> Store::ListWorkers() {
+  return InTx<std::vector<WorkerRecord>>(pool_, "list workers", [&](pqxx::work& tx) -> absl::StatusOr<std::vector<WorkerRecord>> {
+    std::vector<WorkerRecord> out;
+    for (const auto& r : tx.exec(
+             "SELECT w.id, w.name, w.hostname, w.capabilities::text, w.version, w.state, " + Us("w.registered_at") +
+             ", " + Us("w.last_seen") +
+             ", (SELECT coalesce(string_agg(j.id::text, ','), '') FROM jobs j WHERE j.worker_id = w.id AND "
+             "j.state = 'LEASED') FROM workers w ORDER BY w.name")) {
+      WorkerRecord w;
+      w.id = r[0].as<std::string>();
+      w.name = r[1].as<std::string>();
+      w.hostname = r[2].as<std::string>();
+      w.capabilities_json = r[3].as<std::string>();
+      w.version = r[4].as<std::string>();
+      w.state = r[5].as<std::string>();
+      w.registered_at = FromUnixMicros(r[6].as<int64_t>());
+      w.last_seen = FromUnixMicros(r[7].as<int64_t>());
+      std::string jobs = r[8].as<std::string>();
+      if (!jobs.empty()) w.running_job_ids = Split(jobs, ',');
+      out.push_back(std::move(w));
+    }
+    return out;
+  });
+}
+
+absl::StatusOr<std::vector<EventRecord>> Store::EventsAfter(const std::string& pipeline_id, int64_t after_id, int limit) {
+  return InTx<std::vector<EventRecord>>(pool_, "events", [&](pqxx::work& tx) -> absl::StatusOr<std::vector<EventRecord>> {
+    std::vector<EventRecord> out;
+    for (const auto& r : tx.exec_params(
+             "SELECT e.id, e.pipeline_id, coalesce(e.job_id::text, ''), coalesce(j.name, ''), e.type, e.payload::text, " +
+                 Us("e.created_at") +
+                 " FROM events e LEFT JOIN jobs j ON j.id = e.job_id WHERE ($1 = '' OR e.pipeline_id::text = $1) "
+                 "AND e.id > $2 ORDER BY e.id LIMIT $3",
+             pipeline_id, after_id, limit)) {
+      EventRecord e;
+      e.id = r[0].as<int64_t>();
+      e.pipeline_id = r[1].as<std::string>();
+      e.job_id = r[2].as<std::string>();
+      e.job_name = r[3].as<std::string>();
+      e.type = r[4].as<std::string>();
+      e.payload_json = r[5].as<std::string>();
+      e.created_at = FromUnixMicros(r[6].as<int64_t>());
+      out.push_back(std::move(e));
+    }
+    return out;
+  });
+}
+
+absl::StatusOr<std::vector<LogRecord>> Store::LogsAfter(const std::string& job_id, int64_t after_id, int limit) {
+  return InTx<std::vector<LogRecord>>(pool_, "logs", [&](pqxx::work& tx) -> absl::StatusOr<std::vector<LogRecord>> {
+    std::vector<LogRecord> out;
+    for (const auto& r : tx.exec_params("SELECT id, attempt, stream, line, " + Us("created_at") +
+                                            " FROM job_logs WHERE job_id::text = $1 AND id > $2 ORDER BY id LIMIT $3",
+                                        job_id, after_id, limit)) {
+      out.push_back({r[0].as<int64_t>(), r[1].as<int>(), r[2].as<std::string>(), r[3].as<std::string>(),
+                     FromUnixMicros(r[4].as<int64_t>())});
+    }
+    return out;
+  });
+}
+
+absl::StatusOr<std::vector<std::tuple<std::string, std::string, int64_t>>> Store::CountJobsByStateAndKind() {
+  using Rows = std::vector<std::tuple<std::string, std::string, int64_t>>;
+  return InTx<Rows>(pool_, "count jobs", [&](pqxx::work& tx) -> absl::StatusOr<Rows> {
+    Rows out;
+    for (const auto& r : tx.exec("SELECT state, kind, count(*) FROM jobs GROUP BY state, kind")) {
+      out.emplace_back(r[0].as<std::string>(), r[1].as<std::string>(), r[2].as<int64_t>());
+    }
+    return out;
+  });
+}
+
+absl::StatusOr<std::vector<std::pair<std::string, int64_t>>> Store::CountPipelinesByState() {
+  using Rows = std::vector<std::pair<std::string, int64_t>>;
+  return InTx<Rows>(pool_, "count pipelines", [&](pqxx::work& tx) -> absl::StatusOr<Rows> {
+    Rows out;
+    for (const auto& r : tx.exec("SELECT state, count(*) FROM pipelines GROUP BY state")) {
+      out.emplace_back(r[0].as<std::string>(), r[1].as<int64_t>());
+    }
+    return out;
+  });
+}
+
+}  // namespace btx::storage

@@ -1,0 +1,287 @@
+// Every job transition against a real PostgreSQL, with time passed explicitly.
+#include "btx/storage/store.h"
+
+#include <nlohmann/json.hpp>
+#include <set>
+#include <thread>
+
+#include <gtest/gtest.h>
+
+#include "pg_fixture.h"
+
+namespace btx::storage {
+namespace {
+using namespace std::chrono_literals;
+
+class StoreTest : public ::testing::Test {
+ protected:
+  StoreTest() : pool_(btx::testing::NewMigratedDatabase(), 8), store_(pool_) {}
+
+  std::string Worker(const std::string& name) {
+    auto id = store_.RegisterWorker(name, "host", R"({"gpus":0})", "test", now_);
+    EXPECT_TRUE(id.ok()) << id.status();
+    return *id;
+  }
+  PipelineRecord Submit(const std::string& key = "", int max_attempts = 3) {
+    NewPipeline p{.name = "p", .spec_json = "{}", .idempotency_key = key};
+    p.jobs = {{.name = "a", .kind = "branch", .max_attempts = max_attempts},
+              {.name = "b", .kind = "branch", .max_attempts = max_attempts},
+              {.name = "m", .kind = "merge", .depends_on = {"a", "b"}, .max_attempts = max_attempts}};
+    auto r = store_.CreatePipeline(p, now_);
+    EXPECT_TRUE(r.ok()) << r.status();
+    return r->first;
+  }
+  std::optional<ClaimedJob> Claim(const std::string& worker, Duration lease = 30s) {
+    auto c = store_.ClaimJob(worker, 0, lease, now_);
+    EXPECT_TRUE(c.ok()) << c.status();
+    return c.ok() ? *c : std::nullopt;
+  }
+  std::string StateOf(const std::string& job_id) { return store_.GetJob(job_id)->state; }
+
+  ConnectionPool pool_;
+  Store store_;
+  TimePoint now_ = FromUnixMicros(1'700'000'000'000'000);
+  RetryPolicy policy_{.base = 10s, .max = 60s};
+};
+
+TEST_F(StoreTest, RootsAreReadyAndDependentsPending) {
+  auto p = Submit();
+  ASSERT_EQ(p.jobs.size(), 3u);
+  std::map<std::string, std::string> states;
+  for (const auto& j : p.jobs) states[j.name] = j.state;
+  EXPECT_EQ(states["a"], "READY");
+  EXPECT_EQ(states["b"], "READY");
+  EXPECT_EQ(states["m"], "PENDING");
+  EXPECT_EQ(p.state, "RUNNING");
+}
+
+TEST_F(StoreTest, IdempotencyKeyReturnsSamePipeline) {
+  auto p1 = Submit("key-1");
+  NewPipeline again{.name = "p", .spec_json = "{}", .idempotency_key = "key-1"};
+  auto p2 = store_.CreatePipeline(again, now_);
+  ASSERT_TRUE(p2.ok());
+  EXPECT_FALSE(p2->second);
+  EXPECT_EQ(p2->first.id, p1.id);
+  EXPECT_EQ(store_.ListPipelines({})->pipelines.size(), 1u);
+}
+
+TEST_F(StoreTest, ConcurrentSubmitsWithOneKeyCreateOnePipeline) {
+  std::vector<std::thread> threads;
+  std::vector<std::string> ids(6);
+  for (int i = 0; i < 6; ++i) {
+    threads.emplace_back([&, i] {
+      NewPipeline p{.name = "p", .spec_json = "{}", .idempotency_key = "same"};
+      p.jobs = {{.name = "a", .kind = "branch"}};
+      auto r = store_.CreatePipeline(p, now_);
+      if (r.ok()) ids[i] = r->first.id;
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(std::set<std::string>(ids.begin(), ids.end()).size(), 1u);
+}
+
+TEST_F(StoreTest, RejectsCyclesAndUnknownDependencies) {
+  NewPipeline cyc{.name = "c", .spec_json = "{}"};
+  cyc.jobs = {{.name = "x", .kind = "branch", .depends_on = {"y"}}, {.name = "y", .kind = "branch", .depends_on = {"x"}}};
+  EXPECT_EQ(store_.CreatePipeline(cyc, now_).status().code(), absl::StatusCode::kInvalidArgument);
+  NewPipeline unk{.name = "u", .spec_json = "{}"};
+  unk.jobs = {{.name = "x", .kind = "branch", .depends_on = {"nope"}}};
+  EXPECT_EQ(store_.CreatePipeline(unk, now_).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(StoreTest, CompleteUnblocksDependentAndFinishesPipeline) {
+  auto p = Submit();
+  auto w = Worker("w1");
+  auto c1 = Claim(w), c2 = Claim(w);
+  ASSERT_TRUE(c1 && c2);
+  EXPECT_FALSE(Claim(w).has_value());  // merge still waits
+  ASSERT_TRUE(store_.CompleteJob(w, c1->job.id, 1, "file:///a", "", now_).ok());
+  EXPECT_FALSE(Claim(w).has_value());
+  ASSERT_TRUE(store_.CompleteJob(w, c2->job.id, 1, "file:///b", "", now_).ok());
+  auto m = Claim(w);
+  ASSERT_TRUE(m.has_value());
+  EXPECT_EQ(m->job.name, "m");
+  EXPECT_EQ(m->parent_artifacts.at(c1->job.name), "file:///a");
+  EXPECT_EQ(m->parent_artifacts.size(), 2u);
+  ASSERT_TRUE(store_.CompleteJob(w, m->job.id, 1, "file:///m", R"({"avg": 1.5})", now_).ok());
+  auto done = store_.GetPipeline(p.id);
+  EXPECT_EQ(done->state, "SUCCEEDED");
+  EXPECT_EQ(nlohmann::json::parse(done->result_json)["m"]["avg"], 1.5);
+}
+
+TEST_F(StoreTest, StaleAttemptIsRefusedAndChangesNothing) {
+  NewPipeline single{.name = "single", .spec_json = "{}"};
+  single.jobs = {{.name = "only", .kind = "branch"}};
+  ASSERT_TRUE(store_.CreatePipeline(single, now_).ok());
+  auto w1 = Worker("w1"), w2 = Worker("w2");
+  auto c = Claim(w1, 10s);
+  ASSERT_TRUE(c);
+  now_ += 11s;
+  auto reaped = store_.ReapExpiredLeases(policy_, now_);
+  ASSERT_TRUE(reaped.ok());
+  ASSERT_EQ(reaped->size(), 1u);
+  EXPECT_TRUE((*reaped)[0].requeued);
+  auto again = Claim(w2);
+  ASSERT_TRUE(again);
+  EXPECT_EQ(again->job.id, c->job.id);
+  EXPECT_EQ(again->job.attempt, 2);
+  // The first worker's late completion carries attempt 1: refused.
+  auto late = store_.CompleteJob(w1, c->job.id, 1, "file:///late", "", now_);
+  EXPECT_EQ(late.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(store_.FailJob(w1, c->job.id, 1, "x", true, false, "", policy_, now_).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  // A heartbeat for the stale attempt is told the lease is lost.
+  auto hb = store_.Heartbeat(w1, {{.job_id = c->job.id, .attempt = 1}}, false, 30s, now_);
+  ASSERT_TRUE(hb.ok());
+  EXPECT_EQ((*hb)[0].directive, Directive::kLeaseLost);
+  auto job = store_.GetJob(c->job.id);
+  EXPECT_EQ(job->state, "LEASED");
+  EXPECT_EQ(job->attempt, 2);
+  EXPECT_EQ(job->worker_id, w2);
+  EXPECT_EQ(job->artifact_uri, "");
+}
+
+TEST_F(StoreTest, HeartbeatRenewsLeaseAndRecordsProgress) {
+  Submit();
+  auto w = Worker("w1");
+  auto c = Claim(w, 10s);
+  now_ += 8s;
+  JobReportRow rep{.job_id = c->job.id, .attempt = 1, .progress_json = R"({"step": 5})", .step = 5, .loss = 2.5,
+                   .checkpoint_uri = "file:///ck/step-5", .logs = {{0, 1, "stdout", "hello", now_}}};
+  auto hb = store_.Heartbeat(w, {rep}, false, 10s, now_);
+  ASSERT_TRUE(hb.ok()) << hb.status();
+  EXPECT_EQ((*hb)[0].directive, Directive::kContinue);
+  now_ += 8s;  // 16 s after the claim: expired without the heartbeat, alive with it
+  EXPECT_TRUE(store_.ReapExpiredLeases(policy_, now_)->empty());
+  auto job = store_.GetJob(c->job.id);
+  EXPECT_EQ(job->checkpoint_uri, "file:///ck/step-5");
+  EXPECT_EQ(nlohmann::json::parse(job->progress_json)["step"], 5);
+  auto logs = store_.LogsAfter(c->job.id, 0, 10);
+  ASSERT_EQ(logs->size(), 1u);
+  EXPECT_EQ((*logs)[0].line, "hello");
+}
+
+TEST_F(StoreTest, FailRetriesWithBackoffThenFailsPipeline) {
+  auto p = Submit("", 2);
+  auto w = Worker("w1");
+  auto c = Claim(w);
+  auto out = store_.FailJob(w, c->job.id, 1, "boom", true, false, "", policy_, now_);
+  ASSERT_TRUE(out.ok());
+  EXPECT_EQ(out->new_state, "RETRY_WAIT");
+  auto other = Claim(w);  // the sibling root
+  ASSERT_TRUE(other);
+  EXPECT_NE(other->job.id, c->job.id);
+  EXPECT_FALSE(Claim(w).has_value());  // backoff not over
+  now_ += 10s;
+  auto retry = Claim(w);
+  ASSERT_TRUE(retry);
+  EXPECT_EQ(retry->job.id, c->job.id);
+  EXPECT_EQ(retry->job.attempt, 2);
+  auto last = store_.FailJob(w, c->job.id, 2, "boom again", true, false, "", policy_, now_);
+  EXPECT_EQ(last->new_state, "FAILED");
+  EXPECT_TRUE(last->pipeline_failed);
+  auto pl = store_.GetPipeline(p.id);
+  EXPECT_EQ(pl->state, "FAILED");
+  for (const auto& j : pl->jobs) {
+    if (j.name == "m") EXPECT_EQ(j.state, "CANCELLED");
+    if (j.id == other->job.id) EXPECT_TRUE(j.cancel_requested);
+  }
+}
+
+TEST_F(StoreTest, NonRetryableFailureFailsAtOnce) {
+  Submit();
+  auto w = Worker("w1");
+  auto c = Claim(w);
+  EXPECT_EQ(store_.FailJob(w, c->job.id, 1, "bad input", false, false, "", policy_, now_)->new_state, "FAILED");
+}
+
+TEST_F(StoreTest, CancelStopsQueuedAndSignalsRunning) {
+  auto p = Submit();
+  auto w = Worker("w1");
+  auto c = Claim(w);
+  auto pl = store_.CancelPipeline(p.id, "", now_);
+  ASSERT_TRUE(pl.ok());
+  EXPECT_EQ(pl->state, "CANCELLED");
+  EXPECT_FALSE(Claim(w).has_value());
+  auto hb = store_.Heartbeat(w, {{.job_id = c->job.id, .attempt = 1}}, false, 30s, now_);
+  EXPECT_EQ((*hb)[0].directive, Directive::kCancel);
+  EXPECT_EQ(store_.FailJob(w, c->job.id, 1, "cancelled", false, true, "", policy_, now_)->new_state, "CANCELLED");
+  // Retry brings the cancelled jobs back.
+  auto retried = store_.RetryPipeline(p.id, now_);
+  ASSERT_TRUE(retried.ok()) << retried.status();
+  EXPECT_EQ(retried->state, "RUNNING");
+  EXPECT_TRUE(Claim(w).has_value());
+}
+
+TEST_F(StoreTest, ExpiredLeaseOutOfAttemptsFails) {
+  auto p = Submit("", 1);
+  auto w = Worker("w1");
+  auto c = Claim(w, 5s);
+  now_ += 6s;
+  auto reaped = store_.ReapExpiredLeases(policy_, now_);
+  ASSERT_EQ(reaped->size(), 1u);
+  EXPECT_FALSE((*reaped)[0].requeued);
+  EXPECT_EQ(store_.GetPipeline(p.id)->state, "FAILED");
+}
+
+TEST_F(StoreTest, ConcurrentClaimersNeverShareAnAttempt) {
+  NewPipeline p{.name = "many", .spec_json = "{}"};
+  for (int i = 0; i < 60; ++i) p.jobs.push_back({.name = "j" + std::to_string(i), .kind = "branch"});
+  ASSERT_TRUE(store_.CreatePipeline(p, now_).ok());
+  std::vector<std::string> workers;
+  for (int i = 0; i < 4; ++i) workers.push_back(Worker("w" + std::to_string(i)));
+  std::mutex mu;
+  std::vector<std::string> claimed;
+  std::vector<std::thread> threads;
+  for (int i = 0; i < 4; ++i) {
+    threads.emplace_back([&, i] {
+      while (true) {
+        auto c = store_.ClaimJob(workers[i], 0, 30s, now_);
+        if (!c.ok() || !c->has_value()) break;
+        std::lock_guard lock(mu);
+        claimed.push_back((*c)->job.id);
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(claimed.size(), 60u);
+  EXPECT_EQ(std::set<std::string>(claimed.begin(), claimed.end()).size(), 60u);
+}
+
+TEST_F(StoreTest, EventsAreOrderedAndResumable) {
+  auto p = Submit();
+  auto all = store_.EventsAfter(p.id, 0, 100);
+  ASSERT_FALSE(all->empty());
+  EXPECT_EQ(all->front().type, "pipeline.submitted");
+  auto rest = store_.EventsAfter(p.id, all->front().id, 100);
+  EXPECT_EQ(rest->size(), all->size() - 1);
+}
+
+TEST_F(StoreTest, ListPipelinesPages) {
+  for (int i = 0; i < 5; ++i) {
+    now_ += 1s;
+    Submit();
+  }
+  std::set<std::string> seen;
+  PipelineFilter f{.page_size = 2};
+  int pages = 0;
+  while (true) {
+    auto page = store_.ListPipelines(f);
+    ASSERT_TRUE(page.ok()) << page.status();
+    for (const auto& p : page->pipelines) seen.insert(p.id);
+    ++pages;
+    if (page->next_page_token.empty()) break;
+    f.page_token = page->next_page_token;
+  }
+  EXPECT_EQ(seen.size(), 5u);
+  EXPECT_EQ(pages, 3);
+  EXPECT_EQ(store_.ListPipelines({.page_token = "garbage"}).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(StoreTest, MalformedIdsAreNotFound) {
+  EXPECT_EQ(store_.GetPipeline("not-a-uuid").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(store_.GetJob("00000000-0000-0000-0000-000000000000").status().code(), absl::StatusCode::kNotFound);
+}
+
+}  // namespace
+}  // namespace btx::storage

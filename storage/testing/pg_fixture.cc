@@ -1,0 +1,55 @@
+#include "pg_fixture.h"
+
+#include <unistd.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <pqxx/pqxx>
+
+#include <gtest/gtest.h>
+
+#include "btx/common/strings.h"
+#include "btx/common/fs.h"
+#include "btx/storage/migrations.h"
+
+namespace btx::testing {
+
+PgServer& PgServer::Get() {
+  static PgServer* server = [] {
+    auto* s = new PgServer();
+    std::atexit([] { delete &PgServer::Get(); });
+    return s;
+  }();
+  return *server;
+}
+
+PgServer::PgServer() {
+  auto dir = MakeTempDir("btx-pg-test-");
+  if (!dir.ok()) throw std::runtime_error(std::string(dir.status().message()));
+  dir_ = *dir;
+  storage::LocalPostgresConfig cfg;
+  cfg.state_dir = dir_;
+  cfg.durable = false;
+  auto pg = storage::LocalPostgres::Start(cfg, launcher_);
+  if (!pg.ok()) throw std::runtime_error(Cat("cannot start test PostgreSQL: ", pg.status().message()));
+  pg_ = std::move(*pg);
+}
+
+std::string PgServer::NewDatabase() {
+  std::string name = Cat("t_", ::getpid(), "_", next_++);
+  auto s = pg_->CreateDatabase(name);
+  if (!s.ok()) throw std::runtime_error(std::string(s.message()));
+  return pg_->ConnectionString(name);
+}
+
+std::string NewMigratedDatabase() {
+  std::string conninfo = PgServer::Get().NewDatabase();
+  pqxx::connection c(conninfo);
+  auto v = storage::Migrate(c);
+  if (!v.ok()) throw std::runtime_error(std::string(v.status().message()));
+  return conninfo;
+}
+
+}  // namespace btx::testing
+
+// Stop the server even when a test calls exit; the atexit handler above deletes it.
