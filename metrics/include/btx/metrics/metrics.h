@@ -78,6 +78,7 @@ class Family : public detail::FamilyBase {
   // into the dropped series dangle.
   void Clear();
 
+  // Families are created through Registry::Add*; the rest of this section is for it.
   Family(std::string name, std::string help, std::vector<std::string> label_names,
          std::vector<double> buckets);
   void SerializeTo(std::string& out) const override;
