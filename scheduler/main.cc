@@ -1,0 +1,94 @@
+// btx-scheduler: the composition root of the scheduler daemon.
+#include <csignal>
+#include <filesystem>
+#include <fstream>
+#include <thread>
+#include <iostream>
+
+#include <CLI/CLI.hpp>
+#include <pqxx/pqxx>
+#include <spdlog/spdlog.h>
+
+#include "btx/scheduler/server.h"
+#include "btx/storage/local_postgres.h"
+#include "btx/storage/migrations.h"
+
+namespace {
+btx::scheduler::Scheduler* g_scheduler = nullptr;
+void OnSignal(int) {
+  // Shutdown from a signal handler is not safe; a detached thread does it.
+  if (g_scheduler) std::thread([] { g_scheduler->Shutdown(); }).detach();
+}
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"btx-scheduler: plans BTX pipelines and leases their jobs to workers"};
+  btx::scheduler::SchedulerConfig cfg;
+  std::string database_url, state_dir, artifact_root = "file:///tmp/btx-artifacts", port_file;
+  int64_t lease_s = 30, heartbeat_s = 5;
+  app.add_option("--listen", cfg.listen, "gRPC address")->capture_default_str();
+  app.add_option("--database-url", database_url, "libpq connection string (or env BTX_DATABASE_URL)")->envname("BTX_DATABASE_URL");
+  app.add_option("--state-dir", state_dir, "start a private PostgreSQL under this directory instead of --database-url");
+  app.add_option("--artifact-root", artifact_root, "file:// URI of the shared artifact directory")->capture_default_str();
+  app.add_option("--lease-seconds", lease_s, "job lease duration")->check(CLI::Range(1, 3600))->capture_default_str();
+  app.add_option("--heartbeat-seconds", heartbeat_s, "worker heartbeat interval")->check(CLI::Range(1, 600))->capture_default_str();
+  app.add_option("--port-file", port_file, "write the bound port here (for --listen host:0)");
+  CLI11_PARSE(app, argc, argv);
+
+  if (artifact_root.rfind("file:///", 0) != 0) {
+    std::cerr << "btx-scheduler: --artifact-root '" << artifact_root << "': expected a file:///absolute/path URI\n";
+    return 2;
+  }
+  cfg.artifact_root = artifact_root.substr(7);
+  cfg.lease = std::chrono::seconds(lease_s);
+  cfg.heartbeat_interval = std::chrono::seconds(heartbeat_s);
+
+  btx::PosixProcessLauncher launcher;
+  std::unique_ptr<btx::storage::LocalPostgres> local_pg;
+  if (database_url.empty()) {
+    if (state_dir.empty()) {
+      std::cerr << "btx-scheduler: give --database-url (or BTX_DATABASE_URL) or --state-dir\n";
+      return 2;
+    }
+    auto pg = btx::storage::LocalPostgres::Start({.state_dir = state_dir}, launcher);
+    if (!pg.ok()) {
+      std::cerr << "btx-scheduler: " << pg.status().message() << "\n";
+      return 1;
+    }
+    local_pg = std::move(*pg);
+    database_url = local_pg->ConnectionString();
+  }
+  try {
+    pqxx::connection conn(database_url);
+    auto v = btx::storage::Migrate(conn);
+    if (!v.ok()) {
+      std::cerr << "btx-scheduler: " << v.status().message() << "\n";
+      return 1;
+    }
+    spdlog::info("database schema at version {}", *v);
+  } catch (const std::exception& e) {
+    std::cerr << "btx-scheduler: cannot connect to the database: " << e.what() << "\n";
+    return 1;
+  }
+  std::filesystem::create_directories(cfg.artifact_root);
+  btx::storage::ConnectionPool pool(database_url, 16);
+  btx::storage::Store store(pool);
+  btx::SystemClock clock;
+  btx::scheduler::Scheduler scheduler(cfg, store, clock, database_url);
+  auto port = scheduler.Start();
+  if (!port.ok()) {
+    std::cerr << "btx-scheduler: " << port.status().message() << "\n";
+    return 1;
+  }
+  spdlog::info("btx-scheduler listening on port {}", *port);
+  if (!port_file.empty()) {
+    std::ofstream(port_file + ".tmp") << *port << "\n";
+    std::filesystem::rename(port_file + ".tmp", port_file);
+  }
+  g_scheduler = &scheduler;
+  std::signal(SIGTERM, OnSignal);
+  std::signal(SIGINT, OnSignal);
+  scheduler.Wait();
+  scheduler.Shutdown();
+  return 0;
+}

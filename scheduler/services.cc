@@ -1,0 +1,330 @@
+// PipelineService and WorkerService: validate the request, run one Store transaction, map the result.
+#include "services.h"
+
+#include <nlohmann/json.hpp>
+
+#include "btx/common/strings.h"
+#include "btx/common/uri.h"
+#include "btx/rpc_status.h"
+#include "btx/scheduler/spec.h"
+#include "convert.h"
+
+namespace btx::scheduler {
+using json = nlohmann::json;
+namespace v1 = btx::v1;
+
+namespace {
+
+bool IsUuid(const std::string& s) {
+  if (s.size() != 36) return false;
+  for (size_t i = 0; i < s.size(); ++i) {
+    const char c = s[i];
+    if (i == 8 || i == 13 || i == 18 || i == 23) {
+      if (c != '-') return false;
+    } else if (!std::isxdigit(static_cast<unsigned char>(c))) {
+      return false;
+    }
+  }
+  return true;
+}
+
+absl::Status CheckId(const std::string& field, const std::string& value) {
+  if (IsUuid(value)) return absl::OkStatus();
+  return InvalidFields({{field, Cat("got '", value.substr(0, 64), "'; expected a UUID")}});
+}
+
+absl::Status CheckKey(const std::string& key) {
+  if (key.size() > 128) return InvalidFields({{"idempotency_key", "longer than 128 characters"}});
+  for (char c : key) {
+    if (c < 0x21 || c > 0x7e) return InvalidFields({{"idempotency_key", "expected printable ASCII without spaces"}});
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+grpc::Status PipelineServiceImpl::Submit(grpc::ServerContext*, const v1::SubmitRequest* req, v1::SubmitResponse* resp) {
+  if (auto s = CheckKey(req->idempotency_key()); !s.ok()) return ToGrpcStatus(s);
+  auto spec = ParseSpec(req->spec());
+  if (!spec.ok()) return ToGrpcStatus(spec.status());
+  storage::NewPipeline p{.name = (*spec)["name"], .spec_json = spec->dump(), .idempotency_key = req->idempotency_key(),
+                         .jobs = PlanJobs(*spec)};
+  if (req->dry_run()) {
+    auto* out = resp->mutable_pipeline();
+    out->set_name(p.name);
+    out->set_spec(p.spec_json);
+    out->set_state(v1::PIPELINE_STATE_UNSPECIFIED);
+    for (const auto& j : p.jobs) {
+      auto* job = out->add_jobs();
+      job->set_name(j.name);
+      job->set_kind(JobKindFromString(j.kind));
+      job->set_spec_json(j.spec_json);
+      job->set_max_attempts(j.max_attempts);
+      for (const auto& d : j.depends_on) job->add_depends_on(d);
+    }
+    return grpc::Status::OK;
+  }
+  auto created = store_.CreatePipeline(p, clock_.Now());
+  if (!created.ok()) return ToGrpcStatus(created.status());
+  ToProto(created->first, resp->mutable_pipeline());
+  resp->set_created(created->second);
+  notifier_.Notify();
+  return grpc::Status::OK;
+}
+
+grpc::Status PipelineServiceImpl::Get(grpc::ServerContext*, const v1::GetPipelineRequest* req, v1::Pipeline* resp) {
+  if (auto s = CheckId("id", req->id()); !s.ok()) return ToGrpcStatus(s);
+  auto p = store_.GetPipeline(req->id());
+  if (!p.ok()) return ToGrpcStatus(p.status());
+  ToProto(*p, resp);
+  return grpc::Status::OK;
+}
+
+grpc::Status PipelineServiceImpl::List(grpc::ServerContext*, const v1::ListPipelinesRequest* req,
+                                       v1::ListPipelinesResponse* resp) {
+  if (req->page_size() < 0 || req->page_size() > 500) {
+    return ToGrpcStatus(InvalidFields({{"page_size", Cat("got ", req->page_size(), "; expected 0..500 (0 = 50)")}}));
+  }
+  if (!v1::PipelineState_IsValid(req->state())) {
+    return ToGrpcStatus(InvalidFields({{"state", Cat("got ", static_cast<int>(req->state()), "; expected a PipelineState")}}));
+  }
+  storage::PipelineFilter f{.state = PipelineStateToString(req->state()), .name_prefix = req->name_prefix(),
+                            .page_size = req->page_size() == 0 ? 50 : req->page_size(), .page_token = req->page_token()};
+  auto page = store_.ListPipelines(f);
+  if (!page.ok()) return ToGrpcStatus(page.status());
+  for (const auto& p : page->pipelines) ToProto(p, resp->add_pipelines());
+  resp->set_next_page_token(page->next_page_token);
+  return grpc::Status::OK;
+}
+
+grpc::Status PipelineServiceImpl::Cancel(grpc::ServerContext*, const v1::CancelRequest* req, v1::Pipeline* resp) {
+  if (auto s = CheckId("id", req->id()); !s.ok()) return ToGrpcStatus(s);
+  auto p = store_.CancelPipeline(req->id(), req->reason().substr(0, 1024), clock_.Now());
+  if (!p.ok()) return ToGrpcStatus(p.status());
+  ToProto(*p, resp);
+  notifier_.Notify();
+  return grpc::Status::OK;
+}
+
+grpc::Status PipelineServiceImpl::Retry(grpc::ServerContext*, const v1::RetryRequest* req, v1::Pipeline* resp) {
+  if (auto s = CheckId("id", req->id()); !s.ok()) return ToGrpcStatus(s);
+  auto p = store_.RetryPipeline(req->id(), clock_.Now());
+  if (!p.ok()) return ToGrpcStatus(p.status());
+  ToProto(*p, resp);
+  notifier_.Notify();
+  return grpc::Status::OK;
+}
+
+grpc::Status PipelineServiceImpl::Watch(grpc::ServerContext* ctx, const v1::WatchRequest* req,
+                                        grpc::ServerWriter<v1::Event>* writer) {
+  if (!req->pipeline_id().empty()) {
+    if (auto s = CheckId("pipeline_id", req->pipeline_id()); !s.ok()) return ToGrpcStatus(s);
+    if (auto p = store_.GetPipeline(req->pipeline_id()); !p.ok()) return ToGrpcStatus(p.status());
+  }
+  int64_t after = req->after_event_id();
+  while (!ctx->IsCancelled()) {
+    const uint64_t gen = notifier_.generation();
+    auto events = store_.EventsAfter(req->pipeline_id(), after, 500);
+    if (!events.ok()) return ToGrpcStatus(events.status());
+    bool terminal = false;
+    for (const auto& e : *events) {
+      v1::Event out;
+      ToProto(e, &out);
+      if (!writer->Write(out)) return grpc::Status::OK;
+      after = e.id;
+      terminal |= !req->pipeline_id().empty() &&
+                  (e.type == "pipeline.succeeded" || e.type == "pipeline.failed" || e.type == "pipeline.cancelled");
+    }
+    if (events->size() == 500) continue;
+    if (!req->follow() || terminal) return grpc::Status::OK;
+    // Another replica's commits arrive through LISTEN/NOTIFY; the bounded wait is a safety net.
+    notifier_.WaitFor(gen, std::chrono::seconds(1));
+  }
+  return grpc::Status(grpc::StatusCode::CANCELLED, "client went away");
+}
+
+grpc::Status PipelineServiceImpl::Logs(grpc::ServerContext* ctx, const v1::LogsRequest* req,
+                                       grpc::ServerWriter<v1::LogLine>* writer) {
+  if (auto s = CheckId("job_id", req->job_id()); !s.ok()) return ToGrpcStatus(s);
+  int64_t after = req->after_seq();
+  while (!ctx->IsCancelled()) {
+    const uint64_t gen = notifier_.generation();
+    auto job = store_.GetJob(req->job_id());
+    if (!job.ok()) return ToGrpcStatus(job.status());
+    auto lines = store_.LogsAfter(req->job_id(), after, 1000);
+    if (!lines.ok()) return ToGrpcStatus(lines.status());
+    for (const auto& l : *lines) {
+      v1::LogLine out;
+      out.set_seq(l.id);
+      out.set_attempt(l.attempt);
+      out.set_stream(l.stream);
+      out.set_text(l.line);
+      SetTime(l.created_at, out.mutable_time());
+      if (!writer->Write(out)) return grpc::Status::OK;
+      after = l.id;
+    }
+    if (lines->size() == 1000) continue;
+    const bool terminal = job->state == "SUCCEEDED" || job->state == "FAILED" || job->state == "CANCELLED";
+    if (!req->follow() || terminal) return grpc::Status::OK;
+    notifier_.WaitFor(gen, std::chrono::seconds(1));
+  }
+  return grpc::Status(grpc::StatusCode::CANCELLED, "client went away");
+}
+
+grpc::Status PipelineServiceImpl::ListJobs(grpc::ServerContext*, const v1::ListJobsRequest* req, v1::ListJobsResponse* resp) {
+  if (!req->pipeline_id().empty()) {
+    if (auto s = CheckId("pipeline_id", req->pipeline_id()); !s.ok()) return ToGrpcStatus(s);
+  }
+  if (req->limit() < 0 || req->limit() > 1000) {
+    return ToGrpcStatus(InvalidFields({{"limit", Cat("got ", req->limit(), "; expected 0..1000 (0 = 200)")}}));
+  }
+  if (!v1::JobState_IsValid(req->state())) {
+    return ToGrpcStatus(InvalidFields({{"state", Cat("got ", static_cast<int>(req->state()), "; expected a JobState")}}));
+  }
+  auto jobs = store_.ListJobs(req->pipeline_id(), JobStateToString(req->state()), req->limit() == 0 ? 200 : req->limit());
+  if (!jobs.ok()) return ToGrpcStatus(jobs.status());
+  for (const auto& j : *jobs) ToProto(j, resp->add_jobs());
+  return grpc::Status::OK;
+}
+
+grpc::Status PipelineServiceImpl::ListWorkers(grpc::ServerContext*, const v1::ListWorkersRequest*,
+                                              v1::ListWorkersResponse* resp) {
+  auto workers = store_.ListWorkers();
+  if (!workers.ok()) return ToGrpcStatus(workers.status());
+  for (const auto& w : *workers) ToProto(w, resp->add_workers());
+  return grpc::Status::OK;
+}
+
+// ---------------------------------------------------------------------------------------------
+
+grpc::Status WorkerServiceImpl::Register(grpc::ServerContext*, const v1::RegisterRequest* req, v1::RegisterResponse* resp) {
+  if (req->name().empty() || req->name().size() > 128) {
+    return ToGrpcStatus(InvalidFields({{"name", "expected 1..128 characters identifying the worker"}}));
+  }
+  const auto& c = req->capabilities();
+  if (c.gpus() < 0 || c.slots() < 0 || c.cpu_threads() < 0) {
+    return ToGrpcStatus(InvalidFields({{"capabilities", "gpus, slots and cpu_threads must be >= 0"}}));
+  }
+  json caps = {{"gpus", c.gpus()}, {"cpu_threads", c.cpu_threads()}, {"slots", c.slots()},
+               {"gpu_memory_bytes", std::vector<int64_t>(c.gpu_memory_bytes().begin(), c.gpu_memory_bytes().end())}};
+  auto id = store_.RegisterWorker(req->name(), req->hostname(), caps.dump(), req->version(), clock_.Now());
+  if (!id.ok()) return ToGrpcStatus(id.status());
+  resp->set_worker_id(*id);
+  resp->set_heartbeat_interval_ms(config_.heartbeat_interval.count());
+  resp->set_lease_duration_ms(config_.lease.count());
+  return grpc::Status::OK;
+}
+
+grpc::Status WorkerServiceImpl::AcquireJob(grpc::ServerContext* ctx, const v1::AcquireJobRequest* req,
+                                           v1::AcquireJobResponse* resp) {
+  if (auto s = CheckId("worker_id", req->worker_id()); !s.ok()) return ToGrpcStatus(s);
+  if (req->free_gpus() < 0) return ToGrpcStatus(InvalidFields({{"free_gpus", "expected >= 0"}}));
+  if (req->wait_timeout_ms() < 0 || req->wait_timeout_ms() > 60000) {
+    return ToGrpcStatus(InvalidFields({{"wait_timeout_ms", Cat("got ", req->wait_timeout_ms(), "; expected 0..60000")}}));
+  }
+  const auto wait = std::min<Duration>(Duration(req->wait_timeout_ms()), config_.max_poll);
+  const auto give_up = std::chrono::steady_clock::now() + wait;
+  while (true) {
+    const uint64_t gen = notifier_.generation();
+    const auto started = clock_.Now();
+    auto claimed = store_.ClaimJob(req->worker_id(), req->free_gpus(), config_.lease, started);
+    if (!claimed.ok()) return ToGrpcStatus(claimed.status());
+    if (claimed->has_value()) {
+      const auto& c = **claimed;
+      auto spec = ResolveArtifacts(json::parse(c.job.spec_json), c.parent_artifacts);
+      if (!spec.ok()) return ToGrpcStatus(spec.status());
+      auto* job = resp->mutable_job();
+      job->set_job_id(c.job.id);
+      job->set_attempt(c.job.attempt);
+      job->set_pipeline_id(c.job.pipeline_id);
+      job->set_pipeline_name(c.pipeline_name);
+      job->set_name(c.job.name);
+      job->set_kind(JobKindFromString(c.job.kind));
+      job->set_spec_json(spec->dump());
+      const std::string dir = Cat(config_.artifact_root, "/", c.job.pipeline_id, "/", SanitizeComponent(c.job.name));
+      job->set_output_uri(PathToFileUri(dir + "/model"));
+      job->set_checkpoint_uri(PathToFileUri(dir + "/checkpoints"));
+      job->set_resume_from_uri(c.job.checkpoint_uri);
+      if (c.job.lease_deadline) SetTime(*c.job.lease_deadline, job->mutable_lease_deadline());
+      job->mutable_resources()->set_gpus(c.job.gpus);
+      if (on_claim_) on_claim_(c, started);
+      return grpc::Status::OK;
+    }
+    if (ctx->IsCancelled() || std::chrono::steady_clock::now() >= give_up) return grpc::Status::OK;
+    const auto left = std::chrono::duration_cast<Duration>(give_up - std::chrono::steady_clock::now());
+    // Wakes on any commit that makes a job claimable; the cap re-checks backoff expiries.
+    notifier_.WaitFor(gen, std::min<Duration>(left, std::chrono::seconds(1)));
+  }
+}
+
+grpc::Status WorkerServiceImpl::Heartbeat(grpc::ServerContext*, const v1::HeartbeatRequest* req, v1::HeartbeatResponse* resp) {
+  if (auto s = CheckId("worker_id", req->worker_id()); !s.ok()) return ToGrpcStatus(s);
+  if (req->jobs_size() > 64) return ToGrpcStatus(InvalidFields({{"jobs", "more than 64 job reports"}}));
+  std::vector<storage::JobReportRow> rows;
+  for (int i = 0; i < req->jobs_size(); ++i) {
+    const auto& r = req->jobs(i);
+    if (auto s = CheckId(Cat("jobs[", i, "].job_id"), r.job_id()); !s.ok()) return ToGrpcStatus(s);
+    if (r.logs_size() > 2000) return ToGrpcStatus(InvalidFields({{Cat("jobs[", i, "].logs"), "more than 2000 lines"}}));
+    storage::JobReportRow row{.job_id = r.job_id(), .attempt = r.attempt(), .checkpoint_uri = r.checkpoint_uri()};
+    if (!r.checkpoint_uri().empty()) {
+      if (auto p = FileUriToPath(r.checkpoint_uri()); !p.ok()) {
+        return ToGrpcStatus(InvalidFields({{Cat("jobs[", i, "].checkpoint_uri"), std::string(p.status().message())}}));
+      }
+    }
+    if (r.has_progress()) {
+      const auto& p = r.progress();
+      row.step = p.step();
+      row.loss = p.loss();
+      row.tokens_per_second = p.tokens_per_second();
+      row.learning_rate = p.learning_rate();
+      row.progress_json = json{{"step", p.step()}, {"total_steps", p.total_steps()}, {"loss", p.loss()},
+                               {"lr", p.learning_rate()}, {"tokens_per_s", p.tokens_per_second()},
+                               {"tokens", p.tokens()}, {"eta_s", p.eta_seconds()}}
+                              .dump();
+    }
+    for (const auto& l : r.logs()) {
+      storage::LogRecord rec{0, r.attempt(), l.stream().substr(0, 16), l.text().substr(0, 8192), clock_.Now()};
+      row.logs.push_back(std::move(rec));
+    }
+    rows.push_back(std::move(row));
+  }
+  auto directives = store_.Heartbeat(req->worker_id(), rows, req->draining(), config_.lease, clock_.Now());
+  if (!directives.ok()) return ToGrpcStatus(directives.status());
+  for (const auto& d : *directives) {
+    auto* out = resp->add_jobs();
+    out->set_job_id(d.job_id);
+    out->set_attempt(d.attempt);
+    out->set_directive(d.directive == storage::Directive::kContinue ? v1::JOB_DIRECTIVE_CONTINUE
+                       : d.directive == storage::Directive::kCancel ? v1::JOB_DIRECTIVE_CANCEL
+                                                                    : v1::JOB_DIRECTIVE_LEASE_LOST);
+    if (d.lease_deadline) SetTime(*d.lease_deadline, out->mutable_lease_deadline());
+  }
+  if (!rows.empty()) notifier_.Notify();
+  return grpc::Status::OK;
+}
+
+grpc::Status WorkerServiceImpl::Complete(grpc::ServerContext*, const v1::CompleteRequest* req, v1::CompleteResponse*) {
+  if (auto s = CheckId("worker_id", req->worker_id()); !s.ok()) return ToGrpcStatus(s);
+  if (auto s = CheckId("job_id", req->job_id()); !s.ok()) return ToGrpcStatus(s);
+  if (auto p = FileUriToPath(req->artifact_uri()); !p.ok()) {
+    return ToGrpcStatus(InvalidFields({{"artifact_uri", std::string(p.status().message())}}));
+  }
+  if (!req->result_json().empty() && !json::parse(req->result_json(), nullptr, false).is_object()) {
+    return ToGrpcStatus(InvalidFields({{"result_json", "expected a JSON object"}}));
+  }
+  auto s = store_.CompleteJob(req->worker_id(), req->job_id(), req->attempt(), req->artifact_uri(), req->result_json(),
+                              clock_.Now());
+  if (s.ok()) notifier_.Notify();
+  return ToGrpcStatus(s);
+}
+
+grpc::Status WorkerServiceImpl::Fail(grpc::ServerContext*, const v1::FailRequest* req, v1::FailResponse*) {
+  if (auto s = CheckId("worker_id", req->worker_id()); !s.ok()) return ToGrpcStatus(s);
+  if (auto s = CheckId("job_id", req->job_id()); !s.ok()) return ToGrpcStatus(s);
+  auto out = store_.FailJob(req->worker_id(), req->job_id(), req->attempt(), req->error().substr(0, 8192),
+                            req->retryable(), req->cancelled(), req->checkpoint_uri(), config_.retry, clock_.Now());
+  if (out.ok()) notifier_.Notify();
+  return ToGrpcStatus(out.status());
+}
+
+}  // namespace btx::scheduler

@@ -1,0 +1,51 @@
+#pragma once
+
+#include <functional>
+
+#include "btx/scheduler/server.h"
+#include "btx/v1/pipeline_service.grpc.pb.h"
+#include "btx/v1/worker_service.grpc.pb.h"
+
+namespace btx::scheduler {
+
+class PipelineServiceImpl final : public btx::v1::PipelineService::Service {
+ public:
+  PipelineServiceImpl(storage::Store& store, const Clock& clock, Notifier& notifier)
+      : store_(store), clock_(clock), notifier_(notifier) {}
+  grpc::Status Submit(grpc::ServerContext*, const btx::v1::SubmitRequest*, btx::v1::SubmitResponse*) override;
+  grpc::Status Get(grpc::ServerContext*, const btx::v1::GetPipelineRequest*, btx::v1::Pipeline*) override;
+  grpc::Status List(grpc::ServerContext*, const btx::v1::ListPipelinesRequest*, btx::v1::ListPipelinesResponse*) override;
+  grpc::Status Cancel(grpc::ServerContext*, const btx::v1::CancelRequest*, btx::v1::Pipeline*) override;
+  grpc::Status Retry(grpc::ServerContext*, const btx::v1::RetryRequest*, btx::v1::Pipeline*) override;
+  grpc::Status Watch(grpc::ServerContext*, const btx::v1::WatchRequest*, grpc::ServerWriter<btx::v1::Event>*) override;
+  grpc::Status Logs(grpc::ServerContext*, const btx::v1::LogsRequest*, grpc::ServerWriter<btx::v1::LogLine>*) override;
+  grpc::Status ListJobs(grpc::ServerContext*, const btx::v1::ListJobsRequest*, btx::v1::ListJobsResponse*) override;
+  grpc::Status ListWorkers(grpc::ServerContext*, const btx::v1::ListWorkersRequest*, btx::v1::ListWorkersResponse*) override;
+
+ private:
+  storage::Store& store_;
+  const Clock& clock_;
+  Notifier& notifier_;
+};
+
+class WorkerServiceImpl final : public btx::v1::WorkerService::Service {
+ public:
+  using ClaimHook = std::function<void(const storage::ClaimedJob&, TimePoint requested)>;
+  WorkerServiceImpl(const SchedulerConfig& config, storage::Store& store, const Clock& clock, Notifier& notifier,
+                    ClaimHook on_claim = nullptr)
+      : config_(config), store_(store), clock_(clock), notifier_(notifier), on_claim_(std::move(on_claim)) {}
+  grpc::Status Register(grpc::ServerContext*, const btx::v1::RegisterRequest*, btx::v1::RegisterResponse*) override;
+  grpc::Status AcquireJob(grpc::ServerContext*, const btx::v1::AcquireJobRequest*, btx::v1::AcquireJobResponse*) override;
+  grpc::Status Heartbeat(grpc::ServerContext*, const btx::v1::HeartbeatRequest*, btx::v1::HeartbeatResponse*) override;
+  grpc::Status Complete(grpc::ServerContext*, const btx::v1::CompleteRequest*, btx::v1::CompleteResponse*) override;
+  grpc::Status Fail(grpc::ServerContext*, const btx::v1::FailRequest*, btx::v1::FailResponse*) override;
+
+ private:
+  const SchedulerConfig& config_;
+  storage::Store& store_;
+  const Clock& clock_;
+  Notifier& notifier_;
+  ClaimHook on_claim_;
+};
+
+}  // namespace btx::scheduler
