@@ -60,4 +60,21 @@ at::Tensor moe_swiglu(const at::Tensor& x, const at::Tensor& expert_index, const
 // Whether this build has the CUDA path compiled in (does not say whether a GPU is present).
 bool cuda_compiled();
 
+// --- Additions beyond the original contract (used by moe_swiglu; exposed for tests and analysis) ---
+
+// Assignments of (token, slot) pairs to experts, sorted by expert (stable: token order within an expert).
+// An assignment is identified by its flat index a = t * k + s into expert_index.
+struct DispatchPlan {
+  at::Tensor offsets;        // [E + 1] int64: expert e owns rows [offsets[e], offsets[e+1]) of the sorted order
+  at::Tensor sorted_assign;  // [N] int64: flat assignment index of each sorted row (N = kept assignments)
+  at::Tensor row_of_assign;  // [T * k] int64: sorted row of each assignment, -1 when dropped
+  int64_t dropped = 0;       // assignments over capacity
+};
+
+// expert_index: [T, k] int64 (CPU or CUDA). capacity_factor as in MoeOptions. Deterministic.
+DispatchPlan make_dispatch_plan(const at::Tensor& expert_index, int64_t num_experts, double capacity_factor = 0.0);
+
+// Per-expert capacity ceil(capacity_factor * assignments / E); -1 when dropless (capacity_factor <= 0).
+int64_t expert_capacity(int64_t assignments, int64_t num_experts, double capacity_factor);
+
 }  // namespace btx::kernels
