@@ -1,0 +1,44 @@
+// Model hyper-parameters, mapped one-to-one onto HF LlamaConfig / MixtralConfig fields.
+#pragma once
+
+#include <cstdint>
+#include <nlohmann/json_fwd.hpp>
+#include <string>
+
+#include "btx/model/status.h"
+
+namespace btx {
+
+struct ModelConfig {
+  int64_t vocab_size = 259;  // byte tokenizer: 256 bytes + bos, eos, pad
+  int64_t hidden_size = 64;
+  int64_t intermediate_size = 176;
+  int64_t num_hidden_layers = 2;
+  int64_t num_attention_heads = 4;
+  int64_t num_key_value_heads = 2;
+  int64_t max_position_embeddings = 2048;
+  double rms_norm_eps = 1e-5;
+  double rope_theta = 10000.0;
+  double initializer_range = 0.02;
+  bool tie_word_embeddings = false;
+  int64_t bos_token_id = 256;
+  int64_t eos_token_id = 257;
+  // MoE (Mixtral) when num_local_experts > 0.
+  int64_t num_local_experts = 0;
+  int64_t num_experts_per_tok = 2;
+  double router_aux_loss_coef = 0.01;  // load-balancing loss coefficient
+  double router_z_loss_coef = 0.0;
+  std::string router = "softmax_topk";  // or "sparsemixer"; not an HF field, kept under "btx_router"
+
+  bool is_moe() const { return num_local_experts > 0; }
+  int64_t head_dim() const { return hidden_size / num_attention_heads; }
+  Status Validate() const;
+};
+
+nlohmann::json ConfigToHfJson(const ModelConfig& c);
+// Accepts HF llama / mixtral config.json; unknown fields are ignored, unsupported features rejected.
+StatusOr<ModelConfig> ConfigFromHfJson(const nlohmann::json& j);
+// Named sizes for `init: {preset: ...}`: "tiny" (D=64, 2 layers), "small" (D=256, 4 layers).
+StatusOr<ModelConfig> ConfigPreset(const std::string& name);
+
+}  // namespace btx

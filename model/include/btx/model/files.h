@@ -1,0 +1,50 @@
+// Durable file helpers: sha256 manifests and atomic publication of directories.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "btx/model/status.h"
+
+namespace btx {
+
+inline constexpr const char* kManifestName = "manifest.sha256";
+
+StatusOr<std::string> Sha256File(const std::string& path);
+std::string Sha256Hex(const void* data, size_t size);
+
+// Writes `content` to `path` and fsyncs it (no rename: callers publish whole directories).
+Status WriteFileDurable(const std::string& path, const std::string& content);
+StatusOr<std::string> ReadFile(const std::string& path);
+Status FsyncPath(const std::string& path);
+
+// manifest.sha256 uses the `sha256sum` text format ("<hex>  <relative path>"), so `sha256sum -c`
+// can check a directory by hand. It covers every regular file below `dir` except itself.
+Status WriteManifest(const std::string& dir);
+// Fails with DataLoss naming the first file that is missing, unlisted or has the wrong digest.
+Status VerifyManifest(const std::string& dir);
+
+// A directory that becomes visible under its final name only once it is complete:
+// files go into a hidden sibling temp dir; Publish() writes the manifest, fsyncs every file and the
+// dir, renames it into place and fsyncs the parent. An unpublished temp dir is removed on destruction.
+class StagedDir {
+ public:
+  static StatusOr<StagedDir> Create(const std::string& final_dir);
+  StagedDir(StagedDir&& o) noexcept;
+  StagedDir& operator=(StagedDir&&) = delete;
+  StagedDir(const StagedDir&) = delete;
+  ~StagedDir();
+  const std::string& path() const { return tmp_; }
+  const std::string& final_path() const { return final_; }
+  Status Publish();
+
+ private:
+  StagedDir(std::string tmp, std::string fin) : tmp_(std::move(tmp)), final_(std::move(fin)) {}
+  std::string tmp_, final_;
+  bool done_ = false;
+};
+
+// Regular files below dir, relative paths, sorted.
+StatusOr<std::vector<std::string>> ListFilesRecursive(const std::string& dir);
+
+}  // namespace btx

@@ -1,0 +1,52 @@
+// Hugging Face model directories: config.json + model.safetensors, or shards + model.safetensors.index.json.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "btx/model/llama.h"
+#include "btx/model/safetensors.h"
+
+namespace btx {
+
+struct SaveOptions {
+  uint64_t max_shard_bytes = 2ull << 30;  // a model larger than this is split into shards + index.json
+  st::DType dtype = st::DType::kF32;
+};
+
+// HF tensor names and shapes for a config (experts unstacked: ...experts.E.w1.weight), canonical order.
+std::vector<st::TensorSpec> HfSpecs(const ModelConfig& cfg, st::DType dtype = st::DType::kF32);
+// HF-named views of a model's tensors (expert tensors are slices of the stacked ones).
+std::vector<std::pair<std::string, at::Tensor>> ToHfTensors(const LlamaModel& m);
+
+// Writes config.json and the weights (sharded when large) into an existing directory, streaming tensors
+// from `produce` in spec order. Publishing (manifest, rename) is the caller's job (see StagedDir).
+Status WriteHfWeights(const std::string& dir, const std::vector<st::TensorSpec>& specs, const st::TensorProducer& produce,
+                      uint64_t max_shard_bytes);
+Status WriteModelFiles(const LlamaModel& m, const std::string& dir, const SaveOptions& opts = {});
+
+// Read access to the tensors of an HF directory across shards, by HF name, without loading them all.
+class HfTensorSource {
+ public:
+  static StatusOr<HfTensorSource> Open(const std::string& dir);
+  const ModelConfig& config() const { return cfg_; }
+  const std::string& dir() const { return dir_; }
+  bool Has(const std::string& name) const;
+  StatusOr<at::Tensor> Load(const std::string& name) const;  // float32 copy
+  std::vector<std::string> Names() const;
+
+ private:
+  std::string dir_;
+  ModelConfig cfg_;
+  std::vector<std::shared_ptr<st::File>> files_;
+  std::vector<std::pair<std::string, size_t>> where_;  // name -> file index, sorted by name
+};
+
+// Loads an HF Llama/Mixtral directory (our own or one saved by transformers). When the directory has a
+// manifest.sha256 it is verified first; a mismatch fails with DataLoss naming the file.
+StatusOr<LlamaModel> LoadModelDir(const std::string& dir);
+StatusOr<ModelConfig> LoadConfig(const std::string& dir);
+
+}  // namespace btx

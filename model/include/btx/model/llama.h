@@ -1,0 +1,86 @@
+// Llama-family decoder with a dense SwiGLU or a Mixtral-style MoE FFN, held as a flat name->tensor map.
+// Names are HF names, except MoE experts, which are stacked per layer for the grouped kernels:
+//   model.layers.N.block_sparse_moe.experts.w1 / w3: [E, F, D], .w2: [E, D, F]
+// (see hf_io.h for the conversion to per-expert HF tensors).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "btx/model/config.h"
+#include "btx/model/status.h"
+
+namespace btx {
+
+enum class MoeBackend {
+  kKernels,    // btx::kernels grouped operators (default when linked)
+  kReference,  // per-expert loop in plain ATen ops; cross-checks the kernels in tests
+};
+bool KernelsAvailable();
+
+struct ForwardOptions {
+  bool training = false;
+  MoeBackend backend = MoeBackend::kKernels;
+  bool collect_ffn_inputs = false;  // record each layer's normalised FFN input (router "hidden" init)
+  // MoE only: overrides config.num_experts_per_tok / router when >= 1 / non-empty.
+  int64_t top_k = 0;
+};
+
+struct ForwardOutput {
+  at::Tensor logits;                  // [B, T, V]
+  at::Tensor aux_loss;                // scalar: sum over layers of coef_lb * lb + coef_z * z (0 for dense)
+  at::Tensor load_balance_loss;       // scalar, unscaled, mean over layers (undefined for dense)
+  at::Tensor z_loss;                  // scalar, unscaled, mean over layers (undefined for dense)
+  std::vector<at::Tensor> ffn_inputs;      // per layer [B, T, D] when collect_ffn_inputs
+  std::vector<at::Tensor> expert_counts;   // per layer [E] int64 assignments (MoE)
+};
+
+class LlamaModel {
+ public:
+  LlamaModel() = default;
+  // Random init (normal(0, initializer_range), norms = 1), deterministic for a seed.
+  static StatusOr<LlamaModel> Init(const ModelConfig& cfg, uint64_t seed);
+  // Takes internal-layout tensors (float32); checks every expected name and shape.
+  static StatusOr<LlamaModel> FromTensors(const ModelConfig& cfg, std::vector<std::pair<std::string, at::Tensor>> t);
+  // Expected internal names and shapes for a config, in canonical order.
+  static std::vector<std::pair<std::string, std::vector<int64_t>>> Layout(const ModelConfig& cfg);
+
+  const ModelConfig& config() const { return cfg_; }
+  ModelConfig& mutable_config() { return cfg_; }
+  std::vector<std::pair<std::string, at::Tensor>>& params() { return params_; }
+  const std::vector<std::pair<std::string, at::Tensor>>& params() const { return params_; }
+  const at::Tensor& param(const std::string& name) const;
+
+  // tokens: [B, T] int64. Causal LM logits.
+  ForwardOutput Forward(const at::Tensor& tokens, const ForwardOptions& opts = {}) const;
+
+  void To(c10::Device device);
+
+ private:
+  const at::Tensor& P(const std::string& name) const { return param(name); }
+  ModelConfig cfg_;
+  std::vector<std::pair<std::string, at::Tensor>> params_;
+  std::unordered_map<std::string, size_t> index_;
+};
+
+// Building blocks, exposed for the float64 reference tests.
+at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps);
+// cos/sin tables [T, head_dim] (HF "rotate_half" layout: frequencies repeated over both halves).
+std::pair<at::Tensor, at::Tensor> RopeTables(int64_t seq_len, int64_t head_dim, double theta, c10::Device device);
+at::Tensor ApplyRope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);  // x: [B, H, T, hd]
+// q: [B, H, T, hd], k/v: [B, Hkv, T, hd]; causal.
+at::Tensor CausalAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
+
+// Routing + SwiGLU experts in plain ATen ops (per-expert loop), same semantics as btx::kernels.
+struct ReferenceMoeOut {
+  at::Tensor y, probs, expert_index;
+};
+ReferenceMoeOut ReferenceMoe(const at::Tensor& x, const at::Tensor& logits, int64_t top_k, const at::Tensor& w1,
+                             const at::Tensor& w3, const at::Tensor& w2);
+
+}  // namespace btx

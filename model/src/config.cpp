@@ -1,0 +1,134 @@
+#include "btx/model/config.h"
+
+#include <nlohmann/json.hpp>
+
+namespace btx {
+using nlohmann::json;
+
+Status ModelConfig::Validate() const {
+  auto bad = [](const std::string& f, const std::string& why) { return InvalidArgument(f + ": " + why); };
+  if (vocab_size <= 0) return bad("vocab_size", "must be > 0");
+  if (hidden_size <= 0) return bad("hidden_size", "must be > 0");
+  if (intermediate_size <= 0) return bad("intermediate_size", "must be > 0");
+  if (num_hidden_layers <= 0) return bad("num_hidden_layers", "must be > 0");
+  if (num_attention_heads <= 0 || hidden_size % num_attention_heads != 0)
+    return bad("num_attention_heads", "must divide hidden_size");
+  if (head_dim() % 2 != 0) return bad("num_attention_heads", "head_dim must be even for RoPE");
+  if (num_key_value_heads <= 0 || num_attention_heads % num_key_value_heads != 0)
+    return bad("num_key_value_heads", "must divide num_attention_heads");
+  if (rms_norm_eps <= 0) return bad("rms_norm_eps", "must be > 0");
+  if (rope_theta <= 0) return bad("rope_theta", "must be > 0");
+  if (num_local_experts < 0) return bad("num_local_experts", "must be >= 0");
+  if (is_moe() && (num_experts_per_tok < 1 || num_experts_per_tok > num_local_experts))
+    return bad("num_experts_per_tok", "must be in [1, num_local_experts]");
+  if (router != "softmax_topk" && router != "sparsemixer") return bad("router", "must be softmax_topk or sparsemixer");
+  return Status::Ok();
+}
+
+json ConfigToHfJson(const ModelConfig& c) {
+  json j = {
+      {"vocab_size", c.vocab_size},
+      {"hidden_size", c.hidden_size},
+      {"intermediate_size", c.intermediate_size},
+      {"num_hidden_layers", c.num_hidden_layers},
+      {"num_attention_heads", c.num_attention_heads},
+      {"num_key_value_heads", c.num_key_value_heads},
+      {"max_position_embeddings", c.max_position_embeddings},
+      {"rms_norm_eps", c.rms_norm_eps},
+      {"rope_theta", c.rope_theta},
+      {"rope_scaling", nullptr},
+      {"initializer_range", c.initializer_range},
+      {"tie_word_embeddings", c.tie_word_embeddings},
+      {"bos_token_id", c.bos_token_id},
+      {"eos_token_id", c.eos_token_id},
+      {"hidden_act", "silu"},
+      {"attention_bias", false},
+      {"attention_dropout", 0.0},
+      {"use_cache", true},
+      {"torch_dtype", "float32"},
+  };
+  if (c.is_moe()) {
+    j["architectures"] = {"MixtralForCausalLM"};
+    j["model_type"] = "mixtral";
+    j["num_local_experts"] = c.num_local_experts;
+    j["num_experts_per_tok"] = c.num_experts_per_tok;
+    j["router_aux_loss_coef"] = c.router_aux_loss_coef;
+    j["output_router_logits"] = false;
+    j["sliding_window"] = nullptr;
+    j["btx_router"] = c.router;
+    j["btx_router_z_loss_coef"] = c.router_z_loss_coef;
+  } else {
+    j["architectures"] = {"LlamaForCausalLM"};
+    j["model_type"] = "llama";
+    j["pretraining_tp"] = 1;
+  }
+  return j;
+}
+
+StatusOr<ModelConfig> ConfigFromHfJson(const json& j) {
+  if (!j.is_object()) return InvalidArgument("config.json is not an object");
+  ModelConfig c;
+  const std::string type = j.value("model_type", std::string("llama"));
+  if (type != "llama" && type != "mixtral") return InvalidArgument("model_type '" + type + "' is not llama or mixtral");
+  try {
+    auto get_i = [&](const char* k, int64_t& dst) {
+      if (j.contains(k) && !j[k].is_null()) dst = j[k].get<int64_t>();
+    };
+    auto get_d = [&](const char* k, double& dst) {
+      if (j.contains(k) && !j[k].is_null()) dst = j[k].get<double>();
+    };
+    get_i("vocab_size", c.vocab_size);
+    get_i("hidden_size", c.hidden_size);
+    get_i("intermediate_size", c.intermediate_size);
+    get_i("num_hidden_layers", c.num_hidden_layers);
+    get_i("num_attention_heads", c.num_attention_heads);
+    c.num_key_value_heads = c.num_attention_heads;  // HF default when the field is absent
+    get_i("num_key_value_heads", c.num_key_value_heads);
+    get_i("max_position_embeddings", c.max_position_embeddings);
+    get_d("rms_norm_eps", c.rms_norm_eps);
+    get_d("rope_theta", c.rope_theta);
+    get_d("initializer_range", c.initializer_range);
+    // HF defaults tie_word_embeddings to false for Llama/Mixtral.
+    c.tie_word_embeddings = j.contains("tie_word_embeddings") && !j["tie_word_embeddings"].is_null()
+                                ? j["tie_word_embeddings"].get<bool>()
+                                : false;
+    if (j.contains("bos_token_id") && j["bos_token_id"].is_number()) c.bos_token_id = j["bos_token_id"].get<int64_t>();
+    if (j.contains("eos_token_id") && j["eos_token_id"].is_number()) c.eos_token_id = j["eos_token_id"].get<int64_t>();
+    if (j.contains("hidden_act") && j["hidden_act"] != "silu")
+      return InvalidArgument("hidden_act '" + j["hidden_act"].get<std::string>() + "' unsupported (silu only)");
+    if (j.contains("rope_scaling") && !j["rope_scaling"].is_null())
+      return InvalidArgument("rope_scaling is not supported");
+    if (j.value("attention_bias", false)) return InvalidArgument("attention_bias=true is not supported");
+    if (j.contains("pretraining_tp") && j["pretraining_tp"].is_number() && j["pretraining_tp"].get<int64_t>() != 1)
+      return InvalidArgument("pretraining_tp != 1 is not supported");
+    if (type == "mixtral") {
+      c.num_local_experts = 8;
+      get_i("num_local_experts", c.num_local_experts);
+      get_i("num_experts_per_tok", c.num_experts_per_tok);
+      get_d("router_aux_loss_coef", c.router_aux_loss_coef);
+      get_d("btx_router_z_loss_coef", c.router_z_loss_coef);
+      c.router = j.value("btx_router", std::string("softmax_topk"));
+      if (c.num_local_experts <= 0) return InvalidArgument("num_local_experts must be > 0 for mixtral");
+    }
+  } catch (const std::exception& e) {
+    return InvalidArgument(std::string("config.json: wrong field type: ") + e.what());
+  }
+  BTX_RETURN_IF_ERROR(c.Validate());
+  return c;
+}
+
+StatusOr<ModelConfig> ConfigPreset(const std::string& name) {
+  ModelConfig c;
+  if (name == "tiny") return c;
+  if (name == "small") {
+    c.hidden_size = 256;
+    c.intermediate_size = 688;
+    c.num_hidden_layers = 4;
+    c.num_attention_heads = 8;
+    c.num_key_value_heads = 4;
+    return c;
+  }
+  return InvalidArgument("unknown preset '" + name + "' (known: tiny, small)");
+}
+
+}  // namespace btx

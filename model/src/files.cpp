@@ -1,0 +1,207 @@
+#include "btx/model/files.h"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <openssl/evp.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <random>
+#include <sstream>
+
+namespace btx {
+namespace fs = std::filesystem;
+
+namespace {
+std::string Errno(const std::string& what, const std::string& path) {
+  return what + " " + path + ": " + std::strerror(errno);
+}
+std::string ToHex(const unsigned char* d, unsigned n) {
+  static const char* k = "0123456789abcdef";
+  std::string s(2 * n, '0');
+  for (unsigned i = 0; i < n; ++i) {
+    s[2 * i] = k[d[i] >> 4];
+    s[2 * i + 1] = k[d[i] & 15];
+  }
+  return s;
+}
+}  // namespace
+
+std::string Sha256Hex(const void* data, size_t size) {
+  unsigned char md[EVP_MAX_MD_SIZE];
+  unsigned n = 0;
+  EVP_Digest(data, size, md, &n, EVP_sha256(), nullptr);
+  return ToHex(md, n);
+}
+
+StatusOr<std::string> Sha256File(const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return NotFound(Errno("cannot open", path));
+  EVP_MD_CTX* ctx = EVP_MD_CTX_new();
+  EVP_DigestInit_ex(ctx, EVP_sha256(), nullptr);
+  std::vector<char> buf(1 << 20);
+  Status st;
+  for (;;) {
+    ssize_t r = ::read(fd, buf.data(), buf.size());
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      st = Internal(Errno("read failed", path));
+      break;
+    }
+    if (r == 0) break;
+    EVP_DigestUpdate(ctx, buf.data(), static_cast<size_t>(r));
+  }
+  unsigned char md[EVP_MAX_MD_SIZE];
+  unsigned n = 0;
+  EVP_DigestFinal_ex(ctx, md, &n);
+  EVP_MD_CTX_free(ctx);
+  ::close(fd);
+  if (!st.ok()) return st;
+  return ToHex(md, n);
+}
+
+Status FsyncPath(const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return Internal(Errno("cannot open for fsync", path));
+  int rc = ::fsync(fd);
+  ::close(fd);
+  if (rc != 0) return Internal(Errno("fsync failed", path));
+  return Status::Ok();
+}
+
+Status WriteFileDurable(const std::string& path, const std::string& content) {
+  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return Internal(Errno("cannot create", path));
+  size_t off = 0;
+  while (off < content.size()) {
+    ssize_t w = ::write(fd, content.data() + off, content.size() - off);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      ::close(fd);
+      return Internal(Errno("write failed", path));
+    }
+    off += static_cast<size_t>(w);
+  }
+  if (::fsync(fd) != 0) {
+    ::close(fd);
+    return Internal(Errno("fsync failed", path));
+  }
+  ::close(fd);
+  return Status::Ok();
+}
+
+StatusOr<std::string> ReadFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return NotFound("cannot open " + path);
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+StatusOr<std::vector<std::string>> ListFilesRecursive(const std::string& dir) {
+  std::error_code ec;
+  std::vector<std::string> out;
+  fs::recursive_directory_iterator it(dir, ec), end;
+  if (ec) return NotFound("cannot list " + dir + ": " + ec.message());
+  for (; it != end; it.increment(ec)) {
+    if (ec) return Internal("cannot list " + dir + ": " + ec.message());
+    if (it->is_regular_file()) out.push_back(fs::relative(it->path(), dir).string());
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+Status WriteManifest(const std::string& dir) {
+  BTX_ASSIGN_OR_RETURN(auto files, ListFilesRecursive(dir));
+  std::string text;
+  for (const auto& f : files) {
+    if (f == kManifestName) continue;
+    BTX_ASSIGN_OR_RETURN(std::string h, Sha256File(dir + "/" + f));
+    text += h + "  " + f + "\n";
+  }
+  return WriteFileDurable(dir + "/" + kManifestName, text);
+}
+
+Status VerifyManifest(const std::string& dir) {
+  const std::string mpath = dir + "/" + kManifestName;
+  if (!fs::exists(mpath)) return DataLoss(dir + ": no " + std::string(kManifestName));
+  BTX_ASSIGN_OR_RETURN(std::string text, ReadFile(mpath));
+  std::map<std::string, std::string> listed;
+  std::istringstream in(text);
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.empty()) continue;
+    if (line.size() < 67 || line.substr(64, 2) != "  ")
+      return DataLoss(mpath + ": malformed line '" + line.substr(0, 80) + "'");
+    listed[line.substr(66)] = line.substr(0, 64);
+  }
+  BTX_ASSIGN_OR_RETURN(auto files, ListFilesRecursive(dir));
+  for (const auto& f : files) {
+    if (f == kManifestName) continue;
+    if (!listed.count(f)) return DataLoss(dir + ": file '" + f + "' is not in the manifest");
+  }
+  for (const auto& [f, want] : listed) {
+    if (f.find("..") != std::string::npos) return DataLoss(mpath + ": path escapes the dir: " + f);
+    auto got = Sha256File(dir + "/" + f);
+    if (!got.ok()) return DataLoss(dir + ": manifest lists '" + f + "' but it is missing");
+    if (*got != want)
+      return DataLoss(dir + ": sha256 mismatch for '" + f + "' (manifest " + want + ", file " + *got + ")");
+  }
+  return Status::Ok();
+}
+
+StatusOr<StagedDir> StagedDir::Create(const std::string& final_dir) {
+  fs::path fin = fs::absolute(final_dir).lexically_normal();
+  if (fin.filename().empty()) fin = fin.parent_path();
+  std::error_code ec;
+  if (fs::exists(fin, ec)) return FailedPrecondition(fin.string() + " already exists");
+  fs::create_directories(fin.parent_path(), ec);
+  if (ec) return Internal("cannot create " + fin.parent_path().string() + ": " + ec.message());
+  // Temp dirs of attempts that died (their pid is gone) are garbage; a live one may be a concurrent writer.
+  std::string prefix(".");  // built by appends: GCC 12 warns falsely (-Wrestrict) on "." + std::string
+  prefix.append(fin.filename().string()).append(".tmp-");
+  for (auto& e : fs::directory_iterator(fin.parent_path(), ec)) {
+    const std::string n = e.path().filename().string();
+    if (!n.starts_with(prefix)) continue;
+    const long pid = std::strtol(n.c_str() + prefix.size(), nullptr, 10);
+    if (pid > 0 && ::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH) fs::remove_all(e.path(), ec);
+  }
+  std::random_device rd;
+  std::string name = prefix;
+  name.append(std::to_string(::getpid())).append("-").append(std::to_string(rd() % 1000000));
+  const std::string tmp = (fin.parent_path() / name).string();
+  fs::remove_all(tmp, ec);
+  if (!fs::create_directory(tmp, ec)) return Internal("cannot create " + tmp + ": " + ec.message());
+  return StagedDir(tmp, fin.string());
+}
+
+StagedDir::StagedDir(StagedDir&& o) noexcept : tmp_(std::move(o.tmp_)), final_(std::move(o.final_)), done_(o.done_) {
+  o.done_ = true;
+}
+
+StagedDir::~StagedDir() {
+  if (!done_ && !tmp_.empty()) {
+    std::error_code ec;
+    fs::remove_all(tmp_, ec);
+  }
+}
+
+Status StagedDir::Publish() {
+  if (done_) return FailedPrecondition("already published: " + final_);
+  BTX_RETURN_IF_ERROR(WriteManifest(tmp_));
+  BTX_ASSIGN_OR_RETURN(auto files, ListFilesRecursive(tmp_));
+  for (const auto& f : files) BTX_RETURN_IF_ERROR(FsyncPath(tmp_ + "/" + f));
+  BTX_RETURN_IF_ERROR(FsyncPath(tmp_));
+  // rename(2) replaces an empty dir silently; refuse explicitly so two attempts never both "win".
+  if (fs::exists(final_)) return FailedPrecondition(final_ + " already exists");
+  if (::rename(tmp_.c_str(), final_.c_str()) != 0) return Internal(Errno("rename failed to", final_));
+  done_ = true;
+  return FsyncPath(fs::path(final_).parent_path().string());
+}
+
+}  // namespace btx

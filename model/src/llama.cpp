@@ -1,0 +1,227 @@
+#include "btx/model/llama.h"
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <cmath>
+
+#ifdef BTX_HAVE_KERNELS
+#include "btx/kernels/moe.h"
+#endif
+
+namespace btx {
+
+bool KernelsAvailable() {
+#ifdef BTX_HAVE_KERNELS
+  return true;
+#else
+  return false;
+#endif
+}
+
+namespace {
+std::string L(int64_t l) { return "model.layers." + std::to_string(l) + "."; }
+}  // namespace
+
+std::vector<std::pair<std::string, std::vector<int64_t>>> LlamaModel::Layout(const ModelConfig& c) {
+  const int64_t D = c.hidden_size, F = c.intermediate_size, hd = c.head_dim();
+  const int64_t H = c.num_attention_heads, Hkv = c.num_key_value_heads, E = c.num_local_experts;
+  std::vector<std::pair<std::string, std::vector<int64_t>>> out;
+  out.push_back({"model.embed_tokens.weight", {c.vocab_size, D}});
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    const std::string p = L(l);
+    out.push_back({p + "input_layernorm.weight", {D}});
+    out.push_back({p + "self_attn.q_proj.weight", {H * hd, D}});
+    out.push_back({p + "self_attn.k_proj.weight", {Hkv * hd, D}});
+    out.push_back({p + "self_attn.v_proj.weight", {Hkv * hd, D}});
+    out.push_back({p + "self_attn.o_proj.weight", {D, H * hd}});
+    out.push_back({p + "post_attention_layernorm.weight", {D}});
+    if (c.is_moe()) {
+      out.push_back({p + "block_sparse_moe.gate.weight", {E, D}});
+      out.push_back({p + "block_sparse_moe.experts.w1", {E, F, D}});
+      out.push_back({p + "block_sparse_moe.experts.w3", {E, F, D}});
+      out.push_back({p + "block_sparse_moe.experts.w2", {E, D, F}});
+    } else {
+      out.push_back({p + "mlp.gate_proj.weight", {F, D}});
+      out.push_back({p + "mlp.up_proj.weight", {F, D}});
+      out.push_back({p + "mlp.down_proj.weight", {D, F}});
+    }
+  }
+  out.push_back({"model.norm.weight", {D}});
+  if (!c.tie_word_embeddings) out.push_back({"lm_head.weight", {c.vocab_size, D}});
+  return out;
+}
+
+StatusOr<LlamaModel> LlamaModel::Init(const ModelConfig& cfg, uint64_t seed) {
+  BTX_RETURN_IF_ERROR(cfg.Validate());
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  std::vector<std::pair<std::string, at::Tensor>> t;
+  for (auto& [name, shape] : Layout(cfg)) {
+    at::Tensor x = shape.size() == 1 ? at::ones(shape, at::kFloat)
+                                     : at::normal(0.0, cfg.initializer_range, shape, gen, at::kFloat);
+    t.emplace_back(name, x);
+  }
+  return FromTensors(cfg, std::move(t));
+}
+
+StatusOr<LlamaModel> LlamaModel::FromTensors(const ModelConfig& cfg, std::vector<std::pair<std::string, at::Tensor>> t) {
+  BTX_RETURN_IF_ERROR(cfg.Validate());
+  std::unordered_map<std::string, at::Tensor> by_name;
+  for (auto& [n, x] : t) by_name[n] = x;
+  LlamaModel m;
+  m.cfg_ = cfg;
+  for (auto& [name, shape] : Layout(cfg)) {
+    auto it = by_name.find(name);
+    if (it == by_name.end()) return NotFound("missing tensor '" + name + "'");
+    if (it->second.sizes().vec() != shape)
+      return InvalidArgument("tensor '" + name + "' has shape " + c10::str(it->second.sizes()) + ", config expects " +
+                             c10::str(c10::IntArrayRef(shape)));
+    at::Tensor x = it->second.to(at::kFloat).contiguous();
+    m.index_[name] = m.params_.size();
+    m.params_.emplace_back(name, x);
+    by_name.erase(it);
+  }
+  if (!by_name.empty()) return InvalidArgument("unexpected tensor '" + by_name.begin()->first + "' for this config");
+  return m;
+}
+
+const at::Tensor& LlamaModel::param(const std::string& name) const {
+  auto it = index_.find(name);
+  TORCH_CHECK(it != index_.end(), "no parameter ", name);
+  return params_[it->second].second;
+}
+
+void LlamaModel::To(c10::Device device) {
+  for (auto& [n, p] : params_) {
+    bool rg = p.requires_grad();
+    p = p.detach().to(device);
+    if (rg) p.requires_grad_(true);
+  }
+}
+
+at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  at::Tensor xf = x.to(at::kFloat);
+  at::Tensor var = xf.pow(2).mean(-1, true);
+  return weight * (xf * at::rsqrt(var + eps)).to(x.scalar_type());
+}
+
+std::pair<at::Tensor, at::Tensor> RopeTables(int64_t seq_len, int64_t head_dim, double theta, c10::Device device) {
+  auto opts = at::TensorOptions().dtype(at::kDouble);
+  at::Tensor inv = 1.0 / at::pow(theta, at::arange(0, head_dim, 2, opts) / static_cast<double>(head_dim));
+  at::Tensor freqs = at::outer(at::arange(seq_len, opts), inv);
+  at::Tensor emb = at::cat({freqs, freqs}, -1);
+  return {emb.cos().to(at::kFloat).to(device), emb.sin().to(at::kFloat).to(device)};
+}
+
+at::Tensor ApplyRope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  const int64_t half = x.size(-1) / 2;
+  at::Tensor rot = at::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
+  return x * cos.to(x.scalar_type()) + rot * sin.to(x.scalar_type());
+}
+
+at::Tensor CausalAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  const int64_t H = q.size(1), Hkv = k.size(1), T = q.size(2), hd = q.size(3);
+  at::Tensor kk = H == Hkv ? k : k.repeat_interleave(H / Hkv, 1);
+  at::Tensor vv = H == Hkv ? v : v.repeat_interleave(H / Hkv, 1);
+  at::Tensor scores = at::matmul(q, kk.transpose(-2, -1)) / std::sqrt(static_cast<double>(hd));
+  at::Tensor future = at::ones({T, T}, at::TensorOptions().dtype(at::kBool).device(q.device())).triu(1);
+  scores = scores.masked_fill(future, -std::numeric_limits<float>::infinity());
+  at::Tensor probs = at::softmax(scores.to(at::kFloat), -1).to(q.scalar_type());
+  return at::matmul(probs, vv);
+}
+
+ReferenceMoeOut ReferenceMoe(const at::Tensor& x, const at::Tensor& logits, int64_t top_k, const at::Tensor& w1,
+                             const at::Tensor& w3, const at::Tensor& w2) {
+  const int64_t E = w1.size(0);
+  at::Tensor probs = at::softmax(logits.to(at::kFloat), -1);
+  auto [vals, idx] = probs.topk(top_k, -1);
+  at::Tensor gates = (vals / vals.sum(-1, true)).to(x.scalar_type());
+  at::Tensor y = at::zeros_like(x);
+  for (int64_t e = 0; e < E; ++e) {
+    at::Tensor hit = idx.eq(e);
+    at::Tensor rows = hit.any(-1).nonzero().flatten();
+    if (rows.numel() == 0) continue;
+    at::Tensor g = (gates * hit.to(gates.scalar_type())).sum(-1).index_select(0, rows);
+    at::Tensor xe = x.index_select(0, rows);
+    at::Tensor he = at::silu(at::matmul(xe, w1[e].t())) * at::matmul(xe, w3[e].t());
+    y = y.index_add(0, rows, at::matmul(he, w2[e].t()) * g.unsqueeze(1));
+  }
+  return {y, probs, idx};
+}
+
+ForwardOutput LlamaModel::Forward(const at::Tensor& tokens, const ForwardOptions& opts) const {
+  const ModelConfig& c = cfg_;
+  const int64_t B = tokens.size(0), T = tokens.size(1), D = c.hidden_size, hd = c.head_dim();
+  const int64_t H = c.num_attention_heads, Hkv = c.num_key_value_heads;
+  const double eps = c.rms_norm_eps;
+  ForwardOutput out;
+  at::Tensor x = at::embedding(P("model.embed_tokens.weight"), tokens);
+  auto [cos, sin] = RopeTables(T, hd, c.rope_theta, x.device());
+  at::Tensor lb_sum, z_sum;
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    const std::string p = L(l);
+    at::Tensor h = RmsNorm(x, P(p + "input_layernorm.weight"), eps);
+    at::Tensor q = at::linear(h, P(p + "self_attn.q_proj.weight")).view({B, T, H, hd}).transpose(1, 2);
+    at::Tensor k = at::linear(h, P(p + "self_attn.k_proj.weight")).view({B, T, Hkv, hd}).transpose(1, 2);
+    at::Tensor v = at::linear(h, P(p + "self_attn.v_proj.weight")).view({B, T, Hkv, hd}).transpose(1, 2);
+    q = ApplyRope(q, cos, sin);
+    k = ApplyRope(k, cos, sin);
+    at::Tensor a = CausalAttention(q, k, v).transpose(1, 2).reshape({B, T, H * hd});
+    x = x + at::linear(a, P(p + "self_attn.o_proj.weight"));
+    h = RmsNorm(x, P(p + "post_attention_layernorm.weight"), eps);
+    if (opts.collect_ffn_inputs) out.ffn_inputs.push_back(h.detach());
+    at::Tensor y;
+    if (!c.is_moe()) {
+      y = at::linear(at::silu(at::linear(h, P(p + "mlp.gate_proj.weight"))) * at::linear(h, P(p + "mlp.up_proj.weight")),
+                     P(p + "mlp.down_proj.weight"));
+    } else {
+      const int64_t E = c.num_local_experts;
+      const int64_t top_k = opts.top_k >= 1 ? opts.top_k : c.num_experts_per_tok;
+      at::Tensor h2 = h.reshape({B * T, D});
+      at::Tensor logits = at::linear(h2, P(p + "block_sparse_moe.gate.weight"));
+      const at::Tensor& w1 = P(p + "block_sparse_moe.experts.w1");
+      const at::Tensor& w3 = P(p + "block_sparse_moe.experts.w3");
+      const at::Tensor& w2 = P(p + "block_sparse_moe.experts.w2");
+      at::Tensor idx, lb, z;
+      if (opts.backend == MoeBackend::kKernels && KernelsAvailable()) {
+#ifdef BTX_HAVE_KERNELS
+        kernels::RoutingOptions ro;
+        ro.top_k = top_k;
+        ro.kind = c.router == "sparsemixer" ? kernels::RouterKind::kSparseMixer : kernels::RouterKind::kSoftmaxTopK;
+        ro.training = opts.training;
+        kernels::Routing r = kernels::route(logits, ro);
+        y = kernels::moe_swiglu(h2, r.expert_index, r.gates, w1, w3, w2);
+        idx = r.expert_index;
+        lb = kernels::load_balancing_loss(r.probs, r.expert_index, E);
+        z = kernels::router_z_loss(logits);
+#endif
+      } else {
+        TORCH_CHECK(c.router == "softmax_topk", "router '", c.router, "' needs the btx kernels library");
+        ReferenceMoeOut r = ReferenceMoe(h2, logits, top_k, w1, w3, w2);
+        y = r.y;
+        idx = r.expert_index;
+        at::Tensor f = at::bincount(idx.flatten(), {}, E).to(at::kFloat) / static_cast<double>(idx.numel());
+        lb = static_cast<double>(E) * (f * r.probs.mean(0)).sum();
+        z = at::logsumexp(logits.to(at::kFloat), -1).pow(2).mean();
+      }
+      out.expert_counts.push_back(at::bincount(idx.flatten().cpu(), {}, E));
+      lb_sum = lb_sum.defined() ? lb_sum + lb : lb;
+      z_sum = z_sum.defined() ? z_sum + z : z;
+      y = y.reshape({B, T, D});
+    }
+    x = x + y;
+  }
+  x = RmsNorm(x, P("model.norm.weight"), eps);
+  out.logits = at::linear(x, c.tie_word_embeddings ? P("model.embed_tokens.weight") : P("lm_head.weight"));
+  if (c.is_moe()) {
+    const double n = static_cast<double>(c.num_hidden_layers);
+    out.load_balance_loss = lb_sum / n;
+    out.z_loss = z_sum / n;
+    out.aux_loss = lb_sum * c.router_aux_loss_coef + z_sum * c.router_z_loss_coef;
+  } else {
+    out.aux_loss = at::zeros({}, x.options().dtype(at::kFloat));
+  }
+  return out;
+}
+
+}  // namespace btx

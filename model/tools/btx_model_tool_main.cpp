@@ -1,0 +1,58 @@
+// btx-model-tool: small model-dir utilities for interop checks and debugging.
+//   btx-model-tool logits MODEL_DIR OUT.safetensors TOKEN...   logits [1, T, V] (float32) under key "logits"
+//   btx-model-tool init OUT_DIR CONFIG.json SEED                random model from an HF config.json, published
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "btx/model/files.h"
+#include "btx/model/hf_io.h"
+#include "btx/model/safetensors.h"
+#include "btx/model/tokenizer.h"
+
+namespace {
+int Fail(const std::string& m) {
+  std::cerr << "btx-model-tool: " << m << "\n";
+  return 1;
+}
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<std::string> a(argv + 1, argv + argc);
+  if (a.size() >= 4 && a[0] == "logits") {
+    auto m = btx::LoadModelDir(a[1]);
+    if (!m.ok()) return Fail(m.status().message());
+    at::Tensor tokens = at::empty({1, static_cast<int64_t>(a.size() - 3)}, at::kLong);
+    for (size_t i = 3; i < a.size(); ++i) tokens.data_ptr<int64_t>()[i - 3] = static_cast<int64_t>(std::stoll(a[i]));
+    at::NoGradGuard ng;
+    at::Tensor logits = m->Forward(tokens).logits.contiguous();
+    auto st = btx::st::Write(a[2], {{"logits", logits}});
+    return st.ok() ? 0 : Fail(st.message());
+  }
+  if (a.size() == 4 && a[0] == "init") {
+    auto text = btx::ReadFile(a[2]);
+    if (!text.ok()) return Fail(text.status().message());
+    auto cfg = btx::ConfigFromHfJson(nlohmann::json::parse(*text, nullptr, false));
+    if (!cfg.ok()) return Fail(cfg.status().message());
+    auto m = btx::LlamaModel::Init(*cfg, std::stoull(a[3]));
+    if (!m.ok()) return Fail(m.status().message());
+    {
+      // Norm weights of 1 would hide a norm mix-up in an interop check: perturb them deterministically.
+      at::NoGradGuard ng;
+      auto gen = at::make_generator<at::CPUGeneratorImpl>(std::stoull(a[3]) + 1);
+      for (auto& [name, p] : m->params())
+        if (p.dim() == 1) p.add_(at::normal(0.0, 0.1, p.sizes(), gen, at::kFloat));
+    }
+    auto staged = btx::StagedDir::Create(a[1]);
+    if (!staged.ok()) return Fail(staged.status().message());
+    btx::Status st = btx::WriteModelFiles(*m, staged->path());
+    if (st.ok() && cfg->vocab_size >= btx::kByteVocab) st = btx::MakeByteTokenizer()->SaveTo(staged->path());
+    if (st.ok()) st = staged->Publish();
+    return st.ok() ? 0 : Fail(st.message());
+  }
+  return Fail("usage: btx-model-tool logits MODEL_DIR OUT.safetensors TOKEN... | init OUT_DIR CONFIG.json SEED");
+}

@@ -1,0 +1,44 @@
+// btx-train: runs one training-pipeline job in its own process (docs/btx-train-protocol.md).
+#include <fcntl.h>
+#include <signal.h>
+
+#include <atomic>
+#include <cstring>
+#include <iostream>
+#include <string>
+
+#include "btx/model/job.h"
+
+namespace {
+std::atomic<bool> g_stop{false};
+void OnTerm(int) { g_stop.store(true); }
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string job;
+  int fd = -2;  // -2: protocol default (3 when open)
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    if (a == "--job" && i + 1 < argc) job = argv[++i];
+    else if (a == "--progress-fd" && i + 1 < argc) fd = std::atoi(argv[++i]);
+    else if (a == "--help" || a == "-h") {
+      std::cout << "usage: btx-train --job JOB.json [--progress-fd N]\n";
+      return 0;
+    } else {
+      std::cerr << "btx-train: invalid job: unknown argument '" << a << "'\n";
+      return btx::kExitInvalidJob;
+    }
+  }
+  if (job.empty()) {
+    std::cerr << "btx-train: invalid job: --job JOB.json is required\n";
+    return btx::kExitInvalidJob;
+  }
+  if (fd == -2) fd = ::fcntl(3, F_GETFD) != -1 ? 3 : -1;
+  struct sigaction sa {};
+  sa.sa_handler = OnTerm;
+  sigemptyset(&sa.sa_mask);
+  ::sigaction(SIGTERM, &sa, nullptr);
+  ::sigaction(SIGINT, &sa, nullptr);
+  ::signal(SIGPIPE, SIG_IGN);
+  return btx::RunJobFile(job, fd, &g_stop);
+}

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# ctest driver for interop_hf.py. Needs Debian's python3-torch (1.13) and, in a venv that sees it,
+# transformers + safetensors from PyPI. Exits 77 (ctest SKIP_RETURN_CODE) only when PyPI is unreachable.
+# usage: run_interop.sh VENV_DIR BTX_MODEL_TOOL BTX_TRAIN WORKDIR
+set -eu
+venv=$1 tool=$2 train=$3 work=$4
+here=$(cd "$(dirname "$0")" && pwd)
+if ! /usr/bin/python3 -c 'import torch' 2>/dev/null; then
+  echo "interop: /usr/bin/python3 has no torch; install it with: apt-get install -y python3-torch" >&2
+  exit 1
+fi
+if [ ! -x "$venv/bin/python" ]; then
+  /usr/bin/python3 -m venv --system-site-packages "$venv"
+fi
+if ! "$venv/bin/python" -c 'import transformers, safetensors' 2>/dev/null; then
+  if ! "$venv/bin/pip" install -q --disable-pip-version-check "transformers==4.36.2" "safetensors>=0.4,<0.5"; then
+    if ! "$venv/bin/python" - <<'PY' 2>/dev/null
+import urllib.request
+urllib.request.urlopen("https://pypi.org/simple/", timeout=10)
+PY
+    then
+      echo "interop: SKIPPED: PyPI is unreachable, cannot install transformers/safetensors" >&2
+      exit 77
+    fi
+    echo "interop: pip install failed although PyPI is reachable" >&2
+    exit 1
+  fi
+fi
+rm -rf "$work"
+exec "$venv/bin/python" "$here/interop_hf.py" --tool "$tool" --train "$train" --workdir "$work"
