@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -112,6 +113,7 @@ absl::StatusOr<std::unique_ptr<Process>> PosixProcessLauncher::Launch(const Proc
   for (auto& s : argv_storage) argv.push_back(s.data());
   argv.push_back(nullptr);
 
+  const pid_t parent = ::getpid();
   pid_t pid = ::fork();
   if (pid < 0) {
     close_all();
@@ -145,6 +147,14 @@ absl::StatusOr<std::unique_ptr<Process>> PosixProcessLauncher::Launch(const Proc
     if (spec.gid && ::setgid(*spec.gid) != 0) ChildFail(report[1], "setgid");
     if (spec.uid && ::setuid(*spec.uid) != 0) ChildFail(report[1], "setuid");
     ::signal(SIGPIPE, SIG_DFL);
+    // A daemon that takes signals with sigwait blocks them in every thread; the child must not inherit that.
+    if (spec.kill_with_parent) {
+      if (::prctl(PR_SET_PDEATHSIG, SIGKILL) != 0) ChildFail(report[1], "prctl");
+      if (::getppid() != parent) ::_exit(137);  // the parent died before prctl took effect
+    }
+    sigset_t none;
+    sigemptyset(&none);
+    ::sigprocmask(SIG_SETMASK, &none, nullptr);
     ::execve(argv[0], argv.data(), envp.data());
     ChildFail(report[1], "exec");
   }

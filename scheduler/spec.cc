@@ -126,8 +126,10 @@ class Checker {
     }
     return v.get<std::string>();
   }
-  void Paths(const json& v, const std::string& path, bool required, int max) {
+  // A single path is shorthand for a list of one; it is normalised in place.
+  void Paths(json& v, const std::string& path, bool required, int max) {
     if (v.is_null() && !required) return;
+    if (v.is_string()) v = json::array({v});
     if (!v.is_array() || (required && v.empty()) || static_cast<int>(v.size()) > max) {
       Fail(path, v, Cat("a list of 1..", max, " paths"));
       return;
@@ -144,8 +146,9 @@ class Checker {
     if (!obj.contains("data")) return Fail(Join(path, "data"), json(), "a mapping with train (and optionally valid)");
     json& d = obj["data"];
     if (!Object(Join(path, "data"), d, {"train", "valid"})) return;
-    Paths(d.contains("train") ? d["train"] : json(), Join(path, "data.train"), true, limits.max_data_paths);
-    Paths(d.contains("valid") ? d["valid"] : json(), Join(path, "data.valid"), false, limits.max_data_paths);
+    json none;
+    Paths(d.contains("train") ? d["train"] : none, Join(path, "data.train"), true, limits.max_data_paths);
+    Paths(d.contains("valid") ? d["valid"] : none, Join(path, "data.valid"), false, limits.max_data_paths);
   }
 };
 
@@ -153,7 +156,8 @@ void CheckTrain(Checker& c, json& spec) {
   if (!spec.contains("train")) spec["train"] = json::object();
   json& t = spec["train"];
   if (!c.Object("train", t, {"batch_tokens", "seq_len", "lr", "min_lr_ratio", "warmup", "schedule", "weight_decay",
-                             "grad_clip", "grad_accum", "seed", "checkpoint_every", "threads"})) {
+                             "grad_clip", "grad_accum", "seed", "checkpoint_every", "threads", "log_every",
+                             "valid_tokens", "keep_checkpoints"})) {
     return;
   }
   int64_t seq_len = c.Int(t, "train", "seq_len", 256, 8, 131072);
@@ -169,6 +173,9 @@ void CheckTrain(Checker& c, json& spec) {
   c.Int(t, "train", "seed", 1234, 0, int64_t{1} << 62);
   c.Int(t, "train", "checkpoint_every", 50, 1, 10'000'000);
   c.Int(t, "train", "threads", 0, 0, 1024);
+  c.Int(t, "train", "log_every", 10, 1, 10'000'000);
+  c.Int(t, "train", "valid_tokens", 65536, 1, int64_t{1} << 40);
+  c.Int(t, "train", "keep_checkpoints", 2, 1, 1000);
 }
 
 }  // namespace
@@ -277,8 +284,9 @@ absl::StatusOr<json> ParseSpec(const std::string& text, const SpecLimits& limits
     }
   }
   if (!spec.contains("evaluate")) spec["evaluate"] = json::object();
-  if (c.Object("evaluate", spec["evaluate"], {"baselines"})) {
+  if (c.Object("evaluate", spec["evaluate"], {"baselines", "max_tokens"})) {
     json& e = spec["evaluate"];
+    c.Int(e, "evaluate", "max_tokens", 65536, 1, int64_t{1} << 40);
     if (!e.contains("baselines")) e["baselines"] = json::array({"seed", "experts"});
     if (!e["baselines"].is_array()) {
       c.Fail("evaluate.baselines", e["baselines"], "a list of seed | experts | btm | upcycle");
@@ -306,6 +314,17 @@ std::vector<storage::NewJob> PlanJobs(const json& spec) {
   const int gpus = spec["resources"]["gpus_per_job"].get<int>();
   const int attempts = spec["resources"]["max_attempts"].get<int>();
   auto add = [&](std::string name, std::string kind, json job_spec, std::vector<std::string> deps, int priority) {
+    // Every artifact a job reads must come from a dependency, or it cannot be resolved at lease time.
+    std::function<void(const json&)> collect = [&](const json& v) {
+      if (v.is_object() && v.size() == 1 && v.contains("$artifact")) {
+        deps.push_back(v["$artifact"].get<std::string>());
+      } else if (v.is_structured()) {
+        for (const auto& child : v) collect(child);
+      }
+    };
+    collect(job_spec);
+    std::sort(deps.begin(), deps.end());
+    deps.erase(std::unique(deps.begin(), deps.end()), deps.end());
     jobs.push_back({std::move(name), std::move(kind), job_spec.dump(), std::move(deps), attempts, gpus, priority});
   };
   const json& train = spec["train"];
@@ -330,7 +349,8 @@ std::vector<storage::NewJob> PlanJobs(const json& spec) {
     domains.push_back({{"name", name}, {"valid", e["data"].value("valid", e["data"]["train"])}, {"train", e["data"]["train"]}});
     if (method == "upcycle") continue;  // upcycling copies the seed FFN: nothing to train
     add("branch/" + name, "branch",
-        {{"seed", seed_ref}, {"tokenizer", tokenizer}, {"data", e["data"]}, {"train", train}, {"steps", e["steps"]}}, seed_deps, 1);
+        {{"seed", seed_ref}, {"name", name}, {"tokenizer", tokenizer}, {"data", e["data"]}, {"train", train}, {"steps", e["steps"]}},
+        seed_deps, 1);
     branches.push_back("branch/" + name);
     experts.push_back({{"name", name}, {"model", {{"$artifact", "branch/" + name}}}});
   }
@@ -371,10 +391,17 @@ std::vector<storage::NewJob> PlanJobs(const json& spec) {
     } else if (base == "experts") {
       for (const auto& ex : experts) eval_models.push_back({{"name", "expert/" + ex["name"].get<std::string>()}, {"model", ex["model"]}});
       eval_deps.insert(eval_deps.end(), branches.begin(), branches.end());
-    } else if (base == "btm" && method != "btm" && !branches.empty()) {
-      add("baseline/btm", "merge", merge_spec("btm", experts), branches, 2);
-      eval_models.push_back({{"name", "btm"}, {"model", {{"$artifact", "baseline/btm"}}}});
-      eval_deps.push_back("baseline/btm");
+    } else if (base == "btm" && !branches.empty()) {
+      // BTM in both of its forms: the parameter average and the output ensemble of the experts.
+      if (method != "btm") {
+        add("baseline/btm", "merge", merge_spec("btm", experts), branches, 2);
+        eval_models.push_back({{"name", "btm"}, {"model", {{"$artifact", "baseline/btm"}}}});
+        eval_deps.push_back("baseline/btm");
+      }
+      json members = json::array();
+      for (const auto& ex : experts) members.push_back(ex["model"]);
+      eval_models.push_back({{"name", "ensemble"}, {"ensemble", members}});
+      eval_deps.insert(eval_deps.end(), branches.begin(), branches.end());
     } else if (base == "upcycle" && method != "upcycle") {
       // Matched finetune steps: the upcycled MoE gets the same router finetune as the BTX model.
       add("baseline/upcycle", "merge", merge_spec("upcycle", upcycle_experts), seed_deps, 2);
@@ -385,7 +412,9 @@ std::vector<storage::NewJob> PlanJobs(const json& spec) {
   }
   std::sort(eval_deps.begin(), eval_deps.end());
   eval_deps.erase(std::unique(eval_deps.begin(), eval_deps.end()), eval_deps.end());
-  add("eval", "eval", {{"models", eval_models}, {"domains", domains}, {"tokenizer", tokenizer}, {"top_k", ft["top_k"]}},
+  add("eval", "eval",
+      {{"models", eval_models}, {"domains", domains}, {"tokenizer", tokenizer}, {"top_k", ft["top_k"]},
+       {"max_tokens", spec["evaluate"]["max_tokens"]}, {"seq_len", train["seq_len"]}},
       eval_deps, 4);
   return jobs;
 }

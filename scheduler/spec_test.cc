@@ -122,10 +122,16 @@ TEST(Plan, TinyBtxDag) {
   ASSERT_TRUE(by_name.count("baseline/upcycle-finetune"));
   ASSERT_TRUE(by_name.count("eval"));
   EXPECT_EQ(by_name["branch/code"].depends_on, std::vector<std::string>{"pretrain"});
-  EXPECT_EQ(by_name["merge"].depends_on, (std::vector<std::string>{"branch/code", "branch/math"}));
+  // The merge also reads the seed (keep_seed_expert, router init): it depends on it explicitly.
+  EXPECT_EQ(by_name["merge"].depends_on, (std::vector<std::string>{"branch/code", "branch/math", "pretrain"}));
   EXPECT_EQ(by_name["finetune"].depends_on, std::vector<std::string>{"merge"});
   auto eval = json::parse(by_name["eval"].spec_json);
-  EXPECT_EQ(eval["models"].size(), 6u);  // btx, seed, 2 experts, btm, upcycle
+  EXPECT_EQ(eval["models"].size(), 7u);  // btx, seed, 2 experts, btm average, btm ensemble, upcycle
+  EXPECT_EQ(eval["models"][5]["name"], "ensemble");
+  EXPECT_EQ(eval["models"][5]["ensemble"][1]["$artifact"], "branch/math");
+  EXPECT_EQ(eval["max_tokens"], 65536);
+  EXPECT_EQ(eval["seq_len"], 128);
+  EXPECT_EQ(json::parse(by_name["branch/math"].spec_json)["name"], "math");
   auto merge = json::parse(by_name["merge"].spec_json);
   EXPECT_EQ(merge["experts"][0]["model"]["$artifact"], "branch/code");
   // Upcycling trains no branches, BTM has no router finetune.

@@ -26,6 +26,9 @@ struct ProcessSpec {
   std::optional<uid_t> uid;       // drop privileges before exec (running as root)
   std::optional<gid_t> gid;
   bool new_session = true;        // own session + process group, so a signal reaches its children
+  // SIGKILL the child when the launching thread's process dies (Linux PR_SET_PDEATHSIG): a worker
+  // killed with -9 must not leave a trainer running on a job that will be leased to someone else.
+  bool kill_with_parent = false;
 };
 
 class Process {

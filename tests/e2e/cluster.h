@@ -1,0 +1,74 @@
+// A btx deployment made of real processes for end-to-end tests: PostgreSQL (the shared test
+// server, a fresh database), a btx-scheduler and N btx-workers, each started from the built
+// binaries, killable with any signal and restartable against the same state.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <grpcpp/grpcpp.h>
+
+#include "btx/common/process.h"
+#include "btx/storage/pool.h"
+#include "btx/storage/store.h"
+#include "btx/v1/pipeline_service.grpc.pb.h"
+
+namespace btx::e2e {
+
+struct ClusterOptions {
+  int workers = 2;
+  int lease_seconds = 3;
+  int heartbeat_seconds = 1;
+  int threads_per_job = 1;
+};
+
+class Cluster {
+ public:
+  explicit Cluster(ClusterOptions options = {});
+  ~Cluster();
+
+  absl::Status Start();
+  absl::Status StartScheduler();
+  absl::Status StartWorker(int index);
+  // Signals a daemon's process (not its group: a -9 must look like the daemon dying alone).
+  void SignalScheduler(int sig);
+  void SignalWorker(int index, int sig);
+  int WaitWorker(int index);
+  int WaitScheduler();
+
+  const std::string& dir() const { return dir_; }
+  const std::string& artifact_root() const { return artifact_root_; }
+  std::string scheduler_address() const { return "127.0.0.1:" + std::to_string(scheduler_port_); }
+  storage::Store& store() { return *store_; }
+  const std::string& conninfo() const { return conninfo_; }
+  v1::PipelineService::Stub& pipelines() { return *pipelines_; }
+  // Last lines of every daemon's log, for failure messages.
+  std::string DaemonLogs(size_t tail_bytes = 4000) const;
+
+  // Submits a spec (YAML) and returns the pipeline id, or an error status.
+  absl::StatusOr<std::string> Submit(const std::string& spec);
+  // Polls the database until the pipeline is terminal (or the deadline passes) and returns its state.
+  std::string WaitForPipeline(const std::string& id, std::chrono::seconds limit);
+
+ private:
+  absl::StatusOr<int> ReadPortFile(const std::string& path, Process& proc);
+
+  ClusterOptions options_;
+  std::string dir_, artifact_root_, conninfo_;
+  PosixProcessLauncher launcher_;
+  std::unique_ptr<Process> scheduler_;
+  std::map<int, std::unique_ptr<Process>> workers_;
+  int scheduler_port_ = 0;
+  std::unique_ptr<storage::ConnectionPool> pool_;
+  std::unique_ptr<storage::Store> store_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::PipelineService::Stub> pipelines_;
+};
+
+// Small text corpora for three domains (code, math, prose), generated deterministically:
+// <dir>/<domain>/{train,valid}.txt. Returns the domain names.
+std::vector<std::string> MakeCorpora(const std::string& dir, size_t train_bytes);
+
+}  // namespace btx::e2e

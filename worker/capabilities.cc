@@ -1,0 +1,53 @@
+// GPU discovery through the CUDA driver API, loaded with dlopen: the worker binary then runs on
+// machines with or without a driver, and needs no CUDA toolkit at build time.
+#include <dlfcn.h>
+#include <unistd.h>
+
+#include <thread>
+
+#include "btx/worker/worker.h"
+
+namespace btx::worker {
+namespace {
+
+using CuInit = int (*)(unsigned);
+using CuDeviceGetCount = int (*)(int*);
+using CuDeviceGet = int (*)(int*, int);
+using CuDeviceTotalMem = int (*)(size_t*, int);
+using CuDeviceGetName = int (*)(char*, int, int);
+
+void DiscoverGpus(Capabilities& caps) {
+  void* lib = ::dlopen("libcuda.so.1", RTLD_LAZY | RTLD_LOCAL);
+  if (lib == nullptr) return;
+  auto init = reinterpret_cast<CuInit>(::dlsym(lib, "cuInit"));
+  auto count = reinterpret_cast<CuDeviceGetCount>(::dlsym(lib, "cuDeviceGetCount"));
+  auto get = reinterpret_cast<CuDeviceGet>(::dlsym(lib, "cuDeviceGet"));
+  auto mem = reinterpret_cast<CuDeviceTotalMem>(::dlsym(lib, "cuDeviceTotalMem_v2"));
+  auto name = reinterpret_cast<CuDeviceGetName>(::dlsym(lib, "cuDeviceGetName"));
+  int n = 0;
+  if (init && count && get && mem && name && init(0) == 0 && count(&n) == 0) {
+    for (int i = 0; i < n; ++i) {
+      int dev = 0;
+      size_t bytes = 0;
+      char buf[256] = {};
+      if (get(&dev, i) != 0 || mem(&bytes, dev) != 0) continue;
+      name(buf, sizeof(buf) - 1, dev);
+      caps.gpu_memory_bytes.push_back(static_cast<int64_t>(bytes));
+      caps.gpu_names.emplace_back(buf);
+    }
+  }
+  // The driver library stays loaded: unloading CUDA after cuInit is not supported.
+}
+
+}  // namespace
+
+Capabilities DiscoverCapabilities() {
+  Capabilities caps;
+  caps.cpu_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  const long pages = ::sysconf(_SC_PHYS_PAGES), page = ::sysconf(_SC_PAGESIZE);
+  if (pages > 0 && page > 0) caps.memory_bytes = static_cast<int64_t>(pages) * page;
+  DiscoverGpus(caps);
+  return caps;
+}
+
+}  // namespace btx::worker

@@ -1,0 +1,73 @@
+// The worker: registers with a scheduler, long-polls for jobs, runs each in a supervised `btx-train`
+// child (docs/btx-train-protocol.md), heartbeats progress/checkpoints/logs, and reports the outcome
+// fenced by (job_id, attempt). Used by the btx-worker daemon and embedded by `btxctl run`.
+#pragma once
+
+#include <grpcpp/grpcpp.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "btx/common/clock.h"
+#include "btx/common/process.h"
+
+namespace btx::metrics {
+class Registry;
+}
+
+namespace btx::worker {
+
+struct Capabilities {
+  std::vector<int64_t> gpu_memory_bytes;  // one entry per visible CUDA device
+  std::vector<std::string> gpu_names;
+  int gpus() const { return static_cast<int>(gpu_memory_bytes.size()); }
+  int cpu_threads = 1;
+  int64_t memory_bytes = 0;
+};
+// Through the CUDA runtime when the build has it (and a driver is present), else CPU only.
+Capabilities DiscoverCapabilities();
+
+struct WorkerConfig {
+  std::string name;               // stable identity; default "<hostname>"
+  std::string train_binary;       // default: btx-train next to this executable, else on PATH
+  std::string work_dir;           // JOB.json files and per-attempt logs; default $TMPDIR/btx-worker-<name>
+  int slots = 0;                  // concurrent jobs; 0 = one per GPU, or 1 without GPUs
+  int threads_per_job = 0;        // CPU threads given to each child; 0 = cpu_threads / slots
+  Duration poll_wait = std::chrono::seconds(20);    // AcquireJob long-poll timeout
+  Duration stop_grace = std::chrono::seconds(60);   // SIGTERM → SIGKILL for a child told to stop
+  Duration backoff_min = std::chrono::milliseconds(100);  // reconnect backoff (doubles, capped)
+  Duration backoff_max = std::chrono::seconds(5);
+  Duration rpc_timeout = std::chrono::seconds(10);  // per unary call (AcquireJob adds poll_wait)
+  int max_log_lines_per_heartbeat = 2000;
+  std::string bearer_token;       // sent as "authorization: Bearer …" when set
+};
+
+class Worker {
+ public:
+  // `registry` may be null (no metrics). Clock drives heartbeat/lease bookkeeping; waits use it too.
+  Worker(WorkerConfig config, std::shared_ptr<grpc::Channel> channel, ProcessLauncher& launcher,
+         const Clock& clock, metrics::Registry* registry = nullptr);
+  ~Worker();
+  Worker(const Worker&) = delete;
+  Worker& operator=(const Worker&) = delete;
+
+  // Blocks: register (retrying with backoff), then acquire and supervise jobs until Drain() or Stop()
+  // has taken effect and every child has exited and been reported.
+  void Run();
+  // Stop taking work; running children get SIGTERM (they checkpoint and exit 75) and are reported as
+  // interrupted, so their jobs resume elsewhere. Returns at once; Run() returns when done.
+  void Drain();
+  // Like Drain, but children are killed at once.
+  void Stop();
+
+  // The id the scheduler assigned (empty before registration).
+  std::string worker_id() const;
+  int running_jobs() const;
+
+ private:
+  class Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace btx::worker

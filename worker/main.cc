@@ -1,0 +1,116 @@
+// btx-worker: the composition root of the worker daemon.
+#include <csignal>
+#include <fstream>
+#include <iostream>
+#include <thread>
+
+#include <CLI/CLI.hpp>
+#include <grpcpp/grpcpp.h>
+#include <spdlog/spdlog.h>
+
+#include "btx/metrics/exposer.h"
+#include "btx/metrics/metrics.h"
+#include "btx/worker/worker.h"
+
+namespace {
+
+// "host:port" → (host, port); port 0 picks one. Empty = off.
+bool ParseListen(const std::string& s, std::string& host, int& port) {
+  const auto colon = s.rfind(':');
+  if (colon == std::string::npos) return false;
+  host = s.substr(0, colon);
+  try {
+    port = std::stoi(s.substr(colon + 1));
+  } catch (...) {
+    return false;
+  }
+  return port >= 0 && port < 65536 && !host.empty();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"btx-worker: runs BTX pipeline jobs leased from a btx-scheduler"};
+  btx::worker::WorkerConfig cfg;
+  std::string scheduler = "127.0.0.1:50051", metrics_listen = "0.0.0.0:9091", port_file;
+  int64_t stop_grace_s = 60, poll_s = 20;
+  app.add_option("--scheduler", scheduler, "scheduler gRPC address (or env BTX_SCHEDULER)")
+      ->envname("BTX_SCHEDULER")
+      ->capture_default_str();
+  app.add_option("--name", cfg.name, "stable worker name (default: hostname)");
+  app.add_option("--slots", cfg.slots, "jobs at once (0 = one per GPU, or 1 without GPUs)")->check(CLI::Range(0, 64));
+  app.add_option("--threads-per-job", cfg.threads_per_job, "CPU threads per btx-train child (0 = cores / slots)")
+      ->check(CLI::Range(0, 1024));
+  app.add_option("--work-dir", cfg.work_dir, "where JOB.json files and attempt logs go");
+  app.add_option("--train-binary", cfg.train_binary, "btx-train executable (default: next to btx-worker)");
+  app.add_option("--stop-grace-seconds", stop_grace_s, "SIGTERM → SIGKILL grace for a child told to stop")
+      ->check(CLI::Range(1, 3600))
+      ->capture_default_str();
+  app.add_option("--poll-seconds", poll_s, "AcquireJob long-poll timeout")->check(CLI::Range(1, 60))->capture_default_str();
+  app.add_option("--metrics-listen", metrics_listen, "host:port for /metrics (empty = off)")->capture_default_str();
+  app.add_option("--metrics-port-file", port_file, "write the bound metrics port here");
+  app.add_option("--token", cfg.bearer_token, "bearer token for the scheduler (or env BTX_WORKER_TOKEN)")
+      ->envname("BTX_WORKER_TOKEN");
+  CLI11_PARSE(app, argc, argv);
+  cfg.stop_grace = std::chrono::seconds(stop_grace_s);
+  cfg.poll_wait = std::chrono::seconds(poll_s);
+
+  // Signals are taken synchronously by one thread: no work in a signal handler.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGUSR1);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  btx::metrics::Registry registry;
+  std::unique_ptr<btx::metrics::Exposer> exposer;
+  if (!metrics_listen.empty()) {
+    std::string host;
+    int port = 0;
+    if (!ParseListen(metrics_listen, host, port)) {
+      std::cerr << "btx-worker: --metrics-listen '" << metrics_listen << "': expected host:port\n";
+      return 2;
+    }
+    try {
+      exposer = std::make_unique<btx::metrics::Exposer>(registry, host, port);
+    } catch (const std::exception& e) {
+      std::cerr << "btx-worker: " << e.what() << "\n";
+      return 1;
+    }
+    spdlog::info("metrics on {}:{}/metrics", host, exposer->port());
+    if (!port_file.empty()) {
+      std::ofstream(port_file + ".tmp") << exposer->port() << "\n";
+      std::rename((port_file + ".tmp").c_str(), port_file.c_str());
+    }
+  }
+  registry.AddGauge("btx_build_info", "build of this daemon", {"version", "component"}).WithLabels({"0.1.0", "worker"}).Set(1);
+
+  grpc::ChannelArguments args;
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, 20000);
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10000);
+  auto channel = grpc::CreateCustomChannel(scheduler, grpc::InsecureChannelCredentials(), args);
+  btx::PosixProcessLauncher launcher;
+  btx::SystemClock clock;
+  btx::worker::Worker worker(cfg, channel, launcher, clock, &registry);
+
+  std::thread signal_thread([&] {
+    for (int n = 0;; ++n) {
+      int sig = 0;
+      if (sigwait(&signals, &sig) != 0) continue;
+      if (sig == SIGUSR1) return;  // shutdown of this thread after Run returned
+      if (n == 0) {
+        spdlog::info("signal {}: draining (running jobs checkpoint, then exit); signal again to kill them", sig);
+        worker.Drain();
+      } else {
+        spdlog::warn("signal {}: stopping now", sig);
+        worker.Stop();
+      }
+    }
+  });
+  worker.Run();
+  pthread_kill(signal_thread.native_handle(), SIGUSR1);
+  signal_thread.join();
+  spdlog::info("btx-worker exiting");
+  return 0;
+}

@@ -1,0 +1,445 @@
+#include "btx/worker/worker.h"
+
+#include <unistd.h>
+
+#include <condition_variable>
+#include <filesystem>
+#include <map>
+#include <mutex>
+
+#include <google/protobuf/util/time_util.h>
+#include <spdlog/spdlog.h>
+
+#include "btx/common/strings.h"
+#include "btx/common/uri.h"
+#include "btx/metrics/metrics.h"
+#include "btx/v1/worker_service.grpc.pb.h"
+#include "job_runner.h"
+
+namespace btx::worker {
+namespace fs = std::filesystem;
+using google::protobuf::util::TimeUtil;
+
+namespace {
+
+constexpr char kVersion[] = "0.1.0";
+
+std::string Hostname() {
+  char buf[256] = {};
+  if (::gethostname(buf, sizeof(buf) - 1) != 0) return "localhost";
+  return buf;
+}
+
+std::string DefaultTrainBinary() {
+  const std::string sibling = SelfExeDir() + "/btx-train";
+  if (::access(sibling.c_str(), X_OK) == 0) return sibling;
+  const char* path = std::getenv("PATH");
+  for (const std::string& dir : Split(path ? path : "", ':', true)) {
+    const std::string candidate = dir + "/btx-train";
+    if (::access(candidate.c_str(), X_OK) == 0) return candidate;
+  }
+  return sibling;  // fails at launch with a clear "exec" error naming this path
+}
+
+bool Retryable(grpc::StatusCode code) {
+  return code == grpc::StatusCode::UNAVAILABLE || code == grpc::StatusCode::DEADLINE_EXCEEDED ||
+         code == grpc::StatusCode::RESOURCE_EXHAUSTED || code == grpc::StatusCode::ABORTED ||
+         code == grpc::StatusCode::INTERNAL || code == grpc::StatusCode::UNKNOWN ||
+         code == grpc::StatusCode::CANCELLED;
+}
+
+}  // namespace
+
+class Worker::Impl {
+ public:
+  Impl(WorkerConfig config, std::shared_ptr<grpc::Channel> channel, ProcessLauncher& launcher, const Clock& clock,
+       metrics::Registry* registry)
+      : cfg_(std::move(config)), stub_(v1::WorkerService::NewStub(channel)), launcher_(launcher), clock_(clock) {
+    caps_ = DiscoverCapabilities();
+    if (cfg_.name.empty()) cfg_.name = Hostname();
+    if (cfg_.train_binary.empty()) cfg_.train_binary = DefaultTrainBinary();
+    if (cfg_.work_dir.empty()) {
+      const char* tmp = std::getenv("TMPDIR");
+      cfg_.work_dir = Cat(tmp && *tmp ? tmp : "/tmp", "/btx-worker-", SanitizeComponent(cfg_.name));
+    }
+    slots_ = cfg_.slots > 0 ? cfg_.slots : std::max(1, caps_.gpus());
+    threads_ = cfg_.threads_per_job > 0 ? cfg_.threads_per_job : std::max(1, caps_.cpu_threads / slots_);
+    if (registry != nullptr) {
+      const std::vector<std::string> w = {cfg_.name};
+      jobs_running_ = &registry->AddGauge("btx_worker_jobs_running", "btx-train children currently supervised", {"worker"}).WithLabels(w);
+      registry->AddGauge("btx_worker_slots", "jobs this worker accepts at once", {"worker"}).WithLabels(w).Set(slots_);
+      child_failures_ = &registry->AddCounter("btx_worker_child_restarts_total",
+                                              "btx-train children that exited abnormally (their job is retried)", {"worker"})
+                             .WithLabels(w);
+      hb_failures_ = &registry->AddCounter("btx_worker_heartbeat_failures_total",
+                                           "heartbeats the scheduler did not acknowledge", {"worker"})
+                          .WithLabels(w);
+    }
+  }
+
+  ~Impl() { Shutdown(true); }
+
+  void Run() {
+    if (!Register()) return Finish();
+    std::thread heartbeat([this] { HeartbeatLoop(); });
+    AcquireLoop();
+    // Draining: tell running children to checkpoint (or kill them), then wait for their reports.
+    {
+      std::unique_lock lock(mu_);
+      for (auto& [slot, r] : running_) r->RequestStop(killing_ ? StopReason::kKill : StopReason::kDrain);
+      cv_.wait(lock, [&] { return running_.empty(); });
+    }
+    for (auto& t : finishers_) t.join();
+    finishers_.clear();
+    {
+      std::lock_guard lock(mu_);
+      heartbeat_done_ = true;
+    }
+    cv_.notify_all();
+    heartbeat.join();
+    Finish();
+  }
+
+  void Shutdown(bool kill) {
+    std::lock_guard lock(mu_);
+    if (kill) killing_ = true;
+    draining_ = true;
+    for (auto& [slot, r] : running_) r->RequestStop(kill ? StopReason::kKill : StopReason::kDrain);
+    if (acquire_ctx_ != nullptr) acquire_ctx_->TryCancel();
+    cv_.notify_all();
+  }
+
+  void WaitFinished() {
+    std::unique_lock lock(mu_);
+    cv_.wait(lock, [&] { return finished_ || !started_; });
+  }
+
+  std::string worker_id() const {
+    std::lock_guard lock(mu_);
+    return worker_id_;
+  }
+  int running_jobs() const {
+    std::lock_guard lock(mu_);
+    return static_cast<int>(running_.size());
+  }
+
+ private:
+  void Finish() {
+    std::lock_guard lock(mu_);
+    finished_ = true;
+    cv_.notify_all();
+  }
+
+  void AddAuth(grpc::ClientContext& ctx, Duration timeout) const {
+    if (!cfg_.bearer_token.empty()) ctx.AddMetadata("authorization", "Bearer " + cfg_.bearer_token);
+    ctx.set_deadline(std::chrono::system_clock::now() + timeout);
+  }
+
+  // Waits out one backoff step (woken early by a drain). False once draining.
+  bool Backoff(Duration& backoff) {
+    std::unique_lock lock(mu_);
+    cv_.wait_for(lock, backoff, [&] { return draining_; });
+    backoff = std::min<Duration>(backoff * 2, cfg_.backoff_max);
+    return !draining_;
+  }
+
+  bool Register() {
+    {
+      std::lock_guard lock(mu_);
+      started_ = true;
+    }
+    Duration backoff = cfg_.backoff_min;
+    for (;;) {
+      v1::RegisterRequest req;
+      req.set_name(cfg_.name);
+      req.set_hostname(Hostname());
+      req.set_version(kVersion);
+      auto* c = req.mutable_capabilities();
+      c->set_gpus(caps_.gpus());
+      for (int64_t m : caps_.gpu_memory_bytes) c->add_gpu_memory_bytes(m);
+      c->set_cpu_threads(caps_.cpu_threads);
+      c->set_slots(slots_);
+      v1::RegisterResponse resp;
+      grpc::ClientContext ctx;
+      AddAuth(ctx, cfg_.rpc_timeout);
+      const grpc::Status s = stub_->Register(&ctx, req, &resp);
+      if (s.ok()) {
+        std::lock_guard lock(mu_);
+        worker_id_ = resp.worker_id();
+        if (resp.heartbeat_interval_ms() > 0) heartbeat_interval_ = Duration(resp.heartbeat_interval_ms());
+        if (resp.lease_duration_ms() > 0) lease_ = Duration(resp.lease_duration_ms());
+        spdlog::info("worker {} registered as {} ({} slots, {} threads per job, {} GPUs)", cfg_.name, worker_id_, slots_,
+                     threads_, caps_.gpus());
+        return true;
+      }
+      if (!Retryable(s.error_code())) {
+        spdlog::error("worker {}: registration refused: {}", cfg_.name, s.error_message());
+        return false;
+      }
+      spdlog::warn("worker {}: scheduler unreachable ({}); retrying in {} ms", cfg_.name, s.error_message(),
+                   backoff.count());
+      if (!Backoff(backoff)) return false;
+    }
+  }
+
+  int FreeSlotLocked() const {
+    for (int i = 0; i < slots_; ++i) {
+      if (!running_.count(i)) return i;
+    }
+    return -1;
+  }
+
+  void AcquireLoop() {
+    Duration backoff = cfg_.backoff_min;
+    for (;;) {
+      int slot = -1;
+      grpc::ClientContext ctx;
+      AddAuth(ctx, cfg_.poll_wait + cfg_.rpc_timeout);
+      v1::AcquireJobRequest req;
+      {
+        std::unique_lock lock(mu_);
+        cv_.wait(lock, [&] { return draining_ || FreeSlotLocked() >= 0; });
+        if (draining_) return;
+        slot = FreeSlotLocked();
+        int free_gpus = 0;
+        if (caps_.gpus() > 0) {
+          for (int i = 0; i < slots_; ++i) free_gpus += running_.count(i) ? 0 : 1;
+        }
+        req.set_worker_id(worker_id_);
+        req.set_free_gpus(free_gpus);
+        acquire_ctx_ = &ctx;
+      }
+      req.set_wait_timeout_ms(cfg_.poll_wait.count());
+      v1::AcquireJobResponse resp;
+      const grpc::Status s = stub_->AcquireJob(&ctx, req, &resp);
+      bool draining;
+      {
+        std::lock_guard lock(mu_);
+        acquire_ctx_ = nullptr;
+        draining = draining_;
+      }
+      if (!s.ok()) {
+        if (draining) return;
+        if (s.error_code() == grpc::StatusCode::NOT_FOUND || s.error_code() == grpc::StatusCode::FAILED_PRECONDITION) {
+          spdlog::warn("worker {}: scheduler does not know this worker ({}); registering again", cfg_.name, s.error_message());
+          if (!Register()) return;
+          continue;
+        }
+        spdlog::warn("worker {}: AcquireJob failed ({}: {}); retrying in {} ms", cfg_.name,
+                     static_cast<int>(s.error_code()), s.error_message(), backoff.count());
+        if (!Backoff(backoff)) return;
+        continue;
+      }
+      backoff = cfg_.backoff_min;
+      if (!resp.has_job()) continue;
+      if (draining) {
+        // Claimed as the drain began: hand it straight back rather than start work we must stop.
+        SendFail(resp.job(), "the worker began draining before the job started", /*retryable=*/true, false, "");
+        return;
+      }
+      StartJob(slot, resp.job());
+    }
+  }
+
+  void StartJob(int slot, const v1::JobAssignment& job) {
+    JobRunnerConfig rc;
+    rc.train_binary = cfg_.train_binary;
+    rc.attempt_dir = Cat(cfg_.work_dir, "/", SanitizeComponent(job.job_id()), "-attempt-", job.attempt());
+    rc.threads = threads_;
+    rc.device = caps_.gpus() > 0 && job.resources().gpus() > 0 ? Cat("cuda:", slot % caps_.gpus()) : "cpu";
+    rc.stop_grace = cfg_.stop_grace;
+    auto runner = std::make_shared<JobRunner>(job, rc, launcher_, clock_);
+    spdlog::info("worker {}: starting {} ({}) attempt {} of pipeline {}", cfg_.name, job.name(), job.job_id(),
+                 job.attempt(), job.pipeline_name());
+    if (auto s = runner->Start(); !s.ok()) {
+      spdlog::error("worker {}: cannot start {}: {}", cfg_.name, job.name(), std::string(s.message()));
+      const bool invalid = s.code() == absl::StatusCode::kInvalidArgument;
+      SendFail(job, Cat("worker could not start the job: ", s.message()), !invalid, false, "");
+      return;
+    }
+    std::lock_guard lock(mu_);
+    running_[slot] = runner;
+    if (jobs_running_) jobs_running_->Set(static_cast<double>(running_.size()));
+    finishers_.emplace_back([this, slot, runner] { Supervise(slot, runner); });
+  }
+
+  void Supervise(int slot, std::shared_ptr<JobRunner> runner) {
+    const Outcome o = runner->Wait();
+    const auto& job = runner->job();
+    spdlog::info("worker {}: {} attempt {} ended: exit {}, {}", cfg_.name, job.name(), job.attempt(), o.exit_code,
+                 o.kind == Outcome::kSucceeded ? "succeeded" : o.error);
+    if (o.kind == Outcome::kRetryable && child_failures_ && runner->stop_reason() == StopReason::kNone) {
+      child_failures_->Inc();
+    }
+    if (o.kind != Outcome::kLeaseLost) {
+      FlushLogs(*runner);
+      if (o.kind == Outcome::kSucceeded) {
+        SendComplete(*runner, o);
+      } else {
+        SendFail(job, o.error, o.kind != Outcome::kInvalidInput, o.kind == Outcome::kCancelled, o.checkpoint_uri);
+      }
+    }
+    std::lock_guard lock(mu_);
+    running_.erase(slot);
+    if (jobs_running_) jobs_running_->Set(static_cast<double>(running_.size()));
+    cv_.notify_all();
+  }
+
+  // Calls `rpc` until it succeeds, is refused for good, the attempt can no longer be current, or Stop().
+  template <typename Rpc>
+  grpc::Status Deliver(const char* what, const v1::JobAssignment& job, Rpc rpc) {
+    Duration backoff = cfg_.backoff_min;
+    const TimePoint give_up = clock_.Now() + 2 * lease_;
+    for (;;) {
+      grpc::ClientContext ctx;
+      AddAuth(ctx, cfg_.rpc_timeout);
+      const grpc::Status s = rpc(ctx);
+      if (s.ok() || !Retryable(s.error_code())) {
+        if (!s.ok()) {
+          spdlog::warn("worker {}: {} of {} attempt {} refused: {}", cfg_.name, what, job.name(), job.attempt(),
+                       s.error_message());
+        }
+        return s;
+      }
+      {
+        std::unique_lock lock(mu_);
+        if (killing_ || clock_.Now() > give_up) {
+          spdlog::error("worker {}: giving up on {} of {} attempt {}: {}", cfg_.name, what, job.name(), job.attempt(),
+                        s.error_message());
+          return s;
+        }
+        cv_.wait_for(lock, backoff, [&] { return killing_; });
+      }
+      backoff = std::min<Duration>(backoff * 2, cfg_.backoff_max);
+    }
+  }
+
+  // The last log lines and progress go out before the outcome: once the attempt is closed the
+  // scheduler refuses reports for it.
+  void FlushLogs(JobRunner& runner) {
+    for (int round = 0; round < 64; ++round) {
+      v1::HeartbeatRequest req;
+      req.set_worker_id(worker_id());
+      *req.add_jobs() = runner.TakeReport(static_cast<size_t>(cfg_.max_log_lines_per_heartbeat));
+      const bool more = req.jobs(0).logs_size() >= cfg_.max_log_lines_per_heartbeat;
+      v1::HeartbeatResponse resp;
+      const grpc::Status s = Deliver("final report", runner.job(), [&](grpc::ClientContext& ctx) {
+        return stub_->Heartbeat(&ctx, req, &resp);
+      });
+      if (!s.ok() || !more) return;
+    }
+  }
+
+  void SendComplete(JobRunner& runner, const Outcome& o) {
+    v1::CompleteRequest req;
+    req.set_worker_id(worker_id());
+    req.set_job_id(runner.job().job_id());
+    req.set_attempt(runner.job().attempt());
+    req.set_artifact_uri(o.artifact_uri);
+    req.set_result_json(o.result_json);
+    v1::CompleteResponse resp;
+    Deliver("Complete", runner.job(), [&](grpc::ClientContext& ctx) { return stub_->Complete(&ctx, req, &resp); });
+  }
+
+  void SendFail(const v1::JobAssignment& job, const std::string& error, bool retryable, bool cancelled,
+                const std::string& checkpoint_uri) {
+    v1::FailRequest req;
+    req.set_worker_id(worker_id());
+    req.set_job_id(job.job_id());
+    req.set_attempt(job.attempt());
+    req.set_error(error);
+    req.set_retryable(retryable);
+    req.set_cancelled(cancelled);
+    req.set_checkpoint_uri(checkpoint_uri);
+    v1::FailResponse resp;
+    Deliver("Fail", job, [&](grpc::ClientContext& ctx) { return stub_->Fail(&ctx, req, &resp); });
+  }
+
+  void HeartbeatLoop() {
+    for (;;) {
+      std::vector<std::shared_ptr<JobRunner>> live;
+      v1::HeartbeatRequest req;
+      {
+        std::unique_lock lock(mu_);
+        cv_.wait_for(lock, heartbeat_interval_, [&] { return heartbeat_done_; });
+        if (heartbeat_done_) return;
+        req.set_worker_id(worker_id_);
+        req.set_draining(draining_);
+        // Finished children are reported by their supervisor thread (final logs, then the outcome).
+        for (auto& [slot, r] : running_) {
+          if (!r->finished() && r->stop_reason() != StopReason::kLeaseLost) live.push_back(r);
+        }
+      }
+      for (auto& r : live) *req.add_jobs() = r->TakeReport(static_cast<size_t>(cfg_.max_log_lines_per_heartbeat));
+      v1::HeartbeatResponse resp;
+      grpc::ClientContext ctx;
+      AddAuth(ctx, cfg_.rpc_timeout);
+      const grpc::Status s = stub_->Heartbeat(&ctx, req, &resp);
+      if (s.ok()) {
+        for (const auto& st : resp.jobs()) {
+          for (auto& r : live) {
+            if (r->job().job_id() != st.job_id() || r->job().attempt() != st.attempt()) continue;
+            if (st.directive() == v1::JOB_DIRECTIVE_CANCEL) {
+              spdlog::info("worker {}: {} cancelled by the scheduler", cfg_.name, r->job().name());
+              r->RequestStop(StopReason::kCancel);
+            } else if (st.directive() == v1::JOB_DIRECTIVE_LEASE_LOST) {
+              spdlog::warn("worker {}: lease of {} attempt {} lost; killing it", cfg_.name, r->job().name(),
+                           r->job().attempt());
+              r->RequestStop(StopReason::kLeaseLost);
+            } else if (st.has_lease_deadline()) {
+              r->set_lease_deadline(FromUnixMicros(TimeUtil::TimestampToMicroseconds(st.lease_deadline())));
+            }
+          }
+        }
+        continue;
+      }
+      if (hb_failures_) hb_failures_->Inc();
+      spdlog::warn("worker {}: heartbeat failed: {}", cfg_.name, s.error_message());
+      for (int i = 0; i < static_cast<int>(live.size()); ++i) {
+        live[i]->ReturnReport(std::move(*req.mutable_jobs(i)));
+        // Past its deadline the scheduler may already have handed the job to someone else.
+        if (clock_.Now() >= live[i]->lease_deadline()) {
+          spdlog::warn("worker {}: lease of {} expired without renewal; killing it", cfg_.name, live[i]->job().name());
+          live[i]->RequestStop(StopReason::kLeaseLost);
+        }
+      }
+    }
+  }
+
+  WorkerConfig cfg_;
+  std::unique_ptr<v1::WorkerService::Stub> stub_;
+  ProcessLauncher& launcher_;
+  const Clock& clock_;
+  Capabilities caps_;
+  int slots_ = 1, threads_ = 1;
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::string worker_id_;
+  Duration heartbeat_interval_ = std::chrono::seconds(5), lease_ = std::chrono::seconds(30);
+  std::map<int, std::shared_ptr<JobRunner>> running_;
+  std::vector<std::thread> finishers_;
+  bool draining_ = false, killing_ = false, heartbeat_done_ = false, started_ = false, finished_ = false;
+  grpc::ClientContext* acquire_ctx_ = nullptr;
+
+  metrics::Gauge* jobs_running_ = nullptr;
+  metrics::Counter* child_failures_ = nullptr;
+  metrics::Counter* hb_failures_ = nullptr;
+};
+
+Worker::Worker(WorkerConfig config, std::shared_ptr<grpc::Channel> channel, ProcessLauncher& launcher,
+               const Clock& clock, metrics::Registry* registry)
+    : impl_(std::make_unique<Impl>(std::move(config), std::move(channel), launcher, clock, registry)) {}
+
+Worker::~Worker() {
+  impl_->Shutdown(true);
+  impl_->WaitFinished();
+}
+
+void Worker::Run() { impl_->Run(); }
+void Worker::Drain() { impl_->Shutdown(false); }
+void Worker::Stop() { impl_->Shutdown(true); }
+std::string Worker::worker_id() const { return impl_->worker_id(); }
+int Worker::running_jobs() const { return impl_->running_jobs(); }
+
+}  // namespace btx::worker
