@@ -1,0 +1,61 @@
+// The btxctl subcommands, over a Client. main.cc parses flags, builds the Client (to --server or to
+// the embedded stack) and calls one of these; each returns the exit code, or an error status that
+// main prints as one line and maps with ExitCodeFor.
+#pragma once
+
+#include <cstdio>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "client.h"
+#include "output.h"
+#include "spec_paths.h"
+
+namespace btx::cli {
+
+class EmbeddedStack;
+
+struct CommandEnv {
+  Client* client = nullptr;
+  Format format = Format::kTable;
+  std::FILE* out = stdout;
+  std::FILE* err = stderr;
+  bool tty = false;  // stdout is a terminal: live display instead of log lines
+  PathContext paths;
+};
+
+struct SubmitArgs {
+  std::string file;  // "-" = stdin
+  std::string idempotency_key;
+  bool dry_run = false;
+};
+
+// Reads the spec file and makes its paths absolute. Errors name the file.
+absl::StatusOr<RewrittenSpec> LoadSpec(const std::string& file, const PathContext& paths);
+
+absl::StatusOr<int> Submit(CommandEnv& env, const SubmitArgs& args);
+// Submits and follows to the end. With `stack` (the embedded default) its workers run the jobs
+// and are drained at the end; Ctrl-C cancels the pipeline first.
+absl::StatusOr<int> Run(CommandEnv& env, const SubmitArgs& args, EmbeddedStack* stack);
+
+struct GetArgs {
+  std::string what;  // pipelines | jobs | workers
+  std::string id;    // optional
+  std::string pipeline;
+  std::string state;
+  std::string name_prefix;
+  int limit = 0;  // 0 = the default for the kind
+};
+absl::StatusOr<int> Get(CommandEnv& env, const GetArgs& args);
+absl::StatusOr<int> DescribePipelineCmd(CommandEnv& env, const std::string& ref, int max_events);
+absl::StatusOr<int> Watch(CommandEnv& env, const std::string& ref, int64_t after_event_id);
+absl::StatusOr<int> Logs(CommandEnv& env, const std::string& job_ref, const std::string& pipeline_ref, bool follow,
+                         int64_t after_seq);
+absl::StatusOr<int> Cancel(CommandEnv& env, const std::string& ref, const std::string& reason);
+absl::StatusOr<int> Retry(CommandEnv& env, const std::string& ref);
+
+// "running" / "RUNNING" / "PIPELINE_STATE_RUNNING" -> the enum; errors list the valid names.
+absl::StatusOr<v1::PipelineState> ParsePipelineState(const std::string& s);
+absl::StatusOr<v1::JobState> ParseJobState(const std::string& s);
+
+}  // namespace btx::cli

@@ -1,0 +1,143 @@
+#include "config.h"
+
+#include <yaml-cpp/yaml.h>
+
+#include <cstdlib>
+#include <filesystem>
+
+#include "btx/common/fs.h"
+#include "btx/common/strings.h"
+
+namespace btx::cli {
+
+EnvLookup ProcessEnv() {
+  return [](const std::string& name) -> std::optional<std::string> {
+    const char* v = std::getenv(name.c_str());
+    if (v == nullptr) return std::nullopt;
+    return std::string(v);
+  };
+}
+
+std::string ConfigFilePath(const EnvLookup& env) {
+  if (auto p = env("BTX_CONFIG"); p && !p->empty()) return *p;
+  if (auto x = env("XDG_CONFIG_HOME"); x && !x->empty()) return *x + "/btx/config.yaml";
+  if (auto h = env("HOME"); h && !h->empty()) return *h + "/.config/btx/config.yaml";
+  return "";
+}
+
+absl::StatusOr<ConfigFile> ParseConfigFile(const std::string& text, const std::string& path) {
+  ConfigFile out;
+  YAML::Node root;
+  try {
+    root = YAML::Load(text);
+  } catch (const YAML::Exception& e) {
+    return absl::InvalidArgumentError(Cat("config file ", path, ": not valid YAML at line ", e.mark.line + 1, ": ", e.msg,
+                                          " (fix or remove the file)"));
+  }
+  if (root.IsNull()) return out;
+  if (!root.IsMap()) {
+    return absl::InvalidArgumentError(Cat("config file ", path, ": expected a mapping with server: and token:"));
+  }
+  for (const auto& kv : root) {
+    const std::string key = kv.first.Scalar();
+    if (!kv.second.IsScalar() && !kv.second.IsNull()) {
+      return absl::InvalidArgumentError(Cat("config file ", path, ": ", key, ": expected a string"));
+    }
+    const std::string value = kv.second.IsNull() ? "" : kv.second.Scalar();
+    if (key == "server") {
+      out.server = value;
+    } else if (key == "token") {
+      out.token = value;
+    } else if (key == "state_dir") {
+      out.state_dir = value;
+    } else {
+      return absl::InvalidArgumentError(
+          Cat("config file ", path, ": unknown key '", key, "'; expected server, token or state_dir"));
+    }
+  }
+  return out;
+}
+
+absl::StatusOr<ConfigFile> LoadConfigFile(const std::string& path) {
+  if (path.empty()) return ConfigFile{};
+  std::error_code ec;
+  if (!std::filesystem::exists(path, ec)) return ConfigFile{};
+  auto text = ReadFile(path, 1 << 20);
+  if (!text.ok()) return absl::InvalidArgumentError(Cat("config file ", path, ": ", text.status().message()));
+  return ParseConfigFile(*text, path);
+}
+
+absl::StatusOr<std::string> NormalizeServer(const std::string& server) {
+  if (server.rfind("unix:", 0) == 0 || server.rfind("dns:", 0) == 0 || server.rfind("ipv4:", 0) == 0 ||
+      server.rfind("ipv6:", 0) == 0) {
+    return server;
+  }
+  if (server.find("://") != std::string::npos) {
+    return absl::InvalidArgumentError(
+        Cat("server '", server, "': expected HOST:PORT (no scheme), e.g. 127.0.0.1:", kDefaultPort));
+  }
+  if (server.find_first_of(" \t\n") != std::string::npos) {
+    return absl::InvalidArgumentError(Cat("server '", server, "': expected HOST:PORT without spaces"));
+  }
+  if (!server.empty() && server.front() == '[') {  // [v6] or [v6]:port
+    const auto close = server.find(']');
+    if (close == std::string::npos) return absl::InvalidArgumentError(Cat("server '", server, "': unbalanced '['"));
+    return close + 1 == server.size() ? Cat(server, ":", kDefaultPort) : server;
+  }
+  const auto colon = server.rfind(':');
+  if (colon == std::string::npos) return Cat(server, ":", kDefaultPort);
+  const std::string port = server.substr(colon + 1);
+  if (colon == 0 || port.empty() || port.find_first_not_of("0123456789") != std::string::npos || port.size() > 5 ||
+      std::stoi(port) > 65535) {
+    return absl::InvalidArgumentError(Cat("server '", server, "': expected HOST:PORT with a port in 1..65535"));
+  }
+  return server;
+}
+
+absl::StatusOr<Connection> ResolveConnection(const Flags& flags, const EnvLookup& env, const ConfigFile& file,
+                                             const std::string& file_path) {
+  Connection c;
+  std::string server;
+  if (flags.server) {
+    server = *flags.server, c.server_from = "--server";
+  } else if (auto e = env("BTX_SERVER"); e && !e->empty()) {
+    server = *e, c.server_from = "BTX_SERVER";
+  } else if (!file.server.empty()) {
+    server = file.server, c.server_from = file_path;
+  }
+  if (server == "local" || server == "embedded" || server.empty()) {
+    c.server_from.clear();
+  } else {
+    auto normalized = NormalizeServer(server);
+    if (!normalized.ok()) {
+      return absl::InvalidArgumentError(Cat(normalized.status().message(), " (from ", c.server_from, ")"));
+    }
+    c.server = *normalized;
+  }
+  if (flags.token) {
+    c.token = *flags.token;
+  } else if (auto e = env("BTX_TOKEN"); e && !e->empty()) {
+    c.token = *e;
+  } else {
+    c.token = file.token;
+  }
+  while (!c.token.empty() && (c.token.back() == '\n' || c.token.back() == '\r' || c.token.back() == ' ')) c.token.pop_back();
+  for (char ch : c.token) {
+    if (ch < 0x21 || ch > 0x7e) {
+      return absl::InvalidArgumentError("token: expected printable ASCII without spaces (check --token, BTX_TOKEN or the config file)");
+    }
+  }
+  if (flags.state_dir) {
+    c.state_dir = *flags.state_dir;
+  } else if (auto e = env("BTX_STATE_DIR"); e && !e->empty()) {
+    c.state_dir = *e;
+  } else if (!file.state_dir.empty()) {
+    c.state_dir = file.state_dir;
+  } else {
+    c.state_dir = kDefaultStateDir;
+  }
+  if (c.state_dir.empty()) return absl::InvalidArgumentError("--state-dir: expected a directory, got ''");
+  return c;
+}
+
+}  // namespace btx::cli

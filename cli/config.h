@@ -1,0 +1,55 @@
+// Where btxctl connects and with which token. Precedence, highest first: flags, environment
+// (BTX_SERVER, BTX_TOKEN, BTX_STATE_DIR), the config file (~/.config/btx/config.yaml), defaults.
+// Pure functions over their inputs so that the precedence is unit-tested.
+#pragma once
+
+#include <functional>
+#include <optional>
+#include <string>
+
+#include "absl/status/statusor.h"
+
+namespace btx::cli {
+
+inline constexpr char kDefaultPort[] = "50051";
+inline constexpr char kDefaultStateDir[] = ".btx";
+
+// Reads one environment variable; empty optional when unset.
+using EnvLookup = std::function<std::optional<std::string>(const std::string&)>;
+EnvLookup ProcessEnv();
+
+struct ConfigFile {
+  std::string server;
+  std::string token;
+  std::string state_dir;
+};
+
+// $BTX_CONFIG, else $XDG_CONFIG_HOME/btx/config.yaml, else $HOME/.config/btx/config.yaml.
+std::string ConfigFilePath(const EnvLookup& env);
+// YAML mapping with optional keys server, token, state_dir. `path` only names the file in errors.
+absl::StatusOr<ConfigFile> ParseConfigFile(const std::string& text, const std::string& path);
+// Missing file: empty ConfigFile. Unreadable or malformed: an error naming the file.
+absl::StatusOr<ConfigFile> LoadConfigFile(const std::string& path);
+
+struct Flags {
+  std::optional<std::string> server;  // --server
+  std::optional<std::string> token;   // --token
+  std::optional<std::string> state_dir;
+};
+
+struct Connection {
+  std::string server;       // gRPC target; empty = the embedded stack
+  std::string token;        // empty = none
+  std::string state_dir;    // for the embedded stack
+  std::string server_from;  // "--server", "BTX_SERVER", the config file path, or "" (embedded)
+  bool embedded() const { return server.empty(); }
+};
+
+// "local" (or "embedded") forces the embedded stack even when the environment names a server.
+absl::StatusOr<Connection> ResolveConnection(const Flags& flags, const EnvLookup& env, const ConfigFile& file,
+                                             const std::string& file_path);
+
+// "host" -> "host:50051"; keeps "host:port", "[v6]:port", "unix:..." and "dns:..." targets.
+absl::StatusOr<std::string> NormalizeServer(const std::string& server);
+
+}  // namespace btx::cli

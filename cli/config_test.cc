@@ -1,0 +1,107 @@
+#include "config.h"
+
+#include <gtest/gtest.h>
+
+#include <map>
+
+namespace btx::cli {
+namespace {
+
+EnvLookup FakeEnv(std::map<std::string, std::string> vars) {
+  return [vars](const std::string& name) -> std::optional<std::string> {
+    auto it = vars.find(name);
+    if (it == vars.end()) return std::nullopt;
+    return it->second;
+  };
+}
+
+TEST(ConfigTest, FlagBeatsEnvironmentBeatsFile) {
+  ConfigFile file{.server = "file-host:1", .token = "file-token", .state_dir = "/file/state"};
+  auto env = FakeEnv({{"BTX_SERVER", "env-host:2"}, {"BTX_TOKEN", "env-token"}, {"BTX_STATE_DIR", "/env/state"}});
+  Flags flags{.server = "flag-host:3", .token = "flag-token", .state_dir = "/flag/state"};
+  auto c = ResolveConnection(flags, env, file, "cfg.yaml");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->server, "flag-host:3");
+  EXPECT_EQ(c->token, "flag-token");
+  EXPECT_EQ(c->state_dir, "/flag/state");
+  EXPECT_EQ(c->server_from, "--server");
+
+  c = ResolveConnection({}, env, file, "cfg.yaml");
+  ASSERT_TRUE(c.ok());
+  EXPECT_EQ(c->server, "env-host:2");
+  EXPECT_EQ(c->token, "env-token");
+  EXPECT_EQ(c->state_dir, "/env/state");
+  EXPECT_EQ(c->server_from, "BTX_SERVER");
+
+  c = ResolveConnection({}, FakeEnv({}), file, "cfg.yaml");
+  ASSERT_TRUE(c.ok());
+  EXPECT_EQ(c->server, "file-host:1");
+  EXPECT_EQ(c->token, "file-token");
+  EXPECT_EQ(c->state_dir, "/file/state");
+  EXPECT_EQ(c->server_from, "cfg.yaml");
+}
+
+TEST(ConfigTest, NothingConfiguredMeansEmbeddedWithDefaultStateDir) {
+  auto c = ResolveConnection({}, FakeEnv({}), {}, "");
+  ASSERT_TRUE(c.ok());
+  EXPECT_TRUE(c->embedded());
+  EXPECT_EQ(c->state_dir, ".btx");
+  EXPECT_EQ(c->token, "");
+}
+
+TEST(ConfigTest, LocalForcesEmbeddedOverEnvironment) {
+  auto c = ResolveConnection({.server = "local"}, FakeEnv({{"BTX_SERVER", "h:1"}}), {}, "");
+  ASSERT_TRUE(c.ok());
+  EXPECT_TRUE(c->embedded());
+}
+
+TEST(ConfigTest, EmptyEnvironmentVariablesCountAsUnset) {
+  auto c = ResolveConnection({}, FakeEnv({{"BTX_SERVER", ""}, {"BTX_TOKEN", ""}}), {.server = "f:9", .token = "t"}, "x");
+  ASSERT_TRUE(c.ok());
+  EXPECT_EQ(c->server, "f:9");
+  EXPECT_EQ(c->token, "t");
+}
+
+TEST(ConfigTest, ServerGetsDefaultPortAndBadOnesAreRejected) {
+  EXPECT_EQ(*NormalizeServer("sched"), "sched:50051");
+  EXPECT_EQ(*NormalizeServer("10.0.0.1:7000"), "10.0.0.1:7000");
+  EXPECT_EQ(*NormalizeServer("[::1]"), "[::1]:50051");
+  EXPECT_EQ(*NormalizeServer("[::1]:9"), "[::1]:9");
+  EXPECT_EQ(*NormalizeServer("unix:/run/btx.sock"), "unix:/run/btx.sock");
+  EXPECT_FALSE(NormalizeServer("http://sched:1").ok());
+  EXPECT_FALSE(NormalizeServer("sched:99999").ok());
+  EXPECT_FALSE(NormalizeServer("sched:").ok());
+  auto c = ResolveConnection({}, FakeEnv({{"BTX_SERVER", "http://x"}}), {}, "");
+  ASSERT_FALSE(c.ok());
+  EXPECT_NE(std::string(c.status().message()).find("BTX_SERVER"), std::string::npos) << c.status();
+}
+
+TEST(ConfigTest, TokenTrailingNewlineIsDroppedAndSpacesRefused) {
+  auto c = ResolveConnection({.token = "abc\n"}, FakeEnv({}), {}, "");
+  ASSERT_TRUE(c.ok());
+  EXPECT_EQ(c->token, "abc");
+  EXPECT_FALSE(ResolveConnection({.token = "a b"}, FakeEnv({}), {}, "").ok());
+}
+
+TEST(ConfigTest, ConfigFileParsing) {
+  auto f = ParseConfigFile("server: sched:1\ntoken: s3cret\n", "c.yaml");
+  ASSERT_TRUE(f.ok()) << f.status();
+  EXPECT_EQ(f->server, "sched:1");
+  EXPECT_EQ(f->token, "s3cret");
+  EXPECT_TRUE(ParseConfigFile("", "c.yaml").ok());
+  auto unknown = ParseConfigFile("sever: x\n", "c.yaml");
+  ASSERT_FALSE(unknown.ok());
+  EXPECT_NE(std::string(unknown.status().message()).find("c.yaml: unknown key 'sever'"), std::string::npos);
+  EXPECT_FALSE(ParseConfigFile("- a\n- b\n", "c.yaml").ok());
+  EXPECT_FALSE(ParseConfigFile("server: [a\n", "c.yaml").ok());
+}
+
+TEST(ConfigTest, ConfigFilePathFollowsXdg) {
+  EXPECT_EQ(ConfigFilePath(FakeEnv({{"HOME", "/home/u"}})), "/home/u/.config/btx/config.yaml");
+  EXPECT_EQ(ConfigFilePath(FakeEnv({{"HOME", "/home/u"}, {"XDG_CONFIG_HOME", "/x"}})), "/x/btx/config.yaml");
+  EXPECT_EQ(ConfigFilePath(FakeEnv({{"BTX_CONFIG", "/etc/btx.yaml"}, {"HOME", "/h"}})), "/etc/btx.yaml");
+  EXPECT_TRUE(LoadConfigFile("/nonexistent/btx/config.yaml").value().server.empty());
+}
+
+}  // namespace
+}  // namespace btx::cli

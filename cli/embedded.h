@@ -1,0 +1,84 @@
+// The embedded default: with no --server, btxctl brings up the whole system in its own process —
+// a private PostgreSQL under the state dir, the scheduler on loopback, and (for `run`) local
+// workers — and talks to it over gRPC exactly as it would to a remote scheduler. All state is in
+// PostgreSQL under the state dir, so a later btxctl finds every pipeline again.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "absl/status/statusor.h"
+#include "btx/common/clock.h"
+#include "btx/common/process.h"
+
+namespace btx::storage {
+class LocalPostgres;
+class ConnectionPool;
+class Store;
+}  // namespace btx::storage
+namespace btx::scheduler {
+class Scheduler;
+}
+namespace btx::worker {
+class Worker;
+}
+
+namespace btx::cli {
+
+struct EmbeddedConfig {
+  std::string state_dir = ".btx";   // PostgreSQL in <dir>/pgdata, artifacts in <dir>/artifacts
+  bool require_existing = false;    // read-only commands: refuse to create a fresh state dir
+  bool workers = false;             // run local workers (btxctl run)
+  int slots = 0;                    // jobs at once; 0 = one per GPU, or 1 without GPUs
+  int threads_per_job = 0;          // 0 = hardware threads / slots
+  std::string train_binary;         // empty: btx-train next to btxctl, else on PATH
+  // Progress reaches the display through heartbeats, so the embedded stack beats often.
+  Duration heartbeat = std::chrono::seconds(1);
+  Duration lease = std::chrono::seconds(30);
+  Duration stop_grace = std::chrono::seconds(60);  // SIGTERM -> SIGKILL for a draining child
+};
+
+// Where btx-train is: `configured` if set, else next to this executable, else on PATH. An error
+// says where it looked and how to fix it.
+absl::StatusOr<std::string> FindTrainBinary(const std::string& configured);
+
+class EmbeddedStack {
+ public:
+  static absl::StatusOr<std::unique_ptr<EmbeddedStack>> Start(EmbeddedConfig config);
+  // Drains and joins the workers, stops the scheduler, and stops PostgreSQL if this process
+  // started it (another btxctl may be using it).
+  ~EmbeddedStack();
+
+  std::string target() const;  // "127.0.0.1:<port>"
+  const std::string& state_dir() const { return config_.state_dir; }
+  const std::string& artifact_root() const { return artifact_root_; }
+  const std::string& log_file() const { return log_file_; }
+  int gpus() const { return gpus_; }
+  int slots() const { return slots_; }
+  int threads_per_job() const { return threads_per_job_; }
+
+  // Running children checkpoint and stop; their jobs are reported as interrupted (or cancelled).
+  void DrainWorkers();
+  // Running children are killed at once.
+  void StopWorkers();
+  // Blocks until every worker has reported its last job and returned.
+  void WaitWorkers();
+
+ private:
+  explicit EmbeddedStack(EmbeddedConfig config);
+
+  EmbeddedConfig config_;
+  std::string artifact_root_, log_file_;
+  int port_ = 0, gpus_ = 0, slots_ = 1, threads_per_job_ = 1;
+  PosixProcessLauncher launcher_;
+  SystemClock clock_;
+  std::unique_ptr<storage::LocalPostgres> pg_;
+  std::unique_ptr<storage::ConnectionPool> pool_;
+  std::unique_ptr<storage::Store> store_;
+  std::unique_ptr<scheduler::Scheduler> scheduler_;
+  std::unique_ptr<worker::Worker> worker_;
+  std::thread worker_thread_;
+};
+
+}  // namespace btx::cli

@@ -1,0 +1,216 @@
+// btxctl: the composition root. Parses flags, resolves where to connect (--server, BTX_SERVER, the
+// config file, or the embedded stack), builds the client and hands over to one command.
+#include <unistd.h>
+
+#include <csignal>
+
+#include <filesystem>
+#include <memory>
+
+#include <CLI/CLI.hpp>
+
+#include "client.h"
+#include "commands.h"
+#include "config.h"
+#include "embedded.h"
+#include "exit_codes.h"
+#include "signals.h"
+#include "terminal.h"
+
+#ifndef BTX_VERSION
+#define BTX_VERSION "0.0.0"
+#endif
+
+namespace {
+using namespace btx::cli;
+
+void PrintError(const absl::Status& s) {
+  std::fprintf(stderr, "btxctl: %s\n", std::string(s.message()).c_str());
+  for (const auto& v : ViolationsOf(s)) std::fprintf(stderr, "%s: %s\n", v.field.c_str(), v.description.c_str());
+}
+
+int Main(int argc, char** argv) {
+  CLI::App app{"btxctl: submit, follow and inspect Branch-Train-MiX pipelines.\n"
+               "Without --server (or BTX_SERVER), btxctl runs everything itself: a private PostgreSQL under the state dir,\n"
+               "the scheduler on loopback and, for `run`, local workers.",
+               "btxctl"};
+  app.fallthrough();
+  app.set_version_flag("--version", std::string("btxctl ") + BTX_VERSION);
+
+  std::string server, token, state_dir, output = "table";
+  int timeout_s = 30;
+  auto* server_opt = app.add_option("--server", server, "scheduler HOST:PORT (env BTX_SERVER; 'local' = embedded)");
+  auto* token_opt = app.add_option("--token", token, "bearer token for the scheduler (env BTX_TOKEN)");
+  auto* state_opt = app.add_option("--state-dir", state_dir, "embedded state directory (env BTX_STATE_DIR; default ./.btx)");
+  app.add_option("-o,--output", output, "output format: table, json or yaml")
+      ->check(CLI::IsMember({"table", "json", "yaml"}))
+      ->capture_default_str();
+  app.add_option("--timeout", timeout_s, "seconds to wait for each unary call")->check(CLI::Range(1, 3600))->capture_default_str();
+
+  SubmitArgs submit_args;
+  EmbeddedConfig embedded;
+  auto* run = app.add_subcommand("run", "submit a pipeline and follow it to the end (the embedded default without --server)");
+  run->add_option("file", submit_args.file, "pipeline spec (YAML or JSON; - for stdin)")->required();
+  run->add_option("--idempotency-key", submit_args.idempotency_key, "a repeat with the same key follows the same pipeline");
+  run->add_option("--threads", embedded.threads_per_job, "embedded: CPU threads per job (0 = hardware threads / slots)")
+      ->check(CLI::Range(0, 1024));
+  run->add_option("--slots", embedded.slots, "embedded: jobs at once (0 = one per GPU, or 1)")->check(CLI::Range(0, 64));
+  run->add_option("--train-binary", embedded.train_binary, "embedded: btx-train executable (env BTX_TRAIN_BINARY)")
+      ->envname("BTX_TRAIN_BINARY");
+
+  auto* submit = app.add_subcommand("submit", "validate and submit a pipeline without following it");
+  submit->add_option("file", submit_args.file, "pipeline spec (YAML or JSON; - for stdin)")->required();
+  submit->add_option("--idempotency-key", submit_args.idempotency_key, "a repeat with the same key returns the same pipeline");
+  submit->add_flag("--dry-run", submit_args.dry_run, "validate and plan only; store nothing");
+
+  GetArgs get_args;
+  auto* get = app.add_subcommand("get", "list pipelines, jobs or workers (or show one)");
+  get->add_option("what", get_args.what, "pipelines | jobs | workers")
+      ->required()
+      ->check(CLI::IsMember({"pipelines", "pipeline", "jobs", "job", "workers", "worker"}));
+  get->add_option("id", get_args.id, "one id (or unique id prefix, or name)");
+  get->add_option("--pipeline", get_args.pipeline, "jobs: only this pipeline's");
+  get->add_option("--state", get_args.state, "only this state (e.g. running, failed)");
+  get->add_option("--name", get_args.name_prefix, "pipelines: only names starting with this");
+  get->add_option("--limit", get_args.limit, "at most this many")->check(CLI::Range(1, 1000));
+
+  std::string describe_what, ref;
+  int max_events = 25;
+  auto* describe = app.add_subcommand("describe", "everything about a pipeline: jobs, attempts, metrics, evaluation, events");
+  describe->add_option("what", describe_what, "pipeline")->required()->check(CLI::IsMember({"pipeline", "pipelines"}));
+  describe->add_option("id", ref, "pipeline id, unique id prefix, or name")->required();
+  describe->add_option("--events", max_events, "show this many of the latest events")->capture_default_str();
+
+  int64_t after = 0;
+  auto* watch = app.add_subcommand("watch", "follow a pipeline live until it ends");
+  watch->add_option("id", ref, "pipeline id, unique id prefix, or name")->required();
+  watch->add_option("--after", after, "resume after this event id");
+
+  bool follow = false;
+  std::string logs_pipeline;
+  auto* logs = app.add_subcommand("logs", "print a job's log (stdout/stderr of btx-train and worker notes)");
+  logs->add_option("job", ref, "job id, unique id prefix, or job name (the newest, or within --pipeline)")->required();
+  logs->add_flag("-f,--follow", follow, "keep streaming until the job ends");
+  logs->add_option("--pipeline", logs_pipeline, "look the job name up in this pipeline");
+  logs->add_option("--after", after, "resume after this log sequence number");
+
+  std::string reason;
+  auto* cancel = app.add_subcommand("cancel", "cancel a pipeline (running jobs stop at their next heartbeat)");
+  cancel->add_option("id", ref, "pipeline id, unique id prefix, or name")->required();
+  cancel->add_option("--reason", reason, "recorded with the cancellation");
+
+  auto* retry = app.add_subcommand("retry", "requeue the failed and cancelled jobs of a pipeline");
+  retry->add_option("id", ref, "pipeline id, unique id prefix, or name")->required();
+
+  auto* version = app.add_subcommand("version", "print the version");
+  app.require_subcommand(1);
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    if (e.get_exit_code() == 0) return app.exit(e);
+    std::fprintf(stderr, "btxctl: %s (see btxctl --help)\n", e.what());
+    return kExitUsage;
+  }
+  if (version->parsed()) {
+    std::printf("btxctl %s (API btx.v1)\n", BTX_VERSION);
+    return kExitOk;
+  }
+
+  const EnvLookup env = ProcessEnv();
+  const std::string config_path = ConfigFilePath(env);
+  auto file = LoadConfigFile(config_path);
+  if (!file.ok()) {
+    PrintError(file.status());
+    return kExitUsage;
+  }
+  Flags flags;
+  if (server_opt->count() > 0) flags.server = server;
+  if (token_opt->count() > 0) flags.token = token;
+  if (state_opt->count() > 0) flags.state_dir = state_dir;
+  auto conn = ResolveConnection(flags, env, *file, config_path);
+  if (!conn.ok()) {
+    PrintError(conn.status());
+    return kExitUsage;
+  }
+  auto format = ParseFormat(output);
+  if (!format.ok()) {
+    PrintError(format.status());
+    return kExitUsage;
+  }
+
+  std::unique_ptr<EmbeddedStack> stack;
+  ClientConfig cc;
+  cc.token = conn->token;
+  cc.timeout = std::chrono::seconds(timeout_s);
+  if (conn->embedded()) {
+    if (submit->parsed() && !submit_args.dry_run) {
+      PrintError(absl::InvalidArgumentError(
+          "submit without --server would queue a pipeline that no worker runs; run it here with `btxctl run FILE`, "
+          "or pass --server HOST:PORT (or set BTX_SERVER)"));
+      return kExitUsage;
+    }
+    embedded.state_dir = conn->state_dir;
+    embedded.workers = run->parsed();
+    embedded.require_existing = !run->parsed() && !submit->parsed();
+    auto started = EmbeddedStack::Start(embedded);
+    if (!started.ok()) {
+      PrintError(started.status());
+      return kExitUnreachable;
+    }
+    stack = std::move(*started);
+    cc.target = stack->target();
+    cc.display_target = "the embedded scheduler (state in " + stack->state_dir() + ")";
+  } else {
+    cc.target = conn->server;
+    cc.display_target = conn->server;
+  }
+  auto client = Client::Connect(cc);
+  // Default for every command: Ctrl-C ends the calls in flight; commands that need more install
+  // their own action (run cancels the pipeline).
+  Signals::SetAction([c = client.get()](int count) {
+    if (count >= 3) ::_exit(kExitInterrupted);
+    c->CancelAll();
+  });
+  if (Signals::Interrupted()) return kExitInterrupted;
+
+  CommandEnv cmd;
+  cmd.client = client.get();
+  cmd.format = *format;
+  cmd.tty = IsTty(stdout);
+  std::error_code ec;
+  cmd.paths.cwd = std::filesystem::current_path(ec).string();
+  if (auto home = env("HOME")) cmd.paths.home = *home;
+
+  absl::StatusOr<int> result = absl::InternalError("no command");
+  if (run->parsed()) result = Run(cmd, submit_args, stack.get());
+  else if (submit->parsed()) result = Submit(cmd, submit_args);
+  else if (get->parsed()) result = Get(cmd, get_args);
+  else if (describe->parsed()) result = DescribePipelineCmd(cmd, ref, max_events);
+  else if (watch->parsed()) result = Watch(cmd, ref, after);
+  else if (logs->parsed()) result = Logs(cmd, ref, logs_pipeline, follow, after);
+  else if (cancel->parsed()) result = Cancel(cmd, ref, reason);
+  else if (retry->parsed()) result = Retry(cmd, ref);
+
+  Signals::ClearAction();
+  client.reset();
+  stack.reset();  // drains local workers, stops the scheduler and the PostgreSQL it started
+  if (!result.ok()) {
+    if (Signals::Interrupted() && result.status().code() == absl::StatusCode::kCancelled) return kExitInterrupted;
+    PrintError(result.status());
+    return ExitCodeFor(result.status());
+  }
+  return *result;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  // `btxctl run | head` must not kill btxctl (and leave its PostgreSQL and trainers behind) when
+  // the reader goes away: output to a closed pipe is dropped, the run goes on to a clean end.
+  std::signal(SIGPIPE, SIG_IGN);
+  Signals::Install();
+  const int code = Main(argc, argv);
+  Signals::Uninstall();
+  return code;
+}

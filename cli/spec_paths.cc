@@ -1,0 +1,142 @@
+#include "spec_paths.h"
+
+#include <yaml-cpp/yaml.h>
+
+#include <filesystem>
+#include <regex>
+
+#include "btx/common/strings.h"
+
+namespace btx::cli {
+using json = nlohmann::json;
+namespace {
+
+// Mirrors the scheduler's typing (scheduler/spec.cc) so that the JSON we send means what the YAML
+// the user wrote would have meant: quoted scalars stay strings, plain ones become numbers/bools.
+json ToJson(const YAML::Node& node, int depth) {
+  if (depth > 32) throw std::runtime_error("nesting deeper than 32 levels");
+  switch (node.Type()) {
+    case YAML::NodeType::Null:
+    case YAML::NodeType::Undefined:
+      return nullptr;
+    case YAML::NodeType::Sequence: {
+      json arr = json::array();
+      for (const auto& item : node) arr.push_back(ToJson(item, depth + 1));
+      return arr;
+    }
+    case YAML::NodeType::Map: {
+      json obj = json::object();
+      for (const auto& kv : node) {
+        const std::string key = kv.first.as<std::string>();
+        if (obj.contains(key)) throw std::runtime_error("duplicate key '" + key + "'");
+        obj[key] = ToJson(kv.second, depth + 1);
+      }
+      return obj;
+    }
+    case YAML::NodeType::Scalar: {
+      const std::string& s = node.Scalar();
+      if (node.Tag() == "!") return s;
+      static const std::regex kInt("[-+]?[0-9]+"),
+          kFloat("[-+]?(\\.[0-9]+|[0-9]+(\\.[0-9]*)?)([eE][-+]?[0-9]+)?");
+      if (s == "true" || s == "True") return true;
+      if (s == "false" || s == "False") return false;
+      if (s == "null" || s == "~" || s.empty()) return nullptr;
+      if (std::regex_match(s, kInt)) {
+        try {
+          return std::stoll(s);
+        } catch (...) {
+          return s;
+        }
+      }
+      if (std::regex_match(s, kFloat)) return std::stod(s);
+      return s;
+    }
+  }
+  return nullptr;
+}
+
+class Rewriter {
+ public:
+  Rewriter(const PathContext& ctx, RewrittenSpec& out) : ctx_(ctx), out_(out) {}
+
+  void One(json& v, const std::string& field) {
+    if (!v.is_string()) return;
+    const std::string before = v.get<std::string>();
+    const std::string after = AbsolutizePath(before, ctx_);
+    if (after != before) {
+      v = after;
+      out_.rewritten.push_back(field);
+    }
+    if (!after.empty() && after.find("://") == std::string::npos) out_.paths.emplace_back(field, after);
+  }
+  void OneOrList(json& v, const std::string& field) {
+    if (v.is_array()) {
+      for (size_t i = 0; i < v.size(); ++i) One(v[i], Cat(field, "[", i, "]"));
+    } else {
+      One(v, field);
+    }
+  }
+  void Data(json& owner, const std::string& field) {
+    if (!owner.is_object() || !owner.contains("data") || !owner["data"].is_object()) return;
+    for (const char* key : {"train", "valid"}) {
+      if (owner["data"].contains(key)) OneOrList(owner["data"][key], Cat(field, ".data.", key));
+    }
+  }
+
+ private:
+  const PathContext& ctx_;
+  RewrittenSpec& out_;
+};
+
+}  // namespace
+
+absl::StatusOr<json> SpecTextToJson(const std::string& text) {
+  try {
+    return ToJson(YAML::Load(text), 0);
+  } catch (const YAML::Exception& e) {
+    return absl::InvalidArgumentError(
+        Cat("not valid YAML/JSON at line ", e.mark.line + 1, ", column ", e.mark.column + 1, ": ", e.msg));
+  } catch (const std::exception& e) {
+    return absl::InvalidArgumentError(Cat("not valid YAML/JSON: ", e.what()));
+  }
+}
+
+std::string AbsolutizePath(const std::string& path, const PathContext& ctx) {
+  if (path.empty() || path.front() == '/' || path.find("://") != std::string::npos) return path;
+  if (!ctx.home.empty() && (path == "~" || path.rfind("~/", 0) == 0)) {
+    return std::filesystem::path(ctx.home + path.substr(1)).lexically_normal().string();
+  }
+  std::string out = (std::filesystem::path(ctx.cwd) / path).lexically_normal().string();
+  // "dir/" normalises to "dir/"; keep it, a trailing slash is harmless and says "directory".
+  return out;
+}
+
+RewrittenSpec AbsolutizeSpecPaths(const std::string& text, const PathContext& ctx) {
+  RewrittenSpec out;
+  auto parsed = SpecTextToJson(text);
+  if (!parsed.ok() || !parsed->is_object()) {
+    out.text = text;
+    return out;
+  }
+  json spec = *std::move(parsed);
+  Rewriter r(ctx, out);
+  if (spec.contains("seed") && spec["seed"].is_object()) {
+    json& seed = spec["seed"];
+    if (seed.contains("model")) r.One(seed["model"], "seed.model");
+    if (seed.contains("pretrain")) r.Data(seed["pretrain"], "seed.pretrain");
+  }
+  if (spec.contains("tokenizer")) {
+    json& t = spec["tokenizer"];
+    if (t.is_string() && t.get<std::string>() != "byte") r.One(t, "tokenizer");
+    if (t.is_object() && t.contains("sentencepiece")) r.One(t["sentencepiece"], "tokenizer.sentencepiece");
+  }
+  if (spec.contains("experts") && spec["experts"].is_array()) {
+    for (size_t i = 0; i < spec["experts"].size(); ++i) r.Data(spec["experts"][i], Cat("experts[", i, "]"));
+  }
+  out.parsed = true;
+  out.text = spec.dump();
+  out.spec = std::move(spec);
+  return out;
+}
+
+}  // namespace btx::cli

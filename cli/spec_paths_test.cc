@@ -1,0 +1,90 @@
+#include "spec_paths.h"
+
+#include <gtest/gtest.h>
+
+namespace btx::cli {
+namespace {
+using json = nlohmann::json;
+
+const PathContext kCtx{.cwd = "/work/proj", .home = "/home/u"};
+
+TEST(SpecPathsTest, AbsolutizePath) {
+  EXPECT_EQ(AbsolutizePath("data/a.txt", kCtx), "/work/proj/data/a.txt");
+  EXPECT_EQ(AbsolutizePath("./data/../b.txt", kCtx), "/work/proj/b.txt");
+  EXPECT_EQ(AbsolutizePath("../up/c", kCtx), "/work/up/c");
+  EXPECT_EQ(AbsolutizePath("/abs/d", kCtx), "/abs/d");
+  EXPECT_EQ(AbsolutizePath("~/corpus", kCtx), "/home/u/corpus");
+  EXPECT_EQ(AbsolutizePath("file:///x/y", kCtx), "file:///x/y");
+  EXPECT_EQ(AbsolutizePath("", kCtx), "");
+  EXPECT_EQ(AbsolutizePath("dir/", kCtx), "/work/proj/dir/");
+}
+
+TEST(SpecPathsTest, RewritesEveryPathFieldAndNothingElse) {
+  const std::string yaml = R"(
+name: t
+seed:
+  init: {preset: tiny}
+  pretrain:
+    data: {train: [a.txt, /abs/b.txt], valid: v.txt}
+    steps: 3
+tokenizer: spm/tok.model
+experts:
+  - {name: code, data: {train: code/train.txt, valid: [code/valid.txt]}, steps: 2}
+  - {name: "007", data: {train: [~/math.txt]}, steps: 2}
+train: {lr: 3e-3, seq_len: 16}
+)";
+  RewrittenSpec r = AbsolutizeSpecPaths(yaml, kCtx);
+  ASSERT_TRUE(r.parsed);
+  json s = json::parse(r.text);
+  EXPECT_EQ(s["seed"]["pretrain"]["data"]["train"], json({"/work/proj/a.txt", "/abs/b.txt"}));
+  EXPECT_EQ(s["seed"]["pretrain"]["data"]["valid"], "/work/proj/v.txt");
+  EXPECT_EQ(s["tokenizer"], "/work/proj/spm/tok.model");
+  EXPECT_EQ(s["experts"][0]["data"]["train"], "/work/proj/code/train.txt");
+  EXPECT_EQ(s["experts"][0]["data"]["valid"], json({"/work/proj/code/valid.txt"}));
+  EXPECT_EQ(s["experts"][1]["data"]["train"], json({"/home/u/math.txt"}));
+  // Typing follows the scheduler's: quoted stays a string, plain numbers are numbers.
+  EXPECT_EQ(s["experts"][1]["name"], "007");
+  EXPECT_EQ(s["seed"]["pretrain"]["steps"], 3);
+  EXPECT_DOUBLE_EQ(s["train"]["lr"].get<double>(), 3e-3);
+  EXPECT_EQ(s["name"], "t");
+  EXPECT_EQ(r.rewritten, (std::vector<std::string>{"seed.pretrain.data.train[0]", "seed.pretrain.data.valid", "tokenizer",
+                                                   "experts[0].data.train", "experts[0].data.valid[0]",
+                                                   "experts[1].data.train[0]"}));
+  ASSERT_EQ(r.paths.size(), 7u);  // the absolute one too
+  EXPECT_EQ(r.paths[1], std::make_pair(std::string("seed.pretrain.data.train[1]"), std::string("/abs/b.txt")));
+}
+
+TEST(SpecPathsTest, SeedModelAndByteTokenizer) {
+  RewrittenSpec r = AbsolutizeSpecPaths("seed: {model: models/seed}\ntokenizer: byte\nexperts: []\n", kCtx);
+  ASSERT_TRUE(r.parsed);
+  json s = json::parse(r.text);
+  EXPECT_EQ(s["seed"]["model"], "/work/proj/models/seed");
+  EXPECT_EQ(s["tokenizer"], "byte");
+}
+
+TEST(SpecPathsTest, WrongTypesAreLeftForTheScheduler) {
+  RewrittenSpec r = AbsolutizeSpecPaths("seed: {model: 5}\nexperts: [{name: a, data: {train: {x: 1}}}]\n", kCtx);
+  ASSERT_TRUE(r.parsed);
+  json s = json::parse(r.text);
+  EXPECT_EQ(s["seed"]["model"], 5);
+  EXPECT_EQ(s["experts"][0]["data"]["train"], json({{"x", 1}}));
+  EXPECT_TRUE(r.rewritten.empty());
+}
+
+TEST(SpecPathsTest, UnparsableTextIsSentAsIsSoTheSchedulerNamesTheLine) {
+  const std::string bad = "name: [unclosed\nseed: x\n";
+  RewrittenSpec r = AbsolutizeSpecPaths(bad, kCtx);
+  EXPECT_FALSE(r.parsed);
+  EXPECT_EQ(r.text, bad);
+  EXPECT_FALSE(AbsolutizeSpecPaths("a: 1\na: 2\n", kCtx).parsed);  // duplicate key
+  EXPECT_FALSE(AbsolutizeSpecPaths("- just\n- a list\n", kCtx).parsed);
+}
+
+TEST(SpecPathsTest, JsonInputWorksToo) {
+  RewrittenSpec r = AbsolutizeSpecPaths(R"({"seed": {"model": "m"}, "experts": []})", kCtx);
+  ASSERT_TRUE(r.parsed);
+  EXPECT_EQ(json::parse(r.text)["seed"]["model"], "/work/proj/m");
+}
+
+}  // namespace
+}  // namespace btx::cli
