@@ -70,11 +70,13 @@ absl::StatusOr<int> Cluster::ReadPortFile(const std::string& path, Process& proc
 absl::Status Cluster::StartScheduler() {
   const std::string port_file = dir_ + "/scheduler.port";
   fs::remove(port_file);
+  fs::remove(dir_ + "/scheduler-metrics.port");
   ProcessSpec ps;
   // A restart reuses the first port: workers keep the address they were given.
   ps.argv = {Bin("btx-scheduler"), "--listen", Cat("127.0.0.1:", scheduler_port_), "--database-url", conninfo_,
              "--artifact-root", "file://" + artifact_root_, "--lease-seconds", std::to_string(options_.lease_seconds),
-             "--heartbeat-seconds", std::to_string(options_.heartbeat_seconds), "--port-file", port_file};
+             "--heartbeat-seconds", std::to_string(options_.heartbeat_seconds), "--port-file", port_file,
+             "--metrics-listen", "127.0.0.1:0", "--metrics-port-file", dir_ + "/scheduler-metrics.port"};
   ps.stdout_path = ps.stderr_path = dir_ + "/scheduler.log";
   auto proc = launcher_.Launch(ps);
   if (!proc.ok()) return proc.status();
@@ -82,6 +84,9 @@ absl::Status Cluster::StartScheduler() {
   auto port = ReadPortFile(port_file, *scheduler_);
   if (!port.ok()) return port.status();
   scheduler_port_ = *port;
+  auto metrics_port = ReadPortFile(dir_ + "/scheduler-metrics.port", *scheduler_);
+  if (!metrics_port.ok()) return metrics_port.status();
+  scheduler_metrics_port_ = *metrics_port;
   channel_ = grpc::CreateChannel(scheduler_address(), grpc::InsecureChannelCredentials());
   pipelines_ = v1::PipelineService::NewStub(channel_);
   return absl::OkStatus();
@@ -99,7 +104,10 @@ absl::Status Cluster::StartWorker(int index) {
   auto proc = launcher_.Launch(ps);
   if (!proc.ok()) return proc.status();
   workers_[index] = std::move(*proc);
-  return ReadPortFile(port_file, *workers_[index]).status();
+  auto port = ReadPortFile(port_file, *workers_[index]);
+  if (!port.ok()) return port.status();
+  worker_metrics_ports_[index] = *port;
+  return absl::OkStatus();
 }
 
 void Cluster::SignalScheduler(int sig) { ::kill(scheduler_->pid(), sig); }

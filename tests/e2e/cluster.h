@@ -41,6 +41,8 @@ class Cluster {
   const std::string& dir() const { return dir_; }
   const std::string& artifact_root() const { return artifact_root_; }
   std::string scheduler_address() const { return "127.0.0.1:" + std::to_string(scheduler_port_); }
+  int scheduler_metrics_port() const { return scheduler_metrics_port_; }
+  int worker_metrics_port(int index) const { return worker_metrics_ports_.at(index); }
   storage::Store& store() { return *store_; }
   const std::string& conninfo() const { return conninfo_; }
   v1::PipelineService::Stub& pipelines() { return *pipelines_; }
@@ -60,7 +62,8 @@ class Cluster {
   PosixProcessLauncher launcher_;
   std::unique_ptr<Process> scheduler_;
   std::map<int, std::unique_ptr<Process>> workers_;
-  int scheduler_port_ = 0;
+  int scheduler_port_ = 0, scheduler_metrics_port_ = 0;
+  std::map<int, int> worker_metrics_ports_;
   std::unique_ptr<storage::ConnectionPool> pool_;
   std::unique_ptr<storage::Store> store_;
   std::shared_ptr<grpc::Channel> channel_;
