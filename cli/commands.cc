@@ -1,11 +1,15 @@
 #include "commands.h"
 
+#include <unistd.h>
+
+#include <csignal>
 #include <filesystem>
 #include <iostream>
 #include <iterator>
 #include <mutex>
 
 #include "btx/common/fs.h"
+#include "btx/common/process.h"
 #include "btx/common/strings.h"
 #include "embedded.h"
 #include "exit_codes.h"
@@ -452,6 +456,56 @@ absl::StatusOr<int> Retry(CommandEnv& env, const std::string& ref) {
   Print(env.out, Cat("pipeline ", p->name(), " ", p->id(), " is ", StateName(p->state()),
                      " again; follow it: btxctl watch ", p->id(), "\n"));
   return 0;
+}
+
+absl::StatusOr<int> DataPrepare(CommandEnv& env, const DataPrepareArgs& args) {
+  const std::string tool = SelfExeDir() + "/btx-model-tool";
+  if (::access(tool.c_str(), X_OK) != 0) {
+    return absl::UnavailableError(
+        Cat("data prepare needs btx-model-tool next to btxctl (", tool,
+            "); build it with `cmake --build build --target btx-model-tool`"));
+  }
+  ProcessSpec spec;
+  spec.argv = {tool, "data-prepare"};
+  spec.argv.insert(spec.argv.end(), args.inputs.begin(), args.inputs.end());
+  const std::pair<const char*, const std::string*> flags[] = {{"--out", &args.out},
+                                                              {"--tokenizer", &args.tokenizer},
+                                                              {"--valid-fraction", &args.valid_fraction},
+                                                              {"--shard-tokens", &args.shard_tokens},
+                                                              {"--seed", &args.seed}};
+  for (const auto& [flag, value_ptr] : flags) {
+    const std::string& value = *value_ptr;
+    if (value.empty()) continue;
+    spec.argv.push_back(flag);
+    spec.argv.push_back(value);
+  }
+  // Same process group: Ctrl-C at the terminal stops the tool too, and btxctl then reports 130.
+  spec.new_session = false;
+  PosixProcessLauncher launcher;
+  auto run = RunAndCapture(launcher, spec);
+  if (!run.ok()) return absl::InternalError(Cat("cannot run ", tool, ": ", run.status().message()));
+  // The tool's last line is its summary, or its one-line error; sentencepiece training may log above it.
+  std::string line = run->output;
+  while (!line.empty() && (line.back() == '\n' || line.back() == '\r')) line.pop_back();
+  if (auto nl = line.rfind('\n'); nl != std::string::npos) line = line.substr(nl + 1);
+  if (run->exit_code == 0) {
+    Print(env.out, line + "\n");
+    return kExitOk;
+  }
+  constexpr std::string_view kPrefix = "btx-model-tool: ";
+  if (line.starts_with(kPrefix)) line = line.substr(kPrefix.size());
+  // The tokenizer helper's own reason (e.g. a vocabulary too small for the corpus) is more useful than the
+  // tool's "helper failed"; keep it on the same line.
+  if (auto at = run->output.rfind("btx-spm: "); at != std::string::npos) {
+    std::string why = run->output.substr(at + 9);
+    why = why.substr(0, why.find('\n'));
+    line = Cat(line, " (", why, ")");
+  }
+  if (Signals::Interrupted() || run->exit_code == 128 + SIGINT || run->exit_code == 128 + SIGTERM) {
+    return absl::CancelledError("data prepare interrupted");
+  }
+  if (run->exit_code == 65) return absl::InvalidArgumentError(Cat("data prepare: ", line));
+  return absl::InternalError(Cat("data prepare failed (btx-model-tool exit ", run->exit_code, "): ", line));
 }
 
 }  // namespace btx::cli

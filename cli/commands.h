@@ -5,6 +5,7 @@
 
 #include <cstdio>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "client.h"
@@ -53,6 +54,14 @@ absl::StatusOr<int> Logs(CommandEnv& env, const std::string& job_ref, const std:
                          int64_t after_seq);
 absl::StatusOr<int> Cancel(CommandEnv& env, const std::string& ref, const std::string& reason);
 absl::StatusOr<int> Retry(CommandEnv& env, const std::string& ref);
+
+// `data prepare`: runs in btx-model-tool (next to btxctl), which links LibTorch and the tokenizers so that
+// btxctl need not. Numeric options are forwarded as written, validated by the tool.
+struct DataPrepareArgs {
+  std::vector<std::string> inputs;
+  std::string out, tokenizer, valid_fraction, shard_tokens, seed;  // empty = the tool's default
+};
+absl::StatusOr<int> DataPrepare(CommandEnv& env, const DataPrepareArgs& args);
 
 // "running" / "RUNNING" / "PIPELINE_STATE_RUNNING" -> the enum; errors list the valid names.
 absl::StatusOr<v1::PipelineState> ParsePipelineState(const std::string& s);

@@ -102,6 +102,18 @@ int Main(int argc, char** argv) {
   auto* retry = app.add_subcommand("retry", "requeue the failed and cancelled jobs of a pipeline");
   retry->add_option("id", ref, "pipeline id, unique id prefix, or name")->required();
 
+  DataPrepareArgs data_args;
+  auto* data = app.add_subcommand("data", "prepare training data ahead of time");
+  auto* prepare = data->add_subcommand(
+      "prepare", "tokenize text files or directories into train/valid token shards (*.btxtok) under --out");
+  prepare->add_option("inputs", data_args.inputs, "text files or directories (walked recursively)")->required();
+  prepare->add_option("--out", data_args.out, "output directory (must not exist; published atomically)")->required();
+  prepare->add_option("--tokenizer", data_args.tokenizer, "byte (default), PATH.model, or spm:VOCAB to train one");
+  prepare->add_option("--valid-fraction", data_args.valid_fraction, "share of input bytes for valid/ (default 0.01)");
+  prepare->add_option("--shard-tokens", data_args.shard_tokens, "tokens per shard (default 16777216)");
+  prepare->add_option("--seed", data_args.seed, "seed of the document order (default 0)");
+  data->require_subcommand(1);
+
   auto* version = app.add_subcommand("version", "print the version");
   app.require_subcommand(1);
 
@@ -115,6 +127,16 @@ int Main(int argc, char** argv) {
   if (version->parsed()) {
     std::printf("btxctl %s (API btx.v1)\n", BTX_VERSION);
     return kExitOk;
+  }
+  if (prepare->parsed()) {
+    // Local work only: no scheduler, so no connection to resolve and no embedded stack to start.
+    CommandEnv cmd;
+    auto result = DataPrepare(cmd, data_args);
+    if (!result.ok()) {
+      PrintError(result.status());
+      return ExitCodeFor(result.status());
+    }
+    return *result;
   }
 
   const EnvLookup env = ProcessEnv();

@@ -1,6 +1,9 @@
 // btx-model-tool: small model-dir utilities for interop checks and debugging.
 //   btx-model-tool logits MODEL_DIR OUT.safetensors TOKEN...   logits [1, T, V] (float32) under key "logits"
 //   btx-model-tool init OUT_DIR CONFIG.json SEED                random model from an HF config.json, published
+//   btx-model-tool data-prepare INPUT... --out DIR [--tokenizer byte|PATH.model|spm:VOCAB] [--valid-fraction F]
+//                  [--shard-tokens N] [--seed S]                text -> train/valid *.btxtok shards (btxctl data
+//                                                               prepare). Exit 65 on bad arguments or inputs.
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 
@@ -9,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "btx/model/data_prepare.h"
 #include "btx/model/files.h"
 #include "btx/model/hf_io.h"
 #include "btx/model/safetensors.h"
@@ -23,6 +27,24 @@ int Fail(const std::string& m) {
 
 int main(int argc, char** argv) {
   std::vector<std::string> a(argv + 1, argv + argc);
+  if (!a.empty() && a[0] == "data-prepare") {
+    auto opts = btx::ParseDataPrepareArgs({a.begin() + 1, a.end()});
+    auto r = opts.ok() ? btx::PrepareData(*opts) : btx::StatusOr<btx::DataPrepareResult>(opts.status());
+    if (!r.ok()) {
+      // 65 (EX_DATAERR, as btx-train uses it) separates "the user's arguments or data are wrong" from
+      // I/O trouble, so btxctl can report the former as a usage error.
+      const auto c = r.status().code();
+      Fail(r.status().message());
+      return c == btx::StatusCode::kInvalidArgument || c == btx::StatusCode::kNotFound ||
+                     c == btx::StatusCode::kFailedPrecondition
+                 ? 65
+                 : 1;
+    }
+    std::cout << "prepared " << r->out << ": " << r->files << " files, " << r->bytes << " bytes; tokens train "
+              << r->train_tokens << " / valid " << r->valid_tokens << "; shards train " << r->train_shards
+              << " / valid " << r->valid_shards << "\n";
+    return 0;
+  }
   if (a.size() >= 4 && a[0] == "logits") {
     auto m = btx::LoadModelDir(a[1]);
     if (!m.ok()) return Fail(m.status().message());
@@ -54,5 +76,5 @@ int main(int argc, char** argv) {
     if (st.ok()) st = staged->Publish();
     return st.ok() ? 0 : Fail(st.message());
   }
-  return Fail("usage: btx-model-tool logits MODEL_DIR OUT.safetensors TOKEN... | init OUT_DIR CONFIG.json SEED");
+  return Fail("usage: btx-model-tool logits MODEL_DIR OUT.safetensors TOKEN... | init OUT_DIR CONFIG.json SEED | data-prepare INPUT... --out DIR");
 }

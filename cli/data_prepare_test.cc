@@ -1,0 +1,102 @@
+// `btxctl data prepare` as a user runs it: the real btxctl, which hands the work to the sibling
+// btx-model-tool. No scheduler or PostgreSQL involved.
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include <gtest/gtest.h>
+
+#include "cli_test_util.h"
+
+namespace btx::cli {
+namespace {
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+using testing::RunBtxctl;
+using testing::WriteFile;
+
+std::string Slurp(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+class DataPrepare : public ::testing::Test {
+ protected:
+  void SetUp() override { dir_ = testing::MakeTestDir(); }
+  void TearDown() override { fs::remove_all(dir_); }
+  std::string dir_;
+};
+
+TEST_F(DataPrepare, ByteTokenizerWritesShardsAndManifest) {
+  std::string a, b;
+  for (int i = 0; i < 300; ++i) a += "line " + std::to_string(i) + " of the first corpus\n";
+  for (int i = 0; i < 120; ++i) b += "another " + std::to_string(i * 3) + " text\n";
+  WriteFile(dir_ + "/corpus/a.txt", a);
+  WriteFile(dir_ + "/b.txt", b);
+  // Relative paths resolve against btxctl's working directory, as for every other command.
+  auto r = RunBtxctl({"data", "prepare", "corpus", "b.txt", "--out", "prepared", "--valid-fraction", "0.1",
+                      "--shard-tokens", "1000", "--seed", "5"},
+                     {}, dir_);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_NE(r.out.find("2 files"), std::string::npos) << r.out;
+  EXPECT_EQ(std::count(r.out.begin(), r.out.end(), '\n'), 1) << r.out;
+
+  const std::string out = dir_ + "/prepared";
+  auto m = json::parse(Slurp(out + "/manifest.json"));
+  const int64_t bytes = static_cast<int64_t>(a.size() + b.size());
+  const int64_t train = m["train"]["tokens"].get<int64_t>(), valid = m["valid"]["tokens"].get<int64_t>();
+  EXPECT_EQ(train + valid, bytes + 2 * 2);  // byte tokenizer: one token per byte, plus bos/eos per file
+  EXPECT_GT(valid, 0);
+  EXPECT_EQ(m["bytes"].get<int64_t>(), bytes);
+  int64_t per_input = 0;
+  for (const auto& in : m["inputs"]) per_input += in["tokens"].get<int64_t>();
+  EXPECT_EQ(per_input, train + valid);
+  for (const char* split : {"train", "valid"}) {
+    int64_t stored = 0;
+    ASSERT_FALSE(m[split]["shards"].empty()) << split;
+    for (const auto& s : m[split]["shards"]) {
+      const std::string path = out + "/" + s.get<std::string>();
+      ASSERT_TRUE(fs::is_regular_file(path)) << path;
+      EXPECT_TRUE(path.ends_with(".btxtok"));
+      stored += (static_cast<int64_t>(fs::file_size(path)) - 64) / 2;  // 64-byte header, u16 ids
+    }
+    EXPECT_EQ(stored, m[split]["tokens"].get<int64_t>()) << split;
+  }
+  EXPECT_EQ(m["train"]["shards"].size(), static_cast<size_t>((train + 999) / 1000));
+  EXPECT_TRUE(fs::exists(out + "/manifest.sha256"));
+
+  // The output is never overwritten.
+  auto again = RunBtxctl({"data", "prepare", "b.txt", "--out", "prepared"}, {}, dir_);
+  EXPECT_EQ(again.exit_code, 2);
+  EXPECT_NE(again.err.find("already exists"), std::string::npos) << again.err;
+}
+
+TEST_F(DataPrepare, BadInputsExitTwoNamingThePath) {
+  WriteFile(dir_ + "/a.txt", "hello\n");
+  const std::string missing = dir_ + "/no-such-corpus";
+  auto r = RunBtxctl({"data", "prepare", dir_ + "/a.txt", missing, "--out", dir_ + "/out"});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find(missing), std::string::npos) << r.err;
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  EXPECT_TRUE(r.err.starts_with("btxctl: ")) << r.err;
+  EXPECT_FALSE(fs::exists(dir_ + "/out"));
+
+  r = RunBtxctl({"data", "prepare", dir_ + "/a.txt", "--out", dir_ + "/out", "--valid-fraction", "2"});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find("--valid-fraction 2"), std::string::npos) << r.err;
+
+  r = RunBtxctl({"data", "prepare", dir_ + "/a.txt", "--out", dir_ + "/out", "--tokenizer", dir_ + "/x.model"});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find(dir_ + "/x.model"), std::string::npos) << r.err;
+
+  r = RunBtxctl({"data", "prepare", dir_ + "/a.txt"});  // no --out: btxctl's own flag parsing
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find("--out"), std::string::npos) << r.err;
+  EXPECT_FALSE(fs::exists(dir_ + "/out"));
+}
+
+}  // namespace
+}  // namespace btx::cli
