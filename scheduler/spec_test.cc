@@ -74,6 +74,8 @@ train: {lr: fast, colour: blue}
 }
 
 TEST(Spec, TableOfMalformedSpecs) {
+  std::string e_acute_60;
+  for (int i = 0; i < 60; ++i) e_acute_60 += "\xc3\xa9";
   const std::vector<std::pair<std::string, std::string>> cases = {
       {"name: x\nexperts: [{name: a, data: {train: [/x]}}]", "seed"},
       {"name: x\nseed: {model: /m}", "experts"},
@@ -91,6 +93,25 @@ TEST(Spec, TableOfMalformedSpecs) {
       {"[1, 2", "spec"},
       {"name: x\nname: y", "spec"},
       {"just a string", ""},
+      // From fuzzing (tests/fuzz, docs/reliability.md): each threw, crashed, hung or lost its rich error.
+      {"name: x\nseed: {model: /m}\nexperts: [{name: a, data: {train: [/x]}}]\nmerge: 5", "merge"},
+      {"name: x\nseed: {model: /m}\nexperts: [{name: a, data: {train: [/x]}}]\nmerge: {keep_seed_expert: yes}",
+       "merge.keep_seed_expert"},
+      {"\x06\xff\xffname: x\nname: y\n", "spec"},               // invalid UTF-8 in a key
+      {"name: x\nseed: {model: /m}\ntokenizer: \"\\N\"", "spec"},  // yaml-cpp decodes \N to one byte
+      {"name: x\ntokenizer: \"\\\xc3\xa9\"", "spec"},          // its error message quotes half of an é
+      {"name: \"x" + e_acute_60 + "\"", "name"},               // the value shown was cut inside an é
+      {"name: " + std::string(100'000, '1'), "name"},             // std::regex overflowed the stack
+      {[] {  // nested aliases ("billion laughs"): 10^9 nodes once expanded
+         std::string s = "a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n";
+         for (int i = 1; i < 9; ++i) {
+           s += "a" + std::to_string(i) + ": &a" + std::to_string(i) + " [";
+           for (int k = 0; k < 10; ++k) s += (k ? ", *a" : "*a") + std::to_string(i - 1);
+           s += "]\n";
+         }
+         return s;
+       }(),
+       "spec"},
   };
   for (const auto& [text, field] : cases) {
     auto v = Violations(text);

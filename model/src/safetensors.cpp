@@ -84,11 +84,14 @@ Status ParseHeader(const uint8_t* data, size_t size, std::vector<TensorInfo>* te
     else if (dt == "BF16") t.dtype = DType::kBF16;
     else return DataLoss(where + ": unsupported dtype '" + dt + "' (supported: F32, F16, BF16)");
     if (!v["shape"].is_array()) return DataLoss(where + ": shape is not an array");
-    uint64_t numel = 1;
+    // The overflow check runs on the product of the non-zero dimensions, so that a zero dimension does
+    // not let later ones reach 2^63 (negative in int64_t shapes) or overflow the strides LibTorch derives.
+    uint64_t numel = 1, extent = 1;
     for (const auto& d : v["shape"]) {
       if (!d.is_number_unsigned()) return DataLoss(where + ": shape entries must be non-negative integers");
       uint64_t x = d.get<uint64_t>();
-      if (x != 0 && numel > std::numeric_limits<uint64_t>::max() / 16 / x) return DataLoss(where + ": shape overflows");
+      if (x != 0 && extent > std::numeric_limits<uint64_t>::max() / 16 / x) return DataLoss(where + ": shape overflows");
+      extent *= std::max<uint64_t>(x, 1);
       numel *= x;
       t.shape.push_back(static_cast<int64_t>(x));
     }

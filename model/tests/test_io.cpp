@@ -75,6 +75,14 @@ TEST(Safetensors, MalformedFilesGiveClearErrors) {
        "hole"},
       {"trailing bytes", Craft("{" + ok_tensor + "}", 16), "trailing bytes"},
       {"bad metadata", Craft(R"({"__metadata__":{"k":1}})", 0), "not a string"},
+      // Found by tests/fuzz/safetensors_fuzz: after a zero dimension the overflow check stopped, so the shape
+      // went negative in int64_t, or Load() threw from LibTorch on strides that overflow.
+      {"dim beyond int64", Craft(R"({"t":{"dtype":"BF16","shape":[0,9223372036854775808],"data_offsets":[0,0]}})", 0),
+       "shape overflows"},
+      {"dim 2^64-1", Craft(R"({"t":{"dtype":"F32","shape":[0,18446744073709551615],"data_offsets":[0,0]}})", 0),
+       "shape overflows"},
+      {"strides overflow", Craft(R"({"t":{"dtype":"BF16","shape":[0,922,372036854775807,65536],"data_offsets":[0,0]}})", 0),
+       "shape overflows"},
   };
   TempDir dir;
   for (const auto& c : cases) {
