@@ -9,6 +9,9 @@
 #include <pqxx/pqxx>
 #include <spdlog/spdlog.h>
 
+#include "absl/synchronization/mutex.h"
+#include "btx/metrics/exposer.h"
+#include "btx/metrics/metrics.h"
 #include "btx/scheduler/server.h"
 #include "btx/storage/local_postgres.h"
 #include "btx/storage/migrations.h"
@@ -19,13 +22,21 @@ void OnSignal(int) {
   // Shutdown from a signal handler is not safe; a detached thread does it.
   if (g_scheduler) std::thread([] { g_scheduler->Shutdown(); }).detach();
 }
+
+void WritePortFile(const std::string& path, int port) {
+  // Renamed into place so a reader never sees a half-written number.
+  std::ofstream(path + ".tmp") << port << "\n";
+  std::filesystem::rename(path + ".tmp", path);
+}
 }  // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{"btx-scheduler: plans BTX pipelines and leases their jobs to workers"};
   btx::scheduler::SchedulerConfig cfg;
   std::string database_url, state_dir, artifact_root = "file:///tmp/btx-artifacts", port_file;
+  std::string metrics_listen = "127.0.0.1:9090", metrics_port_file;
   int64_t lease_s = 30, heartbeat_s = 5;
+  int db_connections = 16;
   app.add_option("--listen", cfg.listen, "gRPC address")->capture_default_str();
   app.add_option("--database-url", database_url, "libpq connection string (or env BTX_DATABASE_URL)")->envname("BTX_DATABASE_URL");
   app.add_option("--state-dir", state_dir, "start a private PostgreSQL under this directory instead of --database-url");
@@ -33,7 +44,17 @@ int main(int argc, char** argv) {
   app.add_option("--lease-seconds", lease_s, "job lease duration")->check(CLI::Range(1, 3600))->capture_default_str();
   app.add_option("--heartbeat-seconds", heartbeat_s, "worker heartbeat interval")->check(CLI::Range(1, 600))->capture_default_str();
   app.add_option("--port-file", port_file, "write the bound port here (for --listen host:0)");
+  auto* metrics_opt = app.add_option("--metrics-listen", metrics_listen,
+                                     "host:port serving Prometheus /metrics (port 0: any free port; 'off': none)")
+                          ->capture_default_str();
+  app.add_option("--metrics-port-file", metrics_port_file, "write the bound metrics port here");
+  app.add_option("--db-connections", db_connections, "database connection pool size")
+      ->check(CLI::Range(1, 1000))
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
+  // Debian's Abseil checks every Mutex acquisition (gRPC takes many per call) for lock-order
+  // cycles, a debugging aid that costs the daemon several percent of its CPU.
+  absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
 
   if (artifact_root.rfind("file:///", 0) != 0) {
     std::cerr << "btx-scheduler: --artifact-root '" << artifact_root << "': expected a file:///absolute/path URI\n";
@@ -71,20 +92,47 @@ int main(int argc, char** argv) {
     return 1;
   }
   std::filesystem::create_directories(cfg.artifact_root);
-  btx::storage::ConnectionPool pool(database_url, 16);
+  btx::storage::ConnectionPool pool(database_url, db_connections);
   btx::storage::Store store(pool);
   btx::SystemClock clock;
-  btx::scheduler::Scheduler scheduler(cfg, store, clock, database_url);
+  // Declared before the scheduler and the exposer, which both read it until they are gone.
+  btx::metrics::Registry registry;
+  std::unique_ptr<btx::metrics::Exposer> exposer;
+  if (metrics_listen != "off" && !metrics_listen.empty()) {
+    const size_t colon = metrics_listen.rfind(':');
+    int metrics_port = -1;
+    if (colon != std::string::npos) {
+      try {
+        metrics_port = std::stoi(metrics_listen.substr(colon + 1));
+      } catch (const std::exception&) {
+      }
+    }
+    if (metrics_port < 0 || metrics_port > 65535) {
+      std::cerr << "btx-scheduler: --metrics-listen '" << metrics_listen << "': expected host:port or off\n";
+      return 2;
+    }
+    try {
+      exposer = std::make_unique<btx::metrics::Exposer>(registry, metrics_listen.substr(0, colon), metrics_port);
+      spdlog::info("metrics on http://{}:{}/metrics", metrics_listen.substr(0, colon), exposer->port());
+      if (!metrics_port_file.empty()) WritePortFile(metrics_port_file, exposer->port());
+    } catch (const std::exception& e) {
+      // The default port may well be taken (it is Prometheus's own); only an explicit request
+      // for an address is worth refusing to start over.
+      if (metrics_opt->count() > 0) {
+        std::cerr << "btx-scheduler: " << e.what() << "\n";
+        return 1;
+      }
+      spdlog::warn("{}; serving no metrics (give --metrics-listen to choose another address)", e.what());
+    }
+  }
+  btx::scheduler::Scheduler scheduler(cfg, store, clock, database_url, &registry);
   auto port = scheduler.Start();
   if (!port.ok()) {
     std::cerr << "btx-scheduler: " << port.status().message() << "\n";
     return 1;
   }
   spdlog::info("btx-scheduler listening on port {}", *port);
-  if (!port_file.empty()) {
-    std::ofstream(port_file + ".tmp") << *port << "\n";
-    std::filesystem::rename(port_file + ".tmp", port_file);
-  }
+  if (!port_file.empty()) WritePortFile(port_file, *port);
   g_scheduler = &scheduler;
   std::signal(SIGTERM, OnSignal);
   std::signal(SIGINT, OnSignal);

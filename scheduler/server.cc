@@ -3,10 +3,18 @@
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/health_check_service_interface.h>
 
+#include <functional>
 #include <pqxx/pqxx>
+#include <utility>
 
 #include "btx/common/strings.h"
+#include "btx/metrics/metrics.h"
+#include "metrics.h"
 #include "services.h"
+
+#ifndef BTX_VERSION
+#define BTX_VERSION "unknown"
+#endif
 
 namespace btx::scheduler {
 
@@ -16,6 +24,14 @@ void Notifier::Notify() {
     ++gen_;
   }
   cv_.notify_all();
+}
+
+void Notifier::NotifyOne(int n) {
+  {
+    std::lock_guard lock(mu_);
+    ++gen_;
+  }
+  for (int i = 0; i < n; ++i) cv_.notify_one();
 }
 
 uint64_t Notifier::generation() {
@@ -29,14 +45,51 @@ uint64_t Notifier::WaitFor(uint64_t seen, Duration max_wait) {
   return gen_;
 }
 
-Scheduler::Scheduler(SchedulerConfig config, storage::Store& store, const Clock& clock, std::string conninfo)
-    : config_(std::move(config)), store_(store), clock_(clock), conninfo_(std::move(conninfo)) {}
+void WakeUps::JobsChanged() {
+  jobs_.NotifyOne();
+  {
+    std::lock_guard lock(mu_);
+    jobs_pending_ = true;
+  }
+  cv_.notify_one();
+}
+
+void WakeUps::EventsChanged() {
+  events_.Notify();
+  {
+    std::lock_guard lock(mu_);
+    events_pending_ = true;
+  }
+  cv_.notify_one();
+}
+
+std::pair<bool, bool> WakeUps::TakePending(Duration max_wait) {
+  std::unique_lock lock(mu_);
+  cv_.wait_for(lock, max_wait, [&] { return jobs_pending_ || events_pending_ || stopped_; });
+  return {std::exchange(jobs_pending_, false), std::exchange(events_pending_, false)};
+}
+
+void WakeUps::Stop() {
+  {
+    std::lock_guard lock(mu_);
+    stopped_ = true;
+  }
+  cv_.notify_all();
+  jobs_.Notify();
+  events_.Notify();
+}
+
+Scheduler::Scheduler(SchedulerConfig config, storage::Store& store, const Clock& clock, std::string conninfo,
+                     metrics::Registry* registry)
+    : config_(std::move(config)), store_(store), clock_(clock), conninfo_(std::move(conninfo)) {
+  if (registry) metrics_ = std::make_unique<SchedulerMetrics>(*registry, config_.lease, BTX_VERSION);
+}
 
 Scheduler::~Scheduler() { Shutdown(); }
 
 absl::StatusOr<int> Scheduler::Start() {
-  pipelines_ = std::make_unique<PipelineServiceImpl>(store_, clock_, notifier_);
-  workers_ = std::make_unique<WorkerServiceImpl>(config_, store_, clock_, notifier_);
+  pipelines_ = std::make_unique<PipelineServiceImpl>(store_, clock_, wakeups_, stopping_);
+  workers_ = std::make_unique<WorkerServiceImpl>(config_, store_, clock_, wakeups_, metrics_.get(), stopping_);
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
@@ -45,19 +98,49 @@ absl::StatusOr<int> Scheduler::Start() {
   builder.RegisterService(pipelines_.get());
   builder.RegisterService(workers_.get());
   builder.SetMaxReceiveMessageSize(4 << 20);
+  // A sync server thread whose handler returns exits when max_pollers threads already poll, and a
+  // new one is made for the next call: with hundreds of workers in long polls that churn (thread
+  // stacks mapped and unmapped per call) cost more than the handlers. Idle threads just wait.
+  builder.SetSyncServerOption(grpc::ServerBuilder::SyncServerOption::MAX_POLLERS, config_.max_idle_threads);
+  // Per-call channelz bookkeeping nobody reads here; our own metrics count the calls.
+  builder.AddChannelArgument(GRPC_ARG_ENABLE_CHANNELZ, 0);
+  if (metrics_) {
+    std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
+    interceptors.push_back(metrics_->MakeInterceptorFactory());
+    builder.experimental().SetInterceptorCreators(std::move(interceptors));
+  }
   server_ = builder.BuildAndStart();
   if (!server_ || port == 0) return absl::UnavailableError(Cat("cannot listen on ", config_.listen));
   reaper_ = std::thread([this] { ReaperLoop(); });
   listener_ = std::thread([this] { ListenLoop(); });
+  pump_ = std::thread([this] { PumpLoop(); });
+  if (metrics_) metrics_loop_ = std::thread([this] { MetricsLoop(); });
   return port;
 }
 
 void Scheduler::Shutdown() {
-  if (stopping_.exchange(true)) return;
-  notifier_.Notify();
+  // call_once makes a second caller (a signal's thread racing main) wait until the first is done.
+  std::call_once(shutdown_once_, [this] { ShutdownOnce(); });
+}
+
+void Scheduler::ShutdownOnce() {
+  {
+    std::lock_guard lock(stop_mu_);
+    stopping_ = true;
+  }
+  stop_cv_.notify_all();
+  wakeups_.Stop();
   if (server_) server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   if (reaper_.joinable()) reaper_.join();
   if (listener_.joinable()) listener_.join();
+  if (pump_.joinable()) pump_.join();
+  if (metrics_loop_.joinable()) metrics_loop_.join();
+}
+
+bool Scheduler::SleepUnlessStopping(Duration d) {
+  std::unique_lock lock(stop_mu_);
+  stop_cv_.wait_for(lock, d, [&] { return stopping_.load(); });
+  return !stopping_;
 }
 
 void Scheduler::Wait() {
@@ -67,27 +150,66 @@ void Scheduler::Wait() {
 absl::Status Scheduler::ReapOnce() {
   auto expired = store_.ReapExpiredLeases(config_.retry, clock_.Now());
   if (!expired.ok()) return expired.status();
+  if (metrics_) metrics_->OnExpired(*expired);
   auto lost = store_.MarkLostWorkers(config_.lease, clock_.Now());
-  if (!expired->empty()) notifier_.Notify();
+  if (!expired->empty()) {
+    wakeups_.JobsChanged();
+    wakeups_.EventsChanged();
+  }
   return lost.status();
 }
 
 void Scheduler::ReaperLoop() {
-  uint64_t gen = notifier_.generation();
-  while (!stopping_) {
+  // Leases expire with time, not with commits, so the reaper runs on a timer; waking it on every
+  // notification would double the database load of a busy scheduler.
+  do {
     (void)ReapOnce();  // a database outage is retried on the next pass
-    gen = notifier_.WaitFor(gen, config_.reap_interval);
+  } while (SleepUnlessStopping(config_.reap_interval));
+}
+
+absl::Status Scheduler::RefreshMetrics() {
+  if (!metrics_) return absl::OkStatus();
+  const uint64_t mark = metrics_->Mark();
+  auto snapshot = store_.ReadFleetSnapshot(config_.router_share_pipelines);
+  if (!snapshot.ok()) return snapshot.status();
+  metrics_->ApplySnapshot(*snapshot, mark);
+  return absl::OkStatus();
+}
+
+void Scheduler::MetricsLoop() {
+  do {
+    (void)RefreshMetrics();  // stale gauges until the database is back; the next pass retries
+  } while (SleepUnlessStopping(config_.metrics_refresh));
+}
+
+void Scheduler::PumpLoop() {
+  std::unique_ptr<pqxx::connection> conn;
+  while (!stopping_) {
+    const auto [jobs, events] = wakeups_.TakePending(std::chrono::seconds(1));
+    if (!jobs && !events) continue;
+    const std::string sql = Cat(jobs ? Cat("NOTIFY ", storage::kJobsChannel, ";") : "",
+                                events ? Cat("NOTIFY ", storage::kEventsChannel, ";") : "");
+    try {
+      if (!conn) conn = std::make_unique<pqxx::connection>(conninfo_);
+      pqxx::nontransaction(*conn).exec(sql);
+    } catch (const std::exception&) {
+      // Lost wake-ups only delay the other replicas until their periodic re-checks.
+      conn.reset();
+    }
+    // Everything committed meanwhile rides on the next NOTIFY.
+    if (!SleepUnlessStopping(config_.notify_coalesce)) break;
   }
 }
 
 namespace {
 class Receiver final : public pqxx::notification_receiver {
  public:
-  Receiver(pqxx::connection_base& c, const std::string& channel, Notifier& n) : notification_receiver(c, channel), n_(n) {}
-  void operator()(const std::string&, int) override { n_.Notify(); }
+  Receiver(pqxx::connection_base& c, const std::string& channel, std::function<void()> on_notify)
+      : notification_receiver(c, channel), on_notify_(std::move(on_notify)) {}
+  void operator()(const std::string&, int) override { on_notify_(); }
 
  private:
-  Notifier& n_;
+  std::function<void()> on_notify_;
 };
 }  // namespace
 
@@ -95,12 +217,15 @@ void Scheduler::ListenLoop() {
   while (!stopping_) {
     try {
       pqxx::connection conn(conninfo_);
-      Receiver jobs(conn, storage::kJobsChannel, notifier_), events(conn, storage::kEventsChannel, notifier_);
+      // One waiter starts the claim chain; every stream looks at the new events.
+      Receiver jobs(conn, storage::kJobsChannel, [this] { wakeups_.jobs().NotifyOne(); });
+      Receiver events(conn, storage::kEventsChannel, [this] { wakeups_.events().Notify(); });
       while (!stopping_) conn.await_notification(0, 200000);
     } catch (const std::exception&) {
       // The database is away; wake everyone so they see the error, then try again shortly.
-      notifier_.Notify();
-      for (int i = 0; i < 10 && !stopping_; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      wakeups_.jobs().Notify();
+      wakeups_.events().Notify();
+      SleepUnlessStopping(std::chrono::seconds(1));
     }
   }
 }

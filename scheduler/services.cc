@@ -68,7 +68,8 @@ grpc::Status PipelineServiceImpl::Submit(grpc::ServerContext*, const v1::SubmitR
   if (!created.ok()) return ToGrpcStatus(created.status());
   ToProto(created->first, resp->mutable_pipeline());
   resp->set_created(created->second);
-  notifier_.Notify();
+  wakeups_.JobsChanged();
+  wakeups_.EventsChanged();
   return grpc::Status::OK;
 }
 
@@ -102,7 +103,7 @@ grpc::Status PipelineServiceImpl::Cancel(grpc::ServerContext*, const v1::CancelR
   auto p = store_.CancelPipeline(req->id(), req->reason().substr(0, 1024), clock_.Now());
   if (!p.ok()) return ToGrpcStatus(p.status());
   ToProto(*p, resp);
-  notifier_.Notify();
+  wakeups_.EventsChanged();
   return grpc::Status::OK;
 }
 
@@ -111,7 +112,8 @@ grpc::Status PipelineServiceImpl::Retry(grpc::ServerContext*, const v1::RetryReq
   auto p = store_.RetryPipeline(req->id(), clock_.Now());
   if (!p.ok()) return ToGrpcStatus(p.status());
   ToProto(*p, resp);
-  notifier_.Notify();
+  wakeups_.JobsChanged();
+  wakeups_.EventsChanged();
   return grpc::Status::OK;
 }
 
@@ -123,7 +125,8 @@ grpc::Status PipelineServiceImpl::Watch(grpc::ServerContext* ctx, const v1::Watc
   }
   int64_t after = req->after_event_id();
   while (!ctx->IsCancelled()) {
-    const uint64_t gen = notifier_.generation();
+    if (stopping_) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "scheduler shutting down; reconnect");
+    const uint64_t gen = wakeups_.events().generation();
     auto events = store_.EventsAfter(req->pipeline_id(), after, 500);
     if (!events.ok()) return ToGrpcStatus(events.status());
     bool terminal = false;
@@ -138,7 +141,7 @@ grpc::Status PipelineServiceImpl::Watch(grpc::ServerContext* ctx, const v1::Watc
     if (events->size() == 500) continue;
     if (!req->follow() || terminal) return grpc::Status::OK;
     // Another replica's commits arrive through LISTEN/NOTIFY; the bounded wait is a safety net.
-    notifier_.WaitFor(gen, std::chrono::seconds(1));
+    wakeups_.events().WaitFor(gen, std::chrono::seconds(1));
   }
   return grpc::Status(grpc::StatusCode::CANCELLED, "client went away");
 }
@@ -148,7 +151,8 @@ grpc::Status PipelineServiceImpl::Logs(grpc::ServerContext* ctx, const v1::LogsR
   if (auto s = CheckId("job_id", req->job_id()); !s.ok()) return ToGrpcStatus(s);
   int64_t after = req->after_seq();
   while (!ctx->IsCancelled()) {
-    const uint64_t gen = notifier_.generation();
+    if (stopping_) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "scheduler shutting down; reconnect");
+    const uint64_t gen = wakeups_.events().generation();
     auto job = store_.GetJob(req->job_id());
     if (!job.ok()) return ToGrpcStatus(job.status());
     auto lines = store_.LogsAfter(req->job_id(), after, 1000);
@@ -166,7 +170,7 @@ grpc::Status PipelineServiceImpl::Logs(grpc::ServerContext* ctx, const v1::LogsR
     if (lines->size() == 1000) continue;
     const bool terminal = job->state == "SUCCEEDED" || job->state == "FAILED" || job->state == "CANCELLED";
     if (!req->follow() || terminal) return grpc::Status::OK;
-    notifier_.WaitFor(gen, std::chrono::seconds(1));
+    wakeups_.events().WaitFor(gen, std::chrono::seconds(1));
   }
   return grpc::Status(grpc::StatusCode::CANCELLED, "client went away");
 }
@@ -222,11 +226,15 @@ grpc::Status WorkerServiceImpl::AcquireJob(grpc::ServerContext* ctx, const v1::A
   if (req->wait_timeout_ms() < 0 || req->wait_timeout_ms() > 60000) {
     return ToGrpcStatus(InvalidFields({{"wait_timeout_ms", Cat("got ", req->wait_timeout_ms(), "; expected 0..60000")}}));
   }
+  // The long-poll deadline and the claim latency are real elapsed time; lease times come from the
+  // injected clock.
+  const auto arrived = std::chrono::steady_clock::now();
   const auto wait = std::min<Duration>(Duration(req->wait_timeout_ms()), config_.max_poll);
-  const auto give_up = std::chrono::steady_clock::now() + wait;
+  const auto give_up = arrived + wait;
   while (true) {
-    const uint64_t gen = notifier_.generation();
+    const uint64_t gen = wakeups_.jobs().generation();
     const auto started = clock_.Now();
+    const uint64_t mark = metrics_ ? metrics_->Mark() : 0;
     auto claimed = store_.ClaimJob(req->worker_id(), req->free_gpus(), config_.lease, started);
     if (!claimed.ok()) return ToGrpcStatus(claimed.status());
     if (claimed->has_value()) {
@@ -247,13 +255,19 @@ grpc::Status WorkerServiceImpl::AcquireJob(grpc::ServerContext* ctx, const v1::A
       job->set_resume_from_uri(c.job.checkpoint_uri);
       if (c.job.lease_deadline) SetTime(*c.job.lease_deadline, job->mutable_lease_deadline());
       job->mutable_resources()->set_gpus(c.job.gpus);
-      if (on_claim_) on_claim_(c, started);
+      if (metrics_) {
+        metrics_->OnClaim(c, started, std::chrono::duration<double>(std::chrono::steady_clock::now() - arrived).count(), mark);
+      }
+      // There may be more where this came from: pass the wake-up on, to two waiters, so a burst of
+      // new jobs reaches every idle worker in a few steps while an empty queue stops the chain.
+      wakeups_.jobs().NotifyOne(2);
+      wakeups_.EventsChanged();
       return grpc::Status::OK;
     }
-    if (ctx->IsCancelled() || std::chrono::steady_clock::now() >= give_up) return grpc::Status::OK;
+    if (stopping_ || ctx->IsCancelled() || std::chrono::steady_clock::now() >= give_up) return grpc::Status::OK;
     const auto left = std::chrono::duration_cast<Duration>(give_up - std::chrono::steady_clock::now());
     // Wakes on any commit that makes a job claimable; the cap re-checks backoff expiries.
-    notifier_.WaitFor(gen, std::min<Duration>(left, std::chrono::seconds(1)));
+    wakeups_.jobs().WaitFor(gen, std::min<Duration>(left, std::chrono::seconds(1)));
   }
 }
 
@@ -288,8 +302,21 @@ grpc::Status WorkerServiceImpl::Heartbeat(grpc::ServerContext*, const v1::Heartb
     }
     rows.push_back(std::move(row));
   }
-  auto directives = store_.Heartbeat(req->worker_id(), rows, req->draining(), config_.lease, clock_.Now());
+  const uint64_t mark = metrics_ ? metrics_->Mark() : 0;
+  const TimePoint now = clock_.Now();
+  auto directives = store_.Heartbeat(req->worker_id(), rows, req->draining(), config_.lease, now);
   if (!directives.ok()) return ToGrpcStatus(directives.status());
+  if (metrics_) {
+    for (size_t i = 0; i < directives->size() && static_cast<int>(i) < req->jobs_size(); ++i) {
+      const auto& r = req->jobs(static_cast<int>(i));
+      ReportedProgress p;
+      if (r.has_progress()) {
+        p = {r.progress().step(), r.progress().total_steps(), r.progress().loss(), r.progress().tokens_per_second(),
+             r.progress().eta_seconds()};
+      }
+      metrics_->OnHeartbeat((*directives)[i], r.has_progress() ? &p : nullptr, now, mark);
+    }
+  }
   for (const auto& d : *directives) {
     auto* out = resp->add_jobs();
     out->set_job_id(d.job_id);
@@ -299,7 +326,7 @@ grpc::Status WorkerServiceImpl::Heartbeat(grpc::ServerContext*, const v1::Heartb
                                                                     : v1::JOB_DIRECTIVE_LEASE_LOST);
     if (d.lease_deadline) SetTime(*d.lease_deadline, out->mutable_lease_deadline());
   }
-  if (!rows.empty()) notifier_.Notify();
+  if (!rows.empty()) wakeups_.EventsChanged();
   return grpc::Status::OK;
 }
 
@@ -312,9 +339,14 @@ grpc::Status WorkerServiceImpl::Complete(grpc::ServerContext*, const v1::Complet
   if (!req->result_json().empty() && !json::parse(req->result_json(), nullptr, false).is_object()) {
     return ToGrpcStatus(InvalidFields({{"result_json", "expected a JSON object"}}));
   }
+  int readied = 0;
   auto s = store_.CompleteJob(req->worker_id(), req->job_id(), req->attempt(), req->artifact_uri(), req->result_json(),
-                              clock_.Now());
-  if (s.ok()) notifier_.Notify();
+                              clock_.Now(), &readied);
+  if (s.ok()) {
+    if (metrics_) metrics_->OnComplete(req->job_id());
+    if (readied > 0) wakeups_.JobsChanged();
+    wakeups_.EventsChanged();
+  }
   return ToGrpcStatus(s);
 }
 
@@ -323,7 +355,11 @@ grpc::Status WorkerServiceImpl::Fail(grpc::ServerContext*, const v1::FailRequest
   if (auto s = CheckId("job_id", req->job_id()); !s.ok()) return ToGrpcStatus(s);
   auto out = store_.FailJob(req->worker_id(), req->job_id(), req->attempt(), req->error().substr(0, 8192),
                             req->retryable(), req->cancelled(), req->checkpoint_uri(), config_.retry, clock_.Now());
-  if (out.ok()) notifier_.Notify();
+  if (out.ok()) {
+    if (metrics_) metrics_->OnFail(req->job_id(), *out);
+    // A retry becomes claimable after its backoff, which long polls re-check on their own.
+    wakeups_.EventsChanged();
+  }
   return ToGrpcStatus(out.status());
 }
 

@@ -1,8 +1,9 @@
 #pragma once
 
-#include <functional>
+#include <atomic>
 
 #include "btx/scheduler/server.h"
+#include "metrics.h"
 #include "btx/v1/pipeline_service.grpc.pb.h"
 #include "btx/v1/worker_service.grpc.pb.h"
 
@@ -10,8 +11,8 @@ namespace btx::scheduler {
 
 class PipelineServiceImpl final : public btx::v1::PipelineService::Service {
  public:
-  PipelineServiceImpl(storage::Store& store, const Clock& clock, Notifier& notifier)
-      : store_(store), clock_(clock), notifier_(notifier) {}
+  PipelineServiceImpl(storage::Store& store, const Clock& clock, WakeUps& wakeups, const std::atomic<bool>& stopping)
+      : store_(store), clock_(clock), wakeups_(wakeups), stopping_(stopping) {}
   grpc::Status Submit(grpc::ServerContext*, const btx::v1::SubmitRequest*, btx::v1::SubmitResponse*) override;
   grpc::Status Get(grpc::ServerContext*, const btx::v1::GetPipelineRequest*, btx::v1::Pipeline*) override;
   grpc::Status List(grpc::ServerContext*, const btx::v1::ListPipelinesRequest*, btx::v1::ListPipelinesResponse*) override;
@@ -25,15 +26,16 @@ class PipelineServiceImpl final : public btx::v1::PipelineService::Service {
  private:
   storage::Store& store_;
   const Clock& clock_;
-  Notifier& notifier_;
+  WakeUps& wakeups_;
+  const std::atomic<bool>& stopping_;
 };
 
 class WorkerServiceImpl final : public btx::v1::WorkerService::Service {
  public:
-  using ClaimHook = std::function<void(const storage::ClaimedJob&, TimePoint requested)>;
-  WorkerServiceImpl(const SchedulerConfig& config, storage::Store& store, const Clock& clock, Notifier& notifier,
-                    ClaimHook on_claim = nullptr)
-      : config_(config), store_(store), clock_(clock), notifier_(notifier), on_claim_(std::move(on_claim)) {}
+  // `metrics` may be null; `stopping` ends long polls at once when the server shuts down.
+  WorkerServiceImpl(const SchedulerConfig& config, storage::Store& store, const Clock& clock, WakeUps& wakeups,
+                    SchedulerMetrics* metrics, const std::atomic<bool>& stopping)
+      : config_(config), store_(store), clock_(clock), wakeups_(wakeups), metrics_(metrics), stopping_(stopping) {}
   grpc::Status Register(grpc::ServerContext*, const btx::v1::RegisterRequest*, btx::v1::RegisterResponse*) override;
   grpc::Status AcquireJob(grpc::ServerContext*, const btx::v1::AcquireJobRequest*, btx::v1::AcquireJobResponse*) override;
   grpc::Status Heartbeat(grpc::ServerContext*, const btx::v1::HeartbeatRequest*, btx::v1::HeartbeatResponse*) override;
@@ -44,8 +46,9 @@ class WorkerServiceImpl final : public btx::v1::WorkerService::Service {
   const SchedulerConfig& config_;
   storage::Store& store_;
   const Clock& clock_;
-  Notifier& notifier_;
-  ClaimHook on_claim_;
+  WakeUps& wakeups_;
+  SchedulerMetrics* metrics_;
+  const std::atomic<bool>& stopping_;
 };
 
 }  // namespace btx::scheduler

@@ -21,43 +21,31 @@ void AddEvent(pqxx::work& tx, const std::string& pipeline_id, const std::string&
   Notify(tx, kEventsChannel);
 }
 
-void FailPipeline(pqxx::work& tx, const std::string& pipeline_id, const std::string& error, TimePoint now) {
+bool LockPipeline(pqxx::work& tx, const std::string& pipeline_id) {
+  return !tx.exec_params("SELECT 1 FROM pipelines WHERE id = $1::uuid FOR NO KEY UPDATE", UuidParam(pipeline_id)).empty();
+}
+
+std::optional<std::string> LockPipelineOfJob(pqxx::work& tx, const std::string& job_id) {
+  // A job never changes pipeline, so reading pipeline_id before the lock is safe.
+  auto r = tx.exec_params(
+      "SELECT p.id FROM pipelines p WHERE p.id = (SELECT pipeline_id FROM jobs WHERE id = $1::uuid) FOR NO KEY UPDATE",
+      UuidParam(job_id));
+  if (r.empty()) return std::nullopt;
+  return r[0][0].as<std::string>();
+}
+
+bool FailPipeline(pqxx::work& tx, const std::string& pipeline_id, const std::string& error, TimePoint now) {
   auto r = tx.exec_params("UPDATE pipelines SET state = 'FAILED', error = $2, updated_at = " + Ts(3) +
                               " WHERE id = $1 AND state = 'RUNNING' RETURNING id",
                           pipeline_id, error, Micros(now));
-  if (r.empty()) return;
+  if (r.empty()) return false;
   // Nothing else of a failed pipeline should run: drop queued work, stop running work.
   tx.exec_params("UPDATE jobs SET state = 'CANCELLED', finished_at = " + Ts(2) +
                      " WHERE pipeline_id = $1 AND state IN ('PENDING', 'READY', 'RETRY_WAIT')",
                  pipeline_id, Micros(now));
   tx.exec_params("UPDATE jobs SET cancel_requested = true WHERE pipeline_id = $1 AND state = 'LEASED'", pipeline_id);
   AddEvent(tx, pipeline_id, "", "pipeline.failed", json{{"pipeline_state", "FAILED"}, {"message", error}}.dump(), now);
-}
-
-void AfterJobSucceeded(pqxx::work& tx, const std::string& job_id, const std::string& pipeline_id, TimePoint now) {
-  auto ready = tx.exec_params(
-      "UPDATE jobs SET deps_remaining = deps_remaining - 1, "
-      "state = CASE WHEN deps_remaining = 1 AND state = 'PENDING' THEN 'READY' ELSE state END, "
-      "ready_at = CASE WHEN deps_remaining = 1 THEN " + Ts(2) + " ELSE ready_at END "
-      "WHERE id IN (SELECT job_id FROM job_deps WHERE depends_on = $1) RETURNING id, state",
-      job_id, Micros(now));
-  bool any_ready = false;
-  for (const auto& r : ready) {
-    if (r[1].as<std::string>() == job_state::kReady) {
-      any_ready = true;
-      AddEvent(tx, pipeline_id, r[0].as<std::string>(), "job.ready", json{{"state", "READY"}}.dump(), now);
-    }
-  }
-  if (any_ready) Notify(tx, kJobsChannel);
-  auto left = tx.exec_params("SELECT count(*) FROM jobs WHERE pipeline_id = $1 AND state <> 'SUCCEEDED'", pipeline_id);
-  if (left[0][0].as<int64_t>() == 0) {
-    auto done = tx.exec_params("UPDATE pipelines SET state = 'SUCCEEDED', updated_at = " + Ts(2) +
-                                   " WHERE id = $1 AND state = 'RUNNING' RETURNING id",
-                               pipeline_id, Micros(now));
-    if (!done.empty()) {
-      AddEvent(tx, pipeline_id, "", "pipeline.succeeded", json{{"pipeline_state", "SUCCEEDED"}}.dump(), now);
-    }
-  }
+  return true;
 }
 
 }  // namespace internal
@@ -130,19 +118,19 @@ absl::StatusOr<std::pair<PipelineRecord, bool>> Store::CreatePipeline(const NewP
 
 absl::StatusOr<PipelineRecord> Store::CancelPipeline(const std::string& id, const std::string& reason, TimePoint now) {
   auto s = InTx<bool>(pool_, "cancel pipeline", [&](pqxx::work& tx) -> absl::StatusOr<bool> {
-    auto r = tx.exec_params("SELECT state FROM pipelines WHERE id::text = $1 FOR UPDATE", id);
+    auto r = tx.exec_params("SELECT id, state FROM pipelines WHERE id = $1::uuid FOR NO KEY UPDATE", UuidParam(id));
     if (r.empty()) return absl::NotFoundError(Cat("pipeline '", id, "' not found"));
-    if (r[0][0].as<std::string>() != pipeline_state::kRunning) return false;  // terminal: cancelling is a no-op
+    if (r[0][1].as<std::string>() != pipeline_state::kRunning) return false;  // terminal: cancelling is a no-op
+    const std::string pid = r[0][0].as<std::string>();
     std::string msg = reason.empty() ? "cancelled by user" : reason;
     tx.exec_params("UPDATE pipelines SET state = 'CANCELLED', cancel_requested = true, error = $2, updated_at = " + Ts(3) +
-                       " WHERE id::text = $1",
-                   id, msg, Micros(now));
+                       " WHERE id = $1",
+                   pid, msg, Micros(now));
     tx.exec_params("UPDATE jobs SET state = 'CANCELLED', finished_at = " + Ts(2) +
-                       " WHERE pipeline_id::text = $1 AND state IN ('PENDING', 'READY', 'RETRY_WAIT')",
-                   id, Micros(now));
+                       " WHERE pipeline_id = $1 AND state IN ('PENDING', 'READY', 'RETRY_WAIT')",
+                   pid, Micros(now));
     // Running jobs learn it from their next heartbeat; their lease ends as CANCELLED.
-    tx.exec_params("UPDATE jobs SET cancel_requested = true WHERE pipeline_id::text = $1 AND state = 'LEASED'", id);
-    auto pid = tx.exec_params("SELECT id FROM pipelines WHERE id::text = $1", id)[0][0].as<std::string>();
+    tx.exec_params("UPDATE jobs SET cancel_requested = true WHERE pipeline_id = $1 AND state = 'LEASED'", pid);
     AddEvent(tx, pid, "", "pipeline.cancelled", json{{"pipeline_state", "CANCELLED"}, {"message", msg}}.dump(), now);
     return true;
   });
@@ -152,7 +140,7 @@ absl::StatusOr<PipelineRecord> Store::CancelPipeline(const std::string& id, cons
 
 absl::StatusOr<PipelineRecord> Store::RetryPipeline(const std::string& id, TimePoint now) {
   auto s = InTx<bool>(pool_, "retry pipeline", [&](pqxx::work& tx) -> absl::StatusOr<bool> {
-    auto r = tx.exec_params("SELECT id, state FROM pipelines WHERE id::text = $1 FOR UPDATE", id);
+    auto r = tx.exec_params("SELECT id, state FROM pipelines WHERE id = $1::uuid FOR NO KEY UPDATE", UuidParam(id));
     if (r.empty()) return absl::NotFoundError(Cat("pipeline '", id, "' not found"));
     std::string pid = r[0][0].as<std::string>(), state = r[0][1].as<std::string>();
     if (state == pipeline_state::kSucceeded || state == pipeline_state::kRunning) {

@@ -20,11 +20,18 @@ inline std::string Us(const std::string& col) { return "(extract(epoch from " + 
 inline int64_t Micros(TimePoint t) { return ToUnixMicros(t); }
 
 extern const std::string kJobColumns;  // select list decoded by JobFromRow
+// kJobColumns but the last one: the parents' names, comma-separated, sorted.
+extern const std::string kJobColumnsWithoutDeps;
 JobRecord JobFromRow(const pqxx::row& r);
 extern const std::string kPipelineColumns;
 PipelineRecord PipelineFromRow(const pqxx::row& r);
 
 std::optional<TimePoint> OptTime(const pqxx::field& f);
+
+// Ids arrive as text from the API. Comparing `id::text = $1` would defeat every index on the uuid
+// columns, so ids are cast on our side instead; a malformed id becomes the nil UUID, which no row
+// has (ids come from gen_random_uuid), so it still reads as "not found".
+std::string UuidParam(const std::string& id);
 
 // Runs fn in a transaction on a pooled connection; commits when fn returns OK. Maps exceptions to
 // statuses and drops broken connections.
@@ -46,11 +53,45 @@ absl::StatusOr<T> InTx(ConnectionPool& pool, std::string_view what, Fn&& fn) {
   }
 }
 
+// Lock order, to keep concurrent transactions free of deadlocks: a transaction that locks more
+// than one row takes its pipeline row first (FOR NO KEY UPDATE, which does not block the KEY SHARE
+// locks that foreign-key checks take, so claims and heartbeats never wait for it), then job rows.
+// Returns false when the pipeline does not exist.
+bool LockPipeline(pqxx::work& tx, const std::string& pipeline_id);
+// Locks the pipeline of a job; returns its id, or nullopt when the job does not exist.
+std::optional<std::string> LockPipelineOfJob(pqxx::work& tx, const std::string& job_id);
+
+// Runs fn on a pooled connection outside an explicit transaction: for work that is a single
+// statement (atomic by itself), it saves the BEGIN and COMMIT round trips.
+template <typename T, typename Fn>
+absl::StatusOr<T> InAutocommit(ConnectionPool& pool, std::string_view what, Fn&& fn) {
+  auto lease = pool.Acquire();
+  if (!lease.ok()) return lease.status();
+  try {
+    pqxx::nontransaction tx(**lease);
+    return fn(tx);
+  } catch (const pqxx::broken_connection& e) {
+    lease->Discard();
+    return StatusFromException(e, what);
+  } catch (const std::exception& e) {
+    if (!(*lease)->is_open()) lease->Discard();
+    return StatusFromException(e, what);
+  }
+}
+
+// Executes `sql` as the prepared statement `name`, preparing it on first use on this connection
+// (re-declaring an identical definition is free): the hot paths skip parsing and planning.
+template <typename... Args>
+pqxx::result ExecPrepared(pqxx::transaction_base& tx, const char* name, const std::string& sql, Args&&... args) {
+  tx.conn().prepare(name, sql);
+  return tx.exec_prepared(name, std::forward<Args>(args)...);
+}
+
 void Notify(pqxx::work& tx, const char* channel);
 void AddEvent(pqxx::work& tx, const std::string& pipeline_id, const std::string& job_id, const std::string& type,
               const std::string& payload_json, TimePoint now);
-// After a job reached a terminal state: update dependents and the pipeline's state.
-void AfterJobSucceeded(pqxx::work& tx, const std::string& job_id, const std::string& pipeline_id, TimePoint now);
-void FailPipeline(pqxx::work& tx, const std::string& pipeline_id, const std::string& error, TimePoint now);
+// Returns true when this call moved the pipeline to FAILED (false: it was no longer RUNNING). The
+// caller holds the pipeline lock.
+bool FailPipeline(pqxx::work& tx, const std::string& pipeline_id, const std::string& error, TimePoint now);
 
 }  // namespace btx::storage::internal

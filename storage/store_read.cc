@@ -1,4 +1,5 @@
 // Row decoding and the read-only queries.
+#include <cctype>
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/numbers.h"
@@ -33,18 +34,31 @@ absl::Status StatusFromException(const std::exception& e, std::string_view what)
 
 namespace internal {
 
+std::string UuidParam(const std::string& id) {
+  static const std::string kNil = "00000000-0000-0000-0000-000000000000";
+  if (id.size() != 36) return kNil;
+  for (size_t i = 0; i < id.size(); ++i) {
+    const bool dash = i == 8 || i == 13 || i == 18 || i == 23;
+    if (dash ? id[i] != '-' : !std::isxdigit(static_cast<unsigned char>(id[i]))) return kNil;
+  }
+  return id;
+}
+
 std::optional<TimePoint> OptTime(const pqxx::field& f) {
   if (f.is_null()) return std::nullopt;
   return FromUnixMicros(f.as<int64_t>());
 }
 
-const std::string kJobColumns =
+const std::string kJobColumnsWithoutDeps =
     "j.id, j.pipeline_id, j.name, j.kind, j.state, j.attempt, j.max_attempts, "
     "coalesce(j.worker_id::text, ''), " + Us("j.lease_deadline") + ", " + Us("j.ready_at") + ", " +
     Us("j.started_at") + ", " + Us("j.finished_at") + ", " + Us("j.created_at") +
     ", j.progress::text, j.checkpoint_uri, j.artifact_uri, j.error, j.spec::text, coalesce(j.result::text, ''), "
-    "j.gpus, j.cancel_requested, "
-    "(SELECT coalesce(string_agg(p.name, ',' ORDER BY p.name), '') FROM job_deps d JOIN jobs p ON p.id = d.depends_on "
+    "j.gpus, j.cancel_requested";
+
+const std::string kJobColumns =
+    kJobColumnsWithoutDeps +
+    ", (SELECT coalesce(string_agg(p.name, ',' ORDER BY p.name), '') FROM job_deps d JOIN jobs p ON p.id = d.depends_on "
     "WHERE d.job_id = j.id)";
 
 JobRecord JobFromRow(const pqxx::row& r) {
@@ -102,7 +116,7 @@ PipelineRecord PipelineFromRow(const pqxx::row& r) {
 
 absl::StatusOr<PipelineRecord> Store::GetPipeline(const std::string& id) {
   return InTx<PipelineRecord>(pool_, "get pipeline", [&](pqxx::work& tx) -> absl::StatusOr<PipelineRecord> {
-    auto r = tx.exec_params("SELECT " + kPipelineColumns + " FROM pipelines p WHERE p.id::text = $1", id);
+    auto r = tx.exec_params("SELECT " + kPipelineColumns + " FROM pipelines p WHERE p.id = $1::uuid", UuidParam(id));
     if (r.empty()) return absl::NotFoundError(Cat("pipeline '", id, "' not found"));
     PipelineRecord p = PipelineFromRow(r[0]);
     for (const auto& row : tx.exec_params("SELECT " + kJobColumns +
@@ -148,9 +162,9 @@ absl::StatusOr<std::vector<JobRecord>> Store::ListJobs(const std::string& pipeli
   return InTx<std::vector<JobRecord>>(pool_, "list jobs", [&](pqxx::work& tx) -> absl::StatusOr<std::vector<JobRecord>> {
     std::vector<JobRecord> out;
     for (const auto& r : tx.exec_params("SELECT " + kJobColumns +
-                                            " FROM jobs j WHERE ($1 = '' OR j.pipeline_id::text = $1) AND "
+                                            " FROM jobs j WHERE ($1 = '' OR j.pipeline_id = $4::uuid) AND "
                                             "($2 = '' OR j.state = $2) ORDER BY j.created_at DESC, j.priority, j.name LIMIT $3",
-                                        pipeline_id, state, limit)) {
+                                        pipeline_id, state, limit, UuidParam(pipeline_id))) {
       out.push_back(JobFromRow(r));
     }
     return out;
@@ -159,7 +173,7 @@ absl::StatusOr<std::vector<JobRecord>> Store::ListJobs(const std::string& pipeli
 
 absl::StatusOr<JobRecord> Store::GetJob(const std::string& job_id) {
   return InTx<JobRecord>(pool_, "get job", [&](pqxx::work& tx) -> absl::StatusOr<JobRecord> {
-    auto r = tx.exec_params("SELECT " + kJobColumns + " FROM jobs j WHERE j.id::text = $1", job_id);
+    auto r = tx.exec_params("SELECT " + kJobColumns + " FROM jobs j WHERE j.id = $1::uuid", UuidParam(job_id));
     if (r.empty()) return absl::NotFoundError(Cat("job '", job_id, "' not found"));
     return JobFromRow(r[0]);
   });
@@ -196,9 +210,9 @@ absl::StatusOr<std::vector<EventRecord>> Store::EventsAfter(const std::string& p
     for (const auto& r : tx.exec_params(
              "SELECT e.id, e.pipeline_id, coalesce(e.job_id::text, ''), coalesce(j.name, ''), e.type, e.payload::text, " +
                  Us("e.created_at") +
-                 " FROM events e LEFT JOIN jobs j ON j.id = e.job_id WHERE ($1 = '' OR e.pipeline_id::text = $1) "
+                 " FROM events e LEFT JOIN jobs j ON j.id = e.job_id WHERE ($1 = '' OR e.pipeline_id = $4::uuid) "
                  "AND e.id > $2 ORDER BY e.id LIMIT $3",
-             pipeline_id, after_id, limit)) {
+             pipeline_id, after_id, limit, UuidParam(pipeline_id))) {
       EventRecord e;
       e.id = r[0].as<int64_t>();
       e.pipeline_id = r[1].as<std::string>();
@@ -217,8 +231,8 @@ absl::StatusOr<std::vector<LogRecord>> Store::LogsAfter(const std::string& job_i
   return InTx<std::vector<LogRecord>>(pool_, "logs", [&](pqxx::work& tx) -> absl::StatusOr<std::vector<LogRecord>> {
     std::vector<LogRecord> out;
     for (const auto& r : tx.exec_params("SELECT id, attempt, stream, line, " + Us("created_at") +
-                                            " FROM job_logs WHERE job_id::text = $1 AND id > $2 ORDER BY id LIMIT $3",
-                                        job_id, after_id, limit)) {
+                                            " FROM job_logs WHERE job_id = $1::uuid AND id > $2 ORDER BY id LIMIT $3",
+                                        UuidParam(job_id), after_id, limit)) {
       out.push_back({r[0].as<int64_t>(), r[1].as<int>(), r[2].as<std::string>(), r[3].as<std::string>(),
                      FromUnixMicros(r[4].as<int64_t>())});
     }
@@ -245,6 +259,33 @@ absl::StatusOr<std::vector<std::pair<std::string, int64_t>>> Store::CountPipelin
       out.emplace_back(r[0].as<std::string>(), r[1].as<int64_t>());
     }
     return out;
+  });
+}
+
+absl::StatusOr<FleetSnapshot> Store::ReadFleetSnapshot(int max_evals) {
+  return InTx<FleetSnapshot>(pool_, "read fleet snapshot", [&](pqxx::work& tx) -> absl::StatusOr<FleetSnapshot> {
+    FleetSnapshot s;
+    for (const auto& r : tx.exec("SELECT state, kind, count(*) FROM jobs GROUP BY state, kind")) {
+      s.jobs.emplace_back(r[0].as<std::string>(), r[1].as<std::string>(), r[2].as<int64_t>());
+    }
+    for (const auto& r : tx.exec("SELECT state, count(*) FROM pipelines GROUP BY state")) {
+      s.pipelines.emplace_back(r[0].as<std::string>(), r[1].as<int64_t>());
+    }
+    s.workers_connected = tx.exec("SELECT count(*) FROM workers WHERE state IN ('ACTIVE', 'DRAINING')")[0][0].as<int64_t>();
+    for (const auto& r : tx.exec("SELECT id, pipeline_id, name, kind, progress::text, " + Us("lease_deadline") +
+                                 " FROM jobs WHERE state = 'LEASED'")) {
+      s.leased.push_back({r[0].as<std::string>(), r[1].as<std::string>(), r[2].as<std::string>(), r[3].as<std::string>(),
+                          r[4].as<std::string>(), OptTime(r[5])});
+    }
+    if (max_evals > 0) {
+      for (const auto& r : tx.exec_params(
+               "SELECT pipeline_id, coalesce(spec->'models'->0->>'name', ''), result::text FROM jobs "
+               "WHERE kind = 'eval' AND state = 'SUCCEEDED' AND result IS NOT NULL ORDER BY finished_at DESC LIMIT $1",
+               max_evals)) {
+        s.evals.push_back({r[0].as<std::string>(), r[1].as<std::string>(), r[2].as<std::string>()});
+      }
+    }
+    return s;
   });
 }
 

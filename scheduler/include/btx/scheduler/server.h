@@ -14,7 +14,13 @@
 #include "btx/common/clock.h"
 #include "btx/storage/store.h"
 
+namespace btx::metrics {
+class Registry;
+}
+
 namespace btx::scheduler {
+
+class SchedulerMetrics;
 
 struct SchedulerConfig {
   std::string listen = "127.0.0.1:0";
@@ -23,15 +29,26 @@ struct SchedulerConfig {
   Duration heartbeat_interval = std::chrono::seconds(5);
   Duration max_poll = std::chrono::seconds(30);
   Duration reap_interval = std::chrono::seconds(2);
+  // gRPC handler threads kept waiting for calls instead of exiting (see Start()).
+  int max_idle_threads = 256;
+  // Wake-ups for other replicas are sent at most once per this interval.
+  Duration notify_coalesce = std::chrono::milliseconds(10);
+  // How often the fleet-wide gauges are re-read from the database (with a metrics registry).
+  Duration metrics_refresh = std::chrono::seconds(5);
+  // btx_router_expert_share covers the newest this many finished evaluations.
+  int router_share_pipelines = 10;
   storage::RetryPolicy retry;
 };
 
-// Wakes long polls and streams when jobs or events change (in this process, or — through
-// LISTEN/NOTIFY — in another replica).
+// Wakes waiters in this process: generation-counted, so a wake-up between reading the generation
+// and waiting is not lost.
 class Notifier {
  public:
-  void Notify();
-  // Waits until Notify or the deadline; returns the generation seen, to detect missed wake-ups.
+  void Notify();  // wakes every waiter
+  // Wakes up to n waiters: claims chain their own wake-ups (see WorkerServiceImpl::AcquireJob), so
+  // a new job does not send every idle long poll to the database at once.
+  void NotifyOne(int n = 1);
+  // Waits until a notification or the deadline; returns the generation seen, to detect missed wake-ups.
   uint64_t WaitFor(uint64_t seen, Duration max_wait);
   uint64_t generation();
 
@@ -41,9 +58,34 @@ class Notifier {
   uint64_t gen_ = 0;
 };
 
+// What a commit changed, told at once to the waiters in this process and, through NOTIFY, to the
+// other replicas. The NOTIFYs are coalesced by the scheduler's pump into one small transaction per
+// interval: PostgreSQL serialises the commits of all notifying transactions on one lock, so a
+// NOTIFY per claim or completion would cap the whole fleet's throughput.
+class WakeUps {
+ public:
+  Notifier& jobs() { return jobs_; }      // a job may have become claimable: long polls
+  Notifier& events() { return events_; }  // new events or log lines: Watch and Logs streams
+  void JobsChanged();
+  void EventsChanged();
+  // For the pump: waits until something is to be published (or max_wait, or Stop); returns
+  // {jobs, events} and clears them.
+  std::pair<bool, bool> TakePending(Duration max_wait);
+  void Stop();
+
+ private:
+  Notifier jobs_, events_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool jobs_pending_ = false, events_pending_ = false, stopped_ = false;
+};
+
 class Scheduler {
  public:
-  Scheduler(SchedulerConfig config, storage::Store& store, const Clock& clock, std::string conninfo);
+  // With a registry, the scheduler registers its metrics there (docs/metrics.md); the registry
+  // must outlive the scheduler. Serving it over HTTP is the caller's business (metrics::Exposer).
+  Scheduler(SchedulerConfig config, storage::Store& store, const Clock& clock, std::string conninfo,
+            metrics::Registry* registry = nullptr);
   ~Scheduler();
   // Binds and serves; returns the bound port.
   absl::StatusOr<int> Start();
@@ -51,21 +93,34 @@ class Scheduler {
   void Wait();
   // One reaper pass (the background loop calls this; tests call it directly with a manual clock).
   absl::Status ReapOnce();
-  Notifier& notifier() { return notifier_; }
+  // Re-reads the fleet-wide gauges from the database (the background loop calls this every
+  // metrics_refresh; tests call it before a scrape). A no-op without a registry.
+  absl::Status RefreshMetrics();
+  // Long polls wait on this one.
+  Notifier& notifier() { return wakeups_.jobs(); }
 
  private:
   void ReaperLoop();
   void ListenLoop();
+  void MetricsLoop();
+  void PumpLoop();
+  void ShutdownOnce();
+  // Sleeps up to `d`; returns false once the scheduler is stopping.
+  bool SleepUnlessStopping(Duration d);
 
   SchedulerConfig config_;
   storage::Store& store_;
   const Clock& clock_;
   std::string conninfo_;
-  Notifier notifier_;
+  WakeUps wakeups_;
+  std::unique_ptr<SchedulerMetrics> metrics_;
   std::unique_ptr<grpc::Service> pipelines_, workers_;
   std::unique_ptr<grpc::Server> server_;
   std::atomic<bool> stopping_{false};
-  std::thread reaper_, listener_;
+  std::once_flag shutdown_once_;
+  std::mutex stop_mu_;
+  std::condition_variable stop_cv_;
+  std::thread reaper_, listener_, metrics_loop_, pump_;
 };
 
 }  // namespace btx::scheduler

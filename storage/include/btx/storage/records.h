@@ -6,6 +6,7 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "btx/common/clock.h"
@@ -113,6 +114,31 @@ struct JobDirectiveRow {
   int attempt = 0;
   Directive directive = Directive::kContinue;
   std::optional<TimePoint> lease_deadline;
+  // Set unless the job is unknown: lets the scheduler label per-job metrics without another query.
+  std::string pipeline_id, name, kind;
+};
+
+// A LEASED job as the metrics refresh sees it.
+struct LeasedJobRow {
+  std::string job_id, pipeline_id, name, kind;
+  std::string progress_json = "{}";  // latest progress reported by any attempt
+  std::optional<TimePoint> lease_deadline;
+};
+
+// The result of a finished eval job, for routing metrics.
+struct EvalResultRow {
+  std::string pipeline_id;
+  std::string main_model;  // the first model of the eval spec: the pipeline's MoE
+  std::string result_json;
+};
+
+// Fleet-wide state read in one transaction, so every replica reports the same numbers.
+struct FleetSnapshot {
+  std::vector<std::tuple<std::string, std::string, int64_t>> jobs;  // state, kind, count
+  std::vector<std::pair<std::string, int64_t>> pipelines;          // state, count
+  int64_t workers_connected = 0;                                   // ACTIVE or DRAINING
+  std::vector<LeasedJobRow> leased;
+  std::vector<EvalResultRow> evals;  // newest first
 };
 
 struct RetryPolicy {

@@ -32,12 +32,14 @@ struct PipelinePage {
 struct ExpiredLease {
   std::string job_id, pipeline_id, name, kind;
   int attempt = 0;
-  bool requeued = false;  // false: out of attempts, FAILED
+  bool requeued = false;         // false: out of attempts (FAILED) or cancelled
+  bool pipeline_failed = false;  // this expiry moved the pipeline to FAILED
 };
 
 struct FailOutcome {
   std::string new_state;  // RETRY_WAIT, FAILED or CANCELLED
-  bool pipeline_failed = false;
+  bool pipeline_failed = false;  // this failure moved the pipeline to FAILED
+  std::string pipeline_id, name, kind;
 };
 
 class Store {
@@ -61,9 +63,11 @@ class Store {
   absl::StatusOr<std::vector<JobDirectiveRow>> Heartbeat(const std::string& worker_id,
                                                          const std::vector<JobReportRow>& reports, bool draining,
                                                          Duration lease, TimePoint now);
-  // FAILED_PRECONDITION when (job_id, attempt) is not the current lease of worker_id.
+  // FAILED_PRECONDITION when (job_id, attempt) is not the current lease of worker_id. `readied`
+  // (optional) receives how many dependents became READY.
   absl::Status CompleteJob(const std::string& worker_id, const std::string& job_id, int attempt,
-                           const std::string& artifact_uri, const std::string& result_json, TimePoint now);
+                           const std::string& artifact_uri, const std::string& result_json, TimePoint now,
+                           int* readied = nullptr);
   absl::StatusOr<FailOutcome> FailJob(const std::string& worker_id, const std::string& job_id, int attempt,
                                       const std::string& error, bool retryable, bool cancelled,
                                       const std::string& checkpoint_uri, const RetryPolicy& policy, TimePoint now);
@@ -83,6 +87,9 @@ class Store {
   // Counts for metrics: state -> count.
   absl::StatusOr<std::vector<std::tuple<std::string, std::string, int64_t>>> CountJobsByStateAndKind();
   absl::StatusOr<std::vector<std::pair<std::string, int64_t>>> CountPipelinesByState();
+  // Everything the metrics refresh needs, in one read-only transaction; `max_evals` bounds the
+  // eval results returned (newest first).
+  absl::StatusOr<FleetSnapshot> ReadFleetSnapshot(int max_evals);
 
  private:
   ConnectionPool& pool_;

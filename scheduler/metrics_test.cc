@@ -1,0 +1,292 @@
+// Scheduler metrics end to end: RPCs over loopback against a real PostgreSQL with a manual clock,
+// then a real HTTP scrape of /metrics, checked value by value and by `promtool check metrics`.
+#include <httplib.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include <gtest/gtest.h>
+
+#include "btx/metrics/exposer.h"
+#include "btx/metrics/metrics.h"
+#include "btx/scheduler/server.h"
+#include "btx/v1/pipeline_service.grpc.pb.h"
+#include "btx/v1/worker_service.grpc.pb.h"
+#include "metrics.h"
+#include "pg_fixture.h"
+#include "test_util.h"
+
+namespace btx::scheduler {
+namespace {
+using namespace std::chrono_literals;
+using testing::ParseExposition;
+namespace v1 = btx::v1;
+
+std::string FindPromtool() {
+  if (const char* env = std::getenv("PROMTOOL"); env && *env) return env;
+  const char* path = std::getenv("PATH");
+  for (const auto& dir : Split(path ? path : "", ':', true)) {
+    const auto candidate = std::filesystem::path(dir) / "promtool";
+    if (::access(candidate.c_str(), X_OK) == 0) return candidate.string();
+  }
+  return {};
+}
+
+class MetricsTest : public ::testing::Test {
+ protected:
+  MetricsTest()
+      : conninfo_(btx::testing::NewMigratedDatabase()), pool_(conninfo_, 8), store_(pool_),
+        scheduler_(Config(), store_, clock_, conninfo_, &registry_), exposer_(registry_, "127.0.0.1", 0) {
+    auto port = scheduler_.Start();
+    EXPECT_TRUE(port.ok()) << port.status();
+    channel_ = grpc::CreateChannel("127.0.0.1:" + std::to_string(*port), grpc::InsecureChannelCredentials());
+    pipelines_ = v1::PipelineService::NewStub(channel_);
+    workers_ = v1::WorkerService::NewStub(channel_);
+  }
+  static SchedulerConfig Config() {
+    SchedulerConfig c;
+    c.artifact_root = "/tmp/btx-test-artifacts";
+    c.lease = 10s;
+    c.reap_interval = 3600s;    // the test drives the reaper
+    c.metrics_refresh = 3600s;  // and the refresh
+    return c;
+  }
+  std::string Scrape() {
+    httplib::Client http("127.0.0.1", exposer_.port());
+    auto res = http.Get("/metrics");
+    EXPECT_TRUE(res) << "scrape failed";
+    if (!res) return "";
+    EXPECT_EQ(res->status, 200);
+    return res->body;
+  }
+  std::string Register(const std::string& name) {
+    grpc::ClientContext ctx;
+    v1::RegisterRequest req;
+    req.set_name(name);
+    v1::RegisterResponse resp;
+    EXPECT_TRUE(workers_->Register(&ctx, req, &resp).ok());
+    return resp.worker_id();
+  }
+  v1::JobAssignment Acquire(const std::string& w) {
+    grpc::ClientContext ctx;
+    v1::AcquireJobRequest req;
+    req.set_worker_id(w);
+    v1::AcquireJobResponse resp;
+    EXPECT_TRUE(workers_->AcquireJob(&ctx, req, &resp).ok());
+    EXPECT_TRUE(resp.has_job());
+    return resp.job();
+  }
+  void Heartbeat(const std::string& w, const v1::JobAssignment& j, int64_t step, int64_t total, double loss, double tps,
+                 double eta) {
+    grpc::ClientContext ctx;
+    v1::HeartbeatRequest req;
+    req.set_worker_id(w);
+    auto* r = req.add_jobs();
+    r->set_job_id(j.job_id());
+    r->set_attempt(j.attempt());
+    auto* p = r->mutable_progress();
+    p->set_step(step);
+    p->set_total_steps(total);
+    p->set_loss(loss);
+    p->set_tokens_per_second(tps);
+    p->set_eta_seconds(eta);
+    v1::HeartbeatResponse resp;
+    ASSERT_TRUE(workers_->Heartbeat(&ctx, req, &resp).ok());
+    ASSERT_EQ(resp.jobs(0).directive(), v1::JOB_DIRECTIVE_CONTINUE);
+  }
+  void Complete(const std::string& w, const v1::JobAssignment& j, const std::string& result = "") {
+    grpc::ClientContext ctx;
+    v1::CompleteRequest req;
+    req.set_worker_id(w);
+    req.set_job_id(j.job_id());
+    req.set_attempt(j.attempt());
+    req.set_artifact_uri(j.output_uri());
+    req.set_result_json(result);
+    v1::CompleteResponse resp;
+    auto st = workers_->Complete(&ctx, req, &resp);
+    ASSERT_TRUE(st.ok()) << st.error_message();
+  }
+  void Fail(const std::string& w, const v1::JobAssignment& j, bool retryable) {
+    grpc::ClientContext ctx;
+    v1::FailRequest req;
+    req.set_worker_id(w);
+    req.set_job_id(j.job_id());
+    req.set_attempt(j.attempt());
+    req.set_error("boom");
+    req.set_retryable(retryable);
+    v1::FailResponse resp;
+    ASSERT_TRUE(workers_->Fail(&ctx, req, &resp).ok());
+  }
+  // A one-job pipeline claimed before anything else (priority -5).
+  void CreateSingle(const std::string& name, const std::string& kind, const std::string& spec, int max_attempts) {
+    storage::NewPipeline p{.name = name, .spec_json = "{}"};
+    p.jobs.push_back({.name = kind, .kind = kind, .spec_json = spec, .max_attempts = max_attempts, .priority = -5});
+    ASSERT_TRUE(store_.CreatePipeline(p, clock_.Now()).ok());
+  }
+  static std::string JobSeries(const std::string& metric, const v1::JobAssignment& j) {
+    return Cat(metric, "{pipeline=\"", j.pipeline_id(), "\",job=\"", j.job_id(), "\",kind=\"", "branch", "\",name=\"",
+               j.name(), "\"}");
+  }
+
+  ManualClock clock_;
+  std::string conninfo_;
+  storage::ConnectionPool pool_;
+  storage::Store store_;
+  metrics::Registry registry_;
+  Scheduler scheduler_;
+  metrics::Exposer exposer_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::PipelineService::Stub> pipelines_;
+  std::unique_ptr<v1::WorkerService::Stub> workers_;
+};
+
+TEST_F(MetricsTest, ScrapeReflectsRpcsAndDatabaseState) {
+  const double t0 = std::chrono::duration<double>(clock_.Now().time_since_epoch()).count();
+  {
+    grpc::ClientContext ctx;
+    v1::SubmitRequest req;
+    req.set_spec(testing::kDagSpec);
+    v1::SubmitResponse resp;
+    ASSERT_TRUE(pipelines_->Submit(&ctx, req, &resp).ok());
+  }
+  const std::string w1 = Register("w1"), w2 = Register("w2");
+
+  // Branch A: claimed 3 s after it became READY; its heartbeat feeds the per-job gauges.
+  clock_.Advance(3s);
+  const auto a = Acquire(w1);
+  Heartbeat(w1, a, 30, 300, 2.5, 1000, 120);
+  auto m = ParseExposition(Scrape());
+  EXPECT_DOUBLE_EQ(m[JobSeries("btx_job_progress_ratio", a)], 0.1);
+  EXPECT_DOUBLE_EQ(m[JobSeries("btx_job_loss", a)], 2.5);
+  EXPECT_DOUBLE_EQ(m[JobSeries("btx_job_tokens_per_second", a)], 1000);
+  EXPECT_DOUBLE_EQ(m[JobSeries("btx_job_eta_seconds", a)], 120);
+  EXPECT_DOUBLE_EQ(m[JobSeries("btx_job_last_heartbeat_timestamp_seconds", a)], t0 + 3);
+  EXPECT_DOUBLE_EQ(m["btx_dispatch_latency_seconds_sum"], 3);
+
+  // Branch B fails once (retry after the 5 s backoff), then its second lease expires.
+  const auto b1 = Acquire(w2);
+  Fail(w2, b1, /*retryable=*/true);
+  Complete(w1, a);
+  m = ParseExposition(Scrape());
+  EXPECT_EQ(m.count(JobSeries("btx_job_progress_ratio", a)), 0u) << "series of a finished job must go";
+  EXPECT_EQ(m.count(JobSeries("btx_job_last_heartbeat_timestamp_seconds", b1)), 0u);
+  clock_.Advance(6s);
+  const auto b2 = Acquire(w2);
+  EXPECT_EQ(b2.job_id(), b1.job_id());
+  EXPECT_EQ(b2.attempt(), 2);
+  clock_.Advance(11s);
+  ASSERT_TRUE(scheduler_.ReapOnce().ok());  // also marks w1 and w2 LOST: neither was seen for 10 s
+  const auto b3 = Acquire(w1);
+  EXPECT_EQ(b3.attempt(), 3);
+  Heartbeat(w1, b3, 10, 100, 3.0, 50, 30);  // w1 is ACTIVE again
+  const double b3_heartbeat = t0 + 20;
+
+  // An evaluation with routing data, and a pipeline that fails outright.
+  CreateSingle("eval-only", "eval", R"({"models": [{"name": "btx", "model": "/m"}, {"name": "seed", "model": "/s"}]})", 3);
+  const auto e = Acquire(w1);
+  EXPECT_EQ(e.kind(), v1::JOB_KIND_EVAL);
+  Complete(w1, e, R"({"models": {"btx": {"domains": {
+      "code": {"loss": 1.0, "tokens": 100, "routing": [[0.5, 0.5], [0.25, 0.75]]},
+      "math": {"loss": 1.2, "tokens": 300, "routing": [[0.1, 0.9], [0.25, 0.75]]}}},
+    "seed": {"domains": {"code": {"loss": 2.0, "tokens": 100}}}}})");
+  CreateSingle("doomed", "merge", "{}", 1);
+  const auto d = Acquire(w1);
+  EXPECT_EQ(d.kind(), v1::JOB_KIND_MERGE);
+  Fail(w1, d, /*retryable=*/false);
+  {
+    grpc::ClientContext ctx;
+    v1::GetPipelineRequest req;
+    req.set_id("not-a-uuid");
+    v1::Pipeline resp;
+    EXPECT_EQ(pipelines_->Get(&ctx, req, &resp).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  }
+
+  ASSERT_TRUE(scheduler_.RefreshMetrics().ok());
+  const std::string text = Scrape();
+  m = ParseExposition(text);
+  EXPECT_EQ(m["btx_pipelines{state=\"RUNNING\"}"], 1);
+  EXPECT_EQ(m["btx_pipelines{state=\"SUCCEEDED\"}"], 1);
+  EXPECT_EQ(m["btx_pipelines{state=\"FAILED\"}"], 1);
+  EXPECT_EQ(m["btx_pipelines{state=\"CANCELLED\"}"], 0);
+  EXPECT_EQ(m["btx_jobs{state=\"SUCCEEDED\",kind=\"branch\"}"], 1);
+  EXPECT_EQ(m["btx_jobs{state=\"LEASED\",kind=\"branch\"}"], 1);
+  EXPECT_EQ(m["btx_jobs{state=\"READY\",kind=\"branch\"}"], 0);
+  EXPECT_EQ(m["btx_jobs{state=\"PENDING\",kind=\"merge\"}"], 1);
+  EXPECT_EQ(m["btx_jobs{state=\"PENDING\",kind=\"finetune\"}"], 1);
+  EXPECT_EQ(m["btx_jobs{state=\"PENDING\",kind=\"eval\"}"], 1);
+  EXPECT_EQ(m["btx_jobs{state=\"SUCCEEDED\",kind=\"eval\"}"], 1);
+  EXPECT_EQ(m["btx_jobs{state=\"FAILED\",kind=\"merge\"}"], 1);
+  EXPECT_EQ(m["btx_workers_connected"], 1);  // w2 is LOST
+  EXPECT_EQ(m["btx_job_retries_total{kind=\"branch\"}"], 1);
+  EXPECT_EQ(m["btx_job_retries_total{kind=\"merge\"}"], 0);
+  EXPECT_EQ(m["btx_lease_expirations_total"], 1);
+  EXPECT_EQ(m["btx_pipeline_failures_total"], 1);
+  // Claims: a, b1, b2, b3, e, d. Waits: 3 s (a), 3 s (b1), 1 s (b2: READY again 5 s after t0+3),
+  // 0 (b3: requeued at t0+20), 0 (e), 0 (d).
+  EXPECT_EQ(m["btx_dispatch_latency_seconds_count"], 6);
+  EXPECT_DOUBLE_EQ(m["btx_dispatch_latency_seconds_sum"], 7);
+  EXPECT_EQ(m["btx_dispatch_latency_seconds_bucket{le=\"+Inf\"}"], 6);
+  EXPECT_EQ(m["btx_claim_latency_seconds_count"], 6);
+  EXPECT_EQ(m["btx_grpc_requests_total{method=\"WorkerService/AcquireJob\",code=\"OK\"}"], 6);
+  EXPECT_EQ(m["btx_grpc_requests_total{method=\"WorkerService/Complete\",code=\"OK\"}"], 2);
+  EXPECT_EQ(m["btx_grpc_requests_total{method=\"WorkerService/Fail\",code=\"OK\"}"], 2);
+  EXPECT_EQ(m["btx_grpc_requests_total{method=\"WorkerService/Heartbeat\",code=\"OK\"}"], 2);
+  EXPECT_EQ(m["btx_grpc_requests_total{method=\"WorkerService/Register\",code=\"OK\"}"], 2);
+  EXPECT_EQ(m["btx_grpc_requests_total{method=\"PipelineService/Submit\",code=\"OK\"}"], 1);
+  EXPECT_EQ(m["btx_grpc_requests_total{method=\"PipelineService/Get\",code=\"INVALID_ARGUMENT\"}"], 1);
+  EXPECT_EQ(m["btx_grpc_request_duration_seconds_count{method=\"WorkerService/AcquireJob\"}"], 6);
+  EXPECT_DOUBLE_EQ(m[JobSeries("btx_job_progress_ratio", b3)], 0.1);
+  EXPECT_DOUBLE_EQ(m[JobSeries("btx_job_loss", b3)], 3.0);
+  EXPECT_DOUBLE_EQ(m[JobSeries("btx_job_last_heartbeat_timestamp_seconds", b3)], b3_heartbeat);
+  EXPECT_EQ(m.count(JobSeries("btx_job_loss", a)), 0u);
+  EXPECT_EQ(m["btx_build_info{version=\"" BTX_VERSION "\"}"], 1);
+  const std::string share = Cat("btx_router_expert_share{pipeline=\"", e.pipeline_id(), "\",layer=\"");
+  EXPECT_DOUBLE_EQ(m[share + "0\",expert=\"0\"}"], 0.2);  // (100 * 0.5 + 300 * 0.1) / 400
+  EXPECT_DOUBLE_EQ(m[share + "0\",expert=\"1\"}"], 0.8);
+  EXPECT_DOUBLE_EQ(m[share + "1\",expert=\"1\"}"], 0.75);
+  size_t per_job = 0;
+  for (const auto& [k, v] : m) per_job += k.rfind("btx_job_last_heartbeat_timestamp_seconds{", 0) == 0;
+  EXPECT_EQ(per_job, 1u) << "only the one LEASED job has per-job series";
+
+  // Another replica that served none of these RPCs reports the same fleet-wide and per-job
+  // gauges: they come from the database.
+  metrics::Registry other_registry;
+  Scheduler other(Config(), store_, clock_, conninfo_, &other_registry);
+  ASSERT_TRUE(other.RefreshMetrics().ok());
+  auto o = ParseExposition(other_registry.Serialize());
+  for (const auto& [k, v] : m) {
+    const bool fleet = k.rfind("btx_jobs{", 0) == 0 || k.rfind("btx_pipelines{", 0) == 0 || k == "btx_workers_connected" ||
+                       k.rfind("btx_job_", 0) == 0 || k.rfind("btx_router_expert_share{", 0) == 0;
+    if (!fleet || k.rfind("btx_job_retries_total", 0) == 0) continue;
+    ASSERT_TRUE(o.count(k)) << k;
+    EXPECT_DOUBLE_EQ(o[k], v) << k;
+  }
+  EXPECT_EQ(o["btx_grpc_requests_total{method=\"WorkerService/AcquireJob\",code=\"OK\"}"], 0);
+
+  const std::string promtool = FindPromtool();
+  if (promtool.empty()) GTEST_SKIP() << "promtool is not installed; skipping the lint step";
+  const auto dir = std::filesystem::temp_directory_path();
+  const auto in = dir / Cat("btx_sched_metrics_", ::getpid());
+  std::ofstream(in) << text;
+  const auto out = dir / Cat("btx_sched_metrics_out_", ::getpid());
+  const int status = std::system(Cat("'", promtool, "' check metrics < '", in.string(), "' > '", out.string(), "' 2>&1").c_str());
+  std::stringstream lint;
+  lint << std::ifstream(out).rdbuf();
+  std::filesystem::remove(in);
+  std::filesystem::remove(out);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << lint.str() << "\n" << text;
+}
+
+TEST(SchedulerMetricsLabels, MethodLabelsAreBoundedAndShort) {
+  EXPECT_EQ(MethodLabel("/btx.v1.WorkerService/AcquireJob"), "WorkerService/AcquireJob");
+  EXPECT_EQ(MethodLabel("/grpc.health.v1.Health/Check"), "Health/Check");
+  EXPECT_EQ(MethodLabel("/btx.v1.WorkerService/NoSuchMethod"), "other");
+  EXPECT_EQ(MethodLabel(nullptr), "other");
+}
+
+}  // namespace
+}  // namespace btx::scheduler
