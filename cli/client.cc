@@ -15,19 +15,6 @@ std::string Seconds(Duration d) { return Cat(std::chrono::duration_cast<std::chr
 
 }  // namespace
 
-bool IsUuid(const std::string& s) {
-  if (s.size() != 36) return false;
-  for (size_t i = 0; i < s.size(); ++i) {
-    const char c = s[i];
-    if (i == 8 || i == 13 || i == 18 || i == 23) {
-      if (c != '-') return false;
-    } else if (!std::isxdigit(static_cast<unsigned char>(c))) {
-      return false;
-    }
-  }
-  return true;
-}
-
 absl::Status FromGrpc(const grpc::Status& s, const std::string& what, const std::string& target) {
   if (s.ok()) return absl::OkStatus();
   const std::string msg = s.error_message();

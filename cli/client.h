@@ -86,6 +86,4 @@ class Client {
   std::set<grpc::ClientContext*> in_flight_;
 };
 
-bool IsUuid(const std::string& s);
-
 }  // namespace btx::cli

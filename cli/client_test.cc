@@ -2,6 +2,8 @@
 
 #include <gtest/gtest.h>
 
+#include "btx/common/strings.h"
+
 #include "exit_codes.h"
 
 namespace btx::cli {

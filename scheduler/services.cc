@@ -15,19 +15,6 @@ namespace v1 = btx::v1;
 
 namespace {
 
-bool IsUuid(const std::string& s) {
-  if (s.size() != 36) return false;
-  for (size_t i = 0; i < s.size(); ++i) {
-    const char c = s[i];
-    if (i == 8 || i == 13 || i == 18 || i == 23) {
-      if (c != '-') return false;
-    } else if (!std::isxdigit(static_cast<unsigned char>(c))) {
-      return false;
-    }
-  }
-  return true;
-}
-
 absl::Status CheckId(const std::string& field, const std::string& value) {
   if (IsUuid(value)) return absl::OkStatus();
   return InvalidFields({{field, Cat("got '", value.substr(0, 64), "'; expected a UUID")}});

@@ -2,6 +2,7 @@
 // std::string_view aliasing, so absl::StrCat does not take std::string_view arguments.
 #pragma once
 
+#include <cctype>
 #include <cstdio>
 #include <string>
 #include <string_view>
@@ -51,6 +52,20 @@ inline std::vector<std::string> Split(std::string_view s, char sep, bool skip_em
     start = pos + 1;
   }
   return out;
+}
+
+// The canonical 8-4-4-4-12 hex form PostgreSQL prints for uuid columns.
+inline bool IsUuid(std::string_view s) {
+  if (s.size() != 36) return false;
+  for (size_t i = 0; i < s.size(); ++i) {
+    const char c = s[i];
+    if (i == 8 || i == 13 || i == 18 || i == 23) {
+      if (c != '-') return false;
+    } else if (!std::isxdigit(static_cast<unsigned char>(c))) {
+      return false;
+    }
+  }
+  return true;
 }
 
 }  // namespace btx
