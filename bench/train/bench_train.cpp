@@ -3,6 +3,7 @@
 // MoE (--experts E): the baseline is the same trainer with the FFN as a plain-ATen per-expert loop, so the
 // ratio isolates the btx::kernels MoE operators. Prints tokens/s and the ratio (best of 3 alternating rounds).
 //   btx_bench_train [--threads N] [--steps N] [--hidden D] [--layers L] [--seq T] [--batch B] [--experts E]
+//                   [--device cpu|cuda]   (cuda: both sides train with bf16 autocast)
 #include <ATen/Parallel.h>
 #include <torch/torch.h>
 
@@ -12,6 +13,7 @@
 #include <functional>
 #include <string>
 
+#include "btx/kernels/autocast.h"
 #include "btx/model/llama.h"
 #include "btx/model/trainer.h"
 
@@ -20,6 +22,7 @@ namespace {
 struct Args {
   int threads = 2, steps = 20, warmup = 3;
   int64_t hidden = 128, layers = 2, seq = 128, batch = 8, vocab = 259, experts = 0;
+  std::string device = "cpu";
 };
 
 // Baseline: a textbook Llama block with torch::nn building blocks.
@@ -43,7 +46,7 @@ struct BlockImpl : torch::nn::Module {
     kk = kk.repeat_interleave(heads / kv_heads, 1);
     vv = vv.repeat_interleave(heads / kv_heads, 1);
     auto s = torch::matmul(qq, kk.transpose(-2, -1)) / std::sqrt(static_cast<double>(hd));
-    s = s.masked_fill(torch::ones({T, T}, torch::kBool).triu(1), -INFINITY);
+    s = s.masked_fill(torch::ones({T, T}, s.options().dtype(torch::kBool)).triu(1), -INFINITY);
     x = x + o(torch::matmul(torch::softmax(s, -1), vv).transpose(1, 2).reshape({B, T, -1}));
     h = btx::RmsNorm(x, n2, 1e-5);
     return x + down(torch::silu(gate(h)) * up(h));
@@ -84,7 +87,8 @@ int main(int argc, char** argv) {
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string k = argv[i];
     long long v = std::atoll(argv[i + 1]);
-    if (k == "--threads") a.threads = static_cast<int>(v);
+    if (k == "--device") a.device = argv[i + 1];
+    else if (k == "--threads") a.threads = static_cast<int>(v);
     else if (k == "--steps") a.steps = static_cast<int>(v);
     else if (k == "--hidden") a.hidden = v;
     else if (k == "--layers") a.layers = v;
@@ -97,6 +101,12 @@ int main(int argc, char** argv) {
     }
   }
   at::set_num_threads(a.threads);
+  const bool cuda = a.device == "cuda";
+  if (a.device != "cpu" && !(cuda && torch::cuda::is_available())) {
+    std::fprintf(stderr, "--device %s: expected cpu, or cuda with a visible GPU\n", a.device.c_str());
+    return 2;
+  }
+  const torch::Device dev = cuda ? torch::Device(torch::kCUDA, 0) : torch::Device(torch::kCPU);
   btx::ModelConfig c;
   c.hidden_size = a.hidden;
   c.intermediate_size = a.hidden * 8 / 3 / 16 * 16;
@@ -116,6 +126,7 @@ int main(int argc, char** argv) {
   tc.checkpoint_every = 0;
   tc.log_every = 1000000;
   btx::TrainOptions to;
+  to.device = a.device;
   to.backend = btx::KernelsAvailable() ? btx::MoeBackend::kKernels : btx::MoeBackend::kReference;
 
   auto model = btx::LlamaModel::Init(c, 1);
@@ -142,14 +153,22 @@ int main(int argc, char** argv) {
   std::function<double()> base_round;
   if (a.experts == 0) {
     Baseline net(c);
+    net->to(dev);
     torch::optim::AdamW opt(net->parameters(), torch::optim::AdamWOptions(3e-4).betas({0.9, 0.95}).weight_decay(0.1));
-    auto [cos, sin] = btx::RopeTables(a.seq, c.head_dim(), c.rope_theta, torch::kCPU);
-    auto all = torch::from_blob(tokens->data(), {static_cast<int64_t>(tokens->size())}, torch::kInt).to(torch::kLong);
+    auto [cos, sin] = btx::RopeTables(a.seq, c.head_dim(), c.rope_theta, dev);
+    auto all = torch::from_blob(tokens->data(), {static_cast<int64_t>(tokens->size())}, torch::kInt)
+                   .to(torch::kLong)
+                   .to(dev);
     auto step = [&, net, cos = cos, sin = sin](int64_t s) mutable {
       auto batch = all.narrow(0, s * a.batch * (a.seq + 1), a.batch * (a.seq + 1)).view({a.batch, a.seq + 1});
       opt.zero_grad();
-      auto logits = net->forward(batch.narrow(1, 0, a.seq), cos, sin);
-      auto loss = torch::nn::functional::cross_entropy(logits.reshape({-1, c.vocab_size}), batch.narrow(1, 1, a.seq).reshape({-1}));
+      torch::Tensor loss;
+      {
+        btx::kernels::CudaAutocastScope amp(cuda);  // the same mixed precision as btx::Trainer on a GPU
+        auto logits = net->forward(batch.narrow(1, 0, a.seq), cos, sin).to(torch::kFloat);
+        loss = torch::nn::functional::cross_entropy(logits.reshape({-1, c.vocab_size}),
+                                                    batch.narrow(1, 1, a.seq).reshape({-1}));
+      }
       loss.backward();
       torch::nn::utils::clip_grad_norm_(net->parameters(), 1.0);
       opt.step();
@@ -173,9 +192,9 @@ int main(int argc, char** argv) {
       base = std::max(base, tokens_per_round / run_btx(a.steps, btx::MoeBackend::kReference));
     }
   }
-  std::printf("model: D=%lld layers=%lld experts=%lld seq=%lld batch=%lld threads=%d steps=%d\n",
+  std::printf("model: D=%lld layers=%lld experts=%lld seq=%lld batch=%lld threads=%d steps=%d device=%s\n",
               static_cast<long long>(a.hidden), static_cast<long long>(a.layers), static_cast<long long>(a.experts),
-              static_cast<long long>(a.seq), static_cast<long long>(a.batch), a.threads, a.steps);
+              static_cast<long long>(a.seq), static_cast<long long>(a.batch), a.threads, a.steps, a.device.c_str());
   std::printf("btx trainer%s: %10.1f tokens/s\n",
               a.experts ? (btx::KernelsAvailable() ? " (MoE kernels)" : " (MoE reference)") : "", ours);
   std::printf("%s: %10.1f tokens/s\n",

@@ -3,6 +3,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/grad_mode.h>
 
+#include "btx/kernels/autocast.h"
 #include "btx/kernels/moe.h"
 #include "internal.h"
 
@@ -104,6 +105,16 @@ class MoeSwigluFunction : public torch::autograd::Function<MoeSwigluFunction> {
 at::Tensor moe_swiglu(const at::Tensor& x, const at::Tensor& expert_index, const at::Tensor& gates,
                       const at::Tensor& w1, const at::Tensor& w3, const at::Tensor& w2, const MoeOptions& opts,
                       MoeStats* stats) {
+  // Under CUDA autocast the layer behaves like at::linear: float inputs are cast to the autocast dtype, so
+  // a float32 model trains with bf16 expert GEMMs and autograd casts the gradients back for the params.
+  if (x.is_cuda() && cuda_autocast_enabled()) {
+    const at::ScalarType amp = cuda_autocast_dtype();
+    auto cast = [amp](const at::Tensor& t) { return t.is_floating_point() ? t.to(amp) : t; };
+    if (x.scalar_type() != amp || gates.scalar_type() != amp || w1.scalar_type() != amp ||
+        w3.scalar_type() != amp || w2.scalar_type() != amp) {
+      return moe_swiglu(cast(x), expert_index, cast(gates), cast(w1), cast(w3), cast(w2), opts, stats);
+    }
+  }
   check_args(x, expert_index, gates, w1, w3, w2);
   const at::Tensor xc = x.contiguous(), gc = gates.contiguous();
   const at::Tensor w1c = w1.contiguous(), w3c = w3.contiguous(), w2c = w2.contiguous();

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
 #include <ATen/Parallel.h>
 #include <gtest/gtest.h>
 #include <torch/csrc/autograd/autograd.h>
@@ -58,7 +59,7 @@ inline ::testing::AssertionResult all_close(const at::Tensor& a, const at::Tenso
 
 inline ::testing::AssertionResult bitwise_equal(const at::Tensor& a, const at::Tensor& b) {
   if (a.sizes() != b.sizes() || a.scalar_type() != b.scalar_type()) return ::testing::AssertionFailure() << "shape/dtype";
-  const at::Tensor ac = a.contiguous(), bc = b.contiguous();
+  const at::Tensor ac = a.cpu().contiguous(), bc = b.cpu().contiguous();  // memcmp needs host memory
   if (std::memcmp(ac.data_ptr(), bc.data_ptr(), ac.nbytes()) == 0) return ::testing::AssertionSuccess();
   return ::testing::AssertionFailure() << "tensors differ bitwise";
 }

@@ -1,0 +1,47 @@
+// CUDA autocast across LibTorch versions: 1.13 has only the CUDA-specific calls, 2.4+ deprecates them in
+// favour of per-device-type ones (and logs a warning on every call).
+#pragma once
+
+#include <ATen/autocast_mode.h>
+#include <torch/version.h>
+
+namespace btx::kernels {
+
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
+inline bool cuda_autocast_enabled() { return at::autocast::is_autocast_enabled(at::kCUDA); }
+inline at::ScalarType cuda_autocast_dtype() { return at::autocast::get_autocast_dtype(at::kCUDA); }
+inline void set_cuda_autocast(bool enabled, at::ScalarType dtype) {
+  at::autocast::set_autocast_enabled(at::kCUDA, enabled);
+  at::autocast::set_autocast_dtype(at::kCUDA, dtype);
+}
+#else
+inline bool cuda_autocast_enabled() { return at::autocast::is_enabled(); }
+inline at::ScalarType cuda_autocast_dtype() { return at::autocast::get_autocast_gpu_dtype(); }
+inline void set_cuda_autocast(bool enabled, at::ScalarType dtype) {
+  at::autocast::set_enabled(enabled);
+  at::autocast::set_autocast_gpu_dtype(dtype);
+}
+#endif
+
+// Mixed precision on CUDA for one scope (bf16 by default, as the trainer uses); the cast cache is dropped
+// at the end so weights updated by the optimizer are cast afresh next time.
+class CudaAutocastScope {
+ public:
+  explicit CudaAutocastScope(bool enable, at::ScalarType dtype = at::kBFloat16)
+      : enabled_(enable), was_enabled_(cuda_autocast_enabled()), old_dtype_(cuda_autocast_dtype()) {
+    if (enabled_) set_cuda_autocast(true, dtype);
+  }
+  ~CudaAutocastScope() {
+    if (!enabled_) return;
+    set_cuda_autocast(was_enabled_, old_dtype_);
+    if (!was_enabled_) at::autocast::clear_cache();
+  }
+  CudaAutocastScope(const CudaAutocastScope&) = delete;
+  CudaAutocastScope& operator=(const CudaAutocastScope&) = delete;
+
+ private:
+  bool enabled_, was_enabled_;
+  at::ScalarType old_dtype_;
+};
+
+}  // namespace btx::kernels
