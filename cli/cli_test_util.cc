@@ -47,7 +47,8 @@ Btxctl::Btxctl(const std::vector<std::string>& args, const EnvVars& env, const s
   spec.argv = {BTXCTL_PATH};
   spec.argv.insert(spec.argv.end(), args.begin(), args.end());
   spec.env = {{"HOME", home}, {"XDG_CONFIG_HOME", home + "/.config"}, {"BTX_CONFIG", ""}, {"BTX_SERVER", ""},
-              {"BTX_TOKEN", ""}, {"BTX_STATE_DIR", ""}};
+              {"BTX_TOKEN", ""}, {"BTX_STATE_DIR", ""}, {"BTX_TLS_CA", ""}, {"BTX_TLS_CERT", ""},
+              {"BTX_TLS_KEY", ""}, {"BTX_TLS_SERVER_NAME", ""}};
   for (const auto& kv : env) {
     auto same = std::find_if(spec.env.begin(), spec.env.end(), [&](const auto& e) { return e.first == kv.first; });
     if (same != spec.env.end()) same->second = kv.second;

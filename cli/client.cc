@@ -28,7 +28,7 @@ absl::Status FromGrpc(const grpc::Status& s, const std::string& what, const std:
     case grpc::StatusCode::UNAUTHENTICATED:
       return absl::UnauthenticatedError(Cat(what, ": ", msg, "; pass a valid --token (or set BTX_TOKEN)"));
     case grpc::StatusCode::PERMISSION_DENIED:
-      return absl::PermissionDeniedError(Cat(what, ": ", msg, "; the token lacks this permission"));
+      return absl::PermissionDeniedError(Cat(what, ": ", msg, "; use a token (or certificate) with that role"));
     case grpc::StatusCode::CANCELLED:
       return absl::CancelledError("interrupted");
     case grpc::StatusCode::INVALID_ARGUMENT: {
@@ -87,18 +87,34 @@ Client::Client(std::shared_ptr<grpc::Channel> channel, ClientConfig config)
   if (config_.display_target.empty()) config_.display_target = config_.target;
 }
 
-std::unique_ptr<Client> Client::Connect(ClientConfig config) {
+absl::StatusOr<std::unique_ptr<Client>> Client::Connect(ClientConfig config) {
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(64 << 20);  // a pipeline with many jobs and their specs
+  auto credentials = tls::ChannelCredentials(config.tls, args);
+  if (!credentials.ok()) return credentials.status();
   // No client keepalive pings: a server with default settings answers frequent pings on an idle
   // Watch with GOAWAY. A stream that breaks anyway is resumed (Stream below).
-  auto channel = grpc::CreateCustomChannel(config.target, grpc::InsecureChannelCredentials(), args);
+  auto channel = grpc::CreateCustomChannel(config.target, *credentials, args);
   return std::make_unique<Client>(std::move(channel), std::move(config));
 }
 
 absl::Status Client::Error(const grpc::Status& s, const std::string& what) const {
   if (s.error_code() == grpc::StatusCode::CANCELLED || cancelled_) return absl::CancelledError("interrupted");
-  return FromGrpc(s, what, config_.display_target);
+  absl::Status out = FromGrpc(s, what, config_.display_target);
+  if (out.code() != absl::StatusCode::kUnavailable || !config_.tls_hints) return out;
+  // gRPC reports a failed handshake like any other unreachable server; say what to check.
+  const std::string& m = s.error_message();
+  const bool refused = m.find("refused") != std::string::npos;
+  if (config_.tls.enabled() && !refused) {
+    return absl::UnavailableError(Cat(out.message(),
+                                      "; if the scheduler is up, the TLS handshake failed: check that --tls-ca holds the CA "
+                                      "of the scheduler's certificate, that the certificate names the host in --server (or "
+                                      "give --tls-server-name), and --tls-cert/--tls-key"));
+  }
+  if (!config_.tls.enabled() && !refused) {
+    return absl::UnavailableError(Cat(out.message(), "; if the scheduler serves TLS, pass --tls-ca (or set BTX_TLS_CA)"));
+  }
+  return out;
 }
 
 void Client::CancelAll() {

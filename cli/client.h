@@ -15,6 +15,7 @@
 
 #include "absl/status/statusor.h"
 #include "btx/common/clock.h"
+#include "btx/common/tls.h"
 #include "btx/rpc_status.h"
 #include "btx/v1/pipeline_service.grpc.pb.h"
 
@@ -24,6 +25,8 @@ struct ClientConfig {
   std::string target;                                 // gRPC target, e.g. "127.0.0.1:50051"
   std::string display_target;                         // how errors name it (default: target)
   std::string token;                                  // sent as "authorization: Bearer <token>"
+  tls::ClientOptions tls;                             // plaintext unless a TLS file is named
+  bool tls_hints = true;  // unreachable errors suggest TLS fixes (not for the embedded stack)
   Duration timeout = std::chrono::seconds(30);        // per unary call
   Duration reconnect_for = std::chrono::seconds(60);  // streams resume for this long after a break
 };
@@ -37,7 +40,8 @@ std::vector<FieldViolation> ViolationsOf(const absl::Status& status);
 class Client {
  public:
   Client(std::shared_ptr<grpc::Channel> channel, ClientConfig config);
-  static std::unique_ptr<Client> Connect(ClientConfig config);
+  // Fails only on unreadable or inconsistent TLS files; the connection itself is made lazily.
+  static absl::StatusOr<std::unique_ptr<Client>> Connect(ClientConfig config);
 
   absl::StatusOr<v1::SubmitResponse> Submit(const v1::SubmitRequest& request);
   absl::StatusOr<v1::Pipeline> GetPipeline(const std::string& id);

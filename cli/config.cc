@@ -36,7 +36,7 @@ absl::StatusOr<ConfigFile> ParseConfigFile(const std::string& text, const std::s
   }
   if (root.IsNull()) return out;
   if (!root.IsMap()) {
-    return absl::InvalidArgumentError(Cat("config file ", path, ": expected a mapping with server: and token:"));
+    return absl::InvalidArgumentError(Cat("config file ", path, ": expected a mapping with keys such as server: and token:"));
   }
   for (const auto& kv : root) {
     const std::string key = kv.first.Scalar();
@@ -50,9 +50,18 @@ absl::StatusOr<ConfigFile> ParseConfigFile(const std::string& text, const std::s
       out.token = value;
     } else if (key == "state_dir") {
       out.state_dir = value;
+    } else if (key == "tls_ca") {
+      out.tls_ca = value;
+    } else if (key == "tls_cert") {
+      out.tls_cert = value;
+    } else if (key == "tls_key") {
+      out.tls_key = value;
+    } else if (key == "tls_server_name") {
+      out.tls_server_name = value;
     } else {
-      return absl::InvalidArgumentError(
-          Cat("config file ", path, ": unknown key '", key, "'; expected server, token or state_dir"));
+      return absl::InvalidArgumentError(Cat("config file ", path, ": unknown key '", key,
+                                            "'; expected server, token, state_dir, tls_ca, tls_cert, tls_key or "
+                                            "tls_server_name"));
     }
   }
   return out;
@@ -125,6 +134,34 @@ absl::StatusOr<Connection> ResolveConnection(const Flags& flags, const EnvLookup
   for (char ch : c.token) {
     if (ch < 0x21 || ch > 0x7e) {
       return absl::InvalidArgumentError("token: expected printable ASCII without spaces (check --token, BTX_TOKEN or the config file)");
+    }
+  }
+  if (c.embedded()) {
+    for (const auto& [flag, value] : {std::pair{"--tls-ca", &flags.tls_ca}, {"--tls-cert", &flags.tls_cert},
+                                      {"--tls-key", &flags.tls_key}, {"--tls-server-name", &flags.tls_server_name}}) {
+      if (*value) {
+        return absl::InvalidArgumentError(Cat(flag, " is for a remote scheduler, but no --server (or BTX_SERVER) names one; "
+                                              "the embedded scheduler runs in this process"));
+      }
+    }
+  } else {
+    // A relative path in the config file means the file's own directory, wherever btxctl runs.
+    const std::filesystem::path file_dir = std::filesystem::path(file_path).parent_path();
+    auto pick = [&](const std::optional<std::string>& flag, const char* env_name, const std::string& from_file,
+                    bool is_path) -> std::string {
+      if (flag) return *flag;
+      if (auto e = env(env_name); e && !e->empty()) return *e;
+      if (is_path && !from_file.empty() && std::filesystem::path(from_file).is_relative() && !file_dir.empty()) {
+        return (file_dir / from_file).string();
+      }
+      return from_file;
+    };
+    c.tls.ca_file = pick(flags.tls_ca, "BTX_TLS_CA", file.tls_ca, true);
+    c.tls.cert_file = pick(flags.tls_cert, "BTX_TLS_CERT", file.tls_cert, true);
+    c.tls.key_file = pick(flags.tls_key, "BTX_TLS_KEY", file.tls_key, true);
+    c.tls.server_name = pick(flags.tls_server_name, "BTX_TLS_SERVER_NAME", file.tls_server_name, false);
+    if (!c.tls.server_name.empty() && !c.tls.enabled()) {
+      return absl::InvalidArgumentError("--tls-server-name needs TLS: give --tls-ca (or BTX_TLS_CA, or tls_ca: in the config file)");
     }
   }
   if (flags.state_dir) {

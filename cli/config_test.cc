@@ -96,6 +96,47 @@ TEST(ConfigTest, ConfigFileParsing) {
   EXPECT_FALSE(ParseConfigFile("server: [a\n", "c.yaml").ok());
 }
 
+TEST(ConfigTest, TlsFilesFollowTheSamePrecedence) {
+  ConfigFile file{.server = "h:1", .tls_ca = "ca.pem", .tls_cert = "/abs/me.pem", .tls_key = "keys/me.key",
+                  .tls_server_name = "sched.internal"};
+  auto c = ResolveConnection({}, FakeEnv({}), file, "/home/u/.config/btx/config.yaml");
+  ASSERT_TRUE(c.ok()) << c.status();
+  // Relative paths in the file are relative to the file.
+  EXPECT_EQ(c->tls.ca_file, "/home/u/.config/btx/ca.pem");
+  EXPECT_EQ(c->tls.cert_file, "/abs/me.pem");
+  EXPECT_EQ(c->tls.key_file, "/home/u/.config/btx/keys/me.key");
+  EXPECT_EQ(c->tls.server_name, "sched.internal");
+  c = ResolveConnection({.tls_ca = "flag-ca.pem"}, FakeEnv({{"BTX_TLS_CA", "env-ca.pem"}, {"BTX_TLS_KEY", "env.key"}}),
+                        file, "/c/config.yaml");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->tls.ca_file, "flag-ca.pem");  // flags and the environment are relative to the working directory
+  EXPECT_EQ(c->tls.key_file, "env.key");
+  EXPECT_TRUE(c->tls.enabled());
+  c = ResolveConnection({.server = "h:1"}, FakeEnv({}), {}, "");
+  ASSERT_TRUE(c.ok());
+  EXPECT_FALSE(c->tls.enabled());
+}
+
+TEST(ConfigTest, TlsIsForRemoteSchedulersOnly) {
+  // From the environment or the config file: ignored by the embedded stack.
+  auto c = ResolveConnection({.server = "local"}, FakeEnv({{"BTX_TLS_CA", "ca.pem"}}), {.tls_cert = "c.pem"}, "f");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_FALSE(c->tls.enabled());
+  // As a flag: most likely a forgotten --server.
+  c = ResolveConnection({.tls_ca = "ca.pem"}, FakeEnv({}), {}, "");
+  ASSERT_FALSE(c.ok());
+  EXPECT_NE(std::string(c.status().message()).find("--tls-ca is for a remote scheduler"), std::string::npos)
+      << c.status();
+  c = ResolveConnection({.server = "h:1", .tls_server_name = "x"}, FakeEnv({}), {}, "");
+  ASSERT_FALSE(c.ok());
+  EXPECT_NE(std::string(c.status().message()).find("needs TLS"), std::string::npos) << c.status();
+  auto f = ParseConfigFile("server: s:1\ntls_ca: ca.pem\ntls_cert: c.pem\ntls_key: c.key\ntls_server_name: s\n", "c.yaml");
+  ASSERT_TRUE(f.ok()) << f.status();
+  EXPECT_EQ(f->tls_ca, "ca.pem");
+  EXPECT_EQ(f->tls_key, "c.key");
+  EXPECT_EQ(f->tls_server_name, "s");
+}
+
 TEST(ConfigTest, ConfigFilePathFollowsXdg) {
   EXPECT_EQ(ConfigFilePath(FakeEnv({{"HOME", "/home/u"}})), "/home/u/.config/btx/config.yaml");
   EXPECT_EQ(ConfigFilePath(FakeEnv({{"HOME", "/home/u"}, {"XDG_CONFIG_HOME", "/x"}})), "/x/btx/config.yaml");

@@ -9,6 +9,7 @@
 #include <spdlog/sinks/basic_file_sink.h>
 #include <spdlog/spdlog.h>
 
+#include "btx/common/process.h"
 #include "btx/common/strings.h"
 #include "btx/scheduler/server.h"
 #include "btx/storage/local_postgres.h"
@@ -26,13 +27,7 @@ absl::StatusOr<std::string> FindTrainBinary(const std::string& configured) {
     return absl::FailedPreconditionError(
         Cat("--train-binary ", configured, ": not an executable file; build it with `cmake --build build --target btx-train`"));
   }
-  const std::string sibling = SelfExeDir() + "/btx-train";
-  if (::access(sibling.c_str(), X_OK) == 0) return sibling;
-  const char* path = std::getenv("PATH");
-  for (const std::string& dir : Split(path ? path : "", ':', true)) {
-    const std::string candidate = dir + "/btx-train";
-    if (::access(candidate.c_str(), X_OK) == 0) return candidate;
-  }
+  if (std::string found = FindSiblingExecutable("btx-train"); !found.empty()) return found;
   return absl::FailedPreconditionError(Cat("cannot find btx-train (looked next to btxctl in ", SelfExeDir(),
                                            " and on PATH); build it with `cmake --build build --target btx-train` "
                                            "or pass --train-binary PATH"));

@@ -9,6 +9,7 @@
 #include <gtest/gtest.h>
 
 #include "btx/common/strings.h"
+#include "btx/scheduler/auth.h"
 #include "btx/scheduler/server.h"
 #include "btx/storage/pool.h"
 #include "btx/storage/store.h"
@@ -16,6 +17,7 @@
 #include "btx/v1/worker_service.grpc.pb.h"
 #include "cli_test_util.h"
 #include "pg_fixture.h"
+#include "test_certs.h"
 
 namespace btx::cli {
 namespace {
@@ -367,6 +369,107 @@ TEST(CliTokenTest, TokenIsSentAsBearerMetadata) {
   EXPECT_EQ(service.seen, "Bearer wrong");
   EXPECT_NE(r.err.find("invalid bearer token; pass a valid --token (or set BTX_TOKEN)"), std::string::npos) << r.err;
   server->Shutdown();
+}
+
+// btxctl against a scheduler serving mutual TLS with tokens, as deployed (docs/security.md).
+class CliTlsTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = testing::MakeTestDir();
+    ca_ = std::make_unique<btx::testing::TestCa>(dir_, "btx");
+    auto server = ca_->IssueServer("scheduler");
+    ops_ = ca_->IssueClient("ops");
+    conninfo_ = btx::testing::NewMigratedDatabase();
+    pool_ = std::make_unique<storage::ConnectionPool>(conninfo_, 4);
+    store_ = std::make_unique<storage::Store>(*pool_);
+    scheduler::SchedulerConfig c;
+    c.artifact_root = "/tmp/btxctl-test-artifacts";
+    c.security.cert_pem = server.cert_pem;
+    c.security.key_pem = server.key_pem;
+    c.security.client_ca_pem = ca_->cert_pem();
+    c.security.identities = *scheduler::ParseIdentities(scheduler::TokenDigest("user-token") + " user alice\n" +
+                                                            scheduler::TokenDigest("worker-token") + " worker node\n" +
+                                                            "cert:ops admin ops-laptop\n",
+                                                        "tokens");
+    scheduler_ = std::make_unique<scheduler::Scheduler>(c, *store_, clock_, conninfo_);
+    auto port = scheduler_->Start();
+    ASSERT_TRUE(port.ok()) << port.status();
+    server_ = "127.0.0.1:" + std::to_string(*port);
+    testing::WriteFile(dir_ + "/spec.yaml", kSpec);
+  }
+  void TearDown() override {
+    scheduler_->Shutdown();
+    std::filesystem::remove_all(dir_);
+  }
+  CliResult Ctl(std::vector<std::string> args, const testing::EnvVars& env = {}) {
+    args.insert(args.begin(), {"--server", server_});
+    return RunBtxctl(args, env, dir_);
+  }
+  std::string Submit() {
+    CliResult r = Ctl({"--tls-ca", ca_->cert_file(), "--token", "user-token", "submit", "spec.yaml", "-o", "json"});
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    return r.exit_code == 0 ? json::parse(r.out)["pipeline"]["id"].get<std::string>() : "";
+  }
+
+  std::string dir_, conninfo_, server_;
+  std::unique_ptr<btx::testing::TestCa> ca_;
+  btx::testing::IssuedCert ops_;
+  ManualClock clock_;
+  std::unique_ptr<storage::ConnectionPool> pool_;
+  std::unique_ptr<storage::Store> store_;
+  std::unique_ptr<scheduler::Scheduler> scheduler_;
+};
+
+TEST_F(CliTlsTest, UserTokenOverTlsFromFlagsEnvironmentOrConfigFile) {
+  const std::string id = Submit();
+  CliResult r = Ctl({"get", "pipelines", "-o", "json"}, {{"BTX_TLS_CA", ca_->cert_file()}, {"BTX_TOKEN", "user-token"}});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(json::parse(r.out).at(0)["id"], id);
+  // The config file names the CA relative to itself.
+  testing::WriteFile(dir_ + "/conf/config.yaml", "server: " + server_ + "\ntoken: user-token\ntls_ca: ../btx-ca.pem\n");
+  r = RunBtxctl({"get", "pipeline", id, "-o", "json"}, {{"BTX_CONFIG", dir_ + "/conf/config.yaml"}});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(json::parse(r.out)["id"], id);
+}
+
+TEST_F(CliTlsTest, ClearErrorsForMissingTlsBadTokensAndWrongRoles) {
+  const std::string id = Submit();
+  // Plaintext against the TLS port.
+  CliResult r = Ctl({"--token", "user-token", "get", "pipelines"});
+  EXPECT_EQ(r.exit_code, 3) << r.err;
+  EXPECT_NE(r.err.find("if the scheduler serves TLS, pass --tls-ca"), std::string::npos) << r.err;
+  // No token, a wrong one.
+  r = Ctl({"--tls-ca", ca_->cert_file(), "get", "pipelines"});
+  EXPECT_EQ(r.exit_code, 5) << r.err;
+  EXPECT_NE(r.err.find("no credentials"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("pass a valid --token"), std::string::npos) << r.err;
+  r = Ctl({"--tls-ca", ca_->cert_file(), "--token", "guess", "get", "pipelines"});
+  EXPECT_EQ(r.exit_code, 5) << r.err;
+  EXPECT_NE(r.err.find("invalid bearer token"), std::string::npos) << r.err;
+  // A worker's token may not cancel.
+  r = Ctl({"--tls-ca", ca_->cert_file(), "--token", "worker-token", "cancel", id});
+  EXPECT_EQ(r.exit_code, 5) << r.err;
+  EXPECT_NE(r.err.find("worker 'node' may not call /btx.v1.PipelineService/"), std::string::npos) << r.err;
+  EXPECT_NE(store_->GetPipeline(id)->state, "CANCELLED");
+  // A CA that did not sign the scheduler's certificate.
+  btx::testing::TestCa other(dir_, "other");
+  r = Ctl({"--tls-ca", other.cert_file(), "--token", "user-token", "get", "pipelines"});
+  EXPECT_EQ(r.exit_code, 3) << r.err;
+  EXPECT_NE(r.err.find("the TLS handshake failed"), std::string::npos) << r.err;
+  // Unreadable TLS files stop btxctl before it connects.
+  r = Ctl({"--tls-ca", dir_ + "/missing-ca.pem", "get", "pipelines"});
+  EXPECT_EQ(r.exit_code, 2) << r.err;
+  EXPECT_NE(r.err.find("missing-ca.pem"), std::string::npos) << r.err;
+  r = RunBtxctl({"--tls-ca", ca_->cert_file(), "get", "pipelines"});
+  EXPECT_EQ(r.exit_code, 2) << r.err;
+  EXPECT_NE(r.err.find("--tls-ca is for a remote scheduler"), std::string::npos) << r.err;
+}
+
+TEST_F(CliTlsTest, AdminCertificateCancelsWithoutAToken) {
+  const std::string id = Submit();
+  CliResult r = Ctl({"--tls-ca", ca_->cert_file(), "--tls-cert", ops_.cert_file, "--tls-key", ops_.key_file, "cancel", id});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(store_->GetPipeline(id)->state, "CANCELLED");
 }
 
 }  // namespace

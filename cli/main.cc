@@ -38,9 +38,17 @@ int Main(int argc, char** argv) {
   app.set_version_flag("--version", std::string("btxctl ") + BTX_VERSION);
 
   std::string server, token, state_dir, output = "table";
+  std::string tls_ca, tls_cert, tls_key, tls_server_name;
   int timeout_s = 30;
   auto* server_opt = app.add_option("--server", server, "scheduler HOST:PORT (env BTX_SERVER; 'local' = embedded)");
   auto* token_opt = app.add_option("--token", token, "bearer token for the scheduler (env BTX_TOKEN)");
+  auto* tls_ca_opt =
+      app.add_option("--tls-ca", tls_ca, "connect with TLS, trusting these PEM roots (env BTX_TLS_CA; config tls_ca)");
+  auto* tls_cert_opt =
+      app.add_option("--tls-cert", tls_cert, "PEM client certificate for mutual TLS (env BTX_TLS_CERT; config tls_cert)");
+  auto* tls_key_opt = app.add_option("--tls-key", tls_key, "PEM private key of --tls-cert (env BTX_TLS_KEY; config tls_key)");
+  auto* tls_name_opt = app.add_option("--tls-server-name", tls_server_name,
+                                      "name to expect in the scheduler's certificate (env BTX_TLS_SERVER_NAME)");
   auto* state_opt = app.add_option("--state-dir", state_dir, "embedded state directory (env BTX_STATE_DIR; default ./.btx)");
   app.add_option("-o,--output", output, "output format: table, json or yaml")
       ->check(CLI::IsMember({"table", "json", "yaml"}))
@@ -150,6 +158,10 @@ int Main(int argc, char** argv) {
   if (server_opt->count() > 0) flags.server = server;
   if (token_opt->count() > 0) flags.token = token;
   if (state_opt->count() > 0) flags.state_dir = state_dir;
+  if (tls_ca_opt->count() > 0) flags.tls_ca = tls_ca;
+  if (tls_cert_opt->count() > 0) flags.tls_cert = tls_cert;
+  if (tls_key_opt->count() > 0) flags.tls_key = tls_key;
+  if (tls_name_opt->count() > 0) flags.tls_server_name = tls_server_name;
   auto conn = ResolveConnection(flags, env, *file, config_path);
   if (!conn.ok()) {
     PrintError(conn.status());
@@ -183,11 +195,22 @@ int Main(int argc, char** argv) {
     stack = std::move(*started);
     cc.target = stack->target();
     cc.display_target = "the embedded scheduler (state in " + stack->state_dir() + ")";
+    cc.tls_hints = false;
   } else {
     cc.target = conn->server;
     cc.display_target = conn->server;
+    cc.tls = conn->tls;
+    if (!cc.tls.enabled() && !cc.token.empty() && !btx::tls::IsLocalAddress(cc.target)) {
+      std::fprintf(stderr, "btxctl: warning: sending the token to %s without TLS; pass --tls-ca (or set BTX_TLS_CA)\n",
+                   cc.target.c_str());
+    }
   }
-  auto client = Client::Connect(cc);
+  auto connected = Client::Connect(cc);
+  if (!connected.ok()) {
+    PrintError(connected.status());
+    return kExitUsage;
+  }
+  std::unique_ptr<Client> client = std::move(*connected);
   // Default for every command: Ctrl-C ends the calls in flight; commands that need more install
   // their own action (run cancels the pipeline).
   Signals::SetAction([c = client.get()](int count) {

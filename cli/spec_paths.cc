@@ -1,59 +1,13 @@
 #include "spec_paths.h"
 
-#include <yaml-cpp/yaml.h>
-
 #include <filesystem>
-#include <regex>
 
 #include "btx/common/strings.h"
+#include "btx/scheduler/spec.h"
 
 namespace btx::cli {
 using json = nlohmann::json;
 namespace {
-
-// Mirrors the scheduler's typing (scheduler/spec.cc) so that the JSON we send means what the YAML
-// the user wrote would have meant: quoted scalars stay strings, plain ones become numbers/bools.
-json ToJson(const YAML::Node& node, int depth) {
-  if (depth > 32) throw std::runtime_error("nesting deeper than 32 levels");
-  switch (node.Type()) {
-    case YAML::NodeType::Null:
-    case YAML::NodeType::Undefined:
-      return nullptr;
-    case YAML::NodeType::Sequence: {
-      json arr = json::array();
-      for (const auto& item : node) arr.push_back(ToJson(item, depth + 1));
-      return arr;
-    }
-    case YAML::NodeType::Map: {
-      json obj = json::object();
-      for (const auto& kv : node) {
-        const std::string key = kv.first.as<std::string>();
-        if (obj.contains(key)) throw std::runtime_error("duplicate key '" + key + "'");
-        obj[key] = ToJson(kv.second, depth + 1);
-      }
-      return obj;
-    }
-    case YAML::NodeType::Scalar: {
-      const std::string& s = node.Scalar();
-      if (node.Tag() == "!") return s;
-      static const std::regex kInt("[-+]?[0-9]+"),
-          kFloat("[-+]?(\\.[0-9]+|[0-9]+(\\.[0-9]*)?)([eE][-+]?[0-9]+)?");
-      if (s == "true" || s == "True") return true;
-      if (s == "false" || s == "False") return false;
-      if (s == "null" || s == "~" || s.empty()) return nullptr;
-      if (std::regex_match(s, kInt)) {
-        try {
-          return std::stoll(s);
-        } catch (...) {
-          return s;
-        }
-      }
-      if (std::regex_match(s, kFloat)) return std::stod(s);
-      return s;
-    }
-  }
-  return nullptr;
-}
 
 class Rewriter {
  public:
@@ -90,17 +44,6 @@ class Rewriter {
 
 }  // namespace
 
-absl::StatusOr<json> SpecTextToJson(const std::string& text) {
-  try {
-    return ToJson(YAML::Load(text), 0);
-  } catch (const YAML::Exception& e) {
-    return absl::InvalidArgumentError(
-        Cat("not valid YAML/JSON at line ", e.mark.line + 1, ", column ", e.mark.column + 1, ": ", e.msg));
-  } catch (const std::exception& e) {
-    return absl::InvalidArgumentError(Cat("not valid YAML/JSON: ", e.what()));
-  }
-}
-
 std::string AbsolutizePath(const std::string& path, const PathContext& ctx) {
   if (path.empty() || path.front() == '/' || path.find("://") != std::string::npos) return path;
   if (!ctx.home.empty() && (path == "~" || path.rfind("~/", 0) == 0)) {
@@ -113,7 +56,8 @@ std::string AbsolutizePath(const std::string& path, const PathContext& ctx) {
 
 RewrittenSpec AbsolutizeSpecPaths(const std::string& text, const PathContext& ctx) {
   RewrittenSpec out;
-  auto parsed = SpecTextToJson(text);
+  // The scheduler's own parser: the same typing, and the same limits on hostile input.
+  auto parsed = scheduler::YamlToJson(text);
   if (!parsed.ok() || !parsed->is_object()) {
     out.text = text;
     return out;

@@ -8,7 +8,6 @@
 #include <utility>
 #include <vector>
 
-#include "absl/status/statusor.h"
 
 namespace btx::cli {
 
@@ -25,9 +24,6 @@ struct RewrittenSpec {
   std::vector<std::pair<std::string, std::string>> paths;
   nlohmann::json spec;                // the parsed spec (null when !parsed)
 };
-
-// YAML (or JSON) text -> JSON with the YAML 1.2 core-schema typing the scheduler applies.
-absl::StatusOr<nlohmann::json> SpecTextToJson(const std::string& text);
 
 // One path: absolute, URIs ("scheme://...") and empty strings stay; "~" and "~/x" use home;
 // anything else is joined to cwd and normalised lexically.

@@ -2,6 +2,8 @@
 
 #include <gtest/gtest.h>
 
+#include "btx/common/strings.h"
+
 namespace btx::cli {
 namespace {
 using json = nlohmann::json;
@@ -78,6 +80,24 @@ TEST(SpecPathsTest, UnparsableTextIsSentAsIsSoTheSchedulerNamesTheLine) {
   EXPECT_EQ(r.text, bad);
   EXPECT_FALSE(AbsolutizeSpecPaths("a: 1\na: 2\n", kCtx).parsed);  // duplicate key
   EXPECT_FALSE(AbsolutizeSpecPaths("- just\n- a list\n", kCtx).parsed);
+}
+
+// The scheduler's parser, with its limits: hostile specs are passed through untouched for the
+// scheduler to reject, instead of blowing up btxctl first.
+TEST(SpecPathsTest, HostileYamlIsSentAsIs) {
+  std::string bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n";
+  for (char c = 'b'; c <= 'j'; ++c) {
+    const char prev = static_cast<char>(c - 1);
+    bomb += Cat(std::string(1, c), ": &", std::string(1, c), " [*", std::string(1, prev), ", *", std::string(1, prev),
+                ", *", std::string(1, prev), ", *", std::string(1, prev), ", *", std::string(1, prev), ", *",
+                std::string(1, prev), ", *", std::string(1, prev), ", *", std::string(1, prev), ", *",
+                std::string(1, prev), ", *", std::string(1, prev), "]\n");
+  }
+  RewrittenSpec r = AbsolutizeSpecPaths(bomb, kCtx);
+  EXPECT_FALSE(r.parsed);
+  EXPECT_EQ(r.text, bomb);
+  EXPECT_FALSE(AbsolutizeSpecPaths("name: \"\\N\"\nseed: {model: m}\n", kCtx).parsed) << "\\N decodes to a lone byte";
+  EXPECT_FALSE(AbsolutizeSpecPaths("name: \xff\xfe\n", kCtx).parsed);
 }
 
 TEST(SpecPathsTest, JsonInputWorksToo) {

@@ -8,6 +8,7 @@
 #include "btx/common/clock.h"
 #include "btx/common/fs.h"
 #include "btx/common/process.h"
+#include "btx/common/strings.h"
 #include "btx/common/uri.h"
 
 namespace btx {
@@ -88,6 +89,49 @@ TEST(Process, MissingProgramIsAnError) {
   auto p = launcher.Launch({.argv = {"/nonexistent/program"}});
   ASSERT_FALSE(p.ok());
   EXPECT_NE(p.status().message().find("/nonexistent/program"), std::string_view::npos);
+}
+
+// PATH is process-wide: restore it whatever the test's outcome.
+class PathOverride {
+ public:
+  explicit PathOverride(const std::string& value) {
+    if (const char* old = std::getenv("PATH")) old_ = old;
+    ::setenv("PATH", value.c_str(), 1);
+  }
+  ~PathOverride() { ::setenv("PATH", old_.c_str(), 1); }
+
+ private:
+  std::string old_;
+};
+
+TEST(Process, FindOnPathSkipsNonExecutablesAndDirectories) {
+  const auto root = std::filesystem::temp_directory_path() / ("btx_find_" + std::to_string(::getpid()));
+  std::filesystem::remove_all(root);
+  std::filesystem::create_directories(root / "a" / "btx-tool");  // a directory of that name
+  std::filesystem::create_directories(root / "b");
+  std::filesystem::create_directories(root / "c");
+  ASSERT_TRUE(WriteFileAtomic((root / "b" / "btx-tool").string(), "#!/bin/sh\n").ok());
+  // No execute bit at all: root's access(X_OK) passes on any one of them.
+  std::filesystem::permissions(root / "b" / "btx-tool", std::filesystem::perms::owner_read | std::filesystem::perms::owner_write);
+  ASSERT_TRUE(WriteFileAtomic((root / "c" / "btx-tool").string(), "#!/bin/sh\n").ok());
+  std::filesystem::permissions(root / "c" / "btx-tool", std::filesystem::perms::owner_all);
+  {
+    PathOverride path(Cat((root / "a").string(), "::", (root / "b").string(), ":", (root / "c").string()));
+    EXPECT_EQ(FindOnPath("btx-tool"), (root / "c" / "btx-tool").string());
+    EXPECT_EQ(FindSiblingExecutable("btx-tool"), (root / "c" / "btx-tool").string());
+    EXPECT_EQ(FindOnPath("btx-no-such-tool"), "");
+    EXPECT_EQ(FindSiblingExecutable("btx-no-such-tool"), "");
+    EXPECT_EQ(FindOnPath("c/btx-tool"), "") << "names only, never paths";
+  }
+  std::filesystem::remove_all(root);
+}
+
+TEST(Process, FindSiblingExecutablePrefersTheDirectoryOfThisBinary) {
+  std::error_code ec;
+  const auto self = std::filesystem::read_symlink("/proc/self/exe", ec);
+  ASSERT_FALSE(ec);
+  PathOverride path("/nonexistent");
+  EXPECT_EQ(FindSiblingExecutable(self.filename().string()), self.string());
 }
 
 }  // namespace

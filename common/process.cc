@@ -214,4 +214,25 @@ std::string SelfExeDir() {
   return ec ? std::string(".") : p.parent_path().string();
 }
 
+std::string FindOnPath(const std::string& name) {
+  if (name.empty() || name.find('/') != std::string::npos) return {};
+  const char* path = std::getenv("PATH");
+  // An empty PATH entry means the current directory; a daemon must not pick up whatever
+  // binary happens to sit in its working directory.
+  for (const std::string& dir : Split(path ? path : "", ':', true)) {
+    const std::string candidate = Cat(dir, "/", name);
+    std::error_code ec;
+    if (::access(candidate.c_str(), X_OK) == 0 && std::filesystem::is_regular_file(candidate, ec)) return candidate;
+  }
+  return {};
+}
+
+std::string FindSiblingExecutable(const std::string& name) {
+  if (name.empty() || name.find('/') != std::string::npos) return {};
+  const std::string sibling = Cat(SelfExeDir(), "/", name);
+  std::error_code ec;
+  if (::access(sibling.c_str(), X_OK) == 0 && std::filesystem::is_regular_file(sibling, ec)) return sibling;
+  return FindOnPath(name);
+}
+
 }  // namespace btx

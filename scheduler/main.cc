@@ -1,4 +1,6 @@
 // btx-scheduler: the composition root of the scheduler daemon.
+#include <sys/stat.h>
+
 #include <csignal>
 #include <filesystem>
 #include <fstream>
@@ -10,8 +12,10 @@
 #include <spdlog/spdlog.h>
 
 #include "absl/synchronization/mutex.h"
+#include "btx/common/tls.h"
 #include "btx/metrics/exposer.h"
 #include "btx/metrics/metrics.h"
+#include "btx/scheduler/auth.h"
 #include "btx/scheduler/server.h"
 #include "btx/storage/local_postgres.h"
 #include "btx/storage/migrations.h"
@@ -28,6 +32,40 @@ void WritePortFile(const std::string& path, int port) {
   std::ofstream(path + ".tmp") << port << "\n";
   std::filesystem::rename(path + ".tmp", path);
 }
+
+struct SecurityFlags {
+  std::string cert, key, client_ca, tokens_file;
+  bool allow_insecure_remote = false;
+};
+
+// Reads and checks every file before anything starts, so a bad path or a key that does not match
+// its certificate stops the daemon with the file's name instead of failing handshakes later.
+absl::StatusOr<btx::scheduler::SecurityConfig> LoadSecurity(const SecurityFlags& f) {
+  btx::scheduler::SecurityConfig s;
+  s.allow_insecure_remote = f.allow_insecure_remote;
+  if (!f.cert.empty() || !f.key.empty()) {
+    if (f.cert.empty() || f.key.empty()) return absl::InvalidArgumentError("--tls-cert and --tls-key go together");
+    auto pair = btx::tls::ReadKeyPair(f.cert, f.key);
+    if (!pair.ok()) return pair.status();
+    s.cert_pem = std::move(pair->cert_pem);
+    s.key_pem = std::move(pair->key_pem);
+    struct stat st {};
+    if (::stat(f.key.c_str(), &st) == 0 && (st.st_mode & 077) != 0) {
+      spdlog::warn("--tls-key {} is readable by other users (chmod 600 it)", f.key);
+    }
+  }
+  if (!f.client_ca.empty()) {
+    auto ca = btx::tls::ReadCertificates(f.client_ca);
+    if (!ca.ok()) return ca.status();
+    s.client_ca_pem = std::move(*ca);
+  }
+  if (!f.tokens_file.empty()) {
+    auto ids = btx::scheduler::LoadIdentities(f.tokens_file);
+    if (!ids.ok()) return ids.status();
+    s.identities = std::move(*ids);
+  }
+  return s;
+}
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -37,6 +75,7 @@ int main(int argc, char** argv) {
   std::string metrics_listen = "127.0.0.1:9090", metrics_port_file;
   int64_t lease_s = 30, heartbeat_s = 5;
   int db_connections = 16;
+  SecurityFlags security;
   app.add_option("--listen", cfg.listen, "gRPC address")->capture_default_str();
   app.add_option("--database-url", database_url, "libpq connection string (or env BTX_DATABASE_URL)")->envname("BTX_DATABASE_URL");
   app.add_option("--state-dir", state_dir, "start a private PostgreSQL under this directory instead of --database-url");
@@ -51,10 +90,36 @@ int main(int argc, char** argv) {
   app.add_option("--db-connections", db_connections, "database connection pool size")
       ->check(CLI::Range(1, 1000))
       ->capture_default_str();
+  app.add_option("--tls-cert", security.cert, "serve TLS with this PEM certificate (chain)");
+  app.add_option("--tls-key", security.key, "the PEM private key of --tls-cert");
+  app.add_option("--tls-client-ca", security.client_ca,
+                 "verify client certificates against these PEM roots; a verified certificate is a worker "
+                 "unless --tokens-file gives it another role");
+  app.add_option("--tokens-file", security.tokens_file,
+                 "identities: lines 'sha256:<hex of the token> user|worker|admin NAME' or 'cert:<common name> ROLE NAME'");
+  app.add_flag("--allow-insecure-remote", security.allow_insecure_remote,
+               "serve without TLS or without authentication on an address other machines can reach");
   CLI11_PARSE(app, argc, argv);
   // Debian's Abseil checks every Mutex acquisition (gRPC takes many per call) for lock-order
   // cycles, a debugging aid that costs the daemon several percent of its CPU.
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
+
+  auto sec = LoadSecurity(security);
+  if (!sec.ok()) {
+    std::cerr << "btx-scheduler: " << sec.status().message() << "\n";
+    return 2;
+  }
+  cfg.security = std::move(*sec);
+  if (auto s = btx::scheduler::CheckSecurity(cfg.listen, cfg.security); !s.ok()) {
+    std::cerr << "btx-scheduler: " << s.message() << "\n";
+    return 2;
+  }
+  if (const std::string warning = btx::scheduler::InsecurityWarning(cfg.listen, cfg.security); !warning.empty()) {
+    spdlog::warn("{}", warning);
+  } else {
+    spdlog::info("TLS with authentication: {} token(s), client certificates {}", cfg.security.identities.tokens.size(),
+                 cfg.security.client_ca_pem.empty() ? "not requested" : "verified against --tls-client-ca");
+  }
 
   if (artifact_root.rfind("file:///", 0) != 0) {
     std::cerr << "btx-scheduler: --artifact-root '" << artifact_root << "': expected a file:///absolute/path URI\n";

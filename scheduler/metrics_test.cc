@@ -11,13 +11,13 @@
 
 #include <gtest/gtest.h>
 
+#include "btx/common/process.h"
 #include "btx/metrics/exposer.h"
 #include "btx/metrics/metrics.h"
 #include "btx/scheduler/server.h"
 #include "btx/v1/pipeline_service.grpc.pb.h"
 #include "btx/v1/worker_service.grpc.pb.h"
 #include "metrics.h"
-#include "pg_fixture.h"
 #include "test_util.h"
 
 namespace btx::scheduler {
@@ -28,33 +28,13 @@ namespace v1 = btx::v1;
 
 std::string FindPromtool() {
   if (const char* env = std::getenv("PROMTOOL"); env && *env) return env;
-  const char* path = std::getenv("PATH");
-  for (const auto& dir : Split(path ? path : "", ':', true)) {
-    const auto candidate = std::filesystem::path(dir) / "promtool";
-    if (::access(candidate.c_str(), X_OK) == 0) return candidate.string();
-  }
-  return {};
+  return FindOnPath("promtool");
 }
 
-class MetricsTest : public ::testing::Test {
+class MetricsTest : public testing::SchedulerFixture {
  protected:
-  MetricsTest()
-      : conninfo_(btx::testing::NewMigratedDatabase()), pool_(conninfo_, 8), store_(pool_),
-        scheduler_(Config(), store_, clock_, conninfo_, &registry_), exposer_(registry_, "127.0.0.1", 0) {
-    auto port = scheduler_.Start();
-    EXPECT_TRUE(port.ok()) << port.status();
-    channel_ = grpc::CreateChannel("127.0.0.1:" + std::to_string(*port), grpc::InsecureChannelCredentials());
-    pipelines_ = v1::PipelineService::NewStub(channel_);
-    workers_ = v1::WorkerService::NewStub(channel_);
-  }
-  static SchedulerConfig Config() {
-    SchedulerConfig c;
-    c.artifact_root = "/tmp/btx-test-artifacts";
-    c.lease = 10s;
-    c.reap_interval = 3600s;    // the test drives the reaper
-    c.metrics_refresh = 3600s;  // and the refresh
-    return c;
-  }
+  MetricsTest() : SchedulerFixture(/*with_metrics=*/true), exposer_(registry_, "127.0.0.1", 0) {}
+
   std::string Scrape() {
     httplib::Client http("127.0.0.1", exposer_.port());
     auto res = http.Get("/metrics");
@@ -63,20 +43,8 @@ class MetricsTest : public ::testing::Test {
     EXPECT_EQ(res->status, 200);
     return res->body;
   }
-  std::string Register(const std::string& name) {
-    grpc::ClientContext ctx;
-    v1::RegisterRequest req;
-    req.set_name(name);
-    v1::RegisterResponse resp;
-    EXPECT_TRUE(workers_->Register(&ctx, req, &resp).ok());
-    return resp.worker_id();
-  }
-  v1::JobAssignment Acquire(const std::string& w) {
-    grpc::ClientContext ctx;
-    v1::AcquireJobRequest req;
-    req.set_worker_id(w);
-    v1::AcquireJobResponse resp;
-    EXPECT_TRUE(workers_->AcquireJob(&ctx, req, &resp).ok());
+  v1::JobAssignment AcquireOne(const std::string& w) {
+    auto resp = Acquire(w);
     EXPECT_TRUE(resp.has_job());
     return resp.job();
   }
@@ -98,29 +66,6 @@ class MetricsTest : public ::testing::Test {
     ASSERT_TRUE(workers_->Heartbeat(&ctx, req, &resp).ok());
     ASSERT_EQ(resp.jobs(0).directive(), v1::JOB_DIRECTIVE_CONTINUE);
   }
-  void Complete(const std::string& w, const v1::JobAssignment& j, const std::string& result = "") {
-    grpc::ClientContext ctx;
-    v1::CompleteRequest req;
-    req.set_worker_id(w);
-    req.set_job_id(j.job_id());
-    req.set_attempt(j.attempt());
-    req.set_artifact_uri(j.output_uri());
-    req.set_result_json(result);
-    v1::CompleteResponse resp;
-    auto st = workers_->Complete(&ctx, req, &resp);
-    ASSERT_TRUE(st.ok()) << st.error_message();
-  }
-  void Fail(const std::string& w, const v1::JobAssignment& j, bool retryable) {
-    grpc::ClientContext ctx;
-    v1::FailRequest req;
-    req.set_worker_id(w);
-    req.set_job_id(j.job_id());
-    req.set_attempt(j.attempt());
-    req.set_error("boom");
-    req.set_retryable(retryable);
-    v1::FailResponse resp;
-    ASSERT_TRUE(workers_->Fail(&ctx, req, &resp).ok());
-  }
   // A one-job pipeline claimed before anything else (priority -5).
   void CreateSingle(const std::string& name, const std::string& kind, const std::string& spec, int max_attempts) {
     storage::NewPipeline p{.name = name, .spec_json = "{}"};
@@ -132,32 +77,17 @@ class MetricsTest : public ::testing::Test {
                j.name(), "\"}");
   }
 
-  ManualClock clock_;
-  std::string conninfo_;
-  storage::ConnectionPool pool_;
-  storage::Store store_;
-  metrics::Registry registry_;
-  Scheduler scheduler_;
   metrics::Exposer exposer_;
-  std::shared_ptr<grpc::Channel> channel_;
-  std::unique_ptr<v1::PipelineService::Stub> pipelines_;
-  std::unique_ptr<v1::WorkerService::Stub> workers_;
 };
 
 TEST_F(MetricsTest, ScrapeReflectsRpcsAndDatabaseState) {
   const double t0 = std::chrono::duration<double>(clock_.Now().time_since_epoch()).count();
-  {
-    grpc::ClientContext ctx;
-    v1::SubmitRequest req;
-    req.set_spec(testing::kDagSpec);
-    v1::SubmitResponse resp;
-    ASSERT_TRUE(pipelines_->Submit(&ctx, req, &resp).ok());
-  }
-  const std::string w1 = Register("w1"), w2 = Register("w2");
+  Submit(testing::kDagSpec);
+  const std::string w1 = RegisterWorker("w1"), w2 = RegisterWorker("w2");
 
   // Branch A: claimed 3 s after it became READY; its heartbeat feeds the per-job gauges.
   clock_.Advance(3s);
-  const auto a = Acquire(w1);
+  const auto a = AcquireOne(w1);
   Heartbeat(w1, a, 30, 300, 2.5, 1000, 120);
   auto m = ParseExposition(Scrape());
   EXPECT_DOUBLE_EQ(m[JobSeries("btx_job_progress_ratio", a)], 0.1);
@@ -168,35 +98,35 @@ TEST_F(MetricsTest, ScrapeReflectsRpcsAndDatabaseState) {
   EXPECT_DOUBLE_EQ(m["btx_dispatch_latency_seconds_sum"], 3);
 
   // Branch B fails once (retry after the 5 s backoff), then its second lease expires.
-  const auto b1 = Acquire(w2);
-  Fail(w2, b1, /*retryable=*/true);
-  Complete(w1, a);
+  const auto b1 = AcquireOne(w2);
+  ASSERT_TRUE(Fail(w2, b1, /*retryable=*/true).ok());
+  ASSERT_TRUE(Complete(w1, a).ok());
   m = ParseExposition(Scrape());
   EXPECT_EQ(m.count(JobSeries("btx_job_progress_ratio", a)), 0u) << "series of a finished job must go";
   EXPECT_EQ(m.count(JobSeries("btx_job_last_heartbeat_timestamp_seconds", b1)), 0u);
   clock_.Advance(6s);
-  const auto b2 = Acquire(w2);
+  const auto b2 = AcquireOne(w2);
   EXPECT_EQ(b2.job_id(), b1.job_id());
   EXPECT_EQ(b2.attempt(), 2);
   clock_.Advance(11s);
   ASSERT_TRUE(scheduler_.ReapOnce().ok());  // also marks w1 and w2 LOST: neither was seen for 10 s
-  const auto b3 = Acquire(w1);
+  const auto b3 = AcquireOne(w1);
   EXPECT_EQ(b3.attempt(), 3);
   Heartbeat(w1, b3, 10, 100, 3.0, 50, 30);  // w1 is ACTIVE again
   const double b3_heartbeat = t0 + 20;
 
   // An evaluation with routing data, and a pipeline that fails outright.
   CreateSingle("eval-only", "eval", R"({"models": [{"name": "btx", "model": "/m"}, {"name": "seed", "model": "/s"}]})", 3);
-  const auto e = Acquire(w1);
+  const auto e = AcquireOne(w1);
   EXPECT_EQ(e.kind(), v1::JOB_KIND_EVAL);
-  Complete(w1, e, R"({"models": {"btx": {"domains": {
+  ASSERT_TRUE(Complete(w1, e, R"({"models": {"btx": {"domains": {
       "code": {"loss": 1.0, "tokens": 100, "routing": [[0.5, 0.5], [0.25, 0.75]]},
       "math": {"loss": 1.2, "tokens": 300, "routing": [[0.1, 0.9], [0.25, 0.75]]}}},
-    "seed": {"domains": {"code": {"loss": 2.0, "tokens": 100}}}}})");
+    "seed": {"domains": {"code": {"loss": 2.0, "tokens": 100}}}}})").ok());
   CreateSingle("doomed", "merge", "{}", 1);
-  const auto d = Acquire(w1);
+  const auto d = AcquireOne(w1);
   EXPECT_EQ(d.kind(), v1::JOB_KIND_MERGE);
-  Fail(w1, d, /*retryable=*/false);
+  ASSERT_TRUE(Fail(w1, d, /*retryable=*/false).ok());
   {
     grpc::ClientContext ctx;
     v1::GetPipelineRequest req;
@@ -255,7 +185,7 @@ TEST_F(MetricsTest, ScrapeReflectsRpcsAndDatabaseState) {
   // Another replica that served none of these RPCs reports the same fleet-wide and per-job
   // gauges: they come from the database.
   metrics::Registry other_registry;
-  Scheduler other(Config(), store_, clock_, conninfo_, &other_registry);
+  Scheduler other(TestConfig(), store_, clock_, conninfo_, &other_registry);
   ASSERT_TRUE(other.RefreshMetrics().ok());
   auto o = ParseExposition(other_registry.Serialize());
   for (const auto& [k, v] : m) {

@@ -81,20 +81,31 @@ void WakeUps::Stop() {
 
 Scheduler::Scheduler(SchedulerConfig config, storage::Store& store, const Clock& clock, std::string conninfo,
                      metrics::Registry* registry)
-    : config_(std::move(config)), store_(store), clock_(clock), conninfo_(std::move(conninfo)) {
+    : config_(std::move(config)), store_(store), clock_(clock), conninfo_(std::move(conninfo)), registry_(registry) {
   if (registry) metrics_ = std::make_unique<SchedulerMetrics>(*registry, config_.lease, BTX_VERSION);
 }
 
 Scheduler::~Scheduler() { Shutdown(); }
 
 absl::StatusOr<int> Scheduler::Start() {
+  if (auto s = CheckSecurity(config_.listen, config_.security); !s.ok()) return s;
   pipelines_ = std::make_unique<PipelineServiceImpl>(store_, clock_, wakeups_, stopping_);
   workers_ = std::make_unique<WorkerServiceImpl>(config_, store_, clock_, wakeups_, metrics_.get(), stopping_);
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort(config_.listen, grpc::InsecureServerCredentials(), &port);
+  RefusalObserver on_refused;
+  if (registry_) {
+    // Refused calls never reach the handlers, nor so btx_grpc_requests_total: counted here, so
+    // that a credential-guessing client or a misconfigured worker shows on a dashboard.
+    auto& refused = registry_->AddCounter("btx_grpc_auth_refusals_total",
+                                          "calls refused by authentication or authorisation", {"method", "code"});
+    on_refused = [&refused](std::string_view method, grpc::StatusCode code) {
+      refused.WithLabels({MethodLabel(std::string(method).c_str()), StatusCodeName(code)}).Inc();
+    };
+  }
+  builder.AddListeningPort(config_.listen, MakeServerCredentials(config_.security, std::move(on_refused)), &port);
   builder.RegisterService(pipelines_.get());
   builder.RegisterService(workers_.get());
   builder.SetMaxReceiveMessageSize(4 << 20);

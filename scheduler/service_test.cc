@@ -12,87 +12,17 @@
 #include "btx/scheduler/server.h"
 #include "btx/v1/pipeline_service.grpc.pb.h"
 #include "btx/v1/worker_service.grpc.pb.h"
-#include "pg_fixture.h"
+#include "test_util.h"
 
 namespace btx::scheduler {
 namespace {
 using namespace std::chrono_literals;
 namespace v1 = btx::v1;
 
-const char* kSpec = R"(
-name: svc
-seed: {model: /models/seed}
-experts:
-  - {name: code, data: {train: [/d/code]}, steps: 3}
-  - {name: math, data: {train: [/d/math]}, steps: 3}
-evaluate: {baselines: []}
-)";
+using testing::kDagSpec;
+using testing::QueryText;
 
-class ServiceTest : public ::testing::Test {
- protected:
-  ServiceTest()
-      : conninfo_(btx::testing::NewMigratedDatabase()), pool_(conninfo_, 8), store_(pool_),
-        scheduler_(Config(), store_, clock_, conninfo_) {
-    auto port = scheduler_.Start();
-    EXPECT_TRUE(port.ok()) << port.status();
-    channel_ = grpc::CreateChannel("127.0.0.1:" + std::to_string(*port), grpc::InsecureChannelCredentials());
-    pipelines_ = v1::PipelineService::NewStub(channel_);
-    workers_ = v1::WorkerService::NewStub(channel_);
-  }
-  static SchedulerConfig Config() {
-    SchedulerConfig c;
-    c.artifact_root = "/tmp/btx-test-artifacts";
-    c.lease = 10s;
-    c.reap_interval = 3600s;  // the test drives the reaper itself
-    return c;
-  }
-  std::string RegisterWorker(const std::string& name) {
-    grpc::ClientContext ctx;
-    v1::RegisterRequest req;
-    req.set_name(name);
-    req.mutable_capabilities()->set_slots(1);
-    v1::RegisterResponse resp;
-    EXPECT_TRUE(workers_->Register(&ctx, req, &resp).ok());
-    return resp.worker_id();
-  }
-  v1::SubmitResponse Submit(const std::string& spec, const std::string& key, grpc::Status* status) {
-    grpc::ClientContext ctx;
-    v1::SubmitRequest req;
-    req.set_spec(spec);
-    req.set_idempotency_key(key);
-    v1::SubmitResponse resp;
-    *status = pipelines_->Submit(&ctx, req, &resp);
-    return resp;
-  }
-  v1::AcquireJobResponse Acquire(const std::string& worker, int64_t wait_ms = 0) {
-    grpc::ClientContext ctx;
-    v1::AcquireJobRequest req;
-    req.set_worker_id(worker);
-    req.set_wait_timeout_ms(wait_ms);
-    v1::AcquireJobResponse resp;
-    EXPECT_TRUE(workers_->AcquireJob(&ctx, req, &resp).ok());
-    return resp;
-  }
-  grpc::Status Complete(const std::string& worker, const v1::JobAssignment& job, int attempt) {
-    grpc::ClientContext ctx;
-    v1::CompleteRequest req;
-    req.set_worker_id(worker);
-    req.set_job_id(job.job_id());
-    req.set_attempt(attempt);
-    req.set_artifact_uri(job.output_uri());
-    v1::CompleteResponse resp;
-    return workers_->Complete(&ctx, req, &resp);
-  }
-
-  ManualClock clock_;
-  std::string conninfo_;
-  storage::ConnectionPool pool_;
-  storage::Store store_;
-  Scheduler scheduler_;
-  std::shared_ptr<grpc::Channel> channel_;
-  std::unique_ptr<v1::PipelineService::Stub> pipelines_;
-  std::unique_ptr<v1::WorkerService::Stub> workers_;
-};
+class ServiceTest : public testing::SchedulerFixture {};
 
 TEST_F(ServiceTest, ReflectionListsServicesAndHealthIsServing) {
   grpc::GenericStub stub(channel_);
@@ -175,10 +105,10 @@ TEST_F(ServiceTest, BadIdsAndEnumsAreInvalidArgument) {
 
 TEST_F(ServiceTest, SubmitIsIdempotentPerKey) {
   grpc::Status st;
-  auto a = Submit(kSpec, "k1", &st);
+  auto a = Submit(kDagSpec, "k1", &st);
   ASSERT_TRUE(st.ok()) << st.error_message();
   EXPECT_TRUE(a.created());
-  auto b = Submit(kSpec, "k1", &st);
+  auto b = Submit(kDagSpec, "k1", &st);
   ASSERT_TRUE(st.ok());
   EXPECT_FALSE(b.created());
   EXPECT_EQ(a.pipeline().id(), b.pipeline().id());
@@ -186,7 +116,7 @@ TEST_F(ServiceTest, SubmitIsIdempotentPerKey) {
 
 TEST_F(ServiceTest, LeaseFencingAndDependentsThroughTheApi) {
   grpc::Status st;
-  auto sub = Submit(kSpec, "", &st);
+  auto sub = Submit(kDagSpec, "", &st);
   ASSERT_TRUE(st.ok()) << st.error_message();
   const std::string w1 = RegisterWorker("w1"), w2 = RegisterWorker("w2");
   auto j1 = Acquire(w1);
@@ -202,7 +132,7 @@ TEST_F(ServiceTest, LeaseFencingAndDependentsThroughTheApi) {
   ASSERT_TRUE(again.has_job());
   auto other = again.job().job_id() == j1.job().job_id() ? again : Acquire(w2);
   // The stale completion from w1 is refused.
-  EXPECT_EQ(Complete(w1, j1.job(), 1).error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_EQ(Complete(w1, j1.job()).error_code(), grpc::StatusCode::FAILED_PRECONDITION);
   // Drain the two branches with w2, then merge becomes claimable at once.
   std::vector<v1::JobAssignment> held = {again.job()};
   if (other.job().job_id() != again.job().job_id()) held.push_back(other.job());
@@ -211,7 +141,7 @@ TEST_F(ServiceTest, LeaseFencingAndDependentsThroughTheApi) {
     ASSERT_TRUE(more.has_job());
     held.push_back(more.job());
   }
-  for (const auto& j : held) ASSERT_TRUE(Complete(w2, j, j.attempt()).ok()) << j.name();
+  for (const auto& j : held) ASSERT_TRUE(Complete(w2, j).ok()) << j.name();
   auto merge = Acquire(w2);
   ASSERT_TRUE(merge.has_job());
   EXPECT_EQ(merge.job().name(), "merge");
@@ -226,7 +156,7 @@ TEST_F(ServiceTest, LongPollWakesWhenAJobBecomesReady) {
   std::thread poller([&] { got.set_value(Acquire(w, 20000)); });
   grpc::Status st;
   auto start = std::chrono::steady_clock::now();
-  Submit(kSpec, "", &st);
+  Submit(kDagSpec, "", &st);
   ASSERT_TRUE(st.ok());
   auto resp = got.get_future().get();
   poller.join();
@@ -237,7 +167,7 @@ TEST_F(ServiceTest, LongPollWakesWhenAJobBecomesReady) {
 
 TEST_F(ServiceTest, WatchStreamsEventsAndResumes) {
   grpc::Status st;
-  auto sub = Submit(kSpec, "", &st);
+  auto sub = Submit(kDagSpec, "", &st);
   grpc::ClientContext ctx;
   v1::WatchRequest req;
   req.set_pipeline_id(sub.pipeline().id());
@@ -261,7 +191,7 @@ TEST_F(ServiceTest, WatchStreamsEventsAndResumes) {
 
 TEST_F(ServiceTest, CancelReachesRunningJobThroughHeartbeat) {
   grpc::Status st;
-  auto sub = Submit(kSpec, "", &st);
+  auto sub = Submit(kDagSpec, "", &st);
   const std::string w = RegisterWorker("w1");
   auto j = Acquire(w);
   ASSERT_TRUE(j.has_job());
@@ -281,6 +211,62 @@ TEST_F(ServiceTest, CancelReachesRunningJobThroughHeartbeat) {
   ASSERT_TRUE(workers_->Heartbeat(&hctx, hb, &hr).ok());
   ASSERT_EQ(hr.jobs_size(), 1);
   EXPECT_EQ(hr.jobs(0).directive(), v1::JOB_DIRECTIVE_CANCEL);
+}
+
+// A claimed job whose parent's artifact cannot be resolved can never run: its attempt fails for
+// good with the reason stored on the job, and the same long poll goes on to hand out other work
+// instead of sending the worker an error.
+TEST_F(ServiceTest, UnresolvableArtifactFailsTheJobAndTheLongPollGoesOn) {
+  const auto broken = Submit(kDagSpec, "broken");
+  const std::string w = RegisterWorker("w1");
+  const auto first = Acquire(w), second = Acquire(w);
+  ASSERT_TRUE(first.has_job() && second.has_job());
+  ASSERT_TRUE(Complete(w, first.job()).ok());
+  // What a restored backup or a hand edit could leave behind: the parent finished, but its
+  // artifact URI no longer passes the scheduler's checks.
+  testing::Execute(conninfo_, Cat("UPDATE jobs SET artifact_uri = 'file:///tmp/btx-test-artifacts/../etc' WHERE id = '",
+                                  first.job().job_id(), "'"));
+
+  std::promise<v1::AcquireJobResponse> got;
+  std::thread poller([&] { got.set_value(Acquire(w, 20000)); });
+  // Completing the last branch makes the merge claimable: the poll claims it and must fail it.
+  ASSERT_TRUE(Complete(w, second.job()).ok());
+  const std::string merge_state = Cat("SELECT state FROM jobs WHERE pipeline_id = '", broken.pipeline().id(),
+                                      "' AND name = 'merge'");
+  ASSERT_TRUE(testing::PollUntil([&] { return QueryText(conninfo_, merge_state) == "FAILED"; }, 15s))
+      << QueryText(conninfo_, merge_state);
+  // The poll is still open: new work reaches this worker through it.
+  const auto next = Submit(kDagSpec, "next");
+  auto resp = got.get_future().get();
+  poller.join();
+  ASSERT_TRUE(resp.has_job());
+  EXPECT_EQ(resp.job().pipeline_id(), next.pipeline().id());
+  EXPECT_EQ(resp.job().kind(), v1::JOB_KIND_BRANCH);
+
+  grpc::ClientContext ctx;
+  v1::ListJobsRequest req;
+  req.set_pipeline_id(broken.pipeline().id());
+  v1::ListJobsResponse jobs;
+  ASSERT_TRUE(pipelines_->ListJobs(&ctx, req, &jobs).ok());
+  const v1::Job* merge = nullptr;
+  for (const auto& j : jobs.jobs()) {
+    if (j.name() == "merge") merge = &j;
+  }
+  ASSERT_NE(merge, nullptr);
+  EXPECT_EQ(merge->state(), v1::JOB_STATE_FAILED);
+  EXPECT_EQ(merge->attempt(), 1);
+  EXPECT_NE(merge->error().find(first.job().name()), std::string::npos) << merge->error();
+  EXPECT_NE(merge->error().find(".."), std::string::npos) << merge->error();
+  // Not retryable: another attempt would find the same reference.
+  EXPECT_EQ(testing::QueryInt(conninfo_, Cat("SELECT count(*) FROM job_attempts WHERE job_id = '", merge->id(),
+                                             "' AND outcome = 'FAILED'")),
+            1);
+  grpc::ClientContext gctx;
+  v1::GetPipelineRequest get;
+  get.set_id(broken.pipeline().id());
+  v1::Pipeline pipeline;
+  ASSERT_TRUE(pipelines_->Get(&gctx, get, &pipeline).ok());
+  EXPECT_EQ(pipeline.state(), v1::PIPELINE_STATE_FAILED);
 }
 
 }  // namespace

@@ -20,6 +20,13 @@ absl::Status CheckId(const std::string& field, const std::string& value) {
   return InvalidFields({{field, Cat("got '", value.substr(0, 64), "'; expected a UUID")}});
 }
 
+// The job's arguments as the worker receives them: parents' artifact references become paths.
+absl::StatusOr<json> ResolveInputs(const storage::ClaimedJob& c) {
+  json stored = json::parse(c.job.spec_json, nullptr, /*allow_exceptions=*/false);
+  if (stored.is_discarded()) return absl::FailedPreconditionError("its stored arguments are not valid JSON");
+  return ResolveArtifacts(stored, c.parent_artifacts);
+}
+
 absl::Status CheckKey(const std::string& key) {
   if (key.size() > 128) return InvalidFields({{"idempotency_key", "longer than 128 characters"}});
   for (char c : key) {
@@ -226,8 +233,25 @@ grpc::Status WorkerServiceImpl::AcquireJob(grpc::ServerContext* ctx, const v1::A
     if (!claimed.ok()) return ToGrpcStatus(claimed.status());
     if (claimed->has_value()) {
       const auto& c = **claimed;
-      auto spec = ResolveArtifacts(json::parse(c.job.spec_json), c.parent_artifacts);
-      if (!spec.ok()) return ToGrpcStatus(spec.status());
+      auto spec = ResolveInputs(c);
+      if (!spec.ok()) {
+        // No attempt can do better than this one (the stored arguments do not change), and an
+        // error would only send the worker into backoff with the job still leased to it: fail
+        // the job for good, where the pipeline's owner sees why, and look for other work.
+        const std::string error = Cat("the scheduler could not prepare job ", c.job.name,
+                                      " for a worker: ", spec.status().message()).substr(0, 8192);
+        auto failed = store_.FailJob(req->worker_id(), c.job.id, c.job.attempt, error, /*retryable=*/false,
+                                     /*cancelled=*/false, /*checkpoint_uri=*/"", config_.retry, clock_.Now());
+        if (failed.ok()) {
+          if (metrics_) metrics_->OnFail(c.job.id, *failed);
+          wakeups_.EventsChanged();
+        } else if (!absl::IsFailedPrecondition(failed.status()) && !absl::IsNotFound(failed.status())) {
+          // Stale (the attempt ended meanwhile: cancelled, reaped) needs nothing more; only a
+          // database error goes back, and the reaper requeues the lease if the worker never returns.
+          return ToGrpcStatus(failed.status());
+        }
+        continue;
+      }
       auto* job = resp->mutable_job();
       job->set_job_id(c.job.id);
       job->set_attempt(c.job.attempt);

@@ -270,23 +270,28 @@ void CheckTrain(Checker& c, json& spec) {
 
 }  // namespace
 
-absl::StatusOr<json> ParseSpec(const std::string& text, const SpecLimits& limits) {
-  if (text.size() > limits.max_spec_bytes) {
-    return InvalidFields({{"spec", Cat("got ", text.size(), " bytes; expected at most ", limits.max_spec_bytes)}});
+absl::StatusOr<json> YamlToJson(const std::string& text, size_t max_bytes) {
+  if (text.size() > max_bytes) {
+    return absl::InvalidArgumentError(Cat("got ", text.size(), " bytes; expected at most ", max_bytes));
   }
   if (const size_t valid = ValidUtf8Prefix(text); valid != text.size()) {
-    return InvalidFields({{"spec", Cat("got invalid UTF-8 at byte ", valid, "; expected UTF-8 text")}});
+    return absl::InvalidArgumentError(Cat("got invalid UTF-8 at byte ", valid, "; expected UTF-8 text"));
   }
-  json spec;
   try {
-    size_t budget = 2 * limits.max_spec_bytes;  // no spec without aliases expands to more
-    spec = ToJson(YAML::Load(text), budget);
+    size_t budget = 2 * max_bytes;  // no document without aliases expands to more
+    return ToJson(YAML::Load(text), budget);
   } catch (const YAML::Exception& e) {
-    return InvalidFields({{"spec", Cat("not valid YAML/JSON at line ", e.mark.line + 1, ", column ", e.mark.column + 1,
-                                       ": ", ToValidUtf8(e.msg))}});
+    return absl::InvalidArgumentError(Cat("not valid YAML/JSON at line ", e.mark.line + 1, ", column ",
+                                          e.mark.column + 1, ": ", ToValidUtf8(e.msg)));
   } catch (const std::exception& e) {
-    return InvalidFields({{"spec", Cat("not valid YAML/JSON: ", ToValidUtf8(e.what()))}});
+    return absl::InvalidArgumentError(Cat("not valid YAML/JSON: ", ToValidUtf8(e.what())));
   }
+}
+
+absl::StatusOr<json> ParseSpec(const std::string& text, const SpecLimits& limits) {
+  auto parsed = YamlToJson(text, limits.max_spec_bytes);
+  if (!parsed.ok()) return InvalidFields({{"spec", std::string(parsed.status().message())}});
+  json spec = *std::move(parsed);
   Checker c;
   if (!c.Object("", spec, {"name", "seed", "tokenizer", "experts", "train", "merge", "finetune", "evaluate", "resources"})) {
     return InvalidFields(c.violations);
@@ -516,13 +521,21 @@ std::vector<storage::NewJob> PlanJobs(const json& spec) {
 absl::StatusOr<json> ResolveArtifacts(const json& spec, const std::map<std::string, std::string>& parents) {
   if (spec.is_object()) {
     if (spec.size() == 1 && spec.contains("$artifact")) {
-      auto it = parents.find(spec["$artifact"].get<std::string>());
+      if (!spec["$artifact"].is_string()) {
+        return absl::FailedPreconditionError(Cat("job argument {\"$artifact\": ", spec["$artifact"].dump(),
+                                                 "} does not name a parent job"));
+      }
+      const std::string& parent = spec["$artifact"].get_ref<const std::string&>();
+      auto it = parents.find(parent);
       if (it == parents.end() || it->second.empty()) {
-        return absl::FailedPreconditionError(Cat("job argument refers to '", spec["$artifact"].get<std::string>(),
-                                                 "', which is not a finished parent job"));
+        return absl::FailedPreconditionError(
+            Cat("job argument refers to '", parent, "', which is not a finished parent job"));
       }
       auto path = FileUriToPath(it->second);
-      if (!path.ok()) return path.status();
+      if (!path.ok()) {
+        return absl::FailedPreconditionError(
+            Cat("the artifact of parent job '", parent, "' (", it->second, ") is unusable: ", path.status().message()));
+      }
       return json(*path);
     }
     json out = json::object();

@@ -25,7 +25,9 @@ absl::Status StatusFromException(const std::exception& e, std::string_view what)
     const std::string& state = sql->sqlstate();
     if (state == "40001" || state == "40P01") return absl::AbortedError(Cat(what, ": ", e.what()));
     if (state == "22P02") return absl::InvalidArgumentError(Cat(what, ": malformed id: ", e.what()));
-    if (state.rfind("08", 0) == 0 || state == "57P01" || state == "57P03") {
+    // 08: connection exceptions; 57P01/57P02: the server terminated the session (shutdown, or
+    // another backend crashed); 57P03: starting up or shutting down.
+    if (state.rfind("08", 0) == 0 || state == "57P01" || state == "57P02" || state == "57P03") {
       return absl::UnavailableError(Cat(what, ": database unavailable: ", e.what()));
     }
   }

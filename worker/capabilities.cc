@@ -15,6 +15,7 @@ using CuDeviceGetCount = int (*)(int*);
 using CuDeviceGet = int (*)(int*, int);
 using CuDeviceTotalMem = int (*)(size_t*, int);
 using CuDeviceGetName = int (*)(char*, int, int);
+using CuDeviceGetPciBusId = int (*)(char*, int, int);
 
 void DiscoverGpus(Capabilities& caps) {
   void* lib = ::dlopen("libcuda.so.1", RTLD_LAZY | RTLD_LOCAL);
@@ -24,6 +25,7 @@ void DiscoverGpus(Capabilities& caps) {
   auto get = reinterpret_cast<CuDeviceGet>(::dlsym(lib, "cuDeviceGet"));
   auto mem = reinterpret_cast<CuDeviceTotalMem>(::dlsym(lib, "cuDeviceTotalMem_v2"));
   auto name = reinterpret_cast<CuDeviceGetName>(::dlsym(lib, "cuDeviceGetName"));
+  auto pci = reinterpret_cast<CuDeviceGetPciBusId>(::dlsym(lib, "cuDeviceGetPCIBusId"));
   int n = 0;
   if (init && count && get && mem && name && init(0) == 0 && count(&n) == 0) {
     for (int i = 0; i < n; ++i) {
@@ -34,6 +36,15 @@ void DiscoverGpus(Capabilities& caps) {
       name(buf, sizeof(buf) - 1, dev);
       caps.gpu_memory_bytes.push_back(static_cast<int64_t>(bytes));
       caps.gpu_names.emplace_back(buf);
+      char bus[64] = {};
+      caps.gpu_pci_bus_ids.emplace_back(pci && pci(bus, sizeof(bus) - 1, dev) == 0 ? bus : "");
+    }
+  }
+  // All or nothing: a partial list could not tell which GPU an index names.
+  for (const auto& id : caps.gpu_pci_bus_ids) {
+    if (id.empty()) {
+      caps.gpu_pci_bus_ids.clear();
+      break;
     }
   }
   // The driver library stays loaded: unloading CUDA after cuInit is not supported.

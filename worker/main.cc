@@ -1,4 +1,5 @@
 // btx-worker: the composition root of the worker daemon.
+#include <atomic>
 #include <csignal>
 #include <fstream>
 #include <iostream>
@@ -8,6 +9,7 @@
 #include <grpcpp/grpcpp.h>
 #include <spdlog/spdlog.h>
 
+#include "btx/common/tls.h"
 #include "btx/metrics/exposer.h"
 #include "btx/metrics/metrics.h"
 #include "btx/worker/worker.h"
@@ -51,9 +53,42 @@ int main(int argc, char** argv) {
   app.add_option("--metrics-port-file", port_file, "write the bound metrics port here");
   app.add_option("--token", cfg.bearer_token, "bearer token for the scheduler (or env BTX_WORKER_TOKEN)")
       ->envname("BTX_WORKER_TOKEN");
+  btx::tls::ClientOptions tls;
+  app.add_option("--tls-ca", tls.ca_file, "connect with TLS, trusting these PEM roots (env BTX_WORKER_TLS_CA)")
+      ->envname("BTX_WORKER_TLS_CA");
+  app.add_option("--tls-cert", tls.cert_file, "PEM client certificate for mutual TLS (env BTX_WORKER_TLS_CERT)")
+      ->envname("BTX_WORKER_TLS_CERT");
+  app.add_option("--tls-key", tls.key_file, "PEM private key of --tls-cert (env BTX_WORKER_TLS_KEY)")
+      ->envname("BTX_WORKER_TLS_KEY");
+  app.add_option("--tls-server-name", tls.server_name, "name to expect in the scheduler's certificate (default: its host)");
   CLI11_PARSE(app, argc, argv);
   cfg.stop_grace = std::chrono::seconds(stop_grace_s);
   cfg.poll_wait = std::chrono::seconds(poll_s);
+
+  grpc::ChannelArguments args;
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, 20000);
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10000);
+  // gRPC's default reconnect backoff grows to 120 s; a restarted scheduler should get its workers back in
+  // seconds, well inside a job's lease.
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 5000);
+  if (!tls.server_name.empty() && !tls.enabled()) {
+    std::cerr << "btx-worker: --tls-server-name needs TLS: give --tls-ca\n";
+    return 2;
+  }
+  // Checked before anything starts: a bad file would otherwise show only as endless reconnects.
+  auto credentials = btx::tls::ChannelCredentials(tls, args);
+  if (!credentials.ok()) {
+    std::cerr << "btx-worker: " << credentials.status().message() << "\n";
+    return 2;
+  }
+  if (!tls.enabled()) {
+    if (!btx::tls::IsLocalAddress(scheduler)) {
+      spdlog::warn("connecting to {} without TLS{}; give --tls-ca (and --tls-cert/--tls-key) for a scheduler on another machine",
+                   scheduler, cfg.bearer_token.empty() ? "" : ": the token travels in plain text");
+    }
+  } else if (tls.cert_file.empty() && cfg.bearer_token.empty()) {
+    spdlog::warn("TLS without a client certificate or --token: the scheduler will refuse this worker if it authenticates");
+  }
 
   // Signals are taken synchronously by one thread: no work in a signal handler.
   sigset_t signals;
@@ -86,19 +121,18 @@ int main(int argc, char** argv) {
   }
   registry.AddGauge("btx_build_info", "build of this daemon", {"version", "component"}).WithLabels({"0.1.0", "worker"}).Set(1);
 
-  grpc::ChannelArguments args;
-  args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, 20000);
-  args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 10000);
-  auto channel = grpc::CreateCustomChannel(scheduler, grpc::InsecureChannelCredentials(), args);
+  auto channel = grpc::CreateCustomChannel(scheduler, *credentials, args);
   btx::PosixProcessLauncher launcher;
   btx::SystemClock clock;
   btx::worker::Worker worker(cfg, channel, launcher, clock, &registry);
 
+  std::atomic<bool> signalled{false};
   std::thread signal_thread([&] {
     for (int n = 0;; ++n) {
       int sig = 0;
       if (sigwait(&signals, &sig) != 0) continue;
       if (sig == SIGUSR1) return;  // shutdown of this thread after Run returned
+      signalled = true;
       if (n == 0) {
         spdlog::info("signal {}: draining (running jobs checkpoint, then exit); signal again to kill them", sig);
         worker.Drain();
@@ -111,6 +145,9 @@ int main(int argc, char** argv) {
   worker.Run();
   pthread_kill(signal_thread.native_handle(), SIGUSR1);
   signal_thread.join();
+  // Run() returns unregistered, without a signal, only when the scheduler refused this worker
+  // (credentials, role): a failure for the service manager to see.
+  const bool refused = worker.worker_id().empty() && !signalled;
   spdlog::info("btx-worker exiting");
-  return 0;
+  return refused ? 1 : 0;
 }

@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <map>
 #include <mutex>
+#include <set>
 
 #include <google/protobuf/util/time_util.h>
 #include <spdlog/spdlog.h>
@@ -14,6 +15,7 @@
 #include "btx/common/uri.h"
 #include "btx/metrics/metrics.h"
 #include "btx/v1/worker_service.grpc.pb.h"
+#include "gpu_memory.h"
 #include "job_runner.h"
 
 namespace btx::worker {
@@ -31,14 +33,9 @@ std::string Hostname() {
 }
 
 std::string DefaultTrainBinary() {
-  const std::string sibling = SelfExeDir() + "/btx-train";
-  if (::access(sibling.c_str(), X_OK) == 0) return sibling;
-  const char* path = std::getenv("PATH");
-  for (const std::string& dir : Split(path ? path : "", ':', true)) {
-    const std::string candidate = dir + "/btx-train";
-    if (::access(candidate.c_str(), X_OK) == 0) return candidate;
-  }
-  return sibling;  // fails at launch with a clear "exec" error naming this path
+  std::string found = FindSiblingExecutable("btx-train");
+  // Not found: the sibling path fails at launch with a clear "exec" error naming it.
+  return found.empty() ? SelfExeDir() + "/btx-train" : found;
 }
 
 bool Retryable(grpc::StatusCode code) {
@@ -74,6 +71,17 @@ class Worker::Impl {
       hb_failures_ = &registry->AddCounter("btx_worker_heartbeat_failures_total",
                                            "heartbeats the scheduler did not acknowledge", {"worker"})
                           .WithLabels(w);
+      // Without a driver there is nothing to report, and no family at all beats empty ones.
+      auto reader = GpuMemoryReader::Open(caps_.gpu_pci_bus_ids);
+      if (reader.ok()) {
+        gpu_reader_ = *std::move(reader);
+        gpu_used_ = &registry->AddGauge("btx_worker_gpu_memory_used_bytes",
+                                        "GPU memory in use by all processes, as the driver reports it", {"worker", "gpu"});
+        gpu_total_ = &registry->AddGauge("btx_worker_gpu_memory_total_bytes", "GPU memory installed", {"worker", "gpu"});
+        SampleGpuMemory();
+      } else {
+        spdlog::info("worker {}: no GPU memory metrics: {}", cfg_.name, std::string(reader.status().message()));
+      }
     }
   }
 
@@ -82,6 +90,9 @@ class Worker::Impl {
   void Run() {
     if (!Register()) return Finish();
     std::thread heartbeat([this] { HeartbeatLoop(); });
+    // Its own thread: a driver call that stalls must not hold up heartbeats and cost leases.
+    std::thread gpu_sampler;
+    if (gpu_reader_) gpu_sampler = std::thread([this] { GpuSampleLoop(); });
     AcquireLoop();
     // Draining: tell running children to checkpoint (or kill them), then wait for their reports.
     {
@@ -97,6 +108,7 @@ class Worker::Impl {
     }
     cv_.notify_all();
     heartbeat.join();
+    if (gpu_sampler.joinable()) gpu_sampler.join();
     Finish();
   }
 
@@ -194,12 +206,14 @@ class Worker::Impl {
     for (;;) {
       int slot = -1;
       grpc::ClientContext ctx;
-      AddAuth(ctx, cfg_.poll_wait + cfg_.rpc_timeout);
       v1::AcquireJobRequest req;
       {
         std::unique_lock lock(mu_);
         cv_.wait(lock, [&] { return draining_ || FreeSlotLocked() >= 0; });
         if (draining_) return;
+        // The deadline starts now, not before the wait for a free slot: after a job longer than
+        // the poll plus the RPC timeout the call would otherwise fail at once (DEADLINE_EXCEEDED).
+        AddAuth(ctx, cfg_.poll_wait + cfg_.rpc_timeout);
         slot = FreeSlotLocked();
         int free_gpus = 0;
         if (caps_.gpus() > 0) {
@@ -406,6 +420,34 @@ class Worker::Impl {
     }
   }
 
+  void GpuSampleLoop() {
+    for (;;) {
+      {
+        std::unique_lock lock(mu_);
+        cv_.wait_for(lock, cfg_.gpu_metrics_interval, [&] { return heartbeat_done_; });
+        if (heartbeat_done_) return;
+      }
+      SampleGpuMemory();
+    }
+  }
+
+  void SampleGpuMemory() {
+    std::set<int> seen;
+    for (const auto& s : gpu_reader_->Read()) {
+      const std::vector<std::string> labels = {cfg_.name, std::to_string(s.gpu)};
+      gpu_used_->WithLabels(labels).Set(static_cast<double>(s.used_bytes));
+      gpu_total_->WithLabels(labels).Set(static_cast<double>(s.total_bytes));
+      seen.insert(s.gpu);
+    }
+    // A GPU the driver stopped answering for loses its series instead of showing a frozen value.
+    for (int gpu : gpu_series_) {
+      if (seen.count(gpu)) continue;
+      gpu_used_->Remove({cfg_.name, std::to_string(gpu)});
+      gpu_total_->Remove({cfg_.name, std::to_string(gpu)});
+    }
+    gpu_series_ = std::move(seen);
+  }
+
   WorkerConfig cfg_;
   std::unique_ptr<v1::WorkerService::Stub> stub_;
   ProcessLauncher& launcher_;
@@ -425,6 +467,10 @@ class Worker::Impl {
   metrics::Gauge* jobs_running_ = nullptr;
   metrics::Counter* child_failures_ = nullptr;
   metrics::Counter* hb_failures_ = nullptr;
+  std::unique_ptr<GpuMemoryReader> gpu_reader_;
+  metrics::Family<metrics::Gauge>* gpu_used_ = nullptr;
+  metrics::Family<metrics::Gauge>* gpu_total_ = nullptr;
+  std::set<int> gpu_series_;  // GPUs with series, touched only by the constructor and then the sampler
 };
 
 Worker::Worker(WorkerConfig config, std::shared_ptr<grpc::Channel> channel, ProcessLauncher& launcher,

@@ -18,8 +18,10 @@ namespace btx {
 namespace fs = std::filesystem;
 
 namespace {
-std::string Errno(const std::string& what, const std::string& path) {
-  return what + " " + path + ": " + std::strerror(errno);
+// Takes the errno value explicitly where a cleanup call (close, unlink) runs in between and could
+// overwrite it: "No space left on device" must survive to the message.
+std::string Errno(const std::string& what, const std::string& path, int err = errno) {
+  return what + " " + path + ": " + std::strerror(err);
 }
 std::string ToHex(const unsigned char* d, unsigned n) {
   static const char* k = "0123456789abcdef";
@@ -69,29 +71,40 @@ Status FsyncPath(const std::string& path) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) return Internal(Errno("cannot open for fsync", path));
   int rc = ::fsync(fd);
+  const int err = errno;
   ::close(fd);
-  if (rc != 0) return Internal(Errno("fsync failed", path));
+  if (rc != 0) return Internal(Errno("fsync failed", path, err));
   return Status::Ok();
 }
 
 Status WriteFileDurable(const std::string& path, const std::string& content) {
   int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) return Internal(Errno("cannot create", path));
+  // A file that could not be written whole is removed: a truncated token shard or config left
+  // under its final name would be read later as if it were complete (and it holds the space that
+  // a full disk is short of).
+  auto fail = [&](const char* what) {
+    const int err = errno;
+    ::close(fd);
+    ::unlink(path.c_str());
+    return Internal(Errno(what, path, err));
+  };
   size_t off = 0;
   while (off < content.size()) {
     ssize_t w = ::write(fd, content.data() + off, content.size() - off);
     if (w < 0) {
       if (errno == EINTR) continue;
-      ::close(fd);
-      return Internal(Errno("write failed", path));
+      return fail("write failed");
     }
     off += static_cast<size_t>(w);
   }
-  if (::fsync(fd) != 0) {
-    ::close(fd);
-    return Internal(Errno("fsync failed", path));
+  if (::fsync(fd) != 0) return fail("fsync failed");
+  // Some filesystems (NFS) report a failed write-back only at close.
+  if (::close(fd) != 0) {
+    const int err = errno;
+    ::unlink(path.c_str());
+    return Internal(Errno("close failed", path, err));
   }
-  ::close(fd);
   return Status::Ok();
 }
 

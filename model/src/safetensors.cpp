@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <limits>
 #include <nlohmann/json.hpp>
@@ -195,15 +196,19 @@ Status WriteStreaming(const std::string& path, const std::vector<TensorSpec>& sp
   while ((header.size() + 8) % 8 != 0) header.push_back(' ');  // data buffer 8-byte aligned, as the spec allows
   FILE* fp = std::fopen(path.c_str(), "wb");
   if (!fp) return Internal("cannot create " + path + ": " + std::strerror(errno));
+  // A partial file is removed: under its final name it would read as a truncated model.
   auto fail = [&](Status s) {
     std::fclose(fp);
+    std::remove(path.c_str());
     return s;
   };
+  // errno is read before fail() closes the file: ENOSPC must reach the message.
+  auto io_error = [&](const char* what) { return Internal(std::string(what) + " " + path + ": " + std::strerror(errno)); };
   uint8_t len[8];
   uint64_t n = header.size();
   for (int i = 0; i < 8; ++i) len[i] = static_cast<uint8_t>(n >> (8 * i));
   if (std::fwrite(len, 1, 8, fp) != 8 || std::fwrite(header.data(), 1, n, fp) != n)
-    return fail(Internal("write failed: " + path));
+    return fail(io_error("write failed:"));
   for (size_t i = 0; i < specs.size(); ++i) {
     auto t = produce(i);
     if (!t.ok()) return fail(t.status());
@@ -211,10 +216,14 @@ Status WriteStreaming(const std::string& path, const std::vector<TensorSpec>& sp
     if (x.sizes().vec() != specs[i].shape)
       return fail(Internal("tensor '" + specs[i].name + "' produced with shape " + c10::str(x.sizes()) +
                            ", planned " + c10::str(c10::IntArrayRef(specs[i].shape))));
-    if (sizes[i] && std::fwrite(x.data_ptr(), 1, sizes[i], fp) != sizes[i]) return fail(Internal("write failed: " + path));
+    if (sizes[i] && std::fwrite(x.data_ptr(), 1, sizes[i], fp) != sizes[i]) return fail(io_error("write failed:"));
   }
-  if (std::fflush(fp) != 0 || ::fsync(::fileno(fp)) != 0) return fail(Internal("flush failed: " + path));
-  std::fclose(fp);
+  if (std::fflush(fp) != 0 || ::fsync(::fileno(fp)) != 0) return fail(io_error("flush failed:"));
+  if (std::fclose(fp) != 0) {
+    Status s = io_error("close failed:");
+    std::remove(path.c_str());
+    return s;
+  }
   return Status::Ok();
 }
 

@@ -2,6 +2,8 @@
 
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
+
+#include "btx/kernels/autocast.h"
 #include <ATen/CPUGeneratorImpl.h>
 
 #include <chrono>
@@ -148,20 +150,17 @@ double Trainer::TrainStep() {
   for (int64_t a = 0; a < cfg_.grad_accum; ++a) {
     at::Tensor batch = sampler_->Next(micro, cfg_.seq_len).to(dev);
     at::Tensor input = batch.narrow(1, 0, cfg_.seq_len), target = batch.narrow(1, 1, cfg_.seq_len);
-    if (cuda) {
-      at::autocast::set_enabled(true);
-      at::autocast::set_autocast_gpu_dtype(at::kBFloat16);
-    }
-    ForwardOptions fo;
-    fo.training = true;
-    fo.backend = opts_.backend;
-    fo.top_k = opts_.top_k;
-    ForwardOutput out = model_->Forward(input, fo);
-    at::Tensor logits = out.logits.to(at::kFloat);
-    at::Tensor ce = at::nll_loss(at::log_softmax(logits.reshape({-1, logits.size(-1)}), -1), target.reshape({-1}));
-    if (cuda) {
-      at::autocast::set_enabled(false);
-      at::autocast::clear_cache();
+    ForwardOutput out;
+    at::Tensor ce;
+    {
+      kernels::CudaAutocastScope amp(cuda);  // bf16 forward on GPUs; the backward runs outside autocast
+      ForwardOptions fo;
+      fo.training = true;
+      fo.backend = opts_.backend;
+      fo.top_k = opts_.top_k;
+      out = model_->Forward(input, fo);
+      at::Tensor logits = out.logits.to(at::kFloat);
+      ce = at::nll_loss(at::log_softmax(logits.reshape({-1, logits.size(-1)}), -1), target.reshape({-1}));
     }
     at::Tensor loss = (ce + out.aux_loss) / static_cast<double>(cfg_.grad_accum);
     loss.backward();
@@ -255,27 +254,40 @@ Status Trainer::SaveCheckpoint() {
     last_checkpoint_ = final_dir;
     return Status::Ok();
   }
-  BTX_ASSIGN_OR_RETURN(StagedDir staged, StagedDir::Create(final_dir));
-  BTX_RETURN_IF_ERROR(WriteModelFiles(*model_, staged.path()));
-  std::vector<std::pair<std::string, at::Tensor>> opt;
-  const auto& params = model_->params();
-  for (size_t k = 0; k < trainable_.size(); ++k) {
-    opt.emplace_back("exp_avg/" + params[trainable_[k]].first, exp_avg_[k]);
-    opt.emplace_back("exp_avg_sq/" + params[trainable_[k]].first, exp_avg_sq_[k]);
+  // On any error `staged` removes its temp dir on the way out, so a failed checkpoint (a full
+  // disk) gives its space back and leaves the previous checkpoints as they were.
+  auto write = [&]() -> Status {
+    BTX_ASSIGN_OR_RETURN(StagedDir staged, StagedDir::Create(final_dir));
+    BTX_RETURN_IF_ERROR(WriteModelFiles(*model_, staged.path()));
+    std::vector<std::pair<std::string, at::Tensor>> opt;
+    const auto& params = model_->params();
+    for (size_t k = 0; k < trainable_.size(); ++k) {
+      opt.emplace_back("exp_avg/" + params[trainable_[k]].first, exp_avg_[k]);
+      opt.emplace_back("exp_avg_sq/" + params[trainable_[k]].first, exp_avg_sq_[k]);
+    }
+    BTX_RETURN_IF_ERROR(st::Write(staged.path() + "/optimizer.safetensors", opt));
+    at::Tensor rng;
+    {
+      auto gen = at::detail::getDefaultCPUGenerator();
+      std::lock_guard<std::mutex> lock(gen.mutex());
+      rng = gen.get_state();
+    }
+    json state = {{"step", step_}, {"total_steps", opts_.steps}, {"samples_drawn", sampler_->drawn()},
+                  {"cursors", sampler_->cursors()}, {"rng_state", Hex(rng)}, {"seed", cfg_.seed},
+                  {"last_loss", last_loss_}};
+    BTX_RETURN_IF_ERROR(WriteFileDurable(staged.path() + "/trainer_state.json", state.dump(2)));
+    if (hooks_.extra_files) BTX_RETURN_IF_ERROR(hooks_.extra_files(staged.path()));
+    return staged.Publish();
+  };
+  if (Status s = write(); !s.ok()) {
+    // Attempts of one job share the checkpoint dir, and a stale attempt (its worker lost the lease
+    // but has not killed it yet) may publish the same step first. Its checkpoint is as good as ours.
+    if (fs::exists(final_dir) && VerifyManifest(final_dir).ok()) {
+      last_checkpoint_ = final_dir;
+      return Status::Ok();
+    }
+    return s.With("writing checkpoint " + final_dir);
   }
-  BTX_RETURN_IF_ERROR(st::Write(staged.path() + "/optimizer.safetensors", opt));
-  at::Tensor rng;
-  {
-    auto gen = at::detail::getDefaultCPUGenerator();
-    std::lock_guard<std::mutex> lock(gen.mutex());
-    rng = gen.get_state();
-  }
-  json state = {{"step", step_}, {"total_steps", opts_.steps}, {"samples_drawn", sampler_->drawn()},
-                {"cursors", sampler_->cursors()}, {"rng_state", Hex(rng)}, {"seed", cfg_.seed},
-                {"last_loss", last_loss_}};
-  BTX_RETURN_IF_ERROR(WriteFileDurable(staged.path() + "/trainer_state.json", state.dump(2)));
-  if (hooks_.extra_files) BTX_RETURN_IF_ERROR(hooks_.extra_files(staged.path()));
-  BTX_RETURN_IF_ERROR(staged.Publish());
   last_checkpoint_ = final_dir;
   Emit({{"event", "checkpoint"}, {"step", step_}, {"path", final_dir}});
   // Keep the newest few; older ones are only disk.

@@ -39,7 +39,26 @@ std::string PgServer::NewDatabase() {
   std::string name = Cat("t_", ::getpid(), "_", next_++);
   auto s = pg_->CreateDatabase(name);
   if (!s.ok()) throw std::runtime_error(std::string(s.message()));
+  if (synchronous_commit_) {
+    // A database's setting outranks the server's command line, for every session opened after it.
+    pqxx::connection c(pg_->ConnectionString("postgres"));
+    pqxx::nontransaction tx(c);
+    tx.exec("ALTER DATABASE " + tx.quote_name(name) + " SET synchronous_commit = on");
+  }
   return pg_->ConnectionString(name);
+}
+
+absl::Status PgServer::Stop(bool immediate) {
+  stopped_ = true;
+  return immediate ? pg_->StopImmediate() : pg_->Stop();
+}
+
+absl::Status PgServer::Start() {
+  if (!stopped_) return absl::OkStatus();
+  // Restart() of a stopped server is a plain start with the same configuration.
+  auto s = pg_->Restart();
+  if (s.ok()) stopped_ = false;
+  return s;
 }
 
 std::string NewMigratedDatabase() {

@@ -77,6 +77,11 @@ absl::Status Cluster::StartScheduler() {
              "--artifact-root", "file://" + artifact_root_, "--lease-seconds", std::to_string(options_.lease_seconds),
              "--heartbeat-seconds", std::to_string(options_.heartbeat_seconds), "--port-file", port_file,
              "--metrics-listen", "127.0.0.1:0", "--metrics-port-file", dir_ + "/scheduler-metrics.port"};
+  if (options_.tls) {
+    const ClusterTls& t = *options_.tls;
+    ps.argv.insert(ps.argv.end(), {"--tls-cert", t.server_cert, "--tls-key", t.server_key, "--tls-client-ca", t.ca_file});
+    if (!t.tokens_file.empty()) ps.argv.insert(ps.argv.end(), {"--tokens-file", t.tokens_file});
+  }
   ps.stdout_path = ps.stderr_path = dir_ + "/scheduler.log";
   auto proc = launcher_.Launch(ps);
   if (!proc.ok()) return proc.status();
@@ -87,7 +92,15 @@ absl::Status Cluster::StartScheduler() {
   auto metrics_port = ReadPortFile(dir_ + "/scheduler-metrics.port", *scheduler_);
   if (!metrics_port.ok()) return metrics_port.status();
   scheduler_metrics_port_ = *metrics_port;
-  channel_ = grpc::CreateChannel(scheduler_address(), grpc::InsecureChannelCredentials());
+  std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials();
+  if (options_.tls) {
+    auto roots = ReadFile(options_.tls->ca_file);
+    if (!roots.ok()) return roots.status();
+    grpc::SslCredentialsOptions ssl;
+    ssl.pem_root_certs = *roots;
+    credentials = grpc::SslCredentials(ssl);
+  }
+  channel_ = grpc::CreateChannel(scheduler_address(), credentials);
   pipelines_ = v1::PipelineService::NewStub(channel_);
   return absl::OkStatus();
 }
@@ -100,6 +113,10 @@ absl::Status Cluster::StartWorker(int index) {
              Cat(dir_, "/work-", index), "--threads-per-job", std::to_string(options_.threads_per_job),
              "--poll-seconds", "2", "--stop-grace-seconds", "30", "--metrics-listen", "127.0.0.1:0",
              "--metrics-port-file", port_file};
+  if (options_.tls) {
+    const ClusterTls& t = *options_.tls;
+    ps.argv.insert(ps.argv.end(), {"--tls-ca", t.ca_file, "--tls-cert", t.worker_cert, "--tls-key", t.worker_key});
+  }
   ps.stdout_path = ps.stderr_path = Cat(dir_, "/worker-", index, ".log");
   auto proc = launcher_.Launch(ps);
   if (!proc.ok()) return proc.status();
@@ -114,6 +131,8 @@ void Cluster::SignalScheduler(int sig) { ::kill(scheduler_->pid(), sig); }
 void Cluster::SignalWorker(int index, int sig) { ::kill(workers_.at(index)->pid(), sig); }
 int Cluster::WaitWorker(int index) { return workers_.at(index)->Wait(); }
 int Cluster::WaitScheduler() { return scheduler_->Wait(); }
+std::optional<int> Cluster::PollWorker(int index) { return workers_.at(index)->Poll(); }
+std::optional<int> Cluster::PollScheduler() { return scheduler_->Poll(); }
 
 std::string Cluster::DaemonLogs(size_t tail_bytes) const {
   std::string out;
@@ -123,9 +142,16 @@ std::string Cluster::DaemonLogs(size_t tail_bytes) const {
   return out;
 }
 
+void Cluster::AddAuth(grpc::ClientContext& ctx) const {
+  if (options_.tls && !options_.tls->client_token.empty()) {
+    ctx.AddMetadata("authorization", "Bearer " + options_.tls->client_token);
+  }
+}
+
 absl::StatusOr<std::string> Cluster::Submit(const std::string& spec) {
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + 30s);
+  AddAuth(ctx);
   v1::SubmitRequest req;
   req.set_spec(spec);
   v1::SubmitResponse resp;

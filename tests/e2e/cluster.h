@@ -5,6 +5,7 @@
 
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -17,11 +18,21 @@
 
 namespace btx::e2e {
 
+// Mutual TLS between the daemons, tokens for the test's own client.
+struct ClusterTls {
+  std::string ca_file;                   // signed the scheduler's and the workers' certificates
+  std::string server_cert, server_key;   // the scheduler's, valid for 127.0.0.1
+  std::string worker_cert, worker_key;   // every worker presents this one
+  std::string tokens_file;               // the scheduler's --tokens-file
+  std::string client_token;              // sent by Submit (a user or admin token in tokens_file)
+};
+
 struct ClusterOptions {
   int workers = 2;
   int lease_seconds = 3;
   int heartbeat_seconds = 1;
   int threads_per_job = 1;
+  std::optional<ClusterTls> tls;  // plaintext on loopback without
 };
 
 class Cluster {
@@ -37,6 +48,9 @@ class Cluster {
   void SignalWorker(int index, int sig);
   int WaitWorker(int index);
   int WaitScheduler();
+  // The exit code if the daemon has exited, without waiting (nullopt while it runs, or is stopped).
+  std::optional<int> PollWorker(int index);
+  std::optional<int> PollScheduler();
 
   const std::string& dir() const { return dir_; }
   const std::string& artifact_root() const { return artifact_root_; }
@@ -45,7 +59,9 @@ class Cluster {
   int worker_metrics_port(int index) const { return worker_metrics_ports_.at(index); }
   storage::Store& store() { return *store_; }
   const std::string& conninfo() const { return conninfo_; }
+  // With TLS, calls on it need the client token (AddAuth).
   v1::PipelineService::Stub& pipelines() { return *pipelines_; }
+  void AddAuth(grpc::ClientContext& ctx) const;
   // Last lines of every daemon's log, for failure messages.
   std::string DaemonLogs(size_t tail_bytes = 4000) const;
 

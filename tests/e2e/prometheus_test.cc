@@ -1,6 +1,7 @@
 // Observability end to end: a real Prometheus scrapes a real scheduler and two workers while a tiny
 // BTX pipeline runs; then every PromQL expression of every Grafana panel is executed against it and
-// must return data. Dashboards and exporters cannot drift apart without this failing.
+// must return data. Dashboards and exporters cannot drift apart without this failing. The daemons run
+// as deployed (mutual TLS, tokens), so the authentication panels have refusals to show.
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -16,7 +17,10 @@
 #include "btx/common/fs.h"
 #include "btx/common/process.h"
 #include "btx/common/strings.h"
+#include "btx/scheduler/auth.h"
+#include "btx/v1/pipeline_service.grpc.pb.h"
 #include "cluster.h"
+#include "test_certs.h"
 
 namespace btx::e2e {
 namespace {
@@ -63,7 +67,21 @@ std::string Spec(const std::string& data) {
 
 TEST(PrometheusE2e, EveryDashboardQueryReturnsDataFromALiveScrape) {
   if (!fs::exists("/usr/bin/prometheus")) GTEST_SKIP() << "prometheus is not installed (scripts/install-deps installs it)";
-  Cluster cluster;
+  const std::string pki = *MakeTempDir("btx-prom-pki");
+  struct RemoveOnExit {
+    std::string dir;
+    ~RemoveOnExit() {
+      std::error_code ec;
+      fs::remove_all(dir, ec);
+    }
+  } pki_cleanup{pki};
+  btx::testing::TestCa ca(pki, "btx");
+  const btx::testing::IssuedCert server = ca.IssueServer("scheduler"), worker = ca.IssueClient("node");
+  std::ofstream(pki + "/tokens") << scheduler::TokenDigest("user-token") << " user e2e\n";
+  Cluster cluster({.tls = ClusterTls{.ca_file = ca.cert_file(), .server_cert = server.cert_file,
+                                     .server_key = server.key_file, .worker_cert = worker.cert_file,
+                                     .worker_key = worker.key_file, .tokens_file = pki + "/tokens",
+                                     .client_token = "user-token"}});
   const std::string data = cluster.dir() + "/data";
   MakeCorpora(data, 60000);
   ASSERT_TRUE(cluster.Start().ok()) << cluster.DaemonLogs();
@@ -94,8 +112,16 @@ TEST(PrometheusE2e, EveryDashboardQueryReturnsDataFromALiveScrape) {
   ASSERT_TRUE(ready()) << *ReadFile(cluster.dir() + "/prometheus.log");
 
   const double start = std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
-  // A rejected spec gives the error-rate panels a non-OK gRPC code to show.
+  // A rejected spec gives the error-rate panels a non-OK gRPC code to show, a wrong token the
+  // authentication panel a refusal.
   EXPECT_FALSE(cluster.Submit("name: bad\nexperts: []\n").ok());
+  {
+    grpc::ClientContext ctx;
+    ctx.AddMetadata("authorization", "Bearer not-a-token");
+    v1::ListPipelinesRequest req;
+    v1::ListPipelinesResponse resp;
+    EXPECT_EQ(cluster.pipelines().List(&ctx, req, &resp).error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  }
   auto id = cluster.Submit(Spec(data));
   ASSERT_TRUE(id.ok()) << id.status();
   ASSERT_EQ(cluster.WaitForPipeline(*id, 600s), "SUCCEEDED") << cluster.DaemonLogs();
@@ -109,8 +135,8 @@ TEST(PrometheusE2e, EveryDashboardQueryReturnsDataFromALiveScrape) {
     empty.clear();
     const double end = std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
     for (const auto& q : queries) {
-      // GPU memory exists only where there is a GPU; everything else must be there.
-      if (q.find("btx_worker_gpu_memory_bytes") != std::string::npos && !fs::exists("/dev/nvidia0")) continue;
+      // GPU memory exists only where there is a GPU (docs/metrics.md); everything else must be there.
+      if (q.find("btx_worker_gpu_memory_") != std::string::npos && !fs::exists("/dev/nvidia0")) continue;
       httplib::Params params = {{"query", q}, {"start", std::to_string(start)}, {"end", std::to_string(end)}, {"step", "1"}};
       auto r = http.Post("/api/v1/query_range", params);
       ASSERT_TRUE(r) << "query failed: " << q;
@@ -123,6 +149,25 @@ TEST(PrometheusE2e, EveryDashboardQueryReturnsDataFromALiveScrape) {
     std::this_thread::sleep_for(1s);
   } while (std::chrono::steady_clock::now() < deadline);
   for (const auto& q : empty) ADD_FAILURE() << "no data for panel query: " << q;
+
+  // The live daemons' expositions, after a whole pipeline (per-job series, histograms, every
+  // label value seen), pass promtool's lint as well as Prometheus' parser.
+  const std::string promtool = FindOnPath("promtool");
+  EXPECT_FALSE(promtool.empty()) << "promtool ships with prometheus; it should be on PATH";
+  for (const int metrics_port : {cluster.scheduler_metrics_port(), cluster.worker_metrics_port(0),
+                                 cluster.worker_metrics_port(1)}) {
+    if (promtool.empty()) break;
+    httplib::Client daemon("127.0.0.1", metrics_port);
+    auto r = daemon.Get("/metrics");
+    ASSERT_TRUE(r && r->status == 200) << "scrape of port " << metrics_port;
+    const std::string file = Cat(cluster.dir(), "/metrics-", metrics_port, ".txt");
+    ASSERT_TRUE(WriteFileAtomic(file, r->body).ok());
+    ProcessSpec lint;
+    lint.argv = {"/bin/sh", "-c", Cat("'", promtool, "' check metrics < '", file, "'")};
+    auto out = RunAndCapture(launcher, lint);
+    ASSERT_TRUE(out.ok()) << out.status();
+    EXPECT_EQ(out->exit_code, 0) << "port " << metrics_port << ": " << out->output;
+  }
   (*prom)->Signal(SIGTERM);
   (*prom)->Wait();
 }

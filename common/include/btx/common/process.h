@@ -68,4 +68,12 @@ absl::StatusOr<RunResult> RunAndCapture(ProcessLauncher& launcher, ProcessSpec s
 // Directory of the running executable (to find sibling binaries such as btx-train).
 std::string SelfExeDir();
 
+// The first executable file `name` in the directories of $PATH; empty when there is none.
+std::string FindOnPath(const std::string& name);
+
+// `name` next to the running executable, else the first on $PATH; empty when neither exists.
+// Siblings win so that a build tree or an install prefix uses its own helpers (btx-train,
+// btx-model-tool) rather than whichever version happens to be on PATH.
+std::string FindSiblingExecutable(const std::string& name);
+
 }  // namespace btx

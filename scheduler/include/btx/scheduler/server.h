@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "btx/common/clock.h"
+#include "btx/scheduler/auth.h"
 #include "btx/storage/store.h"
 
 namespace btx::metrics {
@@ -38,6 +39,9 @@ struct SchedulerConfig {
   // btx_router_expert_share covers the newest this many finished evaluations.
   int router_share_pipelines = 10;
   storage::RetryPolicy retry;
+  // TLS, client certificates and tokens; the default (plaintext, no authentication) is for
+  // loopback only, and Start() refuses it elsewhere (auth.h).
+  SecurityConfig security;
 };
 
 // Wakes waiters in this process: generation-counted, so a wake-up between reading the generation
@@ -113,6 +117,7 @@ class Scheduler {
   const Clock& clock_;
   std::string conninfo_;
   WakeUps wakeups_;
+  metrics::Registry* registry_;
   std::unique_ptr<SchedulerMetrics> metrics_;
   std::unique_ptr<grpc::Service> pipelines_, workers_;
   std::unique_ptr<grpc::Server> server_;

@@ -19,6 +19,14 @@ struct SpecLimits {
   int max_attempts = 20;
 };
 
+// YAML (a superset of JSON) -> JSON with YAML 1.2 core-schema typing: plain scalars become
+// integers, floats, booleans or null, quoted ones stay strings. Hardened for untrusted input:
+// rejects more than `max_bytes`, invalid UTF-8 (in the text or decoded from escapes), duplicate
+// keys, nesting deeper than 32 and alias expansion beyond 2 * max_bytes. Errors are
+// INVALID_ARGUMENT with a one-line message (line and column where the YAML breaks). btxctl uses
+// it too, so that what it sends means what the scheduler would have read.
+absl::StatusOr<nlohmann::json> YamlToJson(const std::string& text, size_t max_bytes = SpecLimits{}.max_spec_bytes);
+
 // Parses YAML (a superset of JSON) and validates; returns the normalised spec with defaults filled in.
 // Errors are INVALID_ARGUMENT with google.rpc.BadRequest field violations.
 absl::StatusOr<nlohmann::json> ParseSpec(const std::string& text, const SpecLimits& limits = {});

@@ -21,6 +21,9 @@ namespace btx::worker {
 struct Capabilities {
   std::vector<int64_t> gpu_memory_bytes;  // one entry per visible CUDA device
   std::vector<std::string> gpu_names;
+  // "0000:3b:00.0" per device in the same order, or empty when the driver did not say: how NVML
+  // (GPU memory metrics) finds the device a CUDA index names.
+  std::vector<std::string> gpu_pci_bus_ids;
   int gpus() const { return static_cast<int>(gpu_memory_bytes.size()); }
   int cpu_threads = 1;
   int64_t memory_bytes = 0;
@@ -40,6 +43,9 @@ struct WorkerConfig {
   Duration backoff_max = std::chrono::seconds(5);
   Duration rpc_timeout = std::chrono::seconds(10);  // per unary call (AcquireJob adds poll_wait)
   int max_log_lines_per_heartbeat = 2000;
+  // How often GPU memory is read for btx_worker_gpu_memory_*_bytes (with a metrics registry and
+  // an NVIDIA driver); a few per Prometheus scrape interval.
+  Duration gpu_metrics_interval = std::chrono::seconds(5);
   std::string bearer_token;       // sent as "authorization: Bearer …" when set
 };
 
