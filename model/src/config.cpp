@@ -57,6 +57,7 @@ json ConfigToHfJson(const ModelConfig& c) {
     j["sliding_window"] = nullptr;
     j["btx_router"] = c.router;
     j["btx_router_z_loss_coef"] = c.router_z_loss_coef;
+    if (!c.expert_names.empty()) j["btx_expert_names"] = c.expert_names;
   } else {
     j["architectures"] = {"LlamaForCausalLM"};
     j["model_type"] = "llama";
@@ -108,6 +109,12 @@ StatusOr<ModelConfig> ConfigFromHfJson(const json& j) {
       get_d("router_aux_loss_coef", c.router_aux_loss_coef);
       get_d("btx_router_z_loss_coef", c.router_z_loss_coef);
       c.router = j.value("btx_router", std::string("softmax_topk"));
+      if (j.contains("btx_expert_names") && j["btx_expert_names"].is_array() &&
+          static_cast<int64_t>(j["btx_expert_names"].size()) == c.num_local_experts) {
+        for (const auto& n : j["btx_expert_names"])
+          if (n.is_string()) c.expert_names.push_back(n.get<std::string>());
+        if (static_cast<int64_t>(c.expert_names.size()) != c.num_local_experts) c.expert_names.clear();
+      }
       if (c.num_local_experts <= 0) return InvalidArgument("num_local_experts must be > 0 for mixtral");
     }
   } catch (const std::exception& e) {

@@ -395,6 +395,13 @@ StatusOr<int> RunEval(Job& job) {
     }
     for (auto& d : e.dirs)
       if (!fs::is_directory(d)) return Invalid(f + (m.contains("ensemble") ? "ensemble" : "model"), "model dir " + d + " does not exist");
+    if (m.contains("expert_names")) {
+      if (!m["expert_names"].is_array()) return Invalid(f + "expert_names", "must be a list of strings");
+      for (const auto& n : m["expert_names"]) {
+        if (!n.is_string()) return Invalid(f + "expert_names", "must be a list of strings");
+        e.expert_names.push_back(n.get<std::string>());
+      }
+    }
     models.push_back(std::move(e));
   }
   if (!s.contains("domains") || !s["domains"].is_array() || s["domains"].empty())
@@ -410,14 +417,27 @@ StatusOr<int> RunEval(Job& job) {
   EvalOptions opts;
   BTX_ASSIGN_OR_RETURN(opts.max_tokens, IntField(s, "spec.", "max_tokens", false, opts.max_tokens));
   BTX_ASSIGN_OR_RETURN(opts.seq_len, IntField(s, "spec.", "seq_len", false, opts.seq_len));
+  BTX_ASSIGN_OR_RETURN(opts.top_tokens, IntField(s, "spec.", "top_tokens", false, opts.top_tokens));
+  BTX_ASSIGN_OR_RETURN(opts.min_token_count, IntField(s, "spec.", "min_token_count", false, opts.min_token_count));
   if (opts.max_tokens < 1) return Invalid("spec.max_tokens", "must be >= 1");
   if (opts.seq_len < 1) return Invalid("spec.seq_len", "must be >= 1");
+  if (opts.top_tokens < 0) return Invalid("spec.top_tokens", "must be >= 0");
+  if (opts.min_token_count < 1) return Invalid("spec.min_token_count", "must be >= 1");
   auto result = Evaluate(models, domains, opts, job.stop);
   if (!result.ok() && result.status().code() == StatusCode::kCancelled) return kExitInterrupted;
   if (!result.ok()) return result.status();
   BTX_ASSIGN_OR_RETURN(StagedDir staged, StagedDir::Create(job.output_dir));
   BTX_RETURN_IF_ERROR(WriteFileDurable(staged.path() + "/eval.json", result->dump(2)));
+  const std::string text = EvalText(*result);
+  BTX_RETURN_IF_ERROR(WriteFileDurable(staged.path() + "/eval.txt", text));
+  // Routing charts exist only when some model is an MoE.
+  if (const std::string svg = RoutingSvg(*result); !svg.empty()) {
+    BTX_RETURN_IF_ERROR(WriteFileDurable(staged.path() + "/routing.svg", svg));
+    if (const std::string png = RoutingPng(*result); !png.empty())
+      BTX_RETURN_IF_ERROR(WriteFileDurable(staged.path() + "/routing.png", png));
+  }
   BTX_RETURN_IF_ERROR(staged.Publish());
+  std::cerr << text;
   EmitEvent(job, {{"event", "done"}, {"artifact", fs::absolute(job.output_dir).string()}, {"metrics", *result}});
   return kExitOk;
 }

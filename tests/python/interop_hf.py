@@ -6,6 +6,13 @@
 2. btx writes a random Llama; transformers loads it; logits match.
 3. btx merges dense experts into a Mixtral (btx-train merge); MixtralForCausalLM loads it; logits match.
    transformers' own random Mixtral is loaded by btx as well.
+4. The whole BTX path with btx-train: pretrain a tiny seed, branch two experts, merge (btx with the seed kept
+   and hidden-state router init; sparse upcycling), router-finetune; every MoE loads in MixtralForCausalLM with
+   logits and per-layer router logits matching ours and the same top-k experts chosen for every token
+   (transformers' Mixtral routing: softmax over all experts, top-k, renormalised). The upcycled MoE also
+   matches transformers' LlamaForCausalLM of the seed.
+5. A merged MoE with routers made sharp (gates scaled up, so that any difference in routing semantics shows in
+   the logits), saved by transformers and loaded by btx.
 
 usage: interop_hf.py --tool btx-model-tool --train btx-train --workdir DIR
 """
@@ -24,15 +31,87 @@ RTOL = 1e-4
 TOKENS = [256, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 33, 10, 3, 200, 257]
 
 
-def btx_logits(tool, model_dir, out):
+def btx_outputs(tool, model_dir, out):
     subprocess.run([tool, "logits", model_dir, out] + [str(t) for t in TOKENS], check=True)
-    return load_file(out)["logits"].double()
+    return load_file(out)
+
+
+def btx_logits(tool, model_dir, out):
+    return btx_outputs(tool, model_dir, out)["logits"].double()
 
 
 def hf_logits(model):
     model.eval()
     with torch.no_grad():
         return model(torch.tensor([TOKENS])).logits.double()
+
+
+def hf_moe_outputs(model):
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.tensor([TOKENS]), output_router_logits=True)
+    return out.logits.double(), [r.double() for r in out.router_logits]
+
+
+def same_experts(what, ours, theirs, top_k):
+    """Top-k experts per token from each side's router logits, as Mixtral picks them. Tokens whose k-th and
+    (k+1)-th probabilities are within 1e-5 are a tie either side may break, and are not compared."""
+    ok = True
+    for layer, (a, b) in enumerate(zip(ours, theirs)):
+        pa, pb = torch.softmax(a, -1), torch.softmax(b, -1)
+        sa = pa.sort(-1, descending=True).values
+        decided = (sa[:, top_k - 1] - sa[:, top_k]) > 1e-5 if sa.shape[1] > top_k else torch.ones(len(sa), dtype=torch.bool)
+        ia = pa.topk(top_k, -1).indices.sort(-1).values
+        ib = pb.topk(top_k, -1).indices.sort(-1).values
+        differ = ((ia != ib).any(-1) & decided).sum().item()
+        if differ:
+            print(f"{what}: layer {layer}: {differ} tokens routed to other experts (MISMATCH)")
+            ok = False
+    if ok:
+        print(f"{what}: same top-{top_k} experts for every token in every layer (ok)")
+    return ok
+
+
+def compare_moe(what, tool, model_dir, mx):
+    """Logits, router logits and expert choices of btx and transformers' MixtralForCausalLM on one directory."""
+    ours = btx_outputs(tool, model_dir, model_dir + ".logits")
+    logits, router = hf_moe_outputs(mx)
+    layers = mx.config.num_hidden_layers
+    ok = compare(what, ours["logits"].double(), logits)
+    ours_router = [ours[f"router_logits.{l}"].double() for l in range(layers)]
+    ok &= compare(what + " router logits", torch.cat(ours_router), torch.cat(router))
+    ok &= same_experts(what, ours_router, router, mx.config.num_experts_per_tok)
+    return ok
+
+
+def run_job(train, workdir, name, kind, spec):
+    """Runs one btx-train job into workdir/name and returns that directory."""
+    out = os.path.join(workdir, name)
+    job = {"kind": kind, "output_dir": out, "checkpoint_dir": os.path.join(workdir, "ckpt", name), "threads": 2,
+           "spec": spec}
+    path = out + ".job.json"
+    with open(path, "w") as f:
+        json.dump(job, f)
+    subprocess.run([train, "--job", path, "--progress-fd", "-1"], check=True, stdout=subprocess.DEVNULL)
+    return out
+
+
+def write_corpora(workdir):
+    """Three small text domains with distinct byte statistics."""
+    d = os.path.join(workdir, "data")
+    os.makedirs(d, exist_ok=True)
+    text = {
+        "code": "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(400)),
+        "math": "".join(f"{a} + {b} = {a + b}\n" for a, b in ((i * 37 % 1000, i * 91 % 1000) for i in range(900))),
+        "prose": "".join(f"The {w} fox jumps over the lazy dog number {i}. " for i, w in
+                         zip(range(500), ["quick", "brown", "sly", "red"] * 125)),
+    }
+    paths = {}
+    for name, t in text.items():
+        paths[name] = os.path.join(d, name + ".txt")
+        with open(paths[name], "w") as f:
+            f.write(t)
+    return paths
 
 
 def compare(what, ours, theirs):
@@ -110,8 +189,46 @@ def main():
         subprocess.run([a.train, "--job", job_path, "--progress-fd", "-1"], check=True)
         mx = MixtralForCausalLM.from_pretrained(out, torch_dtype=torch.float32)
         assert mx.config.num_local_experts == (3 if keep_seed else 2)
-        ok &= compare(f"btx merged mixtral (top_k={top_k}) -> transformers",
-                      btx_logits(a.tool, out, out + ".logits"), hf_logits(mx))
+        ok &= compare_moe(f"btx merged mixtral (top_k={top_k}) -> transformers", a.tool, out, mx)
+
+    # 4. the BTX path with btx-train: pretrain, branch, merge (btx, upcycle), finetune
+    data = write_corpora(w)
+    train = {"batch_tokens": 512, "seq_len": 64, "lr": 3e-3, "warmup": 1, "checkpoint_every": 100, "log_every": 10,
+             "valid_tokens": 256, "seed": 7}
+    seed = run_job(a.train, w, "pt_seed", "pretrain",
+                   {"init": {"preset": "tiny"}, "tokenizer": "byte", "train": train, "steps": 4,
+                    "data": {"train": list(data.values())}})
+    experts = []
+    for name in ("code", "math"):
+        run_job(a.train, w, "pt_" + name, "branch",
+                {"seed": seed, "name": name, "train": train, "steps": 4, "data": {"train": data[name]}})
+        experts.append({"name": name, "model": os.path.join(w, "pt_" + name)})
+    btx = run_job(a.train, w, "pt_btx", "merge",
+                  {"method": "btx", "seed": seed, "experts": experts, "keep_seed_expert": True, "top_k": 2,
+                   "router_init": "hidden", "data": {e["name"]: data[e["name"]] for e in experts}})
+    up = run_job(a.train, w, "pt_upcycle", "merge", {"method": "upcycle", "seed": seed, "num_experts": 4, "top_k": 2})
+    ft = run_job(a.train, w, "pt_btx_ft", "finetune",
+                 {"model": btx, "train": train, "steps": 4, "top_k": 2, "load_balance": 0.01, "z_loss": 0.001,
+                  "router": "softmax_topk",
+                  "mixture": [{"name": n, "weight": 1, "train": p} for n, p in data.items()]})
+    for what, d in [("btx-train merge btx (hidden router, seed kept)", btx), ("btx-train merge upcycle", up),
+                    ("btx-train finetuned btx MoE", ft)]:
+        mx = MixtralForCausalLM.from_pretrained(d, torch_dtype=torch.float32)
+        ok &= compare_moe(what + " -> transformers", a.tool, d, mx)
+    assert MixtralForCausalLM.from_pretrained(btx).config.num_local_experts == 3
+    # Every upcycled expert is the seed's FFN and the gates sum to one: the MoE computes the dense model.
+    ok &= compare("upcycled mixtral (transformers) vs seed llama (transformers)",
+                  hf_logits(MixtralForCausalLM.from_pretrained(up, torch_dtype=torch.float32)),
+                  hf_logits(LlamaForCausalLM.from_pretrained(seed, torch_dtype=torch.float32)))
+
+    # 5. sharp routers, written by transformers, read by btx
+    mx = MixtralForCausalLM.from_pretrained(btx, torch_dtype=torch.float32)
+    with torch.no_grad():
+        for layer in mx.model.layers:
+            layer.block_sparse_moe.gate.weight.mul_(25.0)
+    sharp = os.path.join(w, "hf_sharp_mixtral")
+    mx.save_pretrained(sharp, safe_serialization=True)
+    ok &= compare_moe("transformers mixtral with sharp routers -> btx", a.tool, sharp, mx)
 
     # transformers Mixtral -> btx
     torch.manual_seed(3)

@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <nlohmann/json_fwd.hpp>
 #include <string>
+#include <vector>
 
 #include "btx/model/status.h"
 
@@ -29,6 +30,8 @@ struct ModelConfig {
   double router_aux_loss_coef = 0.01;  // load-balancing loss coefficient
   double router_z_loss_coef = 0.0;
   std::string router = "softmax_topk";  // or "sparsemixer"; not an HF field, kept under "btx_router"
+  // A name per expert for reports, set by the merge ("btx_expert_names"); kept through finetuning.
+  std::vector<std::string> expert_names;
 
   bool is_moe() const { return num_local_experts > 0; }
   int64_t head_dim() const { return hidden_size / num_attention_heads; }
