@@ -5,9 +5,21 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <string>
 #include <vector>
 
 namespace btx::kernels::testing {
+
+// A layer shape for the tests; the last `unused_experts` experts are never chosen.
+struct Case {
+  int64_t tokens, dim, hidden, experts, k;
+  int64_t unused_experts = 0;  // experts no token may pick (empty slices)
+};
+
+inline std::string describe(const Case& c) {
+  return "T=" + std::to_string(c.tokens) + " D=" + std::to_string(c.dim) + " F=" + std::to_string(c.hidden) +
+         " E=" + std::to_string(c.experts) + " k=" + std::to_string(c.k);
+}
 
 // kept[t * k + s]: whether the assignment survives the capacity (first come, first served in token order).
 inline std::vector<bool> reference_kept(const at::Tensor& expert_index, int64_t experts, double capacity_factor) {

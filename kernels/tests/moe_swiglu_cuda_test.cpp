@@ -16,16 +16,8 @@ namespace {
 
 using testing::all_close;
 using testing::bitwise_equal;
-
-struct Case {
-  int64_t tokens, dim, hidden, experts, k;
-  int64_t unused_experts = 0;
-};
-
-std::string describe(const Case& c) {
-  return "T=" + std::to_string(c.tokens) + " D=" + std::to_string(c.dim) + " F=" + std::to_string(c.hidden) +
-         " E=" + std::to_string(c.experts) + " k=" + std::to_string(c.k);
-}
+using testing::Case;
+using testing::describe;
 
 struct Inputs {
   at::Tensor x, index, gates, w1, w3, w2;  // float64 on the CPU

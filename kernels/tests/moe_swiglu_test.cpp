@@ -12,11 +12,8 @@ namespace {
 
 using testing::all_close;
 using testing::bitwise_equal;
-
-struct Case {
-  int64_t tokens, dim, hidden, experts, k;
-  int64_t unused_experts = 0;  // experts no token may pick (empty slices)
-};
+using testing::Case;
+using testing::describe;
 
 struct Inputs {
   at::Tensor x, index, gates, w1, w3, w2;
@@ -53,11 +50,6 @@ const std::vector<Case>& cases() {
       {129, 7, 9, 3, 3},        // k = E: every expert every token
   };
   return all;
-}
-
-std::string describe(const Case& c) {
-  return "T=" + std::to_string(c.tokens) + " D=" + std::to_string(c.dim) + " F=" + std::to_string(c.hidden) +
-         " E=" + std::to_string(c.experts) + " k=" + std::to_string(c.k);
 }
 
 class MoeSwiglu : public testing::SeededTest {};

@@ -13,7 +13,6 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
-#include <deque>
 #include <filesystem>
 #include <future>
 #include <optional>
@@ -141,10 +140,6 @@ class MappedModel {
     }
     return m;
   }
-  ~MappedModel() {
-    for (auto& f : files_)
-      if (f.base) ::munmap(const_cast<uint8_t*>(f.base), f.size);
-  }
   const ModelConfig& config() const { return cfg_; }
 
   // A float32 tensor: a view of the mapped bytes when they are float32 and 4-byte aligned (valid while this
@@ -175,46 +170,22 @@ class MappedModel {
   }
 
  private:
-  struct Mapped {
-    const uint8_t* base = nullptr;
-    size_t size = 0;
-    std::vector<st::TensorInfo> tensors;
-  };
   MappedModel() = default;
   Status Map(const std::string& path) {
-    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return NotFound("cannot open " + path + ": " + std::strerror(errno));
-    struct stat sb {};
-    if (::fstat(fd, &sb) != 0) {
-      ::close(fd);
-      return Internal("cannot stat " + path);
-    }
-    Mapped& f = files_.emplace_back();
-    f.size = static_cast<size_t>(sb.st_size);
-    if (f.size > 0) {
-      void* p = ::mmap(nullptr, f.size, PROT_READ, MAP_SHARED, fd, 0);
-      if (p == MAP_FAILED) {
-        ::close(fd);
-        f.size = 0;
-        return Internal("cannot mmap " + path + ": " + std::strerror(errno));
-      }
-      f.base = static_cast<const uint8_t*>(p);
-      // Inputs are consumed about in file order (layer by layer): read ahead, and drop pages behind.
-      ::madvise(p, f.size, MADV_SEQUENTIAL);
-    }
-    ::close(fd);
-    uint64_t data_start = 0;
-    Status st = st::ParseHeader(f.base, f.size, &f.tensors, nullptr, &data_start);
-    if (!st.ok()) return st.With(path);
-    for (const auto& t : f.tensors)
-      if (!where_.emplace(t.name, std::make_pair(f.base + data_start + t.begin, &t)).second)
+    auto file = st::File::Open(path);
+    if (!file.ok()) return file.status();
+    // Inputs are consumed about in file order (layer by layer): read ahead, and drop pages behind.
+    (*file)->Advise(MADV_SEQUENTIAL);
+    for (const auto& t : (*file)->tensors())
+      if (!where_.emplace(t.name, std::make_pair((*file)->RawBytes(t), &t)).second)
         return DataLoss(dir_ + ": tensor '" + t.name + "' appears twice");
+    files_.push_back(std::move(*file));
     return Status::Ok();
   }
   std::string dir_;
   ModelConfig cfg_;
   std::unique_ptr<HfTensorSource> src_;
-  std::deque<Mapped> files_;  // stable addresses: where_ points into each file's tensor list
+  std::vector<std::shared_ptr<st::File>> files_;  // where_ points into their mappings and tensor lists
   std::unordered_map<std::string, std::pair<const uint8_t*, const st::TensorInfo*>> where_;
 };
 

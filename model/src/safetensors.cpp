@@ -159,6 +159,10 @@ StatusOr<std::shared_ptr<File>> File::Open(const std::string& path) {
   return f;
 }
 
+void File::Advise(int advice) const {
+  if (map_) ::madvise(const_cast<uint8_t*>(map_), size_, advice);
+}
+
 File::~File() {
   if (map_) ::munmap(const_cast<uint8_t*>(map_), size_);
 }

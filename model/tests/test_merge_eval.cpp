@@ -222,19 +222,20 @@ TEST(Merge, ReadsHalfPrecisionAndShardedInputs) {
   }
 }
 
+// One flipped bit inside the tensor data: the header still parses, only the manifest can tell.
+void FlipBitNearEnd(const std::string& file) {
+  std::fstream io(file, std::ios::in | std::ios::out | std::ios::binary);
+  io.seekg(-100, std::ios::end);
+  char c = 0;
+  io.read(&c, 1);
+  c ^= 1;
+  io.seekp(-100, std::ios::end);
+  io.write(&c, 1);
+}
+
 TEST(Merge, CorruptInputFailsAlthoughCheckedBesideTheMerge) {
   Fixture f;
-  // One flipped bit inside the tensor data: the header still parses, only the manifest can tell.
-  const std::string file = f.b + "/model.safetensors";
-  {
-    std::fstream io(file, std::ios::in | std::ios::out | std::ios::binary);
-    io.seekg(-100, std::ios::end);
-    char c = 0;
-    io.read(&c, 1);
-    c ^= 1;
-    io.seekp(-100, std::ios::end);
-    io.write(&c, 1);
-  }
+  FlipBitNearEnd(f.b + "/model.safetensors");
   MergeSpec s;
   s.seed = f.seed;
   s.experts = {{"a", f.a}, {"b", f.b}};
@@ -252,16 +253,7 @@ TEST(Merge, CorruptInputFailsAlthoughCheckedBesideTheMerge) {
 
 TEST(Merge, ChecksOnlyTheInputsItReads) {
   Fixture f;
-  auto flip = [](const std::string& file) {
-    std::fstream io(file, std::ios::in | std::ios::out | std::ios::binary);
-    io.seekg(-100, std::ios::end);
-    char c = 0;
-    io.read(&c, 1);
-    c ^= 1;
-    io.seekp(-100, std::ios::end);
-    io.write(&c, 1);
-  };
-  flip(f.seed + "/model.safetensors");
+  FlipBitNearEnd(f.seed + "/model.safetensors");
   testing::WriteText(f.dir / "p.txt", testing::SampleText(5, 1));
   auto merge = [&](MergeSpec s, const std::string& name) {
     auto staged = StagedDir::Create(f.dir / name);

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <chrono>
 #include <functional>
+#include <iostream>
 #include <map>
 #include <string>
 #include <thread>
@@ -161,5 +162,24 @@ inline bool FileContains(const std::string& path, const std::string& needle) {
   auto text = ReadFile(path);
   return text.ok() && text->find(needle) != std::string::npos;
 }
+
+// Two workers on a short lease (heartbeats every second): the reaper, which runs every 2 s, notices a
+// silent worker within about 7 s. 5 s rather than the e2e suite's 3 s leaves the daemons that keep
+// running some slack when CI runs tests side by side on busy cores. Corpora are made, daemons started.
+class TwoWorkerChaosTest : public ::testing::Test {
+ protected:
+  TwoWorkerChaosTest() : cluster_({.workers = 2, .lease_seconds = 5, .heartbeat_seconds = 1}) {}
+  void SetUp() override {
+    data_ = cluster_.dir() + "/data";
+    e2e::MakeCorpora(data_, 60000);
+    auto s = cluster_.Start();
+    ASSERT_TRUE(s.ok()) << s;
+  }
+  void TearDown() override {
+    if (HasFailure()) std::cerr << cluster_.DaemonLogs() << "\n";
+  }
+  e2e::Cluster cluster_;
+  std::string data_;
+};
 
 }  // namespace btx::chaos

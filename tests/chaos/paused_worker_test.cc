@@ -39,28 +39,16 @@ int64_t LogLines(e2e::Cluster& cluster, const std::string& job_id, int attempt) 
                   attempt);
 }
 
-class PausedWorkerTest : public ::testing::Test {
+class PausedWorkerTest : public TwoWorkerChaosTest {
  protected:
-  // A short lease (heartbeats every second): the reaper, which runs every 2 s, notices a silent
-  // worker within about 7 s. 5 s rather than the e2e suite's 3 s leaves the worker that keeps
-  // running some slack when CI runs tests side by side on busy cores.
-  PausedWorkerTest() : cluster_({.workers = 2, .lease_seconds = 5, .heartbeat_seconds = 1}) {}
-  void SetUp() override {
-    data_ = cluster_.dir() + "/data";
-    e2e::MakeCorpora(data_, 60000);
-    auto s = cluster_.Start();
-    ASSERT_TRUE(s.ok()) << s;
-  }
   void TearDown() override {
     // Never leave stopped processes behind a failed assertion.
     if (frozen_) {
       for (int i = 0; i < 2; ++i) cluster_.SignalWorker(i, SIGCONT);
       ::kill(child_, SIGCONT);
     }
-    if (HasFailure()) std::cerr << cluster_.DaemonLogs() << "\n";
+    TwoWorkerChaosTest::TearDown();
   }
-  e2e::Cluster cluster_;
-  std::string data_;
   pid_t child_ = 0;
   bool frozen_ = false;
 };

@@ -32,19 +32,9 @@ int64_t BlockedIn(const std::string& conninfo, const std::string& function) {
                   function);
 }
 
-class MidDispatchKillTest : public ::testing::Test {
+// The short lease also lets a lost claim expire soon.
+class MidDispatchKillTest : public TwoWorkerChaosTest {
  protected:
-  // Short enough that the lost claim's lease expires soon, with slack for busy CI cores.
-  MidDispatchKillTest() : cluster_({.workers = 2, .lease_seconds = 5, .heartbeat_seconds = 1}) {}
-  void SetUp() override {
-    data_ = cluster_.dir() + "/data";
-    e2e::MakeCorpora(data_, 60000);
-    auto s = cluster_.Start();
-    ASSERT_TRUE(s.ok()) << s;
-  }
-  void TearDown() override {
-    if (HasFailure()) std::cerr << cluster_.DaemonLogs() << "\n";
-  }
   std::string JobState(const std::string& job_id) {
     auto j = cluster_.store().GetJob(job_id);
     return j.ok() ? j->state : "";
@@ -53,8 +43,6 @@ class MidDispatchKillTest : public ::testing::Test {
     cluster_.SignalScheduler(SIGKILL);
     EXPECT_EQ(cluster_.WaitScheduler(), 128 + SIGKILL);
   }
-  e2e::Cluster cluster_;
-  std::string data_;
 };
 
 TEST_F(MidDispatchKillTest, KillsWithAClaimOrACompletionInFlightLoseNothingAndRepeatNothing) {

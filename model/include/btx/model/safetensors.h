@@ -40,6 +40,10 @@ class File {
   const std::vector<TensorInfo>& tensors() const { return tensors_; }
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
   const TensorInfo* Find(const std::string& name) const;
+  // The tensor's bytes in the mapping, as stored (possibly unaligned); valid while this File lives.
+  const uint8_t* RawBytes(const TensorInfo& t) const { return map_ + data_start_ + t.begin; }
+  // An madvise() hint over the whole mapping (e.g. MADV_SEQUENTIAL for a streaming reader).
+  void Advise(int advice) const;
   // Copy of the tensor converted to `dtype` (float32 by default); the mapping may be closed afterwards.
   StatusOr<at::Tensor> Load(const std::string& name, c10::ScalarType dtype = c10::kFloat) const;
 
