@@ -27,19 +27,6 @@ absl::StatusOr<json> ResolveInputs(const storage::ClaimedJob& c) {
   return ResolveArtifacts(stored, c.parent_artifacts);
 }
 
-// Artifacts and checkpoints live in the scheduler's artifact store: a worker may not point a job's
-// dependents (or a retry's resume) at any other file on the machines.
-absl::Status CheckStoreUri(const std::string& field, const std::string& uri, const std::string& root) {
-  auto path = FileUriToPath(uri);
-  if (!path.ok()) return InvalidFields({{field, std::string(path.status().message())}});
-  std::string base = root;
-  while (base.size() > 1 && base.back() == '/') base.pop_back();
-  if (*path != base && path->rfind(base + "/", 0) != 0) {
-    return InvalidFields({{field, Cat("'", uri.substr(0, 256), "' is outside the artifact store file://", base)}});
-  }
-  return absl::OkStatus();
-}
-
 absl::Status CheckKey(const std::string& key) {
   if (key.size() > 128) return InvalidFields({{"idempotency_key", "longer than 128 characters"}});
   for (char c : key) {
@@ -305,8 +292,9 @@ grpc::Status WorkerServiceImpl::Heartbeat(grpc::ServerContext*, const v1::Heartb
     if (r.logs_size() > 2000) return ToGrpcStatus(InvalidFields({{Cat("jobs[", i, "].logs"), "more than 2000 lines"}}));
     storage::JobReportRow row{.job_id = r.job_id(), .attempt = r.attempt(), .checkpoint_uri = r.checkpoint_uri()};
     if (!r.checkpoint_uri().empty()) {
-      auto s = CheckStoreUri(Cat("jobs[", i, "].checkpoint_uri"), r.checkpoint_uri(), config_.artifact_root);
-      if (!s.ok()) return ToGrpcStatus(s);
+      if (auto s = CheckStoreUri(Cat("jobs[", i, "].checkpoint_uri"), r.checkpoint_uri()); !s.ok()) {
+        return ToGrpcStatus(s);
+      }
     }
     if (r.has_progress()) {
       const auto& p = r.progress();
@@ -353,10 +341,17 @@ grpc::Status WorkerServiceImpl::Heartbeat(grpc::ServerContext*, const v1::Heartb
   return grpc::Status::OK;
 }
 
+// A worker may not point a job's dependents (or a retry's resume) at any file outside the artifact store.
+absl::Status WorkerServiceImpl::CheckStoreUri(const std::string& field, const std::string& uri) const {
+  auto path = artifacts_.PathOf(uri);
+  if (!path.ok()) return InvalidFields({{field, std::string(path.status().message())}});
+  return absl::OkStatus();
+}
+
 grpc::Status WorkerServiceImpl::Complete(grpc::ServerContext*, const v1::CompleteRequest* req, v1::CompleteResponse*) {
   if (auto s = CheckId("worker_id", req->worker_id()); !s.ok()) return ToGrpcStatus(s);
   if (auto s = CheckId("job_id", req->job_id()); !s.ok()) return ToGrpcStatus(s);
-  if (auto s = CheckStoreUri("artifact_uri", req->artifact_uri(), config_.artifact_root); !s.ok()) {
+  if (auto s = CheckStoreUri("artifact_uri", req->artifact_uri()); !s.ok()) {
     return ToGrpcStatus(s);
   }
   if (!req->result_json().empty() && !json::parse(req->result_json(), nullptr, false).is_object()) {
@@ -377,7 +372,7 @@ grpc::Status WorkerServiceImpl::Fail(grpc::ServerContext*, const v1::FailRequest
   if (auto s = CheckId("worker_id", req->worker_id()); !s.ok()) return ToGrpcStatus(s);
   if (auto s = CheckId("job_id", req->job_id()); !s.ok()) return ToGrpcStatus(s);
   if (!req->checkpoint_uri().empty()) {
-    if (auto s = CheckStoreUri("checkpoint_uri", req->checkpoint_uri(), config_.artifact_root); !s.ok()) {
+    if (auto s = CheckStoreUri("checkpoint_uri", req->checkpoint_uri()); !s.ok()) {
       return ToGrpcStatus(s);
     }
   }

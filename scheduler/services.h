@@ -2,6 +2,7 @@
 
 #include <atomic>
 
+#include "btx/common/artifact_store.h"
 #include "btx/scheduler/server.h"
 #include "metrics.h"
 #include "btx/v1/pipeline_service.grpc.pb.h"
@@ -35,7 +36,13 @@ class WorkerServiceImpl final : public btx::v1::WorkerService::Service {
   // `metrics` may be null; `stopping` ends long polls at once when the server shuts down.
   WorkerServiceImpl(const SchedulerConfig& config, storage::Store& store, const Clock& clock, WakeUps& wakeups,
                     SchedulerMetrics* metrics, const std::atomic<bool>& stopping)
-      : config_(config), store_(store), clock_(clock), wakeups_(wakeups), metrics_(metrics), stopping_(stopping) {}
+      : config_(config),
+        artifacts_(config.artifact_root),
+        store_(store),
+        clock_(clock),
+        wakeups_(wakeups),
+        metrics_(metrics),
+        stopping_(stopping) {}
   grpc::Status Register(grpc::ServerContext*, const btx::v1::RegisterRequest*, btx::v1::RegisterResponse*) override;
   grpc::Status AcquireJob(grpc::ServerContext*, const btx::v1::AcquireJobRequest*, btx::v1::AcquireJobResponse*) override;
   grpc::Status Heartbeat(grpc::ServerContext*, const btx::v1::HeartbeatRequest*, btx::v1::HeartbeatResponse*) override;
@@ -43,7 +50,10 @@ class WorkerServiceImpl final : public btx::v1::WorkerService::Service {
   grpc::Status Fail(grpc::ServerContext*, const btx::v1::FailRequest*, btx::v1::FailResponse*) override;
 
  private:
+  absl::Status CheckStoreUri(const std::string& field, const std::string& uri) const;
   const SchedulerConfig& config_;
+  // Artifacts and checkpoints that workers report must lie in it (PathOf checks the URI).
+  FileArtifactStore artifacts_;
   storage::Store& store_;
   const Clock& clock_;
   WakeUps& wakeups_;

@@ -40,9 +40,10 @@ class FileArtifactStore final : public ArtifactStore {
   static absl::Status WriteManifest(const std::string& dir);
   // DATA_LOSS naming the first file that is missing, unlisted, outside the dir or has another digest.
   static absl::Status VerifyDir(const std::string& dir);
+  // The local path of a file:// URI that lies inside the root; INVALID_ARGUMENT otherwise.
+  absl::StatusOr<std::string> PathOf(std::string_view uri) const;
 
  private:
-  absl::StatusOr<std::string> PathOf(std::string_view uri) const;
   std::string root_;
 };
 
