@@ -3,6 +3,8 @@
 
 #include <pqxx/pqxx>
 #include <string>
+#include <type_traits>
+#include <utility>
 
 #include "absl/status/statusor.h"
 #include "btx/storage/pool.h"
@@ -33,16 +35,18 @@ std::optional<TimePoint> OptTime(const pqxx::field& f);
 // has (ids come from gen_random_uuid), so it still reads as "not found".
 std::string UuidParam(const std::string& id);
 
-// Runs fn in a transaction on a pooled connection; commits when fn returns OK. Maps exceptions to
-// statuses and drops broken connections.
-template <typename T, typename Fn>
-absl::StatusOr<T> InTx(ConnectionPool& pool, std::string_view what, Fn&& fn) {
+// Runs fn with a Tx (pqxx::work or pqxx::nontransaction) on a pooled connection; a transaction is
+// committed when fn returns OK. Maps exceptions to statuses and drops broken connections.
+template <typename Tx, typename T, typename Fn>
+absl::StatusOr<T> OnPooledConnection(ConnectionPool& pool, std::string_view what, Fn&& fn) {
   auto lease = pool.Acquire();
   if (!lease.ok()) return lease.status();
   try {
-    pqxx::work tx(**lease);
+    Tx tx(**lease);
     absl::StatusOr<T> result = fn(tx);
-    if (result.ok()) tx.commit();
+    if constexpr (std::is_same_v<Tx, pqxx::work>) {
+      if (result.ok()) tx.commit();
+    }
     return result;
   } catch (const pqxx::broken_connection& e) {
     lease->Discard();
@@ -51,6 +55,12 @@ absl::StatusOr<T> InTx(ConnectionPool& pool, std::string_view what, Fn&& fn) {
     if (!(*lease)->is_open()) lease->Discard();
     return StatusFromException(e, what);
   }
+}
+
+// fn in one transaction.
+template <typename T, typename Fn>
+absl::StatusOr<T> InTx(ConnectionPool& pool, std::string_view what, Fn&& fn) {
+  return OnPooledConnection<pqxx::work, T>(pool, what, std::forward<Fn>(fn));
 }
 
 // Lock order, to keep concurrent transactions free of deadlocks: a transaction that locks more
@@ -65,18 +75,7 @@ std::optional<std::string> LockPipelineOfJob(pqxx::work& tx, const std::string& 
 // statement (atomic by itself), it saves the BEGIN and COMMIT round trips.
 template <typename T, typename Fn>
 absl::StatusOr<T> InAutocommit(ConnectionPool& pool, std::string_view what, Fn&& fn) {
-  auto lease = pool.Acquire();
-  if (!lease.ok()) return lease.status();
-  try {
-    pqxx::nontransaction tx(**lease);
-    return fn(tx);
-  } catch (const pqxx::broken_connection& e) {
-    lease->Discard();
-    return StatusFromException(e, what);
-  } catch (const std::exception& e) {
-    if (!(*lease)->is_open()) lease->Discard();
-    return StatusFromException(e, what);
-  }
+  return OnPooledConnection<pqxx::nontransaction, T>(pool, what, std::forward<Fn>(fn));
 }
 
 // Executes `sql` as the prepared statement `name`, preparing it on first use on this connection
