@@ -68,24 +68,8 @@ int64_t QueryInt(const std::string& conninfo, const std::string& sql, Args&&... 
   }
 }
 
-struct AttemptRow {
-  std::string job, job_id, worker, outcome;
-  int attempt = 0;
-};
-
-inline std::vector<AttemptRow> Attempts(const std::string& conninfo, const std::string& pipeline_id) {
-  pqxx::connection c(conninfo);
-  pqxx::nontransaction tx(c);
-  std::vector<AttemptRow> out;
-  for (const auto& r : tx.exec_params(
-           "SELECT j.name, j.id::text, coalesce(a.worker_id::text, ''), a.outcome, a.attempt FROM job_attempts a "
-           "JOIN jobs j ON j.id = a.job_id WHERE j.pipeline_id = $1::uuid ORDER BY j.name, a.attempt",
-           pipeline_id)) {
-    out.push_back({r[0].as<std::string>(), r[1].as<std::string>(), r[2].as<std::string>(), r[3].as<std::string>(),
-                   r[4].as<int>()});
-  }
-  return out;
-}
+using e2e::AttemptRow;
+using e2e::Attempts;
 
 inline std::vector<AttemptRow> AttemptsOf(const std::vector<AttemptRow>& all, const std::string& job_name) {
   std::vector<AttemptRow> out;

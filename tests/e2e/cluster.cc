@@ -13,6 +13,8 @@
 #include "btx/common/strings.h"
 #include "pg_fixture.h"
 
+#include <pqxx/pqxx>
+
 namespace btx::e2e {
 namespace fs = std::filesystem;
 using namespace std::chrono_literals;
@@ -211,6 +213,20 @@ std::vector<std::string> MakeCorpora(const std::string& dir, size_t train_bytes)
       std::ofstream(Cat(dir, "/", name, "/", split, ".txt")) << text;
     }
     out.push_back(name);
+  }
+  return out;
+}
+
+std::vector<AttemptRow> Attempts(const std::string& conninfo, const std::string& pipeline_id) {
+  pqxx::connection c(conninfo);
+  pqxx::nontransaction tx(c);
+  std::vector<AttemptRow> out;
+  for (const auto& r : tx.exec_params(
+           "SELECT j.name, j.id::text, coalesce(a.worker_id::text, ''), a.outcome, a.attempt FROM job_attempts a "
+           "JOIN jobs j ON j.id = a.job_id WHERE j.pipeline_id = $1::uuid ORDER BY j.name, a.attempt",
+           pipeline_id)) {
+    out.push_back({r[0].as<std::string>(), r[1].as<std::string>(), r[2].as<std::string>(), r[3].as<std::string>(),
+                   r[4].as<int>()});
   }
   return out;
 }

@@ -18,6 +18,14 @@
 
 namespace btx::e2e {
 
+// One row per attempt of a pipeline's jobs, ordered by job name and attempt: what the suites check
+// after faults (who ran what, how it ended).
+struct AttemptRow {
+  std::string job, job_id, worker, outcome;
+  int attempt = 0;
+};
+std::vector<AttemptRow> Attempts(const std::string& conninfo, const std::string& pipeline_id);
+
 // Mutual TLS between the daemons, tokens for the test's own client.
 struct ClusterTls {
   std::string ca_file;                   // signed the scheduler's and the workers' certificates

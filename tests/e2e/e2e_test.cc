@@ -8,7 +8,6 @@
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
-#include <pqxx/pqxx>
 
 #include "btx/common/artifact_store.h"
 #include "btx/common/fs.h"
@@ -41,24 +40,6 @@ finetune: {top_k: 2, steps: 4}
 evaluate: {baselines: [seed, experts], max_tokens: 2048}
 resources: {max_attempts: 3}
 )";
-}
-
-struct AttemptRow {
-  std::string job, worker, outcome;
-  int attempt;
-};
-
-std::vector<AttemptRow> Attempts(const std::string& conninfo, const std::string& pipeline_id) {
-  pqxx::connection c(conninfo);
-  pqxx::work tx(c);
-  std::vector<AttemptRow> out;
-  for (const auto& r : tx.exec_params(
-           "SELECT j.name, coalesce(a.worker_id::text, ''), a.outcome, a.attempt FROM job_attempts a "
-           "JOIN jobs j ON j.id = a.job_id WHERE j.pipeline_id = $1::uuid ORDER BY j.name, a.attempt",
-           pipeline_id)) {
-    out.push_back({r[0].as<std::string>(), r[1].as<std::string>(), r[2].as<std::string>(), r[3].as<int>()});
-  }
-  return out;
 }
 
 void ExpectEveryArtifactVerifies(Cluster& cluster, const std::string& id) {
