@@ -80,13 +80,7 @@ absl::StatusOr<std::string> FileArtifactStore::Sha256File(const std::string& pat
   unsigned char md[EVP_MAX_MD_SIZE];
   unsigned int len = 0;
   EVP_DigestFinal_ex(ctx.get(), md, &len);
-  static constexpr char kHex[] = "0123456789abcdef";
-  std::string hex;
-  for (unsigned i = 0; i < len; ++i) {
-    hex.push_back(kHex[md[i] >> 4]);
-    hex.push_back(kHex[md[i] & 15]);
-  }
-  return hex;
+  return HexLower(md, len);
 }
 
 absl::Status FileArtifactStore::WriteManifest(const std::string& dir) {

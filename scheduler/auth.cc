@@ -132,13 +132,8 @@ const char* RoleName(Role role) {
 }
 
 std::string TokenDigest(std::string_view token) {
-  static const char kHex[] = "0123456789abcdef";
-  std::string out = "sha256:";
-  for (unsigned char b : Sha256(token)) {
-    out.push_back(kHex[b >> 4]);
-    out.push_back(kHex[b & 15]);
-  }
-  return out;
+  const Digest d = Sha256(token);
+  return "sha256:" + HexLower(d.data(), d.size());
 }
 
 absl::StatusOr<Identities> ParseIdentities(std::string_view text, const std::string& path) {
