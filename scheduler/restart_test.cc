@@ -12,6 +12,8 @@
 #include <thread>
 
 #include <grpcpp/grpcpp.h>
+
+#include "absl/cleanup/cleanup.h"
 #include <gtest/gtest.h>
 #include <httplib.h>
 
@@ -76,6 +78,7 @@ TEST(RestartTest, KilledSchedulerRestartsAndTheRunFinishesExactlyOnce) {
   const std::string conninfo = btx::testing::NewMigratedDatabase();
   auto dir = MakeTempDir("btx-restart-test-");
   ASSERT_TRUE(dir.ok());
+  absl::Cleanup remove_dir = [&] { std::filesystem::remove_all(*dir); };
   const std::string port_file = *dir + "/port", metrics_port_file = *dir + "/metrics-port", log = *dir + "/scheduler.log";
   ProcessSpec spec;
   spec.argv = {BTX_SCHEDULER_BIN, "--listen", "127.0.0.1:0", "--port-file", port_file, "--database-url", conninfo,

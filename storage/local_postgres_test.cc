@@ -3,6 +3,8 @@
 #include <filesystem>
 #include <pqxx/pqxx>
 
+#include "absl/cleanup/cleanup.h"
+
 #include <gtest/gtest.h>
 
 #include "btx/common/fs.h"
@@ -14,6 +16,7 @@ namespace {
 TEST(LocalPostgres, StartsConnectsAndKeepsDataAcrossRestart) {
   auto dir = MakeTempDir("btx-pg-launch-");
   ASSERT_TRUE(dir.ok());
+  absl::Cleanup remove_dir = [&] { std::filesystem::remove_all(*dir); };
   PosixProcessLauncher launcher;
   LocalPostgresConfig cfg{.state_dir = *dir, .durable = false};
   {

@@ -35,6 +35,12 @@ PgServer::PgServer() {
   pg_ = std::move(*pg);
 }
 
+PgServer::~PgServer() {
+  pg_.reset();
+  std::error_code ignored;
+  std::filesystem::remove_all(dir_, ignored);
+}
+
 std::string PgServer::NewDatabase() {
   std::string name = Cat("t_", ::getpid(), "_", next_++);
   auto s = pg_->CreateDatabase(name);

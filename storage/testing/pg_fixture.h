@@ -28,6 +28,9 @@ class PgServer {
 
  private:
   PgServer();
+  // Stops the server and removes its data directory: every test process starts one, and a
+  // suite run would otherwise leave ~50 MB behind per process.
+  ~PgServer();
   std::string dir_;
   PosixProcessLauncher launcher_;
   std::unique_ptr<storage::LocalPostgres> pg_;
