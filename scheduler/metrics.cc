@@ -109,6 +109,9 @@ SchedulerMetrics::SchedulerMetrics(metrics::Registry& r, Duration lease, const s
       claim_latency_(r.AddHistogram("btx_claim_latency_seconds",
                                     "Time from an AcquireJob call arriving to the job being claimed in the database.",
                                     metrics::ExponentialBuckets(0.001, 2, 14))),
+      db_batch_size_(r.AddHistogram("btx_db_batch_size",
+                                    "Claims or completions sent to the database together as one call.",
+                                    metrics::ExponentialBuckets(1, 2, 8), {"kind"})),
       lease_expirations_(r.AddCounter("btx_lease_expirations_total",
                                       "Leases that expired (job requeued from its last checkpoint).")),
       job_retries_(r.AddCounter("btx_job_retries_total", "Failed attempts that were scheduled for a retry (RETRY_WAIT).",
@@ -218,6 +221,10 @@ void SchedulerMetrics::OnHeartbeat(const storage::JobDirectiveRow& d, const Repo
     job_eta_.WithLabels(labels).Set(p->eta_seconds);
   }
   job_last_heartbeat_.WithLabels(labels).Set(UnixSeconds(now));
+}
+
+void SchedulerMetrics::OnBatch(const char* kind, size_t calls) {
+  db_batch_size_.WithLabels({kind}).Observe(static_cast<double>(calls));
 }
 
 void SchedulerMetrics::OnComplete(const std::string& job_id) {

@@ -41,6 +41,8 @@ class SchedulerMetrics {
   void OnComplete(const std::string& job_id);
   void OnFail(const std::string& job_id, const storage::FailOutcome& out);
   void OnExpired(const std::vector<storage::ExpiredLease>& expired);
+  // A batch of claims or completions sent to the database as one call (kind: claim, complete).
+  void OnBatch(const char* kind, size_t calls);
   void OnRpc(const char* full_method, grpc::StatusCode code, double seconds);
   // Replaces the fleet-wide and per-job gauges with what the database holds; `mark` was taken
   // before the snapshot was read.
@@ -67,6 +69,7 @@ class SchedulerMetrics {
   metrics::Family<metrics::Gauge>& jobs_;
   metrics::Family<metrics::Histogram>& dispatch_latency_;
   metrics::Family<metrics::Histogram>& claim_latency_;
+  metrics::Family<metrics::Histogram>& db_batch_size_;
   metrics::Family<metrics::Counter>& lease_expirations_;
   metrics::Family<metrics::Counter>& job_retries_;
   metrics::Family<metrics::Counter>& pipeline_failures_;

@@ -15,6 +15,26 @@ namespace v1 = btx::v1;
 
 namespace {
 
+// PostgreSQL's jsonb refuses \u0000 in strings (keys included). Iterative: a result may nest as
+// deep as the message size allows.
+bool HoldsNul(const json& root) {
+  std::vector<const json*> todo{&root};
+  while (!todo.empty()) {
+    const json& j = *todo.back();
+    todo.pop_back();
+    if (j.is_string() && j.get_ref<const std::string&>().find('\0') != std::string::npos) return true;
+    if (j.is_object()) {
+      for (const auto& [k, v] : j.items()) {
+        if (k.find('\0') != std::string::npos) return true;
+        todo.push_back(&v);
+      }
+    } else if (j.is_array()) {
+      for (const auto& v : j) todo.push_back(&v);
+    }
+  }
+  return false;
+}
+
 absl::Status CheckId(const std::string& field, const std::string& value) {
   if (IsUuid(value)) return absl::OkStatus();
   return InvalidFields({{field, Cat("got '", value.substr(0, 64), "'; expected a UUID")}});
@@ -229,10 +249,14 @@ grpc::Status WorkerServiceImpl::AcquireJob(grpc::ServerContext* ctx, const v1::A
     const uint64_t gen = wakeups_.jobs().generation();
     const auto started = clock_.Now();
     const uint64_t mark = metrics_ ? metrics_->Mark() : 0;
-    auto claimed = store_.ClaimJob(req->worker_id(), req->free_gpus(), config_.lease, started);
+    auto claimed = claims_.Call({req->worker_id(), req->free_gpus()});
     if (!claimed.ok()) return ToGrpcStatus(claimed.status());
-    if (claimed->has_value()) {
-      const auto& c = **claimed;
+    if (claimed->refused) {
+      return ToGrpcStatus(absl::FailedPreconditionError(
+          Cat("worker '", req->worker_id(), "' is unknown or draining; register again before acquiring jobs")));
+    }
+    if (claimed->job) {
+      const auto& c = *claimed->job;
       auto spec = ResolveInputs(c);
       if (!spec.ok()) {
         // No attempt can do better than this one (the stored arguments do not change), and an
@@ -354,18 +378,52 @@ grpc::Status WorkerServiceImpl::Complete(grpc::ServerContext*, const v1::Complet
   if (auto s = CheckStoreUri("artifact_uri", req->artifact_uri()); !s.ok()) {
     return ToGrpcStatus(s);
   }
-  if (!req->result_json().empty() && !json::parse(req->result_json(), nullptr, false).is_object()) {
-    return ToGrpcStatus(InvalidFields({{"result_json", "expected a JSON object"}}));
+  if (!req->result_json().empty()) {
+    const json result = json::parse(req->result_json(), nullptr, false);
+    if (!result.is_object()) return ToGrpcStatus(InvalidFields({{"result_json", "expected a JSON object"}}));
+    if (HoldsNul(result)) {
+      return ToGrpcStatus(InvalidFields({{"result_json", "a string holds \\u0000, which the database cannot store"}}));
+    }
   }
-  int readied = 0;
-  auto s = store_.CompleteJob(req->worker_id(), req->job_id(), req->attempt(), req->artifact_uri(), req->result_json(),
-                              clock_.Now(), &readied);
-  if (s.ok()) {
+  auto readied = completions_.Call({.worker_id = req->worker_id(), .job_id = req->job_id(), .attempt = req->attempt(),
+                                     .artifact_uri = req->artifact_uri(), .result_json = req->result_json()});
+  if (readied.ok()) {
     if (metrics_) metrics_->OnComplete(req->job_id());
-    if (readied > 0) wakeups_.JobsChanged();
+    if (*readied > 0) wakeups_.JobsChanged();
     wakeups_.EventsChanged();
   }
-  return ToGrpcStatus(s);
+  return ToGrpcStatus(readied.status());
+}
+
+std::vector<WorkerServiceImpl::ClaimResult> WorkerServiceImpl::RunClaims(std::vector<ClaimCall>& calls) {
+  if (metrics_) metrics_->OnBatch("claim", calls.size());
+  std::vector<std::string> workers;
+  for (const auto& c : calls) workers.push_back(c.worker_id);
+  // The batcher groups calls by free_gpus.
+  auto claimed = store_.ClaimJobs(workers, calls.front().free_gpus, config_.lease, clock_.Now());
+  std::vector<ClaimResult> out;
+  for (size_t i = 0; i < calls.size(); ++i) out.push_back(claimed.ok() ? ClaimResult((*claimed)[i]) : claimed.status());
+  return out;
+}
+
+std::vector<absl::StatusOr<int>> WorkerServiceImpl::RunCompletions(std::vector<storage::Completion>& completions) {
+  if (metrics_) metrics_->OnBatch("complete", completions.size());
+  const TimePoint now = clock_.Now();
+  std::vector<absl::StatusOr<int>> out;
+  if (completions.size() > 1) {
+    auto done = store_.CompleteJobs(completions, now);
+    if (done.ok()) {
+      for (const auto& d : *done) out.push_back(d.status.ok() ? absl::StatusOr<int>(d.readied) : d.status);
+      return out;
+    }
+    // Nothing was applied; one entry's error must not become the answer to the others.
+  }
+  for (const auto& c : completions) {
+    int readied = 0;
+    auto s = store_.CompleteJob(c.worker_id, c.job_id, c.attempt, c.artifact_uri, c.result_json, now, &readied);
+    out.push_back(s.ok() ? absl::StatusOr<int>(readied) : s);
+  }
+  return out;
 }
 
 grpc::Status WorkerServiceImpl::Fail(grpc::ServerContext*, const v1::FailRequest* req, v1::FailResponse*) {

@@ -3,6 +3,7 @@
 #include <atomic>
 
 #include "btx/common/artifact_store.h"
+#include "batcher.h"
 #include "btx/scheduler/server.h"
 #include "metrics.h"
 #include "btx/v1/pipeline_service.grpc.pb.h"
@@ -42,7 +43,12 @@ class WorkerServiceImpl final : public btx::v1::WorkerService::Service {
         clock_(clock),
         wakeups_(wakeups),
         metrics_(metrics),
-        stopping_(stopping) {}
+        stopping_(stopping),
+        claims_({.max_batch = config.max_batch, .max_in_flight = config.batches_in_flight},
+                [this](std::vector<ClaimCall>& calls) { return RunClaims(calls); },
+                [](const ClaimCall& c) { return int64_t{c.free_gpus}; }),
+        completions_({.max_batch = config.max_batch, .max_in_flight = config.batches_in_flight},
+                     [this](std::vector<storage::Completion>& cs) { return RunCompletions(cs); }) {}
   grpc::Status Register(grpc::ServerContext*, const btx::v1::RegisterRequest*, btx::v1::RegisterResponse*) override;
   grpc::Status AcquireJob(grpc::ServerContext*, const btx::v1::AcquireJobRequest*, btx::v1::AcquireJobResponse*) override;
   grpc::Status Heartbeat(grpc::ServerContext*, const btx::v1::HeartbeatRequest*, btx::v1::HeartbeatResponse*) override;
@@ -51,6 +57,15 @@ class WorkerServiceImpl final : public btx::v1::WorkerService::Service {
 
  private:
   absl::Status CheckStoreUri(const std::string& field, const std::string& uri) const;
+  struct ClaimCall {
+    std::string worker_id;
+    int free_gpus = 0;
+  };
+  using ClaimResult = absl::StatusOr<storage::ClaimOutcome>;
+  std::vector<ClaimResult> RunClaims(std::vector<ClaimCall>& calls);
+  // Readied dependents, or the completion's error.
+  std::vector<absl::StatusOr<int>> RunCompletions(std::vector<storage::Completion>& completions);
+
   const SchedulerConfig& config_;
   // Artifacts and checkpoints that workers report must lie in it (PathOf checks the URI).
   FileArtifactStore artifacts_;
@@ -59,6 +74,8 @@ class WorkerServiceImpl final : public btx::v1::WorkerService::Service {
   WakeUps& wakeups_;
   SchedulerMetrics* metrics_;
   const std::atomic<bool>& stopping_;
+  Batcher<ClaimCall, ClaimResult> claims_;
+  Batcher<storage::Completion, absl::StatusOr<int>> completions_;
 };
 
 }  // namespace btx::scheduler

@@ -5,6 +5,7 @@
 #include <string>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "btx/storage/pool.h"
@@ -34,6 +35,8 @@ std::optional<TimePoint> OptTime(const pqxx::field& f);
 // columns, so ids are cast on our side instead; a malformed id becomes the nil UUID, which no row
 // has (ids come from gen_random_uuid), so it still reads as "not found".
 std::string UuidParam(const std::string& id);
+// A PostgreSQL array literal ('{"a","b"}') of the items, every one quoted: libpqxx 6 binds no arrays.
+std::string ArrayLiteral(const std::vector<std::string>& items);
 
 // Runs fn with a Tx (pqxx::work or pqxx::nontransaction) on a pooled connection; a transaction is
 // committed when fn returns OK. Maps exceptions to statuses and drops broken connections.

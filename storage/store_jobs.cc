@@ -43,33 +43,66 @@ void FinishAttempt(pqxx::work& tx, const std::string& job_id, int attempt, const
                  UuidParam(job_id), attempt, outcome, error, Micros(now));
 }
 
+// A row of btx_complete_job(s): (slot, outcome, job_state, job_attempt, readied).
+CompletionOutcome CompletionFromRow(const pqxx::row& r, const Completion& c) {
+  CompletionOutcome out;
+  const std::string outcome = r[1].as<std::string>();
+  if (outcome == "not_found") {
+    out.status = absl::NotFoundError(Cat("job '", c.job_id, "' not found"));
+  } else if (outcome == "stale") {
+    LeaseRow row;
+    row.state = r[2].as<std::string>();
+    row.attempt = r[3].as<int>();
+    out.status = CheckFence(row, c.job_id, c.attempt, c.worker_id);
+  } else {
+    out.readied = r[4].as<int>();
+  }
+  return out;
+}
+
 }  // namespace
 
 absl::StatusOr<std::optional<ClaimedJob>> Store::ClaimJob(const std::string& worker_id, int free_gpus, Duration lease,
                                                           TimePoint now) {
-  // The hot path: one prepared statement (btx_claim_job, migration 0002) in autocommit.
-  static const std::string kSql = "SELECT " + kJobColumnsWithoutDeps +
-                                  ", c.o_depends_on, c.o_pipeline_name, c.o_parents FROM btx_claim_job($1::uuid, $2, " +
-                                  Ts(3) + ", " + Ts(4) + ") c CROSS JOIN LATERAL (SELECT (c.o_job).*) j";
-  return InAutocommit<std::optional<ClaimedJob>>(
-      pool_, "claim job", [&](pqxx::nontransaction& tx) -> absl::StatusOr<std::optional<ClaimedJob>> {
-        pqxx::result r;
-        try {
-          r = ExecPrepared(tx, "btx_claim_job", kSql, UuidParam(worker_id), free_gpus, Micros(now), Micros(now + lease));
-        } catch (const pqxx::sql_error& e) {
-          if (e.sqlstate() != "BX001") throw;
-          return absl::FailedPreconditionError(Cat(
-              "worker '", worker_id, "' is unknown or draining; register again before acquiring jobs"));
+  auto out = ClaimJobs({worker_id}, free_gpus, lease, now);
+  if (!out.ok()) return out.status();
+  if (out->at(0).refused) {
+    return absl::FailedPreconditionError(
+        Cat("worker '", worker_id, "' is unknown or draining; register again before acquiring jobs"));
+  }
+  return std::move(out->at(0).job);
+}
+
+absl::StatusOr<std::vector<ClaimOutcome>> Store::ClaimJobs(const std::vector<std::string>& worker_ids, int free_gpus,
+                                                           Duration lease, TimePoint now) {
+  // The hot path: one prepared statement (btx_claim_jobs, migration 0003) in autocommit.
+  static const std::string kSql = "SELECT c.o_slot, c.o_refused, (c.o_job).id IS NOT NULL, " + kJobColumnsWithoutDeps +
+                                  ", c.o_depends_on, c.o_pipeline_name, c.o_parents FROM btx_claim_jobs($1::uuid[], $2, " +
+                                  Ts(3) + ", " + Ts(4) + ") c LEFT JOIN LATERAL (SELECT (c.o_job).*) j ON true ORDER BY c.o_slot";
+  std::vector<std::string> ids;
+  for (const auto& w : worker_ids) ids.push_back(UuidParam(w));
+  return InAutocommit<std::vector<ClaimOutcome>>(
+      pool_, "claim jobs", [&](pqxx::nontransaction& tx) -> absl::StatusOr<std::vector<ClaimOutcome>> {
+        auto r = ExecPrepared(tx, "btx_claim_jobs", kSql, ArrayLiteral(ids), free_gpus, Micros(now), Micros(now + lease));
+        if (r.size() != worker_ids.size()) {
+          return absl::InternalError(Cat("claim jobs: ", r.size(), " rows for ", worker_ids.size(), " workers"));
         }
-        if (r.empty()) return std::optional<ClaimedJob>();
-        ClaimedJob out;
-        out.job = JobFromRow(r[0]);
-        out.pipeline_name = r[0][22].as<std::string>();
-        const json parents = json::parse(r[0][23].as<std::string>(), nullptr, false);
-        if (parents.is_object()) {
-          for (const auto& [name, uri] : parents.items()) out.parent_artifacts[name] = uri.is_string() ? uri.get<std::string>() : "";
+        std::vector<ClaimOutcome> out(worker_ids.size());
+        for (size_t i = 0; i < r.size(); ++i) {
+          const pqxx::row row = r[i];
+          out[i].refused = row[1].as<bool>();
+          if (!row[2].as<bool>()) continue;
+          // The job's columns start at 3, in kJobColumnsWithoutDeps' order, then the three extras.
+          ClaimedJob c;
+          c.job = JobFromRow(row.slice(3, row.size()));
+          c.pipeline_name = row[25].as<std::string>();
+          const json parents = json::parse(row[26].as<std::string>(), nullptr, false);
+          if (parents.is_object()) {
+            for (const auto& [name, uri] : parents.items()) c.parent_artifacts[name] = uri.is_string() ? uri.get<std::string>() : "";
+          }
+          out[i].job = std::move(c);
         }
-        return std::optional<ClaimedJob>(std::move(out));
+        return out;
       });
 }
 
@@ -135,21 +168,42 @@ absl::Status Store::CompleteJob(const std::string& worker_id, const std::string&
   // One statement (btx_complete_job, migration 0002): fence check, the transition, dependents,
   // events and the pipeline's completion, under the pipeline lock.
   static const std::string kSql =
-      "SELECT outcome, job_state, job_attempt, readied FROM btx_complete_job($1::uuid, $2, $3::uuid, $4, $5, " + Ts(6) + ")";
+      "SELECT 0, outcome, job_state, job_attempt, readied FROM btx_complete_job($1::uuid, $2, $3::uuid, $4, $5, " + Ts(6) + ")";
+  const Completion c{.worker_id = worker_id, .job_id = job_id, .attempt = attempt};
   return InAutocommit<bool>(pool_, "complete job", [&](pqxx::nontransaction& tx) -> absl::StatusOr<bool> {
            auto r = ExecPrepared(tx, "btx_complete_job", kSql, UuidParam(job_id), attempt, UuidParam(worker_id),
                                  artifact_uri, result_json, Micros(now));
-           const std::string outcome = r[0][0].as<std::string>();
-           if (outcome == "not_found") return absl::NotFoundError(Cat("job '", job_id, "' not found"));
-           if (outcome == "stale") {
-             LeaseRow row;
-             row.state = r[0][1].as<std::string>();
-             row.attempt = r[0][2].as<int>();
-             return CheckFence(row, job_id, attempt, worker_id);
-           }
-           if (readied) *readied = r[0][3].as<int>();
+           CompletionOutcome out = CompletionFromRow(r[0], c);
+           if (readied) *readied = out.readied;
+           if (!out.status.ok()) return out.status;
            return true;
          }).status();
+}
+
+absl::StatusOr<std::vector<CompletionOutcome>> Store::CompleteJobs(const std::vector<Completion>& completions,
+                                                                    TimePoint now) {
+  static const std::string kSql =
+      "SELECT o_slot, outcome, job_state, job_attempt, readied FROM btx_complete_jobs($1::uuid[], $2::int[], $3::uuid[], "
+      "$4::text[], $5::text[], " + Ts(6) + ") ORDER BY o_slot";
+  std::vector<std::string> jobs, attempts, workers, artifacts, results;
+  for (const auto& c : completions) {
+    jobs.push_back(UuidParam(c.job_id));
+    attempts.push_back(std::to_string(c.attempt));
+    workers.push_back(UuidParam(c.worker_id));
+    artifacts.push_back(c.artifact_uri);
+    results.push_back(c.result_json);
+  }
+  return InAutocommit<std::vector<CompletionOutcome>>(
+      pool_, "complete jobs", [&](pqxx::nontransaction& tx) -> absl::StatusOr<std::vector<CompletionOutcome>> {
+        auto r = ExecPrepared(tx, "btx_complete_jobs", kSql, ArrayLiteral(jobs), ArrayLiteral(attempts),
+                              ArrayLiteral(workers), ArrayLiteral(artifacts), ArrayLiteral(results), Micros(now));
+        if (r.size() != completions.size()) {
+          return absl::InternalError(Cat("complete jobs: ", r.size(), " rows for ", completions.size(), " jobs"));
+        }
+        std::vector<CompletionOutcome> out(completions.size());
+        for (size_t i = 0; i < r.size(); ++i) out[i] = CompletionFromRow(r[i], completions[i]);
+        return out;
+      });
 }
 
 absl::StatusOr<FailOutcome> Store::FailJob(const std::string& worker_id, const std::string& job_id, int attempt,

@@ -46,6 +46,20 @@ std::string UuidParam(const std::string& id) {
   return id;
 }
 
+std::string ArrayLiteral(const std::vector<std::string>& items) {
+  std::string out = "{";
+  for (size_t i = 0; i < items.size(); ++i) {
+    if (i > 0) out += ',';
+    out += '"';
+    for (char ch : items[i]) {
+      if (ch == '"' || ch == '\\') out += '\\';
+      out += ch;
+    }
+    out += '"';
+  }
+  return out + "}";
+}
+
 std::optional<TimePoint> OptTime(const pqxx::field& f) {
   if (f.is_null()) return std::nullopt;
   return FromUnixMicros(f.as<int64_t>());

@@ -109,6 +109,116 @@ TEST_F(StoreTest, CompleteUnblocksDependentAndFinishesPipeline) {
   EXPECT_EQ(nlohmann::json::parse(done->result_json)["m"]["avg"], 1.5);
 }
 
+TEST_F(StoreTest, ClaimJobsAnswersEveryEntryInOrder) {
+  auto p = Submit();
+  auto w1 = Worker("w1"), w2 = Worker("w2");
+  const std::string unknown = "3f1c2b9a-0000-4000-8000-000000000001";
+  // w1 polls for two slots; two READY jobs (a, b) go to the first two known entries.
+  auto out = store_.ClaimJobs({w1, unknown, w1, w2}, 0, 30s, now_);
+  ASSERT_TRUE(out.ok()) << out.status();
+  ASSERT_EQ(out->size(), 4u);
+  EXPECT_FALSE((*out)[0].refused);
+  EXPECT_TRUE((*out)[1].refused);
+  EXPECT_FALSE((*out)[1].job.has_value());
+  ASSERT_TRUE((*out)[0].job && (*out)[2].job);
+  EXPECT_FALSE((*out)[3].refused);
+  EXPECT_FALSE((*out)[3].job.has_value());  // nothing left; m waits for its parents
+  std::set<std::string> names;
+  for (size_t i : {0u, 2u}) {
+    const auto& c = *(*out)[i].job;
+    names.insert(c.job.name);
+    EXPECT_EQ(c.job.state, "LEASED");
+    EXPECT_EQ(c.job.attempt, 1);
+    EXPECT_EQ(c.job.worker_id, w1);
+    EXPECT_EQ(c.pipeline_name, "p");
+    EXPECT_EQ(StateOf(c.job.id), "LEASED");
+  }
+  EXPECT_EQ(names, (std::set<std::string>{"a", "b"}));
+  // Each lease has its attempt row and event, as a single claim's.
+  auto events = store_.EventsAfter(p.id, 0, 100);
+  ASSERT_TRUE(events.ok());
+  int leased = 0;
+  for (const auto& e : *events) leased += e.type == "job.leased";
+  EXPECT_EQ(leased, 2);
+  ASSERT_TRUE(store_.CompleteJob(w1, (*out)[0].job->job.id, 1, "file:///x", "", now_).ok());
+}
+
+TEST_F(StoreTest, ClaimJobsRefusesADrainingWorker) {
+  Submit();
+  auto w = Worker("w1");
+  ASSERT_TRUE(store_.Heartbeat(w, {}, /*draining=*/true, 30s, now_).ok());
+  auto out = store_.ClaimJobs({w}, 0, 30s, now_);
+  ASSERT_TRUE(out.ok());
+  EXPECT_TRUE((*out)[0].refused);
+  EXPECT_EQ(store_.ClaimJob(w, 0, 30s, now_).status().code(), absl::StatusCode::kFailedPrecondition);
+}
+
+TEST_F(StoreTest, CompleteJobsAppliesEachEntryOnItsOwnMerits) {
+  auto p = Submit();
+  auto w1 = Worker("w1"), w2 = Worker("w2");
+  auto a = Claim(w1), b = Claim(w2);
+  ASSERT_TRUE(a && b);
+  const std::string missing = "3f1c2b9a-0000-4000-8000-000000000002";
+  auto out = store_.CompleteJobs({{.worker_id = w1, .job_id = a->job.id, .attempt = 1, .artifact_uri = "file:///a"},
+                                  {.worker_id = w1, .job_id = b->job.id, .attempt = 1, .artifact_uri = "file:///b"},
+                                  {.worker_id = w1, .job_id = missing, .attempt = 1}},
+                                 now_);
+  ASSERT_TRUE(out.ok()) << out.status();
+  ASSERT_EQ(out->size(), 3u);
+  EXPECT_TRUE((*out)[0].status.ok());
+  EXPECT_EQ((*out)[1].status.code(), absl::StatusCode::kFailedPrecondition);  // b is w2's lease
+  EXPECT_EQ((*out)[2].status.code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(StateOf(a->job.id), "SUCCEEDED");
+  EXPECT_EQ(StateOf(b->job.id), "LEASED");
+  EXPECT_EQ(store_.GetJob(b->job.id)->artifact_uri, "");
+  // Completing both parents in one batch readies the merge exactly once and, later, ends the pipeline.
+  auto again = store_.CompleteJobs({{.worker_id = w2, .job_id = b->job.id, .attempt = 1, .artifact_uri = "file:///b",
+                                     .result_json = R"({"loss": 2.5})"}},
+                                   now_);
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ((*again)[0].readied, 1);
+  auto m = Claim(w1);
+  ASSERT_TRUE(m);
+  EXPECT_EQ(m->parent_artifacts.at("b"), "file:///b");
+  ASSERT_TRUE(store_.CompleteJobs({{.worker_id = w1, .job_id = m->job.id, .attempt = 1, .artifact_uri = "file:///m"}},
+                                  now_).ok());
+  auto done = store_.GetPipeline(p.id);
+  EXPECT_EQ(done->state, "SUCCEEDED");
+  EXPECT_EQ(nlohmann::json::parse(done->result_json)["b"]["loss"], 2.5);
+}
+
+TEST_F(StoreTest, CompleteJobsOfSiblingsInOneBatchReadiesTheirDependentOnce) {
+  auto p = Submit();
+  auto w = Worker("w1");
+  auto a = Claim(w), b = Claim(w);
+  ASSERT_TRUE(a && b);
+  auto out = store_.CompleteJobs({{.worker_id = w, .job_id = a->job.id, .attempt = 1, .artifact_uri = "file:///a"},
+                                  {.worker_id = w, .job_id = b->job.id, .attempt = 1, .artifact_uri = "file:///b"}},
+                                 now_);
+  ASSERT_TRUE(out.ok()) << out.status();
+  EXPECT_EQ((*out)[0].readied + (*out)[1].readied, 1);
+  auto m = Claim(w);
+  ASSERT_TRUE(m);
+  EXPECT_EQ(m->job.name, "m");
+  EXPECT_EQ(m->parent_artifacts.size(), 2u);
+}
+
+TEST_F(StoreTest, ACompleteJobsBatchThatFailsAppliesNothing) {
+  Submit();
+  auto w = Worker("w1");
+  auto a = Claim(w), b = Claim(w);
+  ASSERT_TRUE(a && b);
+  // PostgreSQL's jsonb takes no \u0000: the second entry fails the batch, and the first must not stay applied.
+  auto out = store_.CompleteJobs({{.worker_id = w, .job_id = a->job.id, .attempt = 1, .artifact_uri = "file:///a"},
+                                  {.worker_id = w, .job_id = b->job.id, .attempt = 1, .artifact_uri = "file:///b",
+                                   .result_json = R"({"x": "\u0000"})"}},
+                                 now_);
+  EXPECT_FALSE(out.ok());
+  EXPECT_EQ(StateOf(a->job.id), "LEASED");
+  EXPECT_EQ(StateOf(b->job.id), "LEASED");
+  EXPECT_TRUE(store_.CompleteJob(w, a->job.id, 1, "file:///a", "", now_).ok());
+}
+
 TEST_F(StoreTest, StaleAttemptIsRefusedAndChangesNothing) {
   NewPipeline single{.name = "single", .spec_json = "{}"};
   single.jobs = {{.name = "only", .kind = "branch"}};
@@ -246,6 +356,43 @@ TEST_F(StoreTest, ConcurrentClaimersNeverShareAnAttempt) {
   for (auto& t : threads) t.join();
   EXPECT_EQ(claimed.size(), 60u);
   EXPECT_EQ(std::set<std::string>(claimed.begin(), claimed.end()).size(), 60u);
+}
+
+// Batches naming the same workers in different orders (multi-slot workers polling on several
+// calls) must neither deadlock on the worker rows nor hand one job out twice.
+TEST_F(StoreTest, ConcurrentBatchesWithOverlappingWorkersNeverDeadlockOrShare) {
+  NewPipeline p{.name = "many", .spec_json = "{}"};
+  for (int i = 0; i < 240; ++i) p.jobs.push_back({.name = "j" + std::to_string(i), .kind = "branch"});
+  ASSERT_TRUE(store_.CreatePipeline(p, now_).ok());
+  std::vector<std::string> workers;
+  for (int i = 0; i < 6; ++i) workers.push_back(Worker("w" + std::to_string(i)));
+  std::mutex mu;
+  std::vector<std::string> claimed;
+  std::vector<std::string> errors;
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      std::vector<std::string> mine;
+      for (int k = 0; k < 6; ++k) mine.push_back(workers[(t % 2 == 0 ? k : 5 - k)]);
+      while (true) {
+        auto out = store_.ClaimJobs(mine, 0, 30s, now_);
+        std::lock_guard lock(mu);
+        if (!out.ok()) {
+          errors.push_back(std::string(out.status().message()));
+          return;
+        }
+        bool any = false;
+        for (const auto& o : *out) {
+          if (o.job) claimed.push_back(o.job->job.id), any = true;
+        }
+        if (!any) return;
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_TRUE(errors.empty()) << errors.front();
+  EXPECT_EQ(claimed.size(), 240u);
+  EXPECT_EQ(std::set<std::string>(claimed.begin(), claimed.end()).size(), 240u);
 }
 
 TEST_F(StoreTest, EventsAreOrderedAndResumable) {

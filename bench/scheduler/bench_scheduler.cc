@@ -272,6 +272,8 @@ int main(int argc, char** argv) {
   CLI::App app{"btx_bench_scheduler: scheduler jobs/s and claim latency vs a bare SKIP LOCKED loop"};
   int workers = 200, jobs = 20000, per_pipeline = 10, connections = 16, client_threads = 1, grpc_connections = 0;
   bool durable = false, no_metrics = false;
+  btx::scheduler::SchedulerConfig sched_defaults;
+  int max_batch = sched_defaults.max_batch, batches_in_flight = sched_defaults.batches_in_flight;
   std::string phase = "both", database_url;
   app.add_option("--workers", workers, "simulated workers")->capture_default_str();
   app.add_option("--jobs", jobs, "jobs to drain")->capture_default_str();
@@ -279,6 +281,8 @@ int main(int argc, char** argv) {
   app.add_option("--db-connections", connections, "scheduler pool size = baseline connections")->capture_default_str();
   app.add_option("--client-threads", client_threads, "threads driving the simulated workers")->capture_default_str();
   app.add_option("--grpc-connections", grpc_connections, "TCP connections the workers share (default: one each)");
+  app.add_option("--max-batch", max_batch, "claims/completions per database call (1: no batching)")->capture_default_str();
+  app.add_option("--batches-in-flight", batches_in_flight, "database calls per kind at once")->capture_default_str();
   app.add_flag("--durable", durable, "fsync on (default: off, a throwaway cluster)");
   app.add_flag("--no-metrics", no_metrics, "run the scheduler without a metrics registry (to see what metrics cost)");
   app.add_option("--database-url", database_url, "an existing, empty database instead of a private server");
@@ -367,6 +371,8 @@ int main(int argc, char** argv) {
     btx::scheduler::SchedulerConfig cfg;
     cfg.artifact_root = *dir + "/artifacts";
     cfg.lease = std::chrono::seconds(60);
+    cfg.max_batch = max_batch;
+    cfg.batches_in_flight = batches_in_flight;
     btx::scheduler::Scheduler scheduler(cfg, store, clock, conninfo, no_metrics ? nullptr : &registry);
     auto port = scheduler.Start();
     if (!port.ok()) {

@@ -24,11 +24,12 @@ namespace {
 using namespace std::chrono_literals;
 namespace fs = std::filesystem;
 
-// Sessions of this database blocked on a row lock while running `function`.
+// Sessions of this database blocked on a row lock while running `function` or its batched form
+// (`function` + "s": the scheduler sends calls that arrive together as one).
 int64_t BlockedIn(const std::string& conninfo, const std::string& function) {
   return QueryInt(conninfo,
                   "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                  "AND wait_event_type = 'Lock' AND query LIKE '%' || $1 || '(%'",
+                  "AND wait_event_type = 'Lock' AND (query LIKE '%' || $1 || '(%' OR query LIKE '%' || $1 || 's(%')",
                   function);
 }
 

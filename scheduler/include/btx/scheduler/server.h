@@ -39,6 +39,10 @@ struct SchedulerConfig {
   // btx_router_expert_share covers the newest this many finished evaluations.
   int router_share_pipelines = 10;
   storage::RetryPolicy retry;
+  // Claims (and completions) that arrive while earlier ones are at the database go to it together,
+  // as one call of at most max_batch; at most batches_in_flight such calls run at once per kind.
+  int max_batch = 64;
+  int batches_in_flight = 4;
   // TLS, client certificates and tokens; the default (plaintext, no authentication) is for
   // loopback only, and Start() refuses it elsewhere (auth.h).
   SecurityConfig security;

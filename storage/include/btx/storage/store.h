@@ -36,6 +36,24 @@ struct ExpiredLease {
   bool pipeline_failed = false;  // this expiry moved the pipeline to FAILED
 };
 
+// One entry of a ClaimJobs batch.
+struct ClaimOutcome {
+  bool refused = false;            // the worker is unknown or draining
+  std::optional<ClaimedJob> job;   // empty: nothing claimable was left for this entry
+};
+
+// One job of a CompleteJobs batch, as CompleteJob takes it.
+struct Completion {
+  std::string worker_id, job_id;
+  int attempt = 0;
+  std::string artifact_uri, result_json;
+};
+
+struct CompletionOutcome {
+  absl::Status status;  // as CompleteJob's
+  int readied = 0;      // dependents that became READY
+};
+
 struct FailOutcome {
   std::string new_state;  // RETRY_WAIT, FAILED or CANCELLED
   bool pipeline_failed = false;  // this failure moved the pipeline to FAILED
@@ -60,6 +78,10 @@ class Store {
   // Leases the first claimable job that fits free_gpus (FOR UPDATE SKIP LOCKED), bumping its attempt.
   absl::StatusOr<std::optional<ClaimedJob>> ClaimJob(const std::string& worker_id, int free_gpus, Duration lease,
                                                      TimePoint now);
+  // ClaimJob for many workers in one transaction: entry i of the result answers worker_ids[i] (a
+  // worker may appear more than once, once per free slot). Jobs go to entries in array order.
+  absl::StatusOr<std::vector<ClaimOutcome>> ClaimJobs(const std::vector<std::string>& worker_ids, int free_gpus,
+                                                      Duration lease, TimePoint now);
   absl::StatusOr<std::vector<JobDirectiveRow>> Heartbeat(const std::string& worker_id,
                                                          const std::vector<JobReportRow>& reports, bool draining,
                                                          Duration lease, TimePoint now);
@@ -68,6 +90,9 @@ class Store {
   absl::Status CompleteJob(const std::string& worker_id, const std::string& job_id, int attempt,
                            const std::string& artifact_uri, const std::string& result_json, TimePoint now,
                            int* readied = nullptr);
+  // CompleteJob for many jobs in one transaction. An error status means nothing was applied (e.g. a
+  // result PostgreSQL rejects, or a deadlock): the caller then completes the entries one by one.
+  absl::StatusOr<std::vector<CompletionOutcome>> CompleteJobs(const std::vector<Completion>& completions, TimePoint now);
   absl::StatusOr<FailOutcome> FailJob(const std::string& worker_id, const std::string& job_id, int attempt,
                                       const std::string& error, bool retryable, bool cancelled,
                                       const std::string& checkpoint_uri, const RetryPolicy& policy, TimePoint now);
