@@ -53,12 +53,15 @@ std::vector<std::string> DashboardQueries() {
   return queries;
 }
 
+// The experts run long enough (several seconds even on an idle machine) for the per-job gauges,
+// which exist only while a job runs, to be scraped more than once: with a 1 s interval a scrape
+// also times out after 1 s, and on a loaded machine a few in a row did, so 150 steps were missed.
 std::string Spec(const std::string& data) {
   return "name: prom-e2e\n"
          "seed: {init: {preset: tiny}, pretrain: {data: {train: [" + data + "/prose/train.txt]}, steps: 20}}\n"
          "experts:\n"
-         "  - {name: code, data: {train: " + data + "/code/train.txt, valid: " + data + "/code/valid.txt}, steps: 150}\n"
-         "  - {name: math, data: {train: " + data + "/math/train.txt, valid: " + data + "/math/valid.txt}, steps: 150}\n"
+         "  - {name: code, data: {train: " + data + "/code/train.txt, valid: " + data + "/code/valid.txt}, steps: 600}\n"
+         "  - {name: math, data: {train: " + data + "/math/train.txt, valid: " + data + "/math/valid.txt}, steps: 600}\n"
          "train: {batch_tokens: 512, seq_len: 64, lr: 3e-3, warmup: 2, checkpoint_every: 50, log_every: 5, valid_tokens: 2048}\n"
          "merge: {method: btx}\n"
          "finetune: {top_k: 2, steps: 30}\n"
