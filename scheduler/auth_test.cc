@@ -18,6 +18,7 @@
 #include "btx/v1/worker_service.grpc.pb.h"
 #include "pg_fixture.h"
 #include "test_certs.h"
+#include "test_util.h"
 
 namespace btx::scheduler {
 namespace {
@@ -192,8 +193,7 @@ class AuthServiceTest : public ::testing::Test {
   }
 
   AuthServiceTest()
-      : conninfo_(btx::testing::NewMigratedDatabase()), pool_(conninfo_, 4), store_(pool_),
-        scheduler_(Config(), store_, clock_, conninfo_, &registry_) {
+      : conninfo_(btx::testing::NewMigratedDatabase()), stack_(conninfo_, 4, clock_, Config(), /*with_metrics=*/true) {
     auto port = scheduler_.Start();
     EXPECT_TRUE(port.ok()) << port.status();
     target_ = "127.0.0.1:" + std::to_string(port.value_or(0));
@@ -286,10 +286,10 @@ class AuthServiceTest : public ::testing::Test {
   static Pki* pki_;
   ManualClock clock_;
   std::string conninfo_;
-  storage::ConnectionPool pool_;
-  storage::Store store_;
-  metrics::Registry registry_;
-  Scheduler scheduler_;
+  testing::SchedulerStack stack_;
+  storage::Store& store_ = stack_.store;
+  metrics::Registry& registry_ = stack_.registry;
+  Scheduler& scheduler_ = stack_.scheduler;
   std::string target_;
 };
 Pki* AuthServiceTest::pki_ = nullptr;

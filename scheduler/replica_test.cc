@@ -23,13 +23,9 @@ using testing::PollUntil;
 using testing::QueryInt;
 namespace v1 = btx::v1;
 
-struct Replica {
+struct Replica : testing::SchedulerStack {
   Replica(const std::string& conninfo, const Clock& clock, SchedulerConfig cfg)
-      : pool(conninfo, 8), store(pool), scheduler(std::move(cfg), store, clock, conninfo, &registry) {}
-  storage::ConnectionPool pool;
-  storage::Store store;
-  metrics::Registry registry;
-  Scheduler scheduler;
+      : SchedulerStack(conninfo, 8, clock, std::move(cfg), /*with_metrics=*/true) {}
   std::shared_ptr<grpc::Channel> channel;
   std::unique_ptr<v1::PipelineService::Stub> pipelines;
   std::unique_ptr<v1::WorkerService::Stub> workers;

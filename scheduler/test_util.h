@@ -77,13 +77,25 @@ inline void Execute(const std::string& conninfo, const std::string& sql) {
 // One scheduler serving gRPC on a loopback port (port 0) over a fresh, migrated database, with a
 // manual clock: the test advances time and runs the reaper and the metrics refresh itself. The
 // helpers are the worker's and the client's side of the API, one RPC each.
+// A scheduler on its own connection pool and store: what every in-process scheduler test builds.
+// With `with_metrics`, the scheduler registers its families in `registry` (serving them is the
+// test's business).
+struct SchedulerStack {
+  SchedulerStack(const std::string& conninfo, int connections, const Clock& clock, SchedulerConfig config,
+                 bool with_metrics)
+      : pool(conninfo, connections),
+        store(pool),
+        scheduler(std::move(config), store, clock, conninfo, with_metrics ? &registry : nullptr) {}
+  storage::ConnectionPool pool;
+  storage::Store store;
+  metrics::Registry registry;
+  Scheduler scheduler;
+};
+
 class SchedulerFixture : public ::testing::Test {
  protected:
-  // With metrics, the scheduler registers its families in registry_ (serving them is the test's
-  // business).
   explicit SchedulerFixture(bool with_metrics = false)
-      : conninfo_(btx::testing::NewMigratedDatabase()), pool_(conninfo_, 8), store_(pool_),
-        scheduler_(TestConfig(), store_, clock_, conninfo_, with_metrics ? &registry_ : nullptr) {
+      : conninfo_(btx::testing::NewMigratedDatabase()), stack_(conninfo_, 8, clock_, TestConfig(), with_metrics) {
     auto port = scheduler_.Start();
     EXPECT_TRUE(port.ok()) << port.status();
     channel_ = grpc::CreateChannel("127.0.0.1:" + std::to_string(port.ok() ? *port : 0),
@@ -167,10 +179,10 @@ class SchedulerFixture : public ::testing::Test {
 
   ManualClock clock_;
   std::string conninfo_;
-  storage::ConnectionPool pool_;
-  storage::Store store_;
-  metrics::Registry registry_;
-  Scheduler scheduler_;
+  SchedulerStack stack_;
+  storage::Store& store_ = stack_.store;
+  metrics::Registry& registry_ = stack_.registry;
+  Scheduler& scheduler_ = stack_.scheduler;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::PipelineService::Stub> pipelines_;
   std::unique_ptr<v1::WorkerService::Stub> workers_;
