@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace btx::kernels::testing {
@@ -19,6 +20,31 @@ struct Case {
 inline std::string describe(const Case& c) {
   return "T=" + std::to_string(c.tokens) + " D=" + std::to_string(c.dim) + " F=" + std::to_string(c.hidden) +
          " E=" + std::to_string(c.experts) + " k=" + std::to_string(c.k);
+}
+
+// Inputs of one moe_swiglu call: which experts each token picks, their gates, and the weights.
+struct MoeInputs {
+  at::Tensor x, index, gates, w1, w3, w2;
+  std::vector<at::Tensor> differentiable() const { return {x, gates, w1, w3, w2}; }
+};
+
+// Fresh random inputs drawn in float64 and stored in `dtype`: distinct experts per token, skewed
+// popularity (ragged slices), the last `unused_experts` never chosen.
+inline MoeInputs make_moe_inputs(const Case& c, at::ScalarType dtype) {
+  const auto opt = at::TensorOptions().dtype(at::kDouble);
+  at::Tensor popularity = at::randn({c.experts}, opt) * 1.5;
+  if (c.unused_experts > 0) popularity.narrow(0, c.experts - c.unused_experts, c.unused_experts).fill_(-1e9);
+  const at::Tensor scores = at::randn({c.tokens, c.experts}, opt) + popularity;
+  MoeInputs in;
+  in.index = std::get<1>(scores.topk(c.k, -1));
+  in.gates = at::softmax(at::randn({c.tokens, c.k}, opt), -1).to(dtype);
+  in.x = at::randn({c.tokens, c.dim}, opt).to(dtype);
+  const double s_in = 1.0 / std::sqrt(static_cast<double>(c.dim));
+  const double s_out = 1.0 / std::sqrt(static_cast<double>(c.hidden));
+  in.w1 = (at::randn({c.experts, c.hidden, c.dim}, opt) * s_in).to(dtype);
+  in.w3 = (at::randn({c.experts, c.hidden, c.dim}, opt) * s_in).to(dtype);
+  in.w2 = (at::randn({c.experts, c.dim, c.hidden}, opt) * s_out).to(dtype);
+  return in;
 }
 
 // kept[t * k + s]: whether the assignment survives the capacity (first come, first served in token order).

@@ -19,23 +19,8 @@ using testing::bitwise_equal;
 using testing::Case;
 using testing::describe;
 
-struct Inputs {
-  at::Tensor x, index, gates, w1, w3, w2;  // float64 on the CPU
-};
-
-Inputs make_inputs(const Case& c) {
-  const auto opt = at::TensorOptions().dtype(at::kDouble);
-  at::Tensor popularity = at::randn({c.experts}, opt) * 1.5;
-  if (c.unused_experts > 0) popularity.narrow(0, c.experts - c.unused_experts, c.unused_experts).fill_(-1e9);
-  Inputs in;
-  in.index = std::get<1>((at::randn({c.tokens, c.experts}, opt) + popularity).topk(c.k, -1));
-  in.gates = at::softmax(at::randn({c.tokens, c.k}, opt), -1);
-  in.x = at::randn({c.tokens, c.dim}, opt);
-  in.w1 = at::randn({c.experts, c.hidden, c.dim}, opt) / std::sqrt(static_cast<double>(c.dim));
-  in.w3 = at::randn({c.experts, c.hidden, c.dim}, opt) / std::sqrt(static_cast<double>(c.dim));
-  in.w2 = at::randn({c.experts, c.dim, c.hidden}, opt) / std::sqrt(static_cast<double>(c.hidden));
-  return in;
-}
+using Inputs = testing::MoeInputs;  // float64 on the CPU; each test moves and rounds what it needs
+using testing::make_moe_inputs;
 
 // ||a - b|| / ||b|| over the whole tensor (b == 0 everywhere: ||a||).
 double rel_err(const at::Tensor& a, const at::Tensor& b) {
@@ -127,7 +112,7 @@ TEST_F(MoeSwigluCuda, ForwardAndGradientsMatchFloat64Loops) {
   for (const at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
     for (const Case& c : cases) {
       SCOPED_TRACE(describe(c) + (dtype == at::kFloat ? " float32" : " bfloat16"));
-      const Inputs in = make_inputs(c);
+      const Inputs in = make_moe_inputs(c, at::kDouble);
       const at::Tensor dy = at::randn({c.tokens, c.dim}, at::kDouble);
       const Inputs r = rounded(in, dtype);
       const Result ref = run_with_grads(r, dy.to(dtype).to(at::kDouble), at::kDouble, at::kCPU,
@@ -148,7 +133,7 @@ TEST_F(MoeSwigluCuda, ForwardAndGradientsMatchFloat64Loops) {
 // loops in moe_swiglu_test) is the reference.
 TEST_F(MoeSwigluCuda, LargeShapeMatchesCpuFloat64) {
   const Case c{2048, 256, 512, 8, 2, 1};
-  const Inputs in = make_inputs(c);
+  const Inputs in = make_moe_inputs(c, at::kDouble);
   const at::Tensor dy = at::randn({c.tokens, c.dim}, at::kDouble);
   for (const at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
     SCOPED_TRACE(dtype == at::kFloat ? "float32" : "bfloat16");
@@ -161,7 +146,7 @@ TEST_F(MoeSwigluCuda, LargeShapeMatchesCpuFloat64) {
 
 TEST_F(MoeSwigluCuda, CapacityDropsMatchCpuAndReference) {
   const Case c{300, 16, 32, 6, 2};
-  const Inputs in = make_inputs(c);
+  const Inputs in = make_moe_inputs(c, at::kDouble);
   for (const double cf : {0.5, 1.0, 1.25}) {
     SCOPED_TRACE("capacity_factor=" + std::to_string(cf));
     MoeOptions opts;
@@ -183,7 +168,7 @@ TEST_F(MoeSwigluCuda, CapacityDropsMatchCpuAndReference) {
 
 TEST_F(MoeSwigluCuda, ForwardAndBackwardAreBitwiseDeterministic) {
   const Case c{1000, 64, 128, 8, 2, 1};
-  const Inputs in = make_inputs(c);
+  const Inputs in = make_moe_inputs(c, at::kDouble);
   const at::Tensor dy = at::randn({c.tokens, c.dim}, at::kDouble);
   for (const at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
     const Result a = run_with_grads(in, dy, dtype, kCuda, [](const auto&... t) { return moe_swiglu(t...); });
@@ -204,7 +189,7 @@ TEST_F(MoeSwigluCuda, ForwardAndBackwardAreBitwiseDeterministic) {
 // Under CUDA autocast the layer runs in bf16 like at::linear and hands float32 gradients to float32 leaves.
 TEST_F(MoeSwigluCuda, AutocastRunsInBFloat16) {
   const Case c{128, 32, 64, 4, 2};
-  const Inputs in = make_inputs(c);
+  const Inputs in = make_moe_inputs(c, at::kDouble);
   const at::Tensor dy = at::randn({c.tokens, c.dim}, at::kDouble);
   Result got;
   {

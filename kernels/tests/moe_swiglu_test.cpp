@@ -15,28 +15,8 @@ using testing::bitwise_equal;
 using testing::Case;
 using testing::describe;
 
-struct Inputs {
-  at::Tensor x, index, gates, w1, w3, w2;
-  std::vector<at::Tensor> differentiable() const { return {x, gates, w1, w3, w2}; }
-};
-
-// Distinct experts per token, skewed popularity (ragged slices), the last `unused_experts` never chosen.
-Inputs make_inputs(const Case& c, at::ScalarType dtype) {
-  const auto opt = at::TensorOptions().dtype(at::kDouble);
-  at::Tensor popularity = at::randn({c.experts}, opt) * 1.5;
-  if (c.unused_experts > 0) popularity.narrow(0, c.experts - c.unused_experts, c.unused_experts).fill_(-1e9);
-  const at::Tensor scores = at::randn({c.tokens, c.experts}, opt) + popularity;
-  Inputs in;
-  in.index = std::get<1>(scores.topk(c.k, -1));
-  in.gates = at::softmax(at::randn({c.tokens, c.k}, opt), -1).to(dtype);
-  in.x = at::randn({c.tokens, c.dim}, opt).to(dtype);
-  const double s_in = 1.0 / std::sqrt(static_cast<double>(c.dim));
-  const double s_out = 1.0 / std::sqrt(static_cast<double>(c.hidden));
-  in.w1 = (at::randn({c.experts, c.hidden, c.dim}, opt) * s_in).to(dtype);
-  in.w3 = (at::randn({c.experts, c.hidden, c.dim}, opt) * s_in).to(dtype);
-  in.w2 = (at::randn({c.experts, c.dim, c.hidden}, opt) * s_out).to(dtype);
-  return in;
-}
+using Inputs = testing::MoeInputs;
+using testing::make_moe_inputs;
 
 const std::vector<Case>& cases() {
   static const std::vector<Case> all = {
@@ -57,7 +37,7 @@ class MoeSwiglu : public testing::SeededTest {};
 TEST_F(MoeSwiglu, ForwardMatchesLoopReferenceFloat64) {
   for (const Case& c : cases()) {
     SCOPED_TRACE(describe(c));
-    const Inputs in = make_inputs(c, at::kDouble);
+    const Inputs in = make_moe_inputs(c, at::kDouble);
     const at::Tensor y = moe_swiglu(in.x, in.index, in.gates, in.w1, in.w3, in.w2);
     const at::Tensor ref = testing::reference_forward_loops(in.x, in.index, in.gates, in.w1, in.w3, in.w2);
     EXPECT_TRUE(all_close(y, ref, 1e-12, 1e-10));
@@ -67,7 +47,7 @@ TEST_F(MoeSwiglu, ForwardMatchesLoopReferenceFloat64) {
 TEST_F(MoeSwiglu, ForwardMatchesLoopReferenceFloat32) {
   for (const Case& c : cases()) {
     SCOPED_TRACE(describe(c));
-    const Inputs in = make_inputs(c, at::kFloat);
+    const Inputs in = make_moe_inputs(c, at::kFloat);
     const at::Tensor y = moe_swiglu(in.x, in.index, in.gates, in.w1, in.w3, in.w2);
     EXPECT_EQ(y.scalar_type(), at::kFloat);
     const at::Tensor ref = testing::reference_forward_loops(in.x, in.index, in.gates, in.w1, in.w3, in.w2);
@@ -77,7 +57,7 @@ TEST_F(MoeSwiglu, ForwardMatchesLoopReferenceFloat32) {
 
 TEST_F(MoeSwiglu, ForwardBFloat16WithinRounding) {
   const Case c{33, 16, 32, 4, 2, 1};
-  const Inputs in = make_inputs(c, at::kBFloat16);
+  const Inputs in = make_moe_inputs(c, at::kBFloat16);
   const at::Tensor y = moe_swiglu(in.x, in.index, in.gates, in.w1, in.w3, in.w2);
   const at::Tensor ref = testing::reference_forward_loops(in.x, in.index, in.gates, in.w1, in.w3, in.w2);
   // bf16 keeps 8 significant bits; the GEMM outputs are rounded twice before the float combine.
@@ -109,19 +89,19 @@ void expect_gradients_match_reference(const Inputs& in, double capacity_factor, 
 TEST_F(MoeSwiglu, GradientsMatchAutogradReferenceFloat64) {
   for (const Case& c : cases()) {
     SCOPED_TRACE(describe(c));
-    expect_gradients_match_reference(make_inputs(c, at::kDouble), 0.0, 1e-10);
+    expect_gradients_match_reference(make_moe_inputs(c, at::kDouble), 0.0, 1e-10);
   }
 }
 
 TEST_F(MoeSwiglu, GradientsMatchAutogradReferenceFloat32) {
   const Case c{45, 16, 24, 6, 2, 1};
-  expect_gradients_match_reference(make_inputs(c, at::kFloat), 0.0, 1e-4);
+  expect_gradients_match_reference(make_moe_inputs(c, at::kFloat), 0.0, 1e-4);
 }
 
 TEST_F(MoeSwiglu, GradientsMatchFiniteDifferences) {
   for (const Case& c : {Case{5, 3, 4, 3, 2}, Case{4, 2, 3, 4, 1, 1}, Case{1, 3, 2, 2, 2}}) {
     SCOPED_TRACE(describe(c));
-    const Inputs in = make_inputs(c, at::kDouble);
+    const Inputs in = make_moe_inputs(c, at::kDouble);
     const at::Tensor r = at::randn({c.tokens, c.dim}, at::kDouble);
     testing::expect_gradients_match_fd(
         [&](const std::vector<at::Tensor>& v) { return (moe_swiglu(v[0], in.index, v[1], v[2], v[3], v[4]) * r).sum(); },
@@ -131,7 +111,7 @@ TEST_F(MoeSwiglu, GradientsMatchFiniteDifferences) {
 
 TEST_F(MoeSwiglu, CapacityFactorDropsInTokenOrder) {
   const Case c{40, 8, 12, 4, 2};
-  Inputs in = make_inputs(c, at::kDouble);
+  Inputs in = make_moe_inputs(c, at::kDouble);
   // Every token prefers expert 0 then 1: both overflow, experts 2 and 3 stay under capacity.
   in.index = at::zeros({c.tokens, c.k}, at::kLong);
   in.index.select(1, 1).fill_(1);
@@ -169,7 +149,7 @@ TEST_F(MoeSwiglu, CapacityFactorDropsInTokenOrder) {
 
 TEST_F(MoeSwiglu, DroplessStatsCountAssignments) {
   const Case c{77, 8, 8, 6, 2, 1};
-  const Inputs in = make_inputs(c, at::kFloat);
+  const Inputs in = make_moe_inputs(c, at::kFloat);
   MoeStats stats;
   moe_swiglu(in.x, in.index, in.gates, in.w1, in.w3, in.w2, {}, &stats);
   EXPECT_EQ(stats.dropped, 0);
@@ -179,7 +159,7 @@ TEST_F(MoeSwiglu, DroplessStatsCountAssignments) {
 
 TEST_F(MoeSwiglu, DeterministicAtFixedThreads) {
   const Case c{301, 32, 48, 6, 2, 1};
-  const Inputs in = make_inputs(c, at::kFloat);
+  const Inputs in = make_moe_inputs(c, at::kFloat);
   const at::Tensor r = at::randn({c.tokens, c.dim});
   auto run = [&] {
     std::vector<at::Tensor> v = in.differentiable();
@@ -195,7 +175,7 @@ TEST_F(MoeSwiglu, DeterministicAtFixedThreads) {
 
 TEST_F(MoeSwiglu, OnlyRequestedGradientsAreComputed) {
   const Case c{30, 8, 12, 4, 2};
-  const Inputs in = make_inputs(c, at::kDouble);
+  const Inputs in = make_moe_inputs(c, at::kDouble);
   const at::Tensor w2 = in.w2.clone().set_requires_grad(true);
   const at::Tensor y = moe_swiglu(in.x, in.index, in.gates, in.w1, in.w3, w2);
   const at::Tensor r = at::randn(y.sizes(), y.options());
@@ -208,7 +188,7 @@ TEST_F(MoeSwiglu, OnlyRequestedGradientsAreComputed) {
 
 TEST_F(MoeSwiglu, InferenceMatchesTrainingForward) {
   const Case c{50, 16, 24, 4, 2};
-  const Inputs in = make_inputs(c, at::kFloat);
+  const Inputs in = make_moe_inputs(c, at::kFloat);
   const at::Tensor x = in.x.clone().set_requires_grad(true);
   const at::Tensor with_grad = moe_swiglu(x, in.index, in.gates, in.w1, in.w3, in.w2);
   EXPECT_TRUE(with_grad.requires_grad());
@@ -223,7 +203,7 @@ TEST_F(MoeSwiglu, InferenceMatchesTrainingForward) {
 
 TEST_F(MoeSwiglu, RejectsBadArguments) {
   const Case c{10, 8, 12, 4, 2};
-  const Inputs in = make_inputs(c, at::kFloat);
+  const Inputs in = make_moe_inputs(c, at::kFloat);
   at::Tensor bad = in.index.clone();
   bad[3][1] = 4;  // out of range
   EXPECT_THROW(moe_swiglu(in.x, bad, in.gates, in.w1, in.w3, in.w2), c10::Error);
