@@ -84,9 +84,10 @@ class Batcher {
     if (!queue_.empty() && in_flight_ < config_.max_in_flight) queue_.front()->cv.notify_one();
     calls_ += static_cast<int64_t>(batch.size());
     lock.unlock();
+    // The owners wait until their results are in, and never look at their requests again.
     std::vector<Request> requests;
     requests.reserve(batch.size());
-    for (Slot* s : batch) requests.push_back(s->request);
+    for (Slot* s : batch) requests.push_back(std::move(s->request));
     std::vector<Result> results = run_(requests);
     lock.lock();
     --in_flight_;

@@ -251,12 +251,8 @@ grpc::Status WorkerServiceImpl::AcquireJob(grpc::ServerContext* ctx, const v1::A
     const uint64_t mark = metrics_ ? metrics_->Mark() : 0;
     auto claimed = claims_.Call({req->worker_id(), req->free_gpus()});
     if (!claimed.ok()) return ToGrpcStatus(claimed.status());
-    if (claimed->refused) {
-      return ToGrpcStatus(absl::FailedPreconditionError(
-          Cat("worker '", req->worker_id(), "' is unknown or draining; register again before acquiring jobs")));
-    }
-    if (claimed->job) {
-      const auto& c = *claimed->job;
+    if (claimed->has_value()) {
+      const auto& c = **claimed;
       auto spec = ResolveInputs(c);
       if (!spec.ok()) {
         // No attempt can do better than this one (the stored arguments do not change), and an
@@ -395,15 +391,14 @@ grpc::Status WorkerServiceImpl::Complete(grpc::ServerContext*, const v1::Complet
   return ToGrpcStatus(readied.status());
 }
 
-std::vector<WorkerServiceImpl::ClaimResult> WorkerServiceImpl::RunClaims(std::vector<ClaimCall>& calls) {
+std::vector<storage::ClaimOutcome> WorkerServiceImpl::RunClaims(std::vector<ClaimCall>& calls) {
   if (metrics_) metrics_->OnBatch("claim", calls.size());
   std::vector<std::string> workers;
   for (const auto& c : calls) workers.push_back(c.worker_id);
   // The batcher groups calls by free_gpus.
   auto claimed = store_.ClaimJobs(workers, calls.front().free_gpus, config_.lease, clock_.Now());
-  std::vector<ClaimResult> out;
-  for (size_t i = 0; i < calls.size(); ++i) out.push_back(claimed.ok() ? ClaimResult((*claimed)[i]) : claimed.status());
-  return out;
+  if (!claimed.ok()) return std::vector<storage::ClaimOutcome>(calls.size(), claimed.status());
+  return std::move(*claimed);
 }
 
 std::vector<absl::StatusOr<int>> WorkerServiceImpl::RunCompletions(std::vector<storage::Completion>& completions) {

@@ -61,8 +61,7 @@ class WorkerServiceImpl final : public btx::v1::WorkerService::Service {
     std::string worker_id;
     int free_gpus = 0;
   };
-  using ClaimResult = absl::StatusOr<storage::ClaimOutcome>;
-  std::vector<ClaimResult> RunClaims(std::vector<ClaimCall>& calls);
+  std::vector<storage::ClaimOutcome> RunClaims(std::vector<ClaimCall>& calls);
   // Readied dependents, or the completion's error.
   std::vector<absl::StatusOr<int>> RunCompletions(std::vector<storage::Completion>& completions);
 
@@ -74,7 +73,7 @@ class WorkerServiceImpl final : public btx::v1::WorkerService::Service {
   WakeUps& wakeups_;
   SchedulerMetrics* metrics_;
   const std::atomic<bool>& stopping_;
-  Batcher<ClaimCall, ClaimResult> claims_;
+  Batcher<ClaimCall, storage::ClaimOutcome> claims_;
   Batcher<storage::Completion, absl::StatusOr<int>> completions_;
 };
 

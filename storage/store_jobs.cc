@@ -62,15 +62,10 @@ CompletionOutcome CompletionFromRow(const pqxx::row& r, const Completion& c) {
 
 }  // namespace
 
-absl::StatusOr<std::optional<ClaimedJob>> Store::ClaimJob(const std::string& worker_id, int free_gpus, Duration lease,
-                                                          TimePoint now) {
+ClaimOutcome Store::ClaimJob(const std::string& worker_id, int free_gpus, Duration lease, TimePoint now) {
   auto out = ClaimJobs({worker_id}, free_gpus, lease, now);
   if (!out.ok()) return out.status();
-  if (out->at(0).refused) {
-    return absl::FailedPreconditionError(
-        Cat("worker '", worker_id, "' is unknown or draining; register again before acquiring jobs"));
-  }
-  return std::move(out->at(0).job);
+  return std::move(out->at(0));
 }
 
 absl::StatusOr<std::vector<ClaimOutcome>> Store::ClaimJobs(const std::vector<std::string>& worker_ids, int free_gpus,
@@ -87,10 +82,14 @@ absl::StatusOr<std::vector<ClaimOutcome>> Store::ClaimJobs(const std::vector<std
         if (r.size() != worker_ids.size()) {
           return absl::InternalError(Cat("claim jobs: ", r.size(), " rows for ", worker_ids.size(), " workers"));
         }
-        std::vector<ClaimOutcome> out(worker_ids.size());
+        std::vector<ClaimOutcome> out(worker_ids.size(), std::optional<ClaimedJob>());  // a default StatusOr is an error
         for (size_t i = 0; i < r.size(); ++i) {
           const pqxx::row row = r[i];
-          out[i].refused = row[1].as<bool>();
+          if (row[1].as<bool>()) {
+            out[i] = absl::FailedPreconditionError(
+                Cat("worker '", worker_ids[i], "' is unknown or draining; register again before acquiring jobs"));
+            continue;
+          }
           if (!row[2].as<bool>()) continue;
           // The job's columns start at 3, in kJobColumnsWithoutDeps' order, then the three extras.
           ClaimedJob c;
@@ -100,7 +99,7 @@ absl::StatusOr<std::vector<ClaimOutcome>> Store::ClaimJobs(const std::vector<std
           if (parents.is_object()) {
             for (const auto& [name, uri] : parents.items()) c.parent_artifacts[name] = uri.is_string() ? uri.get<std::string>() : "";
           }
-          out[i].job = std::move(c);
+          out[i] = std::optional<ClaimedJob>(std::move(c));
         }
         return out;
       });

@@ -117,15 +117,13 @@ TEST_F(StoreTest, ClaimJobsAnswersEveryEntryInOrder) {
   auto out = store_.ClaimJobs({w1, unknown, w1, w2}, 0, 30s, now_);
   ASSERT_TRUE(out.ok()) << out.status();
   ASSERT_EQ(out->size(), 4u);
-  EXPECT_FALSE((*out)[0].refused);
-  EXPECT_TRUE((*out)[1].refused);
-  EXPECT_FALSE((*out)[1].job.has_value());
-  ASSERT_TRUE((*out)[0].job && (*out)[2].job);
-  EXPECT_FALSE((*out)[3].refused);
-  EXPECT_FALSE((*out)[3].job.has_value());  // nothing left; m waits for its parents
+  ASSERT_TRUE((*out)[0].ok() && (*out)[2].ok() && (*out)[3].ok());
+  EXPECT_EQ((*out)[1].status().code(), absl::StatusCode::kFailedPrecondition);
+  ASSERT_TRUE((*out)[0]->has_value() && (*out)[2]->has_value());
+  EXPECT_FALSE((*out)[3]->has_value());  // nothing left; m waits for its parents
   std::set<std::string> names;
   for (size_t i : {0u, 2u}) {
-    const auto& c = *(*out)[i].job;
+    const ClaimedJob& c = **(*out)[i];
     names.insert(c.job.name);
     EXPECT_EQ(c.job.state, "LEASED");
     EXPECT_EQ(c.job.attempt, 1);
@@ -140,7 +138,7 @@ TEST_F(StoreTest, ClaimJobsAnswersEveryEntryInOrder) {
   int leased = 0;
   for (const auto& e : *events) leased += e.type == "job.leased";
   EXPECT_EQ(leased, 2);
-  ASSERT_TRUE(store_.CompleteJob(w1, (*out)[0].job->job.id, 1, "file:///x", "", now_).ok());
+  ASSERT_TRUE(store_.CompleteJob(w1, (**(*out)[0]).job.id, 1, "file:///x", "", now_).ok());
 }
 
 TEST_F(StoreTest, ClaimJobsRefusesADrainingWorker) {
@@ -149,7 +147,7 @@ TEST_F(StoreTest, ClaimJobsRefusesADrainingWorker) {
   ASSERT_TRUE(store_.Heartbeat(w, {}, /*draining=*/true, 30s, now_).ok());
   auto out = store_.ClaimJobs({w}, 0, 30s, now_);
   ASSERT_TRUE(out.ok());
-  EXPECT_TRUE((*out)[0].refused);
+  EXPECT_EQ((*out)[0].status().code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_EQ(store_.ClaimJob(w, 0, 30s, now_).status().code(), absl::StatusCode::kFailedPrecondition);
 }
 
@@ -383,7 +381,7 @@ TEST_F(StoreTest, ConcurrentBatchesWithOverlappingWorkersNeverDeadlockOrShare) {
         }
         bool any = false;
         for (const auto& o : *out) {
-          if (o.job) claimed.push_back(o.job->job.id), any = true;
+          if (o.ok() && o->has_value()) claimed.push_back((*o)->job.id), any = true;
         }
         if (!any) return;
       }

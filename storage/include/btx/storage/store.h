@@ -36,11 +36,9 @@ struct ExpiredLease {
   bool pipeline_failed = false;  // this expiry moved the pipeline to FAILED
 };
 
-// One entry of a ClaimJobs batch.
-struct ClaimOutcome {
-  bool refused = false;            // the worker is unknown or draining
-  std::optional<ClaimedJob> job;   // empty: nothing claimable was left for this entry
-};
+// One claim: the leased job, none (nothing claimable was left for it), or FAILED_PRECONDITION when
+// the worker is unknown or draining.
+using ClaimOutcome = absl::StatusOr<std::optional<ClaimedJob>>;
 
 // One job of a CompleteJobs batch, as CompleteJob takes it.
 struct Completion {
@@ -76,8 +74,7 @@ class Store {
   absl::StatusOr<JobRecord> GetJob(const std::string& job_id);
 
   // Leases the first claimable job that fits free_gpus (FOR UPDATE SKIP LOCKED), bumping its attempt.
-  absl::StatusOr<std::optional<ClaimedJob>> ClaimJob(const std::string& worker_id, int free_gpus, Duration lease,
-                                                     TimePoint now);
+  ClaimOutcome ClaimJob(const std::string& worker_id, int free_gpus, Duration lease, TimePoint now);
   // ClaimJob for many workers in one transaction: entry i of the result answers worker_ids[i] (a
   // worker may appear more than once, once per free slot). Jobs go to entries in array order.
   absl::StatusOr<std::vector<ClaimOutcome>> ClaimJobs(const std::vector<std::string>& worker_ids, int free_gpus,
