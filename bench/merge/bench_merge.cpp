@@ -6,9 +6,15 @@
 //   merge           btx::MergeToDir (BTX, seed kept as an expert) on inputs without manifests: tensor by tensor
 //                   from the mapped inputs, output fsynced
 //   merge + checks  the same with manifests: the sha256 of every input byte is checked beside the merge
-//   merge job       the whole `btx-train` merge job: + the output's manifest and publication
-// Throughput is input bytes / wall seconds for every row (each reads all input bytes once); best and median
-// of the reps, after one unmeasured round.
+//   merge job       the whole `btx-train` merge job: + the output's manifest and publication (the output's sha256
+//                   is taken while it is written, so publication hashes only the small files)
+//   durable write   write(2) of as many bytes as the merge's output, from one 8 MiB buffer of random bytes, to
+//                   one file in the same scratch dir, then fsync: what the disk takes to make the output's bytes
+//                   durable when nothing else is done (the merge starts write-back early, so it can come in
+//                   under it; `cp` never waits for the disk at all)
+// Throughput is input bytes / wall seconds for every row but durable write (each reads all input bytes once), and
+// output bytes / wall seconds for durable write (it reads nothing); best and median of the reps, after one
+// unmeasured round. The ratio line compares with cp (throughput) and gives merge / durable write (time).
 // --cold drops the page cache before every measurement (root only; refused otherwise); the default measures
 // with the inputs in the page cache, as a merge that follows the branch jobs on one machine sees them.
 //   btx_bench_merge [--dir /tmp/btx-bench-merge] [--experts 2] [--hidden 512] [--ffn 2048] [--layers 8]
@@ -17,15 +23,21 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
 #include <limits>
 #include <nlohmann/json.hpp>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -85,6 +97,37 @@ void WriteModel(const btx::ModelConfig& cfg, const std::string& dir, uint64_t se
 }
 
 std::string Quote(const std::string& s) { return "'" + s + "'"; }
+
+// Writes `bytes` to a new file from `buf` (reused) with write(2), then fsyncs it; returns the wall seconds.
+double WriteDurably(const std::string& path, uint64_t bytes, const std::vector<char>& buf) {
+  const double s = Now();
+  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) throw std::runtime_error("cannot create " + path + ": " + std::strerror(errno));
+  for (uint64_t left = bytes; left > 0;) {
+    const ssize_t w = ::write(fd, buf.data(), std::min<uint64_t>(left, buf.size()));
+    if (w < 0 && errno == EINTR) continue;
+    if (w < 0) {
+      const std::string why = std::strerror(errno);
+      ::close(fd);
+      throw std::runtime_error("write " + path + ": " + why);
+    }
+    left -= static_cast<uint64_t>(w);
+  }
+  const bool synced = ::fsync(fd) == 0;
+  if (::close(fd) != 0 || !synced) throw std::runtime_error("fsync " + path + " failed");
+  return Now() - s;
+}
+
+// Random, so that nothing on the way to the disk can compress or deduplicate it.
+std::vector<char> RandomBytes(size_t n) {
+  std::vector<char> buf(n);
+  std::mt19937_64 gen(42);
+  for (size_t i = 0; i + 8 <= n; i += 8) {
+    const uint64_t x = gen();
+    std::memcpy(buf.data() + i, &x, 8);
+  }
+  return buf;
+}
 
 }  // namespace
 
@@ -214,6 +257,7 @@ int main(int argc, char** argv) {
     std::string name, what;
     std::function<double()> run;
     std::vector<double> t;
+    bool output_rate = false;  // GB/s of output bytes instead of input bytes
   };
   std::vector<Row> rows;
   rows.push_back({"cp", "cp of the input files", [&] {
@@ -239,6 +283,14 @@ int main(int argc, char** argv) {
                       throw std::runtime_error("merge job: exit " + std::to_string(rc));
                     return Now() - s;
                   }});
+  // After the merges in every round, so the output size is known (the warm-up round measures it first).
+  const std::vector<char> random_bytes = RandomBytes(8u << 20);
+  rows.push_back({"durable write", "write(2) + fsync of the output's size from memory (GB/s = output GB / s)",
+                  [&] {
+                    if (out_bytes == 0) throw std::runtime_error("durable write: the merge's output size is unknown");
+                    return WriteDurably(scratch + "/durable-write.bin", out_bytes, random_bytes);
+                  },
+                  {}, true});
   if (a.only == "merge") rows.erase(rows.begin(), rows.begin() + 2), rows.resize(1);
   try {
     // One unmeasured round first: the first write of a fresh file set is often slower here (page allocation).
@@ -260,23 +312,26 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "btx_bench_merge: %s\n", e.what());
     return 1;
   }
-  auto gbs = [&](double t) { return static_cast<double>(in_bytes) / 1e9 / t; };
+  auto gbs = [&](const Row& r, double t) {
+    return static_cast<double>(r.output_rate ? out_bytes : in_bytes) / 1e9 / t;
+  };
   auto best = [](const Row& r) { return *std::min_element(r.t.begin(), r.t.end()); };
   auto median = [](Row r) {
     std::sort(r.t.begin(), r.t.end());
     return r.t[r.t.size() / 2];
   };
-  std::printf("output: %.3f GB (model.safetensors); GB/s = input GB / s; best (median) of %d\n",
+  std::printf("output: %.3f GB (model.safetensors); GB/s = input GB / s (durable write: output GB / s); "
+              "best (median) of %d\n",
               static_cast<double>(out_bytes) / 1e9, a.reps);
   for (const auto& r : rows)
-    std::printf("%-15s %6.3f s  %5.2f GB/s   (%6.3f s  %5.2f GB/s)   %s\n", (r.name + ":").c_str(), best(r), gbs(best(r)),
-                median(r), gbs(median(r)), r.what.c_str());
-  if (rows.size() == 5) {
+    std::printf("%-15s %6.3f s  %5.2f GB/s   (%6.3f s  %5.2f GB/s)   %s\n", (r.name + ":").c_str(), best(r),
+                gbs(r, best(r)), median(r), gbs(r, median(r)), r.what.c_str());
+  if (rows.size() == 6) {
     const double cp = best(rows[0]), cps = best(rows[1]);
     std::printf("ratio (best) to cp / to cp + sync:  merge %.2f / %.2f   merge + checks %.2f / %.2f   merge job %.2f / %.2f"
-                "   (target >= 0.7 of cp)\n",
+                "   (target >= 0.7 of cp);   merge / durable write (time) %.2f\n",
                 cp / best(rows[2]), cps / best(rows[2]), cp / best(rows[3]), cps / best(rows[3]), cp / best(rows[4]),
-                cps / best(rows[4]));
+                cps / best(rows[4]), best(rows[2]) / best(rows[5]));
   }
   if (!a.keep) fs::remove_all(a.dir);
   return 0;

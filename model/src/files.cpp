@@ -14,6 +14,8 @@
 #include <random>
 #include <sstream>
 
+#include "sha256.h"
+
 namespace btx {
 namespace fs = std::filesystem;
 
@@ -34,6 +36,18 @@ std::string ToHex(const unsigned char* d, unsigned n) {
 }
 }  // namespace
 
+namespace internal {
+Sha256::Sha256() : ctx_(EVP_MD_CTX_new()) { EVP_DigestInit_ex(ctx_, EVP_sha256(), nullptr); }
+Sha256::~Sha256() { EVP_MD_CTX_free(ctx_); }
+void Sha256::Update(const void* data, size_t size) { EVP_DigestUpdate(ctx_, data, size); }
+std::string Sha256::FinishHex() {
+  unsigned char md[EVP_MAX_MD_SIZE];
+  unsigned n = 0;
+  EVP_DigestFinal_ex(ctx_, md, &n);
+  return ToHex(md, n);
+}
+}  // namespace internal
+
 std::string Sha256Hex(const void* data, size_t size) {
   unsigned char md[EVP_MAX_MD_SIZE];
   unsigned n = 0;
@@ -44,8 +58,7 @@ std::string Sha256Hex(const void* data, size_t size) {
 StatusOr<std::string> Sha256File(const std::string& path) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) return NotFound(Errno("cannot open", path));
-  EVP_MD_CTX* ctx = EVP_MD_CTX_new();
-  EVP_DigestInit_ex(ctx, EVP_sha256(), nullptr);
+  internal::Sha256 sha;
   std::vector<char> buf(1 << 20);
   Status st;
   for (;;) {
@@ -56,15 +69,11 @@ StatusOr<std::string> Sha256File(const std::string& path) {
       break;
     }
     if (r == 0) break;
-    EVP_DigestUpdate(ctx, buf.data(), static_cast<size_t>(r));
+    sha.Update(buf.data(), static_cast<size_t>(r));
   }
-  unsigned char md[EVP_MAX_MD_SIZE];
-  unsigned n = 0;
-  EVP_DigestFinal_ex(ctx, md, &n);
-  EVP_MD_CTX_free(ctx);
   ::close(fd);
   if (!st.ok()) return st;
-  return ToHex(md, n);
+  return sha.FinishHex();
 }
 
 Status FsyncPath(const std::string& path) {
@@ -129,11 +138,35 @@ StatusOr<std::vector<std::string>> ListFilesRecursive(const std::string& dir) {
   return out;
 }
 
-Status WriteManifest(const std::string& dir) {
+namespace {
+bool IsSha256Hex(const std::string& h) {
+  auto lower_hex = [](char c) { return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'); };
+  return h.size() == 64 && std::all_of(h.begin(), h.end(), lower_hex);
+}
+
+// A digest for a file that is not there would publish a manifest that no directory can match; it is a bug in
+// the writer that reported it, not something to paper over.
+Status CheckKnownDigests(const std::string& dir, const std::vector<std::string>& files, const FileDigests& known) {
+  for (const auto& [f, h] : known) {
+    if (f == kManifestName || !std::binary_search(files.begin(), files.end(), f))
+      return Internal(dir + ": a sha256 is known for '" + f + "', which is not a file there");
+    if (!IsSha256Hex(h)) return Internal(dir + ": the known sha256 of '" + f + "' is not 64 lowercase hex digits");
+  }
+  return Status::Ok();
+}
+}  // namespace
+
+Status WriteManifest(const std::string& dir, const FileDigests& known) {
   BTX_ASSIGN_OR_RETURN(auto files, ListFilesRecursive(dir));
+  BTX_RETURN_IF_ERROR(CheckKnownDigests(dir, files, known));
   std::string text;
   for (const auto& f : files) {
     if (f == kManifestName) continue;
+    auto it = known.find(f);
+    if (it != known.end()) {
+      text += it->second + "  " + f + "\n";
+      continue;
+    }
     BTX_ASSIGN_OR_RETURN(std::string h, Sha256File(dir + "/" + f));
     text += h + "  " + f + "\n";
   }
@@ -204,9 +237,9 @@ StagedDir::~StagedDir() {
   }
 }
 
-Status StagedDir::Publish() {
+Status StagedDir::Publish(const FileDigests& known) {
   if (done_) return FailedPrecondition("already published: " + final_);
-  BTX_RETURN_IF_ERROR(WriteManifest(tmp_));
+  BTX_RETURN_IF_ERROR(WriteManifest(tmp_, known));
   BTX_ASSIGN_OR_RETURN(auto files, ListFilesRecursive(tmp_));
   for (const auto& f : files) BTX_RETURN_IF_ERROR(FsyncPath(tmp_ + "/" + f));
   BTX_RETURN_IF_ERROR(FsyncPath(tmp_));

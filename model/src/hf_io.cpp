@@ -53,7 +53,7 @@ std::vector<std::pair<std::string, at::Tensor>> ToHfTensors(const LlamaModel& m)
 }
 
 Status WriteHfWeights(const std::string& dir, const std::vector<st::TensorSpec>& specs, const st::TensorProducer& produce,
-                      uint64_t max_shard_bytes) {
+                      uint64_t max_shard_bytes, FileDigests* digests) {
   const std::map<std::string, std::string> meta = {{"format", "pt"}};  // transformers refuses files without it
   std::vector<std::vector<size_t>> shards(1);
   uint64_t total = 0, cur = 0;
@@ -68,7 +68,13 @@ Status WriteHfWeights(const std::string& dir, const std::vector<st::TensorSpec>&
     cur += bytes;
     total += bytes;
   }
-  if (shards.size() == 1) return st::WriteStreaming(dir + "/model.safetensors", specs, produce, meta);
+  auto write = [&](const std::string& name, const std::vector<st::TensorSpec>& sub, const st::TensorProducer& p) {
+    std::string hex;
+    Status written = st::WriteStreaming(dir + "/" + name, sub, p, meta, digests ? &hex : nullptr);
+    if (written.ok() && digests) (*digests)[name] = std::move(hex);
+    return written;
+  };
+  if (shards.size() == 1) return write("model.safetensors", specs, produce);
   json weight_map = json::object();
   for (size_t s = 0; s < shards.size(); ++s) {
     char fname[64];
@@ -79,19 +85,22 @@ Status WriteHfWeights(const std::string& dir, const std::vector<st::TensorSpec>&
       weight_map[specs[i].name] = fname;
     }
     const auto& ids = shards[s];
-    BTX_RETURN_IF_ERROR(st::WriteStreaming(
-        dir + "/" + fname, sub, [&](size_t k) { return produce(ids[k]); }, meta));
+    BTX_RETURN_IF_ERROR(write(fname, sub, [&](size_t k) { return produce(ids[k]); }));
   }
-  json index = {{"metadata", {{"total_size", total}}}, {"weight_map", weight_map}};
-  return WriteFileDurable(dir + "/model.safetensors.index.json", index.dump(2));
+  const std::string index = json{{"metadata", {{"total_size", total}}}, {"weight_map", weight_map}}.dump(2);
+  const std::string index_name = "model.safetensors.index.json";
+  BTX_RETURN_IF_ERROR(WriteFileDurable(dir + "/" + index_name, index));
+  if (digests) (*digests)[index_name] = Sha256Hex(index.data(), index.size());
+  return Status::Ok();
 }
 
-Status WriteModelFiles(const LlamaModel& m, const std::string& dir, const SaveOptions& opts) {
+Status WriteModelFiles(const LlamaModel& m, const std::string& dir, const SaveOptions& opts, FileDigests* digests) {
   BTX_RETURN_IF_ERROR(WriteFileDurable(dir + "/config.json", ConfigToHfJson(m.config()).dump(2)));
   auto tensors = ToHfTensors(m);
   auto specs = HfSpecs(m.config(), opts.dtype);
   return WriteHfWeights(
-      dir, specs, [&](size_t i) -> StatusOr<at::Tensor> { return tensors[i].second; }, opts.max_shard_bytes);
+      dir, specs, [&](size_t i) -> StatusOr<at::Tensor> { return tensors[i].second; }, opts.max_shard_bytes,
+      digests);
 }
 
 StatusOr<ModelConfig> LoadConfig(const std::string& dir) {

@@ -132,9 +132,10 @@ StatusOr<std::unique_ptr<Tokenizer>> ModelTokenizer(const json& spec, const std:
 
 Status PublishModel(const Job& job, const LlamaModel& model, const Tokenizer* tok) {
   BTX_ASSIGN_OR_RETURN(StagedDir staged, StagedDir::Create(job.output_dir));
-  BTX_RETURN_IF_ERROR(WriteModelFiles(model, staged.path()));
+  FileDigests weights;  // hashed as written: the manifest does not read them again
+  BTX_RETURN_IF_ERROR(WriteModelFiles(model, staged.path(), {}, &weights));
   if (tok) BTX_RETURN_IF_ERROR(tok->SaveTo(staged.path()));
-  return staged.Publish();
+  return staged.Publish(weights);
 }
 
 struct TrainRun {
@@ -366,10 +367,12 @@ StatusOr<int> RunMerge(Job& job) {
   Status v = ValidateMergeSpec(m);
   if (!v.ok()) return v;
   BTX_ASSIGN_OR_RETURN(StagedDir staged, StagedDir::Create(job.output_dir));
-  Status st = MergeToDir(m, staged.path(), job.stop);
+  // The weights were hashed as they were written: the manifest does not read them again.
+  FileDigests weights;
+  Status st = MergeToDir(m, staged.path(), job.stop, &weights);
   if (st.code() == StatusCode::kCancelled) return kExitInterrupted;
   BTX_RETURN_IF_ERROR(st);
-  BTX_RETURN_IF_ERROR(staged.Publish());
+  BTX_RETURN_IF_ERROR(staged.Publish(weights));
   BTX_ASSIGN_OR_RETURN(ModelConfig out, LoadConfig(job.output_dir));
   json metrics = {{"num_experts", out.num_local_experts}, {"method", m.method}};
   EmitEvent(job, {{"event", "done"}, {"artifact", fs::absolute(job.output_dir).string()}, {"metrics", metrics}});

@@ -234,10 +234,12 @@ void MeanF32(const std::vector<const uint8_t*>& srcs, int64_t n, float* out) {
   }
 }
 
-Status MergeUnverified(const MergeSpec& s, const std::string& dir, const std::atomic<bool>* stop);
+Status MergeUnverified(const MergeSpec& s, const std::string& dir, const std::atomic<bool>* stop,
+                       FileDigests* weight_digests);
 }  // namespace
 
-Status MergeToDir(const MergeSpec& s, const std::string& dir, const std::atomic<bool>* stop) {
+Status MergeToDir(const MergeSpec& s, const std::string& dir, const std::atomic<bool>* stop,
+                  FileDigests* weight_digests) {
   BTX_RETURN_IF_ERROR(ValidateMergeSpec(s));
   // Checking the inputs' manifests hashes every input byte, which costs more CPU than the merge itself. It runs
   // beside the merge (which reads the same, cached pages), one input dir per thread on as many threads as the job
@@ -269,7 +271,7 @@ Status MergeToDir(const MergeSpec& s, const std::string& dir, const std::atomic<
       }
       return Status::Ok();
     }));
-  Status merged = MergeUnverified(s, dir, stop);
+  Status merged = MergeUnverified(s, dir, stop, weight_digests);
   if (!merged.ok()) give_up = true;
   Status check = Status::Ok();
   for (auto& c : checks) {
@@ -283,7 +285,8 @@ Status MergeToDir(const MergeSpec& s, const std::string& dir, const std::atomic<
 }
 
 namespace {
-Status MergeUnverified(const MergeSpec& s, const std::string& dir, const std::atomic<bool>* stop) {
+Status MergeUnverified(const MergeSpec& s, const std::string& dir, const std::atomic<bool>* stop,
+                       FileDigests* weight_digests) {
   std::vector<std::unique_ptr<MappedModel>> experts;
   for (const auto& [name, path] : s.experts) {
     auto src = MappedModel::Open(path);
@@ -439,7 +442,7 @@ Status MergeUnverified(const MergeSpec& s, const std::string& dir, const std::at
     config["btx_expert_names"] = names;
   }
   BTX_RETURN_IF_ERROR(WriteFileDurable(dir + "/config.json", config.dump(2)));
-  BTX_RETURN_IF_ERROR(WriteHfWeights(dir, specs, produce, s.max_shard_bytes));
+  BTX_RETURN_IF_ERROR(WriteHfWeights(dir, specs, produce, s.max_shard_bytes, weight_digests));
   const std::string tok_dir = seed ? s.seed : s.experts.front().second;
   if (HasTokenizer(tok_dir)) {
     BTX_ASSIGN_OR_RETURN(auto tok, LoadTokenizer(tok_dir));

@@ -258,7 +258,8 @@ Status Trainer::SaveCheckpoint() {
   // disk) gives its space back and leaves the previous checkpoints as they were.
   auto write = [&]() -> Status {
     BTX_ASSIGN_OR_RETURN(StagedDir staged, StagedDir::Create(final_dir));
-    BTX_RETURN_IF_ERROR(WriteModelFiles(*model_, staged.path()));
+    FileDigests weights;  // hashed as written: the manifest does not read them again
+    BTX_RETURN_IF_ERROR(WriteModelFiles(*model_, staged.path(), {}, &weights));
     std::vector<std::pair<std::string, at::Tensor>> opt;
     const auto& params = model_->params();
     for (size_t k = 0; k < trainable_.size(); ++k) {
@@ -277,7 +278,7 @@ Status Trainer::SaveCheckpoint() {
                   {"last_loss", last_loss_}};
     BTX_RETURN_IF_ERROR(WriteFileDurable(staged.path() + "/trainer_state.json", state.dump(2)));
     if (hooks_.extra_files) BTX_RETURN_IF_ERROR(hooks_.extra_files(staged.path()));
-    return staged.Publish();
+    return staged.Publish(weights);
   };
   if (Status s = write(); !s.ok()) {
     // Attempts of one job share the checkpoint dir, and a stale attempt (its worker lost the lease

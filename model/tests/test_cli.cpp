@@ -112,6 +112,7 @@ TEST_F(Cli, EveryKindEndToEnd) {
                         {"keep_seed_expert", true}, {"router_init", "random"}, {"top_k", 2}},
                        false));
   ASSERT_EQ(merge.code, 0) << merge.log;
+  EXPECT_TRUE(VerifyManifest(dir / "moe").ok());
   auto cfg = LoadConfig(dir / "moe");
   ASSERT_TRUE(cfg.ok());
   EXPECT_EQ(cfg->num_local_experts, 3);

@@ -1,4 +1,5 @@
 // safetensors, manifests, atomic publication, token shards, HF config and directory round trips.
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -236,6 +237,155 @@ TEST(HfDir, ShardedRoundTripAndManifestCheck) {
   ASSERT_FALSE(bad.ok());
   EXPECT_EQ(bad.status().code(), StatusCode::kDataLoss);
   EXPECT_NE(bad.status().message().find("sha256 mismatch"), std::string::npos) << bad.status().message();
+}
+
+// Deterministic tensors, more of them than the hasher's queue holds (so the writer waits on it), float32 written
+// partly as bf16 (the converted bytes are what is hashed) and one empty tensor (no bytes at all).
+struct Planned {
+  std::vector<st::TensorSpec> specs;
+  std::vector<at::Tensor> tensors;
+  st::TensorProducer Producer() const {
+    return [this](size_t i) -> StatusOr<at::Tensor> { return tensors[i]; };
+  }
+};
+
+Planned ManyTensors() {
+  Planned p;
+  for (int i = 0; i < 12; ++i) {
+    const std::vector<int64_t> shape = i == 4 ? std::vector<int64_t>{0, 5} : std::vector<int64_t>{10 + i, 37};
+    p.specs.push_back({"t" + std::to_string(i), i % 3 == 0 ? st::DType::kBF16 : st::DType::kF32, shape});
+    p.tensors.push_back(at::arange(shape[0] * shape[1], at::kFloat).reshape(shape) * 0.01 + i);
+  }
+  return p;
+}
+
+TEST(Safetensors, StreamingWriteReportsTheSha256OfTheBytesItWrote) {
+  TempDir dir;
+  const Planned p = ManyTensors();
+  std::string hex;
+  ASSERT_TRUE(st::WriteStreaming(dir / "x.safetensors", p.specs, p.Producer(), {{"format", "pt"}}, &hex).ok());
+  EXPECT_EQ(hex, *Sha256File(dir / "x.safetensors"));
+  // Hashing changes nothing in what is written.
+  ASSERT_TRUE(st::WriteStreaming(dir / "y.safetensors", p.specs, p.Producer(), {{"format", "pt"}}).ok());
+  EXPECT_EQ(*ReadFile(dir / "x.safetensors"), *ReadFile(dir / "y.safetensors"));
+  // Nothing but an empty tensor: the header is all there is.
+  std::string empty;
+  ASSERT_TRUE(st::WriteStreaming(
+                  dir / "e.safetensors", {{"e", st::DType::kF32, {0}}},
+                  [](size_t) -> StatusOr<at::Tensor> { return at::zeros({0}); }, {}, &empty)
+                  .ok());
+  EXPECT_EQ(empty, *Sha256File(dir / "e.safetensors"));
+}
+
+TEST(Safetensors, FailedStreamingWriteStopsTheHasherAndRemovesTheFile) {
+  TempDir dir;
+  const Planned p = ManyTensors();
+  std::string hex = "untouched";
+  auto fail_at = [&](size_t bad) -> st::TensorProducer {
+    return [&, bad](size_t i) -> StatusOr<at::Tensor> {
+      if (i == bad) return Internal("producer gave up");
+      return p.tensors[i];
+    };
+  };
+  for (size_t bad : {size_t{0}, size_t{7}, p.specs.size() - 1}) {
+    Status s = st::WriteStreaming(dir / "x.safetensors", p.specs, fail_at(bad), {}, &hex);
+    EXPECT_EQ(s.code(), StatusCode::kInternal) << bad;
+    EXPECT_FALSE(fs::exists(dir / "x.safetensors")) << bad;
+    EXPECT_EQ(hex, "untouched") << bad;
+  }
+}
+
+TEST(HfDir, ShardedWriteReportsTheSha256OfEveryFile) {
+  TempDir dir;
+  const Planned p = ManyTensors();
+  FileDigests digests;
+  ASSERT_TRUE(WriteHfWeights(dir.path(), p.specs, p.Producer(), 6000, &digests).ok());
+  auto files = ListFilesRecursive(dir.path());
+  ASSERT_TRUE(files.ok());
+  EXPECT_GE(std::count_if(files->begin(), files->end(), [](auto& f) { return f.ends_with(".safetensors"); }), 3);
+  EXPECT_TRUE(digests.count("model.safetensors.index.json"));
+  std::vector<std::string> reported;
+  for (const auto& [f, h] : digests) {
+    reported.push_back(f);
+    EXPECT_EQ(h, *Sha256File(dir / f)) << f;
+  }
+  EXPECT_EQ(reported, *files);
+  TempDir one;
+  FileDigests single;
+  ASSERT_TRUE(WriteHfWeights(one.path(), p.specs, p.Producer(), 0, &single).ok());
+  ASSERT_EQ(single.size(), 1u);
+  EXPECT_EQ(single["model.safetensors"], *Sha256File(one / "model.safetensors"));
+}
+
+// A model directory staged for publication; `digests` gets what the weight writer hashed, and the digest of a
+// file in a subdirectory (keys are paths relative to the directory).
+StatusOr<StagedDir> StageModel(const std::string& final_dir, FileDigests* digests) {
+  BTX_ASSIGN_OR_RETURN(StagedDir staged, StagedDir::Create(final_dir));
+  BTX_RETURN_IF_ERROR(WriteFileDurable(staged.path() + "/config.json", "{}"));
+  std::filesystem::create_directories(staged.path() + "/sub");
+  const std::string notes = "notes";
+  BTX_RETURN_IF_ERROR(WriteFileDurable(staged.path() + "/sub/notes.txt", notes));
+  const Planned p = ManyTensors();
+  BTX_RETURN_IF_ERROR(WriteHfWeights(staged.path(), p.specs, p.Producer(), 6000, digests));
+  if (digests) (*digests)["sub/notes.txt"] = Sha256Hex(notes.data(), notes.size());
+  return staged;
+}
+
+TEST(StagedDir, PublishWithKnownDigestsWritesTheSameManifest) {
+  TempDir dir;
+  FileDigests digests;
+  auto known = StageModel(dir / "known", &digests);
+  auto hashed = StageModel(dir / "hashed", nullptr);
+  ASSERT_TRUE(known.ok() && hashed.ok());
+  ASSERT_GE(digests.size(), 5u);
+  ASSERT_TRUE(known->Publish(digests).ok());
+  ASSERT_TRUE(hashed->Publish().ok());
+  const std::string manifest = *ReadFile(dir / "known/manifest.sha256");
+  EXPECT_EQ(manifest, *ReadFile(dir / "hashed/manifest.sha256"));
+  EXPECT_NE(manifest.find("  config.json\n"), std::string::npos);  // hashed by Publish: no digest was given
+  EXPECT_TRUE(VerifyManifest(dir / "known").ok());
+}
+
+TEST(StagedDir, PublishRefusesKnownDigestsThatMatchNoFile) {
+  TempDir dir;
+  auto staged = StageModel(dir / "model", nullptr);
+  ASSERT_TRUE(staged.ok());
+  const std::string hex = Sha256Hex("x", 1);
+  const std::vector<std::pair<FileDigests, std::string>> bad = {
+      {{{"model-00009-of-00009.safetensors", hex}}, "model-00009-of-00009.safetensors"},
+      {{{"sub", hex}}, "'sub'"},
+      {{{kManifestName, hex}}, kManifestName},
+      {{{"config.json", "ABC"}}, "config.json"},
+  };
+  for (const auto& [known, name] : bad) {
+    Status s = staged->Publish(known);
+    EXPECT_EQ(s.code(), StatusCode::kInternal) << name;
+    EXPECT_NE(s.message().find(name), std::string::npos) << s.message();
+    EXPECT_FALSE(fs::exists(dir / "model")) << name;
+  }
+  // Nothing was published, so publishing correctly still works.
+  ASSERT_TRUE(staged->Publish().ok());
+  EXPECT_TRUE(VerifyManifest(dir / "model").ok());
+}
+
+// Proves that Publish takes a known digest as given rather than reading the file: a wrong one lands in the
+// manifest, and the check of the published directory catches it.
+TEST(StagedDir, PublishTrustsKnownDigestsWithoutRereading) {
+  TempDir dir;
+  FileDigests digests;
+  auto staged = StageModel(dir / "model", &digests);
+  ASSERT_TRUE(staged.ok());
+  std::string shard;
+  for (const auto& [f, h] : digests)
+    if (f.starts_with("model-00002-of-")) shard = f;
+  ASSERT_FALSE(shard.empty());
+  const std::string wrong = Sha256Hex("not these bytes", 15);
+  digests[shard] = wrong;
+  ASSERT_TRUE(staged->Publish(digests).ok());
+  EXPECT_NE(ReadFile(dir / "model/manifest.sha256")->find(wrong + "  " + shard + "\n"), std::string::npos);
+  Status v = VerifyManifest(dir / "model");
+  EXPECT_EQ(v.code(), StatusCode::kDataLoss);
+  EXPECT_NE(v.message().find("sha256 mismatch for '" + shard + "'"), std::string::npos) << v.message();
 }
 
 }  // namespace

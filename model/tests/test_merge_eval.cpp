@@ -277,6 +277,58 @@ TEST(Merge, ChecksOnlyTheInputsItReads) {
   EXPECT_EQ(merge(up, "up").code(), StatusCode::kDataLoss);
 }
 
+TEST(Merge, ReportsTheSha256OfTheWeightFilesItWrote) {
+  Fixture f;
+  MergeSpec s;
+  s.seed = f.seed;
+  s.experts = {{"a", f.a}, {"b", f.b}};
+  s.keep_seed_expert = true;
+  s.max_shard_bytes = 20000;  // several shards
+  auto staged = StagedDir::Create(f.dir / "moe");
+  ASSERT_TRUE(staged.ok());
+  FileDigests digests;
+  Status st = MergeToDir(s, staged->path(), nullptr, &digests);
+  ASSERT_TRUE(st.ok()) << st.message();
+  size_t shards = 0;
+  for (const auto& [file, hex] : digests) {
+    EXPECT_TRUE(file.ends_with(".safetensors") || file == "model.safetensors.index.json") << file;
+    shards += file.ends_with(".safetensors");
+    EXPECT_EQ(hex, *Sha256File(staged->path() + "/" + file)) << file;
+  }
+  EXPECT_GE(shards, 3u);
+  EXPECT_TRUE(digests.count("model.safetensors.index.json"));
+  ASSERT_TRUE(staged->Publish(digests).ok());
+  EXPECT_TRUE(VerifyManifest(f.dir / "moe").ok());
+  EXPECT_TRUE(LoadModelDir(f.dir / "moe").ok());
+}
+
+TEST(Merge, JobPublishesTheManifestThatHashingTheFilesGives) {
+  Fixture f;
+  nlohmann::json job = {
+      {"kind", "merge"}, {"output_dir", f.dir / "job-moe"}, {"threads", 2},
+      {"spec",
+       {{"method", "btx"}, {"seed", f.seed}, {"keep_seed_expert", true},
+        {"experts", {{{"name", "a"}, {"model", f.a}}, {{"name", "b"}, {"model", f.b}}}}}}};
+  testing::WriteText(f.dir / "merge-job.json", job.dump());
+  ASSERT_EQ(RunJobFile(f.dir / "merge-job.json", -1, nullptr), kExitOk);
+  const std::string out = f.dir / "job-moe";
+  Status verified = VerifyManifest(out);
+  EXPECT_TRUE(verified.ok()) << verified.message();
+  // The weights' digests were taken as they were written; the manifest is still byte for byte what hashing every
+  // published file gives.
+  auto files = ListFilesRecursive(out);
+  ASSERT_TRUE(files.ok());
+  std::string expect;
+  for (const auto& file : *files)
+    if (file != kManifestName) expect += *Sha256File(out + "/" + file) + "  " + file + "\n";
+  EXPECT_EQ(*ReadFile(out + "/" + kManifestName), expect);
+  MergeSpec s;
+  s.seed = f.seed;
+  s.experts = {{"a", f.a}, {"b", f.b}};
+  s.keep_seed_expert = true;
+  EXPECT_EQ(*Sha256File(out + "/model.safetensors"), *Sha256File(f.Merge(s, "direct") + "/model.safetensors"));
+}
+
 // A fake tokenizer whose pieces are given strings, for TokenText's UTF-8 handling.
 class PieceTokenizer : public Tokenizer {
  public:

@@ -6,6 +6,7 @@
 #include <utility>
 #include <vector>
 
+#include "btx/model/files.h"
 #include "btx/model/llama.h"
 #include "btx/model/safetensors.h"
 
@@ -23,9 +24,12 @@ std::vector<std::pair<std::string, at::Tensor>> ToHfTensors(const LlamaModel& m)
 
 // Writes config.json and the weights (sharded when large) into an existing directory, streaming tensors
 // from `produce` in spec order. Publishing (manifest, rename) is the caller's job (see StagedDir).
+// `digests`: gets the sha256 of each file written (safetensors, index), hashed as written, for StagedDir::Publish.
 Status WriteHfWeights(const std::string& dir, const std::vector<st::TensorSpec>& specs, const st::TensorProducer& produce,
-                      uint64_t max_shard_bytes);
-Status WriteModelFiles(const LlamaModel& m, const std::string& dir, const SaveOptions& opts = {});
+                      uint64_t max_shard_bytes, FileDigests* digests = nullptr);
+// `digests`: as WriteHfWeights's.
+Status WriteModelFiles(const LlamaModel& m, const std::string& dir, const SaveOptions& opts = {},
+                       FileDigests* digests = nullptr);
 
 // Read access to the tensors of an HF directory across shards, by HF name, without loading them all.
 class HfTensorSource {

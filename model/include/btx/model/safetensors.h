@@ -71,8 +71,12 @@ struct TensorSpec {
 // Produces tensor i of the spec list on demand, so writers never hold all tensors at once.
 using TensorProducer = std::function<StatusOr<at::Tensor>(size_t index)>;
 
+// Writes and fsyncs the file; a failure removes it. With `sha256`, that gets the digest of the bytes written
+// (lowercase hex, as btx::Sha256File would give), hashed on another thread as they are written, so that
+// publication need not read the file again; it is set only on success. While hashing, up to three of the
+// produced tensors are kept alive until hashed.
 Status WriteStreaming(const std::string& path, const std::vector<TensorSpec>& specs, const TensorProducer& produce,
-                      const std::map<std::string, std::string>& metadata = {});
+                      const std::map<std::string, std::string>& metadata = {}, std::string* sha256 = nullptr);
 Status Write(const std::string& path, const std::vector<std::pair<std::string, at::Tensor>>& tensors,
              const std::map<std::string, std::string>& metadata = {});
 
