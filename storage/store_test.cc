@@ -7,6 +7,8 @@
 
 #include <gtest/gtest.h>
 
+#include "absl/strings/str_replace.h"
+#include "btx/common/strings.h"
 #include "pg_fixture.h"
 
 namespace btx::storage {
@@ -199,6 +201,93 @@ TEST_F(StoreTest, CompleteJobsOfSiblingsInOneBatchReadiesTheirDependentOnce) {
   ASSERT_TRUE(m);
   EXPECT_EQ(m->job.name, "m");
   EXPECT_EQ(m->parent_artifacts.size(), 2u);
+}
+
+// The batch is applied set-based; completing the same entries one by one must leave the same jobs,
+// pipeline and events. Two identical pipelines, one completed each way, compared round by round.
+TEST_F(StoreTest, CompleteJobsLeavesWhatOneByOneCompletionsLeave) {
+  auto submit = [&] {
+    NewPipeline p{.name = "p", .spec_json = "{}"};
+    p.jobs = {{.name = "a", .kind = "branch"},
+              {.name = "b", .kind = "branch"},
+              {.name = "c", .kind = "branch"},
+              {.name = "m", .kind = "merge", .depends_on = {"a", "b"}},
+              {.name = "n", .kind = "eval", .depends_on = {"a"}},
+              {.name = "e", .kind = "eval", .depends_on = {"m", "c"}}};
+    auto r = store_.CreatePipeline(p, now_);
+    EXPECT_TRUE(r.ok()) << r.status();
+    return r->first.id;
+  };
+  const std::string batched = submit(), single = submit();
+  const std::string w = Worker("w1");
+  // (pipeline, job name) -> leased attempt, for every job claimable now.
+  std::map<std::pair<std::string, std::string>, ClaimedJob> leased;
+  auto claim_all = [&] {
+    while (auto c = Claim(w)) leased[{c->job.pipeline_id, c->job.name}] = *c;
+  };
+  struct Entry {
+    std::string job;
+    int attempt_delta = 0;  // nonzero: a stale attempt
+    std::string result;
+  };
+  auto run = [&](const std::vector<Entry>& entries) {
+    std::vector<Completion> batch;
+    for (const auto& e : entries) {
+      const auto& c = leased.at({batched, e.job});
+      batch.push_back({.worker_id = w, .job_id = c.job.id, .attempt = c.job.attempt + e.attempt_delta,
+                       .artifact_uri = "file:///" + e.job, .result_json = e.result});
+    }
+    batch.push_back({.worker_id = w, .job_id = "3f1c2b9a-0000-4000-8000-00000000000f", .attempt = 1});
+    auto out = store_.CompleteJobs(batch, now_);
+    ASSERT_TRUE(out.ok()) << out.status();
+    ASSERT_EQ(out->size(), batch.size());
+    int batched_readied = 0, single_readied = 0;
+    for (size_t i = 0; i < entries.size(); ++i) {
+      const auto& c = leased.at({single, entries[i].job});
+      int readied = 0;
+      absl::Status s = store_.CompleteJob(w, c.job.id, c.job.attempt + entries[i].attempt_delta,
+                                          "file:///" + entries[i].job, entries[i].result, now_, &readied);
+      EXPECT_EQ((*out)[i].status.code(), s.code()) << entries[i].job << ": " << (*out)[i].status << " vs " << s;
+      // The same words but for the job's id.
+      EXPECT_EQ(absl::StrReplaceAll((*out)[i].status.message(), {{batch[i].job_id, "<id>"}}),
+                absl::StrReplaceAll(s.message(), {{c.job.id, "<id>"}}));
+      batched_readied += (*out)[i].readied;
+      single_readied += readied;
+    }
+    EXPECT_EQ(out->back().status.code(), absl::StatusCode::kNotFound);
+    EXPECT_EQ(batched_readied, single_readied);
+    claim_all();
+  };
+  auto snapshot = [&](const std::string& pipeline) {
+    std::vector<std::string> rows;
+    const auto jobs = store_.ListJobs(pipeline, "", 100);
+    const auto events = store_.EventsAfter(pipeline, 0, 1000);
+    for (const auto& j : *jobs)
+      rows.push_back(Cat(j.name, " ", j.state, " ", j.attempt, " ", j.artifact_uri, " ", j.result_json));
+    std::sort(rows.begin(), rows.end());
+    auto p = store_.GetPipeline(pipeline);
+    rows.push_back(Cat("pipeline ", p->state, " ", p->result_json));
+    // Claims lease jobs created in the same instant in either order: only what completions write is compared.
+    for (const auto& e : *events)
+      if (e.type != "job.leased") rows.push_back(Cat(e.type, " ", e.job_name, " ", e.payload_json));
+    return rows;
+  };
+  claim_all();
+  ASSERT_EQ(leased.size(), 6u);
+  // a twice (the repeat is stale), b with a result, c at a stale attempt: m and n become READY.
+  run({{.job = "a", .result = R"({"acc": 0.5})"}, {.job = "b", .result = R"({"loss": 2})"}, {.job = "a"},
+       {.job = "c", .attempt_delta = 1}});
+  EXPECT_EQ(snapshot(batched), snapshot(single));
+  // c and m together ready e once; n finishes beside them.
+  run({{.job = "m"}, {.job = "c", .result = R"({"c": [1, 2]})"}, {.job = "n"}});
+  EXPECT_EQ(snapshot(batched), snapshot(single));
+  EXPECT_EQ(StateOf(leased.at({batched, "e"}).job.id), "LEASED");
+  // The last job ends the pipeline.
+  run({{.job = "e", .result = R"({"ppl": 3.5})"}});
+  const auto last = snapshot(batched);
+  EXPECT_EQ(last, snapshot(single));
+  EXPECT_EQ(store_.GetPipeline(batched)->state, "SUCCEEDED");
+  EXPECT_EQ(last.back().substr(0, 18), "pipeline.succeeded");
 }
 
 TEST_F(StoreTest, ACompleteJobsBatchThatFailsAppliesNothing) {
