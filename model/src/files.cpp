@@ -2,7 +2,6 @@
 
 #include <fcntl.h>
 #include <signal.h>
-#include <openssl/evp.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -25,34 +24,12 @@ namespace {
 std::string Errno(const std::string& what, const std::string& path, int err = errno) {
   return what + " " + path + ": " + std::strerror(err);
 }
-std::string ToHex(const unsigned char* d, unsigned n) {
-  static const char* k = "0123456789abcdef";
-  std::string s(2 * n, '0');
-  for (unsigned i = 0; i < n; ++i) {
-    s[2 * i] = k[d[i] >> 4];
-    s[2 * i + 1] = k[d[i] & 15];
-  }
-  return s;
-}
 }  // namespace
 
-namespace internal {
-Sha256::Sha256() : ctx_(EVP_MD_CTX_new()) { EVP_DigestInit_ex(ctx_, EVP_sha256(), nullptr); }
-Sha256::~Sha256() { EVP_MD_CTX_free(ctx_); }
-void Sha256::Update(const void* data, size_t size) { EVP_DigestUpdate(ctx_, data, size); }
-std::string Sha256::FinishHex() {
-  unsigned char md[EVP_MAX_MD_SIZE];
-  unsigned n = 0;
-  EVP_DigestFinal_ex(ctx_, md, &n);
-  return ToHex(md, n);
-}
-}  // namespace internal
-
 std::string Sha256Hex(const void* data, size_t size) {
-  unsigned char md[EVP_MAX_MD_SIZE];
-  unsigned n = 0;
-  EVP_Digest(data, size, md, &n, EVP_sha256(), nullptr);
-  return ToHex(md, n);
+  internal::Sha256 sha;
+  sha.Update(data, size);
+  return sha.FinishHex();
 }
 
 StatusOr<std::string> Sha256File(const std::string& path) {
