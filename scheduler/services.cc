@@ -233,8 +233,22 @@ grpc::Status WorkerServiceImpl::Register(grpc::ServerContext*, const v1::Registe
   return grpc::Status::OK;
 }
 
-grpc::Status WorkerServiceImpl::AcquireJob(grpc::ServerContext* ctx, const v1::AcquireJobRequest* req,
-                                           v1::AcquireJobResponse* resp) {
+grpc::ServerUnaryReactor* WorkerServiceImpl::AcquireJob(grpc::CallbackServerContext* ctx,
+                                                        const v1::AcquireJobRequest* req, v1::AcquireJobResponse* resp) {
+  auto* reactor = ctx->DefaultReactor();
+  handlers_.Submit([=, this] { reactor->Finish(AcquireJobBlocking(ctx, req, resp)); });
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* WorkerServiceImpl::Complete(grpc::CallbackServerContext* ctx, const v1::CompleteRequest* req,
+                                                      v1::CompleteResponse*) {
+  auto* reactor = ctx->DefaultReactor();
+  handlers_.Submit([=, this] { reactor->Finish(CompleteBlocking(req)); });
+  return reactor;
+}
+
+grpc::Status WorkerServiceImpl::AcquireJobBlocking(grpc::ServerContextBase* ctx, const v1::AcquireJobRequest* req,
+                                                   v1::AcquireJobResponse* resp) {
   if (auto s = CheckId("worker_id", req->worker_id()); !s.ok()) return ToGrpcStatus(s);
   if (req->free_gpus() < 0) return ToGrpcStatus(InvalidFields({{"free_gpus", "expected >= 0"}}));
   if (req->wait_timeout_ms() < 0 || req->wait_timeout_ms() > 60000) {
@@ -368,7 +382,7 @@ absl::Status WorkerServiceImpl::CheckStoreUri(const std::string& field, const st
   return absl::OkStatus();
 }
 
-grpc::Status WorkerServiceImpl::Complete(grpc::ServerContext*, const v1::CompleteRequest* req, v1::CompleteResponse*) {
+grpc::Status WorkerServiceImpl::CompleteBlocking(const v1::CompleteRequest* req) {
   if (auto s = CheckId("worker_id", req->worker_id()); !s.ok()) return ToGrpcStatus(s);
   if (auto s = CheckId("job_id", req->job_id()); !s.ok()) return ToGrpcStatus(s);
   if (auto s = CheckStoreUri("artifact_uri", req->artifact_uri()); !s.ok()) {

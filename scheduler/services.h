@@ -4,6 +4,7 @@
 
 #include "btx/common/artifact_store.h"
 #include "batcher.h"
+#include "handler_pool.h"
 #include "btx/scheduler/server.h"
 #include "metrics.h"
 #include "btx/v1/pipeline_service.grpc.pb.h"
@@ -32,7 +33,12 @@ class PipelineServiceImpl final : public btx::v1::PipelineService::Service {
   const std::atomic<bool>& stopping_;
 };
 
-class WorkerServiceImpl final : public btx::v1::WorkerService::Service {
+// AcquireJob and Complete, the calls every job makes, use gRPC's callback API and run on a
+// HandlerPool (see handler_pool.h); the rarer calls stay synchronous.
+using WorkerServiceBase = btx::v1::WorkerService::WithCallbackMethod_AcquireJob<
+    btx::v1::WorkerService::WithCallbackMethod_Complete<btx::v1::WorkerService::Service>>;
+
+class WorkerServiceImpl final : public WorkerServiceBase {
  public:
   // `metrics` may be null; `stopping` ends long polls at once when the server shuts down.
   WorkerServiceImpl(const SchedulerConfig& config, storage::Store& store, const Clock& clock, WakeUps& wakeups,
@@ -48,14 +54,19 @@ class WorkerServiceImpl final : public btx::v1::WorkerService::Service {
                 [this](std::vector<ClaimCall>& calls) { return RunClaims(calls); },
                 [](const ClaimCall& c) { return int64_t{c.free_gpus}; }),
         completions_({.max_batch = config.max_batch, .max_in_flight = config.batches_in_flight},
-                     [this](std::vector<storage::Completion>& cs) { return RunCompletions(cs); }) {}
+                     [this](std::vector<storage::Completion>& cs) { return RunCompletions(cs); }),
+        handlers_(static_cast<size_t>(config.max_handler_threads)) {}
   grpc::Status Register(grpc::ServerContext*, const btx::v1::RegisterRequest*, btx::v1::RegisterResponse*) override;
-  grpc::Status AcquireJob(grpc::ServerContext*, const btx::v1::AcquireJobRequest*, btx::v1::AcquireJobResponse*) override;
+  grpc::ServerUnaryReactor* AcquireJob(grpc::CallbackServerContext*, const btx::v1::AcquireJobRequest*,
+                                       btx::v1::AcquireJobResponse*) override;
   grpc::Status Heartbeat(grpc::ServerContext*, const btx::v1::HeartbeatRequest*, btx::v1::HeartbeatResponse*) override;
-  grpc::Status Complete(grpc::ServerContext*, const btx::v1::CompleteRequest*, btx::v1::CompleteResponse*) override;
+  grpc::ServerUnaryReactor* Complete(grpc::CallbackServerContext*, const btx::v1::CompleteRequest*,
+                                     btx::v1::CompleteResponse*) override;
   grpc::Status Fail(grpc::ServerContext*, const btx::v1::FailRequest*, btx::v1::FailResponse*) override;
 
  private:
+  grpc::Status AcquireJobBlocking(grpc::ServerContextBase*, const btx::v1::AcquireJobRequest*, btx::v1::AcquireJobResponse*);
+  grpc::Status CompleteBlocking(const btx::v1::CompleteRequest*);
   absl::Status CheckStoreUri(const std::string& field, const std::string& uri) const;
   struct ClaimCall {
     std::string worker_id;
@@ -75,6 +86,8 @@ class WorkerServiceImpl final : public btx::v1::WorkerService::Service {
   const std::atomic<bool>& stopping_;
   Batcher<ClaimCall, storage::ClaimOutcome> claims_;
   Batcher<storage::Completion, absl::StatusOr<int>> completions_;
+  // Last: destroyed first, so every call still running finishes while the members it uses exist.
+  HandlerPool handlers_;
 };
 
 }  // namespace btx::scheduler

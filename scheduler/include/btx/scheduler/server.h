@@ -32,6 +32,8 @@ struct SchedulerConfig {
   Duration reap_interval = std::chrono::seconds(2);
   // gRPC handler threads kept waiting for calls instead of exiting (see Start()).
   int max_idle_threads = 256;
+  // Threads running AcquireJob and Complete (long polls hold one each); more calls than this wait.
+  int max_handler_threads = 4096;
   // Wake-ups for other replicas are sent at most once per this interval.
   Duration notify_coalesce = std::chrono::milliseconds(10);
   // How often the fleet-wide gauges are re-read from the database (with a metrics registry).
