@@ -334,13 +334,14 @@ Status WriteStreaming(const std::string& path, const std::vector<TensorSpec>& sp
 }
 
 Status Write(const std::string& path, const std::vector<std::pair<std::string, at::Tensor>>& tensors,
-             const std::map<std::string, std::string>& metadata) {
+             const std::map<std::string, std::string>& metadata, std::string* sha256) {
   std::vector<TensorSpec> specs;
   for (const auto& [name, t] : tensors) {
     BTX_ASSIGN_OR_RETURN(DType d, FromScalarType(t.scalar_type()));
     specs.push_back({name, d, t.sizes().vec()});
   }
-  return WriteStreaming(path, specs, [&](size_t i) -> StatusOr<at::Tensor> { return tensors[i].second; }, metadata);
+  return WriteStreaming(
+      path, specs, [&](size_t i) -> StatusOr<at::Tensor> { return tensors[i].second; }, metadata, sha256);
 }
 
 }  // namespace btx::st

@@ -266,7 +266,8 @@ Status Trainer::SaveCheckpoint() {
       opt.emplace_back("exp_avg/" + params[trainable_[k]].first, exp_avg_[k]);
       opt.emplace_back("exp_avg_sq/" + params[trainable_[k]].first, exp_avg_sq_[k]);
     }
-    BTX_RETURN_IF_ERROR(st::Write(staged.path() + "/optimizer.safetensors", opt));
+    // Twice the model's size (Adam's two moments): hashed as written too.
+    BTX_RETURN_IF_ERROR(st::Write(staged.path() + "/optimizer.safetensors", opt, {}, &weights["optimizer.safetensors"]));
     at::Tensor rng;
     {
       auto gen = at::detail::getDefaultCPUGenerator();

@@ -78,6 +78,6 @@ using TensorProducer = std::function<StatusOr<at::Tensor>(size_t index)>;
 Status WriteStreaming(const std::string& path, const std::vector<TensorSpec>& specs, const TensorProducer& produce,
                       const std::map<std::string, std::string>& metadata = {}, std::string* sha256 = nullptr);
 Status Write(const std::string& path, const std::vector<std::pair<std::string, at::Tensor>>& tensors,
-             const std::map<std::string, std::string>& metadata = {});
+             const std::map<std::string, std::string>& metadata = {}, std::string* sha256 = nullptr);
 
 }  // namespace btx::st
