@@ -48,6 +48,11 @@ class HandlerPool {
     std::lock_guard lock(mu_);
     return threads_.size();
   }
+  // Threads waiting for a task (for tests: when one call is done, its thread is back here).
+  size_t idle_threads() const {
+    std::lock_guard lock(mu_);
+    return idle_;
+  }
 
  private:
   void Loop() {

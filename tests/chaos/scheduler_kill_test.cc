@@ -124,20 +124,24 @@ TEST_F(MidDispatchKillTest, KillsWithAClaimOrACompletionInFlightLoseNothingAndRe
   storage::JobRecord finished_branch;
   ASSERT_TRUE(PollUntil(
       [&] {
-        // A worker reports the last step before it calls Complete (or even before btx-train has
-        // published): wait until every expert at its last step has its completion blocked.
+        // A worker logs that a job ended just before it calls Complete; the last step of the
+        // progress reports comes earlier still (btx-train publishes after it), so it cannot tell
+        // whose completion is the one blocked. Wait until every expert whose end is logged has its
+        // completion blocked: each waits in a database call of its own, as the scheduler runs a
+        // call at once while fewer than batches_in_flight are at the database.
         auto jobs = cluster_.store().ListJobs(*id, "LEASED", 100);
         if (!jobs.ok()) return false;
-        std::vector<storage::JobRecord> at_end;
+        std::vector<storage::JobRecord> ended;
         for (const auto& j : *jobs) {
-          const auto p = nlohmann::json::parse(j.progress_json, nullptr, false);
-          if (j.kind == "branch" && p.is_object() && p.value("step", 0) > 0 &&
-              p.value("step", 0) == p.value("total_steps", -1)) {
-            at_end.push_back(j);
+          const int w = WorkerIndex(cluster_, j.worker_id);
+          if (j.kind == "branch" && w >= 0 &&
+              FileContains(Cat(cluster_.dir(), "/worker-", w, ".log"),
+                           Cat(j.name, " attempt ", j.attempt, " ended: exit 0, succeeded"))) {
+            ended.push_back(j);
           }
         }
-        if (at_end.empty() || BlockedIn(db, "btx_complete_job") != static_cast<int64_t>(at_end.size())) return false;
-        finished_branch = at_end.front();
+        if (ended.empty() || BlockedIn(db, "btx_complete_job") != static_cast<int64_t>(ended.size())) return false;
+        finished_branch = ended.front();
         return true;
       },
       120s, 10ms))
