@@ -109,9 +109,11 @@ absl::StatusOr<int> Scheduler::Start() {
   builder.RegisterService(pipelines_.get());
   builder.RegisterService(workers_.get());
   builder.SetMaxReceiveMessageSize(4 << 20);
-  // A sync server thread whose handler returns exits when max_pollers threads already poll, and a
-  // new one is made for the next call: with hundreds of workers in long polls that churn (thread
-  // stacks mapped and unmapped per call) cost more than the handlers. Idle threads just wait.
+  // For the calls still on the sync API (heartbeats, Watch and Logs streams, the PipelineService):
+  // a sync server thread whose handler returns exits when max_pollers threads already poll, and a
+  // new one is made for the next call; with many calls at once that churn (thread stacks mapped
+  // and unmapped per call) cost more than the handlers. Idle threads just wait. (AcquireJob and
+  // Complete, which hold threads in long polls, run on the WorkerService's HandlerPool instead.)
   builder.SetSyncServerOption(grpc::ServerBuilder::SyncServerOption::MAX_POLLERS, config_.max_idle_threads);
   // Per-call channelz bookkeeping nobody reads here; our own metrics count the calls.
   builder.AddChannelArgument(GRPC_ARG_ENABLE_CHANNELZ, 0);

@@ -233,18 +233,21 @@ grpc::Status WorkerServiceImpl::Register(grpc::ServerContext*, const v1::Registe
   return grpc::Status::OK;
 }
 
+grpc::ServerUnaryReactor* WorkerServiceImpl::OnHandlerPool(grpc::CallbackServerContext* ctx,
+                                                           std::function<grpc::Status()> body) {
+  auto* reactor = ctx->DefaultReactor();
+  handlers_.Submit([reactor, body = std::move(body)] { reactor->Finish(body()); });
+  return reactor;
+}
+
 grpc::ServerUnaryReactor* WorkerServiceImpl::AcquireJob(grpc::CallbackServerContext* ctx,
                                                         const v1::AcquireJobRequest* req, v1::AcquireJobResponse* resp) {
-  auto* reactor = ctx->DefaultReactor();
-  handlers_.Submit([=, this] { reactor->Finish(AcquireJobBlocking(ctx, req, resp)); });
-  return reactor;
+  return OnHandlerPool(ctx, [=, this] { return AcquireJobBlocking(ctx, req, resp); });
 }
 
 grpc::ServerUnaryReactor* WorkerServiceImpl::Complete(grpc::CallbackServerContext* ctx, const v1::CompleteRequest* req,
                                                       v1::CompleteResponse*) {
-  auto* reactor = ctx->DefaultReactor();
-  handlers_.Submit([=, this] { reactor->Finish(CompleteBlocking(req)); });
-  return reactor;
+  return OnHandlerPool(ctx, [=, this] { return CompleteBlocking(req); });
 }
 
 grpc::Status WorkerServiceImpl::AcquireJobBlocking(grpc::ServerContextBase* ctx, const v1::AcquireJobRequest* req,

@@ -1,6 +1,7 @@
 #pragma once
 
 #include <atomic>
+#include <functional>
 
 #include "btx/common/artifact_store.h"
 #include "batcher.h"
@@ -65,6 +66,8 @@ class WorkerServiceImpl final : public WorkerServiceBase {
   grpc::Status Fail(grpc::ServerContext*, const btx::v1::FailRequest*, btx::v1::FailResponse*) override;
 
  private:
+  // Runs `body` on handlers_ and finishes the call with its status.
+  grpc::ServerUnaryReactor* OnHandlerPool(grpc::CallbackServerContext* ctx, std::function<grpc::Status()> body);
   grpc::Status AcquireJobBlocking(grpc::ServerContextBase*, const btx::v1::AcquireJobRequest*, btx::v1::AcquireJobResponse*);
   grpc::Status CompleteBlocking(const btx::v1::CompleteRequest*);
   absl::Status CheckStoreUri(const std::string& field, const std::string& uri) const;

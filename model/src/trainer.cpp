@@ -258,8 +258,8 @@ Status Trainer::SaveCheckpoint() {
   // disk) gives its space back and leaves the previous checkpoints as they were.
   auto write = [&]() -> Status {
     BTX_ASSIGN_OR_RETURN(StagedDir staged, StagedDir::Create(final_dir));
-    FileDigests weights;  // hashed as written: the manifest does not read them again
-    BTX_RETURN_IF_ERROR(WriteModelFiles(*model_, staged.path(), {}, &weights));
+    FileDigests digests;  // of the tensor files, hashed as written: the manifest does not read them again
+    BTX_RETURN_IF_ERROR(WriteModelFiles(*model_, staged.path(), {}, &digests));
     std::vector<std::pair<std::string, at::Tensor>> opt;
     const auto& params = model_->params();
     for (size_t k = 0; k < trainable_.size(); ++k) {
@@ -267,7 +267,7 @@ Status Trainer::SaveCheckpoint() {
       opt.emplace_back("exp_avg_sq/" + params[trainable_[k]].first, exp_avg_sq_[k]);
     }
     // Twice the model's size (Adam's two moments): hashed as written too.
-    BTX_RETURN_IF_ERROR(st::Write(staged.path() + "/optimizer.safetensors", opt, {}, &weights["optimizer.safetensors"]));
+    BTX_RETURN_IF_ERROR(st::Write(staged.path() + "/optimizer.safetensors", opt, {}, &digests["optimizer.safetensors"]));
     at::Tensor rng;
     {
       auto gen = at::detail::getDefaultCPUGenerator();
@@ -279,7 +279,7 @@ Status Trainer::SaveCheckpoint() {
                   {"last_loss", last_loss_}};
     BTX_RETURN_IF_ERROR(WriteFileDurable(staged.path() + "/trainer_state.json", state.dump(2)));
     if (hooks_.extra_files) BTX_RETURN_IF_ERROR(hooks_.extra_files(staged.path()));
-    return staged.Publish(weights);
+    return staged.Publish(digests);
   };
   if (Status s = write(); !s.ok()) {
     // Attempts of one job share the checkpoint dir, and a stale attempt (its worker lost the lease

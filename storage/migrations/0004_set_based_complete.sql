@@ -64,8 +64,8 @@ BEGIN
      WHERE p.id = g.pipeline_id)
   SELECT en.slot,
          CASE WHEN j.id IS NULL THEN 'not_found' WHEN w.jid IS NOT NULL THEN 'ok' ELSE 'stale' END,
-         CASE WHEN j.id IS NULL THEN '' WHEN w.jid IS NOT NULL OR en.jid IN (SELECT jid FROM win) THEN 'SUCCEEDED'
-              ELSE j.state END,
+         -- A repeat of a completed entry is stale, but sees the job as this batch leaves it.
+         CASE WHEN j.id IS NULL THEN '' WHEN en.jid IN (SELECT jid FROM win) THEN 'SUCCEEDED' ELSE j.state END,
          CASE WHEN j.id IS NULL THEN 0 ELSE j.attempt END,
          CASE WHEN w.jid IS NULL THEN 0
               ELSE (SELECT count(*)::integer FROM d WHERE d.trigger = w.jid AND d.state = 'READY') END
