@@ -61,29 +61,6 @@ absl::Status WriteFileAtomic(const std::string& path, std::string_view contents)
   return FsyncDir(p.has_parent_path() ? p.parent_path().string() : ".");
 }
 
-absl::StatusOr<std::string> ReadFile(const std::string& path, size_t max_bytes) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return absl::NotFoundError(Cat("open ", path, ": ", std::strerror(errno)));
-  std::string out;
-  char buf[65536];
-  while (true) {
-    ssize_t n = ::read(fd, buf, sizeof(buf));
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      auto s = Errno("read", path);
-      ::close(fd);
-      return s;
-    }
-    if (n == 0) break;
-    out.append(buf, static_cast<size_t>(n));
-    if (out.size() > max_bytes) {
-      ::close(fd);
-      return absl::ResourceExhaustedError(Cat(path, " is larger than ", max_bytes, " bytes"));
-    }
-  }
-  ::close(fd);
-  return out;
-}
 
 absl::StatusOr<std::string> MakeTempDir(std::string_view prefix) {
   const char* base = std::getenv("TMPDIR");

@@ -7,11 +7,12 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "btx/common/status.h"
+#include "btx/contract/files.h"  // ReadFile, manifests
 
 namespace btx {
 
 absl::Status WriteFileAtomic(const std::string& path, std::string_view contents);
-absl::StatusOr<std::string> ReadFile(const std::string& path, size_t max_bytes = size_t{1} << 30);
 absl::Status FsyncDir(const std::string& dir);
 // mkdtemp under $TMPDIR (or /tmp) with the given prefix.
 absl::StatusOr<std::string> MakeTempDir(std::string_view prefix);

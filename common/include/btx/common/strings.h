@@ -68,16 +68,5 @@ inline bool IsUuid(std::string_view s) {
   return true;
 }
 
-// Lower-case hex of bytes (digests).
-inline std::string HexLower(const unsigned char* data, size_t size) {
-  static constexpr char kHex[] = "0123456789abcdef";
-  std::string out;
-  out.reserve(2 * size);
-  for (size_t i = 0; i < size; ++i) {
-    out.push_back(kHex[data[i] >> 4]);
-    out.push_back(kHex[data[i] & 15]);
-  }
-  return out;
-}
 
 }  // namespace btx

@@ -6,7 +6,7 @@
 #include <string>
 #include <vector>
 
-#include "btx/model/status.h"
+#include "btx/contract/status.h"
 
 namespace btx {
 

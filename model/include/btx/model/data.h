@@ -8,7 +8,7 @@
 #include <string>
 #include <vector>
 
-#include "btx/model/status.h"
+#include "btx/contract/status.h"
 #include "btx/model/tokenizer.h"
 
 namespace btx {

@@ -5,7 +5,7 @@
 #include <string>
 #include <vector>
 
-#include "btx/model/status.h"
+#include "btx/contract/status.h"
 
 namespace btx {
 

@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "btx/model/llama.h"
-#include "btx/model/status.h"
+#include "btx/contract/status.h"
 #include "btx/model/tokenizer.h"
 
 namespace btx {

@@ -6,7 +6,7 @@
 #include <utility>
 #include <vector>
 
-#include "btx/model/files.h"
+#include "btx/contract/files.h"
 #include "btx/model/llama.h"
 #include "btx/model/safetensors.h"
 

@@ -13,7 +13,7 @@
 #include <vector>
 
 #include "btx/model/config.h"
-#include "btx/model/status.h"
+#include "btx/contract/status.h"
 
 namespace btx {
 

@@ -8,8 +8,8 @@
 #include <utility>
 #include <vector>
 
-#include "btx/model/files.h"
-#include "btx/model/status.h"
+#include "btx/contract/files.h"
+#include "btx/contract/status.h"
 
 namespace btx {
 

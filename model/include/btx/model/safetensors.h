@@ -10,7 +10,7 @@
 #include <string>
 #include <vector>
 
-#include "btx/model/status.h"
+#include "btx/contract/status.h"
 
 namespace btx::st {
 

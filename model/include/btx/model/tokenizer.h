@@ -7,7 +7,7 @@
 #include <string_view>
 #include <vector>
 
-#include "btx/model/status.h"
+#include "btx/contract/status.h"
 
 namespace btx {
 

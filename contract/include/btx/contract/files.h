@@ -1,0 +1,63 @@
+// Durable file helpers: sha256 manifests (an artifact's integrity, written by the trainer and verified by
+// the worker, the scheduler's clients and every job that reads it) and atomic publication of directories.
+#pragma once
+
+#include <map>
+#include <string>
+#include <vector>
+
+#include "btx/contract/status.h"
+
+namespace btx {
+
+inline constexpr const char* kManifestName = "manifest.sha256";
+
+// Lowercase hex sha256 of a regular file (anything else, e.g. a FIFO, is DataLoss rather than a read that blocks).
+StatusOr<std::string> Sha256File(const std::string& path);
+std::string Sha256Hex(const void* data, size_t size);
+std::string HexLower(const unsigned char* data, size_t size);
+
+// sha256 (lowercase hex, as Sha256File gives) of files below a directory, by path relative to it: what a writer
+// hashed as it wrote, so that publication need not read those files again.
+using FileDigests = std::map<std::string, std::string>;
+
+// Writes `content` to `path` and fsyncs it (no rename: callers publish whole directories).
+Status WriteFileDurable(const std::string& path, const std::string& content);
+// The whole file; InvalidArgument when it is larger than max_bytes.
+StatusOr<std::string> ReadFile(const std::string& path, size_t max_bytes = size_t{1} << 30);
+Status FsyncPath(const std::string& path);
+
+// manifest.sha256 uses the `sha256sum` text format ("<hex>  <relative path>"), so `sha256sum -c`
+// can check a directory by hand. It covers every regular file below `dir` except itself. Files in `known` are
+// listed with the digest given there, unread (the manifest is the same as without them when those are right);
+// a `known` entry for a file that is not there, or that is not a sha256 hex digest, is an Internal error.
+Status WriteManifest(const std::string& dir, const FileDigests& known = {});
+// Fails with DataLoss naming the first file that is missing, unlisted, not a regular file, outside the dir
+// (a symlink, or a listed path with ".."), or has the wrong digest.
+Status VerifyManifest(const std::string& dir);
+
+// A directory that becomes visible under its final name only once it is complete:
+// files go into a hidden sibling temp dir; Publish() writes the manifest, fsyncs every file and the
+// dir, renames it into place and fsyncs the parent. An unpublished temp dir is removed on destruction.
+// `known`: digests the writers computed as they wrote (see WriteManifest), so the manifest does not re-read them.
+class StagedDir {
+ public:
+  static StatusOr<StagedDir> Create(const std::string& final_dir);
+  StagedDir(StagedDir&& o) noexcept;
+  StagedDir& operator=(StagedDir&&) = delete;
+  StagedDir(const StagedDir&) = delete;
+  ~StagedDir();
+  const std::string& path() const { return tmp_; }
+  const std::string& final_path() const { return final_; }
+  Status Publish(const FileDigests& known = {});
+
+ private:
+  StagedDir(std::string tmp, std::string fin) : tmp_(std::move(tmp)), final_(std::move(fin)) {}
+  std::string tmp_, final_;
+  bool done_ = false;
+};
+
+// Regular files below dir, relative paths, sorted; DataLoss on a symlink.
+StatusOr<std::vector<std::string>> ListFilesRecursive(const std::string& dir);
+
+}  // namespace btx
