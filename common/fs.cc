@@ -61,7 +61,6 @@ absl::Status WriteFileAtomic(const std::string& path, std::string_view contents)
   return FsyncDir(p.has_parent_path() ? p.parent_path().string() : ".");
 }
 
-
 absl::StatusOr<std::string> MakeTempDir(std::string_view prefix) {
   const char* base = std::getenv("TMPDIR");
   std::string templ = Cat(base && *base ? base : "/tmp", "/", prefix, "XXXXXX");

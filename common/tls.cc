@@ -48,7 +48,7 @@ absl::StatusOr<std::string> ReadPem(const std::string& path, const char* what) {
   if (path.empty()) return absl::InvalidArgumentError(Cat(what, ": no file given"));
   auto text = ReadFile(path, kMaxPemBytes);
   if (!text.ok()) return absl::InvalidArgumentError(Cat(what, " ", path, ": ", text.status().message()));
-  return text;
+  return std::move(*text);
 }
 
 bool ValidNow(X509* cert) {

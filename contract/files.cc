@@ -15,7 +15,7 @@
 #include <random>
 #include <sstream>
 
-#include "sha256.h"
+#include "btx/contract/sha256.h"
 
 namespace btx {
 namespace fs = std::filesystem;
@@ -28,10 +28,18 @@ std::string Errno(const std::string& what, const std::string& path, int err = er
 }
 }  // namespace
 
-std::string HexLower(const unsigned char* data, size_t size) { return internal::HexLower(data, size); }
+std::string HexLower(const unsigned char* data, size_t size) {
+  static constexpr char kDigits[] = "0123456789abcdef";
+  std::string s(2 * size, '0');
+  for (size_t i = 0; i < size; ++i) {
+    s[2 * i] = kDigits[data[i] >> 4];
+    s[2 * i + 1] = kDigits[data[i] & 15];
+  }
+  return s;
+}
 
 std::string Sha256Hex(const void* data, size_t size) {
-  internal::Sha256 sha;
+  Sha256 sha;
   sha.Update(data, size);
   return sha.FinishHex();
 }
@@ -45,7 +53,7 @@ StatusOr<std::string> Sha256File(const std::string& path) {
     ::close(fd);
     return DataLoss(path + ": not a regular file");
   }
-  internal::Sha256 sha;
+  Sha256 sha;
   std::vector<char> buf(1 << 20);
   Status st;
   for (;;) {

@@ -8,14 +8,14 @@
 #include <fstream>
 #include <random>
 
-#include "sha256.h"
+#include "btx/contract/sha256.h"
 
 namespace btx {
 namespace {
 namespace fs = std::filesystem;
 
 std::string Portable(const std::string& data) {
-  internal::PortableSha256 sha;
+  PortableSha256 sha;
   sha.Update(data.data(), data.size());
   const auto md = sha.Finish();
   return HexLower(md.data(), md.size());
@@ -33,7 +33,7 @@ TEST(Sha256, BuildBackendAgreesWithThePortableCodeOnRandomSplits) {
   std::mt19937 rng(std::random_device{}());
   std::string data(100000, '\0');
   for (auto& c : data) c = static_cast<char>(rng());
-  internal::Sha256 sha;
+  Sha256 sha;
   for (size_t off = 0; off < data.size();) {
     const size_t n = std::min(data.size() - off, static_cast<size_t>(rng() % 200));
     sha.Update(data.data() + off, n);

@@ -96,7 +96,7 @@ StatusOr<JobFile> ParseJobFile(const json& j) {
   }
   if (const JobKindInfo* info = FindJobKind(kind); info != nullptr && r.ok()) {
     job.kind = info->kind;
-    ParseJobSpec(r, job.kind, job.spec, "spec");
+    job.parsed = ParseJobSpec(r, job.kind, job.spec, "spec");
   }
   if (!r.ok()) return InvalidArgument(Describe(errors));
   return job;

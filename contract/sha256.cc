@@ -1,4 +1,6 @@
-#include "sha256.h"
+#include "btx/contract/sha256.h"
+
+#include "btx/contract/files.h"
 
 #include <cstring>
 
@@ -6,7 +8,7 @@
 #include <openssl/evp.h>
 #endif
 
-namespace btx::internal {
+namespace btx {
 namespace {
 
 constexpr uint32_t kRound[64] = {
@@ -73,15 +75,6 @@ std::array<unsigned char, 32> PortableSha256::Finish() {
   return out;
 }
 
-std::string HexLower(const unsigned char* data, size_t size) {
-  static constexpr char kDigits[] = "0123456789abcdef";
-  std::string s(2 * size, '0');
-  for (size_t i = 0; i < size; ++i) {
-    s[2 * i] = kDigits[data[i] >> 4];
-    s[2 * i + 1] = kDigits[data[i] & 15];
-  }
-  return s;
-}
 
 #ifdef BTX_HAVE_OPENSSL
 Sha256::Sha256() : ctx_(EVP_MD_CTX_new()) { EVP_DigestInit_ex(static_cast<EVP_MD_CTX*>(ctx_), EVP_sha256(), nullptr); }
@@ -103,4 +96,4 @@ std::string Sha256::FinishHex() {
 }
 #endif
 
-}  // namespace btx::internal
+}  // namespace btx

@@ -328,7 +328,8 @@ FinetuneSpec ParseFinetune(Reader& r, const json& v, const std::string& path) {
   const std::string mix_path = JoinPath(path, "mixture");
   const json mix = v.contains("mixture") ? v["mixture"] : json();
   if (!mix.is_array() || mix.empty() || mix.size() > 1024) {
-    r.Fail(mix_path, mix, "a list of 1..1024 {name, weight, train, valid}");
+    if (mix.is_null()) r.FailMissing(mix_path, "a list of 1..1024 {name, weight, train, valid}");
+    else r.Fail(mix_path, mix, "a list of 1..1024 {name, weight, train, valid}");
     return s;
   }
   for (size_t i = 0; i < mix.size(); ++i) {
@@ -355,7 +356,8 @@ EvalSpec ParseEval(Reader& r, const json& v, const std::string& path) {
   const std::string models_path = JoinPath(path, "models");
   const json models = v.contains("models") ? v["models"] : json();
   if (!models.is_array() || models.empty() || models.size() > 1024) {
-    r.Fail(models_path, models, "a list of 1..1024 {name, model} or {name, ensemble}");
+    if (models.is_null()) r.FailMissing(models_path, "a list of 1..1024 {name, model} or {name, ensemble}");
+    else r.Fail(models_path, models, "a list of 1..1024 {name, model} or {name, ensemble}");
   } else {
     for (size_t i = 0; i < models.size(); ++i) {
       const std::string p = IndexPath(models_path, i);
@@ -392,13 +394,14 @@ EvalSpec ParseEval(Reader& r, const json& v, const std::string& path) {
   const std::string domains_path = JoinPath(path, "domains");
   const json domains = v.contains("domains") ? v["domains"] : json();
   if (!domains.is_array() || domains.empty() || domains.size() > 1024) {
-    r.Fail(domains_path, domains, "a list of 1..1024 {name, valid}");
+    if (domains.is_null()) r.FailMissing(domains_path, "a list of 1..1024 {name, valid}");
+    else r.Fail(domains_path, domains, "a list of 1..1024 {name, valid}");
   } else {
     for (size_t i = 0; i < domains.size(); ++i) {
       const std::string p = IndexPath(domains_path, i);
       if (!r.Object(p, domains[i], {"name", "valid"})) continue;
       EvalDomainSpec d;
-      d.name = r.Name(domains[i], p, "name");
+      d.name = r.String(domains[i], p, "name", 128);  // a label in reports only (escaped there), not a path
       d.valid = r.Paths(domains[i].contains("valid") ? domains[i]["valid"] : json(), JoinPath(p, "valid"));
       s.domains.push_back(std::move(d));
     }

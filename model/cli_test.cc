@@ -50,7 +50,7 @@ CliResult RunJob(const std::string& dir, const std::string& name, const json& jo
   return Collect(dir, name, WIFEXITED(st) ? WEXITSTATUS(st) : -1);
 }
 
-json TrainSpec(int64_t steps) {
+json TrainSpec() {
   return {{"batch_tokens", 128}, {"seq_len", 32}, {"lr", 3e-3}, {"warmup", 2}, {"checkpoint_every", 2},
           {"log_every", 1}, {"valid_tokens", 256}};
 }
@@ -84,7 +84,7 @@ TEST_F(Cli, EveryKindEndToEnd) {
                      {{"init", {{"preset", "tiny"}, {"hidden_size", 32}, {"intermediate_size", 48}}},
                       {"tokenizer", "byte"},
                       {"data", {{"train", {dir / "code/train.txt", dir / "math/train.txt"}}, {"valid", dir / "math/valid.txt"}}},
-                      {"train", TrainSpec(4)}, {"steps", 4}}));
+                      {"train", TrainSpec()}, {"steps", 4}}));
   ASSERT_EQ(pre.code, 0) << pre.log;
   ASSERT_NE(Find(pre, "progress"), nullptr);
   ASSERT_NE(Find(pre, "checkpoint"), nullptr);
@@ -100,7 +100,7 @@ TEST_F(Cli, EveryKindEndToEnd) {
                   Job("branch", out,
                       {{"seed", dir / "seed"}, {"name", d},
                        {"data", {{"train", dir / (std::string(d) + "/train.txt")}, {"valid", dir / (std::string(d) + "/valid.txt")}}},
-                       {"train", TrainSpec(3)}, {"steps", 3}}));
+                       {"train", TrainSpec()}, {"steps", 3}}));
     ASSERT_EQ(br.code, 0) << br.log;
     ASSERT_NE(Find(br, "done"), nullptr);
   }
@@ -122,7 +122,7 @@ TEST_F(Cli, EveryKindEndToEnd) {
                     {{"model", dir / "moe"},
                      {"mixture", {{{"name", "code"}, {"weight", 1}, {"train", dir / "code/train.txt"}, {"valid", dir / "code/valid.txt"}},
                                   {{"name", "math"}, {"weight", 2}, {"train", dir / "math/train.txt"}, {"valid", dir / "math/valid.txt"}}}},
-                     {"train", TrainSpec(3)}, {"steps", 3}, {"top_k", 1}, {"freeze", {"all_but_router"}},
+                     {"train", TrainSpec()}, {"steps", 3}, {"top_k", 1}, {"freeze", {"all_but_router"}},
                      {"load_balance", 0.01}, {"z_loss", 0.001}, {"router", "softmax_topk"}}));
   ASSERT_EQ(ft.code, 0) << ft.log;
   auto ft_cfg = LoadConfig(dir / "ft");
@@ -130,13 +130,13 @@ TEST_F(Cli, EveryKindEndToEnd) {
   EXPECT_TRUE(at::equal(*HfTensorSource::Open(dir / "ft")->Load("model.layers.0.self_attn.q_proj.weight"),
                         *HfTensorSource::Open(dir / "moe")->Load("model.layers.0.self_attn.q_proj.weight")));
 
-  auto ev = RunJob(dir.path(), "eval",
-                Job("eval", "eval",
-                    {{"models", {{{"name", "seed"}, {"model", dir / "seed"}}, {{"name", "moe"}, {"model", dir / "ft"}},
-                                 {{"name", "ens"}, {"ensemble", {dir / "exp-code", dir / "exp-math"}}}}},
-                     {"domains", {{{"name", "code"}, {"valid", dir / "code/valid.txt"}}, {{"name", "math"}, {"valid", dir / "math/valid.txt"}}}},
-                     {"max_tokens", 300}, {"seq_len", 64}},
-                    false));
+  const json ev_spec = {
+      {"models", {{{"name", "seed"}, {"model", dir / "seed"}}, {{"name", "moe"}, {"model", dir / "ft"}},
+                  {{"name", "ens"}, {"ensemble", {dir / "exp-code", dir / "exp-math"}}}}},
+      {"domains", {{{"name", "code"}, {"valid", dir / "code/valid.txt"}}, {{"name", "math"}, {"valid", dir / "math/valid.txt"}}}},
+      {"max_tokens", 300},
+      {"seq_len", 64}};
+  auto ev = RunJob(dir.path(), "eval", Job("eval", "eval", ev_spec, false));
   ASSERT_EQ(ev.code, 0) << ev.log;
   const json* ev_done = Find(ev, "done");
   ASSERT_NE(ev_done, nullptr);
@@ -153,9 +153,11 @@ TEST_F(Cli, EveryKindEndToEnd) {
   EXPECT_NEAR(share, 1.0, 1e-9);
   EXPECT_FALSE(file["models"]["seed"]["domains"]["code"].contains("routing"));
 
-  // Re-running a published job is a no-op success that reports the same artifact.
-  auto again = RunJob(dir.path(), "eval", Job("eval", "eval", {{"models", json::array()}}, false));
+  // Re-running a published job (a retry after a worker died before reporting) is a no-op success that
+  // reports the same artifact.
+  auto again = RunJob(dir.path(), "eval-again", Job("eval", "eval", ev_spec, false));
   EXPECT_EQ(again.code, 0) << again.log;
+  EXPECT_NE(again.log.find("already published"), std::string::npos) << again.log;
 }
 
 TEST_F(Cli, InvalidJobsExit65NamingTheField) {
@@ -171,8 +173,18 @@ TEST_F(Cli, InvalidJobsExit65NamingTheField) {
       {Job("train", "x", json::object()), "kind"},
       {Job("branch", "x", {{"seed", dir / "bare"}, {"data", {{"train", dir / "code/train.txt"}}}, {"steps", 2}}),
        "spec.tokenizer"},
-      {Job("eval", "x", {{"models", {{{"name", "m"}}}}, {"domains", json::array()}}), "spec.models[0].model"},
-      {Job("finetune", "x", {{"model", dir.path()}, {"steps", 1}, {"freeze", {"lots"}}}), "spec.model"},
+      {Job("eval", "x", {{"models", {{{"name", "m"}}}}, {"domains", json::array()}}), "spec.models[0]: got"},
+      {Job("finetune", "x", {{"model", dir.path()}, {"steps", 1}, {"freeze", {"lots"}}}), "spec.freeze[0]"},
+      {Job("finetune", "x",
+           {{"model", dir.path()}, {"steps", 1}, {"mixture", {{{"name", "code"}, {"train", dir / "code/train.txt"}}}}}),
+       "spec.model"},
+      // Names the model would not read are refused, never ignored (they once produced a silently different model).
+      {Job("pretrain", "x", {{"init", {{"num_layers", 4}}}, {"data", {{"train", dir / "code/train.txt"}}}, {"steps", 2}}),
+       "spec.init.num_layers: unknown field; did you mean num_hidden_layers?"},
+      {Job("pretrain", "x", {{"data", {{"train", dir / "code/train.txt"}}}, {"steps", 2}, {"train", {{"lr", 0}}}}),
+       "spec.train.lr: got 0"},
+      {Job("branch", "x", {{"seed", dir / "bare"}, {"data", {{"train", dir / "code/train.txt"}}}, {"steps", 2}, {"stepz", 3}}),
+       "spec.stepz: unknown field"},
   };
   // A model dir without a tokenizer: branching from it needs an explicit spec.tokenizer.
   auto bare = LlamaModel::Init(testing::TinyConfig(), 1);
@@ -190,6 +202,28 @@ TEST_F(Cli, InvalidJobsExit65NamingTheField) {
   EXPECT_EQ(WEXITSTATUS(st), 65);
 }
 
+TEST_F(Cli, InitSizesAndThreadsReachTheModelAndTheTrainer) {
+  json job = Job("pretrain", "deep",
+                 {{"init", {{"preset", "tiny"}, {"num_hidden_layers", 4}, {"hidden_size", 96}, {"num_attention_heads", 4}}},
+                  {"data", {{"train", dir / "code/train.txt"}}},
+                  {"train", TrainSpec()},
+                  {"steps", 1}});
+  job["spec"]["train"]["threads"] = 1;
+  auto r = RunJob(dir.path(), "deep", job);
+  ASSERT_EQ(r.code, 0) << r.log;
+  auto cfg = json::parse(*ReadFile(dir / "deep/config.json"));
+  EXPECT_EQ(cfg["num_hidden_layers"], 4);
+  EXPECT_EQ(cfg["hidden_size"], 96);
+  auto weights = HfTensorSource::Open(dir / "deep");
+  ASSERT_TRUE(weights.ok());
+  auto q = weights->Load("model.layers.3.self_attn.q_proj.weight");
+  ASSERT_TRUE(q.ok()) << q.status().message();
+  EXPECT_EQ(q->size(1), 96);
+  EXPECT_FALSE(weights->Has("model.layers.4.self_attn.q_proj.weight"));
+  // JOB.json says 2 threads; the spec's train.threads wins.
+  EXPECT_NE(r.log.find("1 CPU threads"), std::string::npos) << r.log;
+}
+
 TEST_F(Cli, PretrainTrainsASentencePieceTokenizer) {
   if (!SentencePieceAvailable()) GTEST_SKIP() << "built without sentencepiece";
   auto r = RunJob(dir.path(), "sp",
@@ -197,7 +231,7 @@ TEST_F(Cli, PretrainTrainsASentencePieceTokenizer) {
                       {{"init", {{"hidden_size", 32}, {"intermediate_size", 48}}},
                        {"tokenizer", {{"type", "sentencepiece"}, {"vocab_size", 300}}},
                        {"data", {{"train", {dir / "code/train.txt", dir / "math/train.txt"}}, {"valid", dir / "code/valid.txt"}}},
-                       {"train", TrainSpec(2)}, {"steps", 2}}));
+                       {"train", TrainSpec()}, {"steps", 2}}));
   ASSERT_EQ(r.code, 0) << r.log;
   auto cfg = LoadConfig(dir / "sp");
   ASSERT_TRUE(cfg.ok());
@@ -214,7 +248,7 @@ TEST_F(Cli, SigtermCheckpointsExits75AndResumesBitExactly) {
     json job = Job("pretrain", name,
                    {{"init", {{"hidden_size", 32}, {"intermediate_size", 48}}},
                     {"data", {{"train", dir / "code/train.txt"}, {"valid", dir / "code/valid.txt"}}},
-                    {"train", TrainSpec(steps)}, {"steps", steps}});
+                    {"train", TrainSpec()}, {"steps", steps}});
     job["spec"]["train"]["checkpoint_every"] = 100000;  // only the SIGTERM and the final checkpoint
     job["spec"]["train"]["log_every"] = 50;
     return job;

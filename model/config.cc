@@ -124,18 +124,28 @@ StatusOr<ModelConfig> ConfigFromHfJson(const json& j) {
   return c;
 }
 
-StatusOr<ModelConfig> ConfigPreset(const std::string& name) {
+StatusOr<ModelConfig> ConfigFromInit(const contract::ModelInit& init, int64_t tokenizer_vocab, int64_t bos_id,
+                                     int64_t eos_id) {
   ModelConfig c;
-  if (name == "tiny") return c;
-  if (name == "small") {
-    c.hidden_size = 256;
-    c.intermediate_size = 688;
-    c.num_hidden_layers = 4;
-    c.num_attention_heads = 8;
-    c.num_key_value_heads = 4;
-    return c;
+  c.hidden_size = init.hidden_size;
+  c.intermediate_size = init.intermediate_size;
+  c.num_hidden_layers = init.num_hidden_layers;
+  c.num_attention_heads = init.num_attention_heads;
+  c.num_key_value_heads = init.num_key_value_heads;
+  c.max_position_embeddings = init.max_position_embeddings;
+  c.rms_norm_eps = init.rms_norm_eps;
+  c.rope_theta = init.rope_theta;
+  c.initializer_range = init.initializer_range;
+  c.tie_word_embeddings = init.tie_word_embeddings;
+  c.vocab_size = init.vocab_size > 0 ? init.vocab_size : tokenizer_vocab;
+  if (c.vocab_size < tokenizer_vocab) {
+    return InvalidArgument("vocab_size: " + std::to_string(c.vocab_size) + " is smaller than the tokenizer's " +
+                           std::to_string(tokenizer_vocab));
   }
-  return InvalidArgument("unknown preset '" + name + "' (known: tiny, small)");
+  c.bos_token_id = bos_id;
+  c.eos_token_id = eos_id;
+  BTX_RETURN_IF_ERROR(c.Validate());
+  return c;
 }
 
 }  // namespace btx

@@ -253,7 +253,7 @@ Planned ManyTensors() {
   Planned p;
   for (int i = 0; i < 12; ++i) {
     const std::vector<int64_t> shape = i == 4 ? std::vector<int64_t>{0, 5} : std::vector<int64_t>{10 + i, 37};
-    p.specs.push_back({"t" + std::to_string(i), i % 3 == 0 ? st::DType::kBF16 : st::DType::kF32, shape});
+    p.specs.push_back({std::string("t").append(std::to_string(i)), i % 3 == 0 ? st::DType::kBF16 : st::DType::kF32, shape});
     p.tensors.push_back(at::arange(shape[0] * shape[1], at::kFloat).reshape(shape) * 0.01 + i);
   }
   return p;

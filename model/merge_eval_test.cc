@@ -136,8 +136,17 @@ TEST(Merge, HiddenRouterInitUsesDomainMeans) {
   at::Tensor g = Get(out, "model.layers.1.block_sparse_moe.gate.weight");
   EXPECT_NEAR(g[0].norm().item<double>(), 1.0, 1e-5);  // unit rows, as mergekit's hidden mode
   EXPECT_FALSE(at::allclose(g[0], g[1]));
-  s.prompts.erase("b");
-  EXPECT_NE(ValidateMergeSpec(s).message().find("'b'"), std::string::npos);
+  // The job contract refuses a hidden-state router init without prompts for every expert.
+  contract::FieldErrors errors;
+  contract::Reader reader(errors);
+  contract::ParseMerge(reader,
+                       {{"seed", f.seed},
+                        {"router_init", "hidden"},
+                        {"experts", {{{"name", "a"}, {"model", f.a}}, {{"name", "b"}, {"model", f.b}}}},
+                        {"data", {{{"name", "a"}, {"train", f.dir / "pa.txt"}}}}},
+                       "spec");
+  EXPECT_NE(contract::Describe(errors).find("spec.data: missing; expected prompts for expert 'b'"), std::string::npos)
+      << contract::Describe(errors);
 }
 
 TEST(Merge, RejectsMismatchedArchitectures) {
@@ -181,7 +190,8 @@ TEST(Eval, LossesMatchDirectComputation) {
       ++n;
     }
   }
-  auto r = Evaluate({{"a", {f.a}}, {"ens", {f.a, f.b}}, {"twice", {f.a, f.a}}}, {{"v", {f.dir / "v.txt"}}}, o);
+  auto r = Evaluate({{.name = "a", .dirs = {f.a}}, {.name = "ens", .dirs = {f.a, f.b}}, {.name = "twice", .dirs = {f.a, f.a}}},
+                    {{"v", {f.dir / "v.txt"}}}, o);
   ASSERT_TRUE(r.ok()) << r.status().message();
   const auto& j = *r;
   EXPECT_NEAR(j["models"]["a"]["domains"]["v"]["loss"].get<double>(), total_a / n, 1e-6);
@@ -456,7 +466,8 @@ TEST(Eval, TokenOnlyRoutingScoresOne) {
   testing::WriteText(dir / "v.txt", testing::SampleText(30, 1));
   EvalOptions o;
   o.seq_len = 64;
-  auto r = Evaluate({{"tok", {moe}, {"w", "x", "y", "z"}}, {"ctx", {moe2}}}, {{"v", {dir / "v.txt"}}}, o);
+  auto r = Evaluate({{.name = "tok", .dirs = {moe}, .expert_names = {"w", "x", "y", "z"}}, {.name = "ctx", .dirs = {moe2}}},
+                    {{"v", {dir / "v.txt"}}}, o);
   ASSERT_TRUE(r.ok()) << r.status().message();
   const auto& ts = (*r)["models"]["tok"]["token_specialization"];
   EXPECT_EQ(ts["top_k"], 2);
@@ -470,7 +481,7 @@ TEST(Eval, TokenOnlyRoutingScoresOne) {
   EXPECT_FALSE((*r)["models"]["ctx"].contains("expert_names"));
   // Attention mixes context in: the same token id no longer always reaches the same expert.
   EXPECT_LT((*r)["models"]["ctx"]["token_specialization"]["layers"][1]["score"].get<double>(), 1.0);
-  auto bad = Evaluate({{"tok", {moe}, {"only", "two"}}}, {{"v", {dir / "v.txt"}}}, o);
+  auto bad = Evaluate({{.name = "tok", .dirs = {moe}, .expert_names = {"only", "two"}}}, {{"v", {dir / "v.txt"}}}, o);
   EXPECT_EQ(bad.status().code(), StatusCode::kInvalidArgument);
 }
 

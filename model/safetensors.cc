@@ -19,7 +19,7 @@
 #include <system_error>
 #include <thread>
 
-#include "sha256.h"
+#include "btx/contract/sha256.h"
 
 namespace btx::st {
 using nlohmann::json;
@@ -259,7 +259,7 @@ class PipelinedSha256 {
     if (thread_.joinable()) thread_.join();
   }
 
-  btx::internal::Sha256 sha_;
+  btx::Sha256 sha_;
   std::mutex mu_;
   std::condition_variable ready_, space_;
   std::deque<Chunk> queue_;

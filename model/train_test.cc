@@ -31,15 +31,6 @@ TEST(Schedule, WarmupCosineToFloor) {
   EXPECT_DOUBLE_EQ(LearningRate(c, 50, 110), 1.0);
 }
 
-TEST(TrainConfig, ErrorsNameTheField) {
-  auto s = TrainConfigFromJson(nlohmann::json{{"lr", 0}});
-  EXPECT_NE(s.status().message().find("train.lr"), std::string::npos);
-  s = TrainConfigFromJson(nlohmann::json{{"schedule", "step"}});
-  EXPECT_NE(s.status().message().find("train.schedule"), std::string::npos);
-  s = TrainConfigFromJson(nlohmann::json{{"seq_len", "long"}});
-  EXPECT_FALSE(s.ok());
-}
-
 TEST(Data, SamplerIsAPureFunctionOfSeedAndIndex) {
   auto tokens = std::make_shared<std::vector<int32_t>>(1000);
   for (int i = 0; i < 1000; ++i) (*tokens)[i] = i % 251;
@@ -96,7 +87,7 @@ TrainSetup TinySetup(int domains) {
   for (int d = 0; d < domains; ++d) {
     std::string text = testing::SampleText(60, d * 5);
     auto ids = std::make_shared<std::vector<int32_t>>(tok->Encode(text));
-    s.data.push_back({"d" + std::to_string(d), 1.0 + d, ids, ids});
+    s.data.push_back({std::string("d").append(std::to_string(d)), 1.0 + d, ids, ids});  // not "d" + …: GCC 12 warns falsely (-Wrestrict)
   }
   return s;
 }
@@ -210,7 +201,6 @@ TEST(Trainer, FreezeAllButRouter) {
   EXPECT_TRUE(IsFrozen("model.layers.0.block_sparse_moe.experts.w1", {"all_but_router"}));
   EXPECT_FALSE(IsFrozen("model.layers.0.block_sparse_moe.gate.weight", {"all_but_router"}));
   EXPECT_TRUE(IsFrozen("lm_head.weight", {"embeddings"}));
-  EXPECT_FALSE(ValidateFreeze({"everything"}).ok());
   auto m = LlamaModel::Init(testing::TinyConfig(2), 5);
   const at::Tensor attn = m->param("model.layers.0.self_attn.q_proj.weight").clone();
   const at::Tensor gate = m->param("model.layers.0.block_sparse_moe.gate.weight").clone();

@@ -22,52 +22,6 @@ namespace btx {
 namespace fs = std::filesystem;
 using nlohmann::json;
 
-StatusOr<TrainConfig> TrainConfigFromJson(const json& j) {
-  TrainConfig c;
-  if (j.is_null()) return c;
-  if (!j.is_object()) return InvalidArgument("train: must be an object");
-  try {
-    auto i = [&](const char* k, int64_t& d) {
-      if (j.contains(k)) d = j[k].get<int64_t>();
-    };
-    auto f = [&](const char* k, double& d) {
-      if (j.contains(k)) d = j[k].get<double>();
-    };
-    i("batch_tokens", c.batch_tokens);
-    i("seq_len", c.seq_len);
-    f("lr", c.lr);
-    f("min_lr_ratio", c.min_lr_ratio);
-    i("warmup", c.warmup);
-    if (j.contains("schedule")) c.schedule = j["schedule"].get<std::string>();
-    f("weight_decay", c.weight_decay);
-    f("grad_clip", c.grad_clip);
-    i("grad_accum", c.grad_accum);
-    if (j.contains("seed")) c.seed = j["seed"].get<uint64_t>();
-    i("checkpoint_every", c.checkpoint_every);
-    f("beta1", c.beta1);
-    f("beta2", c.beta2);
-    f("eps", c.eps);
-    i("log_every", c.log_every);
-    i("valid_tokens", c.valid_tokens);
-    i("keep_checkpoints", c.keep_checkpoints);
-  } catch (const json::exception& e) {
-    return InvalidArgument(std::string("train: wrong type: ") + e.what());
-  }
-  auto bad = [](const std::string& f, const std::string& w) { return InvalidArgument("train." + f + ": " + w); };
-  if (c.seq_len < 1) return bad("seq_len", "must be >= 1");
-  if (c.batch_tokens < 1) return bad("batch_tokens", "must be >= 1");
-  if (!(c.lr > 0)) return bad("lr", "must be > 0");
-  if (c.min_lr_ratio < 0 || c.min_lr_ratio > 1) return bad("min_lr_ratio", "must be in [0, 1]");
-  if (c.warmup < 0) return bad("warmup", "must be >= 0");
-  if (c.schedule != "cosine" && c.schedule != "constant" && c.schedule != "linear")
-    return bad("schedule", "must be cosine, linear or constant");
-  if (c.weight_decay < 0) return bad("weight_decay", "must be >= 0");
-  if (c.grad_accum < 1) return bad("grad_accum", "must be >= 1");
-  if (c.beta1 < 0 || c.beta1 >= 1) return bad("beta1", "must be in [0, 1)");
-  if (c.beta2 < 0 || c.beta2 >= 1) return bad("beta2", "must be in [0, 1)");
-  if (c.log_every < 1) return bad("log_every", "must be >= 1");
-  return c;
-}
 
 double LearningRate(const TrainConfig& c, int64_t step, int64_t total) {
   if (c.warmup > 0 && step < c.warmup) return c.lr * static_cast<double>(step + 1) / static_cast<double>(c.warmup);
@@ -79,12 +33,6 @@ double LearningRate(const TrainConfig& c, int64_t step, int64_t total) {
   return floor + (c.lr - floor) * 0.5 * (1.0 + std::cos(M_PI * progress));
 }
 
-Status ValidateFreeze(const std::vector<std::string>& freeze) {
-  for (const auto& f : freeze)
-    if (f != "experts" && f != "attention" && f != "embeddings" && f != "norms" && f != "all_but_router")
-      return InvalidArgument("freeze: unknown group '" + f + "' (experts, attention, embeddings, norms, all_but_router)");
-  return Status::Ok();
-}
 
 bool IsFrozen(const std::string& name, const std::vector<std::string>& freeze) {
   for (const auto& f : freeze) {
@@ -107,7 +55,10 @@ void Trainer::Emit(const json& j) {
 
 Status Trainer::Init() {
   if (data_.empty()) return InvalidArgument("no training data");
-  BTX_RETURN_IF_ERROR(ValidateFreeze(opts_.freeze));
+  for (const auto& f : opts_.freeze) {
+    const auto& groups = contract::kFreezeGroups;
+    if (std::find(groups.begin(), groups.end(), f) == groups.end()) return InvalidArgument("freeze: unknown group '" + f + "'");
+  }
   std::vector<WindowSampler> samplers;
   std::vector<double> weights;
   for (size_t d = 0; d < data_.size(); ++d) {

@@ -3,6 +3,9 @@
 #include <dlfcn.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cstdlib>
+#include <string_view>
 #include <thread>
 
 #include "btx/worker/worker.h"
@@ -17,6 +20,22 @@ using CuDeviceTotalMem = int (*)(size_t*, int);
 using CuDeviceGetName = int (*)(char*, int, int);
 using CuDeviceGetPciBusId = int (*)(char*, int, int);
 
+// The worker's own CUDA_VISIBLE_DEVICES, split at commas; empty when unset.
+std::vector<std::string> VisibleDeviceNames() {
+  std::vector<std::string> names;
+  const char* visible = std::getenv("CUDA_VISIBLE_DEVICES");
+  if (visible == nullptr) return names;
+  for (std::string_view rest = visible; !rest.empty();) {
+    const size_t comma = std::min(rest.find(','), rest.size());
+    std::string_view name = rest.substr(0, comma);
+    while (!name.empty() && name.front() == ' ') name.remove_prefix(1);
+    while (!name.empty() && name.back() == ' ') name.remove_suffix(1);
+    names.emplace_back(name);
+    rest.remove_prefix(std::min(comma + 1, rest.size()));
+  }
+  return names;
+}
+
 void DiscoverGpus(Capabilities& caps) {
   void* lib = ::dlopen("libcuda.so.1", RTLD_LAZY | RTLD_LOCAL);
   if (lib == nullptr) return;
@@ -26,6 +45,9 @@ void DiscoverGpus(Capabilities& caps) {
   auto mem = reinterpret_cast<CuDeviceTotalMem>(::dlsym(lib, "cuDeviceTotalMem_v2"));
   auto name = reinterpret_cast<CuDeviceGetName>(::dlsym(lib, "cuDeviceGetName"));
   auto pci = reinterpret_cast<CuDeviceGetPciBusId>(::dlsym(lib, "cuDeviceGetPCIBusId"));
+  // The driver numbers only what the worker's CUDA_VISIBLE_DEVICES lets it see, in that list's order: a
+  // child is given the list's names for its devices, not the worker's ordinals.
+  const std::vector<std::string> visible = VisibleDeviceNames();
   int n = 0;
   if (init && count && get && mem && name && init(0) == 0 && count(&n) == 0) {
     for (int i = 0; i < n; ++i) {
@@ -38,6 +60,9 @@ void DiscoverGpus(Capabilities& caps) {
       caps.gpu_names.emplace_back(buf);
       char bus[64] = {};
       caps.gpu_pci_bus_ids.emplace_back(pci && pci(bus, sizeof(bus) - 1, dev) == 0 ? bus : "");
+      // The ordinal, not the position in caps: a device skipped above must not shift the others.
+      const auto k = static_cast<size_t>(i);
+      caps.gpu_cuda_ids.push_back(k < visible.size() && !visible[k].empty() ? visible[k] : std::to_string(i));
     }
   }
   // All or nothing: a partial list could not tell which GPU an index names.

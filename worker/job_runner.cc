@@ -12,10 +12,12 @@
 #include <google/protobuf/util/time_util.h>
 #include <nlohmann/json.hpp>
 
-#include "btx/common/artifact_store.h"
+#include "absl/strings/str_join.h"
 #include "btx/common/fs.h"
 #include "btx/common/strings.h"
 #include "btx/common/uri.h"
+#include "btx/contract/files.h"
+#include "btx/contract/job.h"
 
 namespace btx::worker {
 namespace fs = std::filesystem;
@@ -23,20 +25,6 @@ using json = nlohmann::json;
 using google::protobuf::util::TimeUtil;
 
 namespace {
-
-constexpr int kExitInvalidInput = 65;
-constexpr int kExitInterrupted = 75;
-
-std::string KindName(v1::JobKind kind) {
-  switch (kind) {
-    case v1::JOB_KIND_PRETRAIN: return "pretrain";
-    case v1::JOB_KIND_BRANCH: return "branch";
-    case v1::JOB_KIND_MERGE: return "merge";
-    case v1::JOB_KIND_FINETUNE: return "finetune";
-    case v1::JOB_KIND_EVAL: return "eval";
-    default: return "";
-  }
-}
 
 google::protobuf::Timestamp ToProto(TimePoint t) {
   return TimeUtil::MicrosecondsToTimestamp(ToUnixMicros(t));
@@ -75,19 +63,19 @@ absl::Status JobRunner::Start() {
   if (!output_dir.ok()) return output_dir.status();
   auto checkpoint_dir = FileUriToPath(job_.checkpoint_uri());
   if (!checkpoint_dir.ok()) return checkpoint_dir.status();
-  json spec;
+  contract::JobFile job_file;
   try {
-    spec = json::parse(job_.spec_json());
+    job_file.spec = json::parse(job_.spec_json());
   } catch (const std::exception& e) {
     return absl::InvalidArgumentError(Cat("spec_json of job ", job_.job_id(), " is not JSON: ", e.what()));
   }
-  const std::string kind = KindName(job_.kind());
-  if (kind.empty()) return absl::InvalidArgumentError(Cat("job ", job_.job_id(), ": unknown kind ", job_.kind()));
+  const contract::JobKindInfo* kind = contract::FindJobKind(static_cast<int>(job_.kind()));
+  if (kind == nullptr) return absl::InvalidArgumentError(Cat("job ", job_.job_id(), ": unknown kind ", job_.kind()));
 
   // An output dir that exists but does not verify is a torn publish by an earlier attempt (or
   // tampering): btx-train refuses it, so it goes. One that verifies is reused by btx-train as is.
   std::error_code ec;
-  if (fs::exists(*output_dir, ec) && !FileArtifactStore::VerifyDir(*output_dir).ok()) {
+  if (fs::exists(*output_dir, ec) && !VerifyManifest(*output_dir).ok()) {
     fs::remove_all(*output_dir, ec);
     if (ec) return absl::InternalError(Cat("cannot remove unverifiable ", *output_dir, ": ", ec.message()));
     AddLog("worker", Cat("removed unverifiable leftover output ", *output_dir));
@@ -95,14 +83,18 @@ absl::Status JobRunner::Start() {
 
   fs::create_directories(config_.attempt_dir, ec);
   if (ec) return absl::InternalError(Cat("cannot create ", config_.attempt_dir, ": ", ec.message()));
-  json job_file = {{"job_id", job_.job_id()},       {"attempt", job_.attempt()},
-                   {"pipeline", job_.pipeline_name()}, {"pipeline_id", job_.pipeline_id()},
-                   {"kind", kind},                  {"name", job_.name()},
-                   {"output_dir", *output_dir},     {"checkpoint_dir", *checkpoint_dir},
-                   {"threads", config_.threads},    {"device", config_.device},
-                   {"spec", spec}};
+  job_file.job_id = job_.job_id();
+  job_file.attempt = job_.attempt();
+  job_file.pipeline = job_.pipeline_name();
+  job_file.name = job_.name();
+  job_file.kind = kind->kind;
+  job_file.output_dir = *output_dir;
+  job_file.checkpoint_dir = *checkpoint_dir;
+  job_file.threads = config_.threads;
+  // "cuda" is every device CUDA_VISIBLE_DEVICES shows the child, and that is exactly the job's own.
+  job_file.device = config_.gpus.empty() ? "cpu" : "cuda";
   const std::string job_path = config_.attempt_dir + "/JOB.json";
-  if (auto s = WriteFileAtomic(job_path, job_file.dump(2)); !s.ok()) return s;
+  if (auto s = WriteFileAtomic(job_path, contract::ToJson(job_file).dump(2)); !s.ok()) return s;
   log_fd_ = ::open((config_.attempt_dir + "/log.txt").c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
 
   ProcessSpec ps;
@@ -110,11 +102,16 @@ absl::Status JobRunner::Start() {
   ps.capture_stdout = ps.capture_stderr = ps.progress_pipe = true;
   ps.kill_with_parent = true;
   ps.working_dir = config_.attempt_dir;
+  // Set even when empty: a CPU job must not see (and initialise a context on) any GPU, and a GPU job
+  // must not see another job's.
+  const std::string visible = absl::StrJoin(config_.gpus, ",");
+  ps.env = {{"CUDA_VISIBLE_DEVICES", visible}};
   auto child = launcher_.Launch(ps);
   if (!child.ok()) return child.status();
   child_ = std::move(*child);
   AddLog("worker", Cat("started ", config_.train_binary, " (pid ", child_->pid(), ") for ", job_.name(), " attempt ",
-                       job_.attempt(), " on ", config_.device, " with ", config_.threads, " threads"));
+                       job_.attempt(), " on ", config_.gpus.empty() ? "cpu" : Cat("cuda (CUDA_VISIBLE_DEVICES=", visible, ")"),
+                       " with ", config_.threads, " threads"));
   reader_ = std::thread([this] { ReadLoop(); });
   return absl::OkStatus();
 }
@@ -349,9 +346,9 @@ Outcome JobRunner::Classify(int exit_code) {
     o.error = "lease lost";
     return o;
   }
-  if (exit_code == 0 && done_artifact_) {
+  if (exit_code == contract::kExitOk && done_artifact_) {
     // The artifact is what later jobs build on: report it only if it verifies here and now.
-    auto verified = FileArtifactStore::VerifyDir(*done_artifact_);
+    const Status verified = VerifyManifest(*done_artifact_);
     if (!verified.ok()) {
       o.kind = Outcome::kRetryable;
       o.error = Cat("btx-train reported ", *done_artifact_, " but it does not verify: ", verified.message());
@@ -367,15 +364,16 @@ Outcome JobRunner::Classify(int exit_code) {
     o.error = Cat("cancelled (btx-train exit code ", exit_code, ")");
     return o;
   }
-  if (exit_code == kExitInvalidInput) {
+  if (exit_code == contract::kExitInvalidJob) {
     o.kind = Outcome::kInvalidInput;
-    o.error = last_stderr_line_.empty() ? "btx-train: invalid job (exit 65)" : last_stderr_line_;
+    o.error = last_stderr_line_.empty() ? Cat("btx-train: invalid job (exit ", exit_code, ")") : last_stderr_line_;
     return o;
   }
   o.kind = Outcome::kRetryable;
-  if (exit_code == kExitInterrupted) {
-    o.error = reason == StopReason::kDrain ? "interrupted: the worker is draining (exit 75)" : Cat("interrupted (exit 75)", tail);
-  } else if (exit_code == 0) {
+  if (exit_code == contract::kExitInterrupted) {
+    o.error = reason == StopReason::kDrain ? Cat("interrupted: the worker is draining (exit ", exit_code, ")")
+                                           : Cat("interrupted (exit ", exit_code, ")", tail);
+  } else if (exit_code == contract::kExitOk) {
     o.error = "btx-train exited 0 without a done event";
   } else if (exit_code > 128) {
     o.error = Cat("btx-train killed by signal ", exit_code - 128, tail);

@@ -9,6 +9,7 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "btx/common/clock.h"
 #include "btx/common/process.h"
@@ -20,7 +21,9 @@ struct JobRunnerConfig {
   std::string train_binary;
   std::string attempt_dir;     // JOB.json and a copy of the log live here
   int threads = 0;
-  std::string device = "cpu";  // "cpu" or "cuda:N"
+  // The job's GPUs as CUDA_VISIBLE_DEVICES names them, all of them its own; empty: a CPU job, which is shown
+  // no GPU at all.
+  std::vector<std::string> gpus;
   Duration stop_grace = std::chrono::seconds(60);
   size_t max_pending_log_lines = 20000;  // kept while the scheduler is unreachable; oldest dropped
 };

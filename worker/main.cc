@@ -34,6 +34,7 @@ bool ParseListen(const std::string& s, std::string& host, int& port) {
 int main(int argc, char** argv) {
   CLI::App app{"btx-worker: runs BTX pipeline jobs leased from a btx-scheduler"};
   btx::worker::WorkerConfig cfg;
+  cfg.discover_capabilities = btx::worker::DiscoverCapabilities;
   std::string scheduler = "127.0.0.1:50051", metrics_listen = "0.0.0.0:9091", port_file;
   int64_t stop_grace_s = 60, poll_s = 20;
   app.add_option("--scheduler", scheduler, "scheduler gRPC address (or env BTX_SCHEDULER)")

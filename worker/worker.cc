@@ -6,7 +6,9 @@
 #include <filesystem>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <set>
+#include <vector>
 
 #include <google/protobuf/util/time_util.h>
 #include <spdlog/spdlog.h>
@@ -15,6 +17,7 @@
 #include "btx/common/uri.h"
 #include "btx/metrics/metrics.h"
 #include "btx/v1/worker_service.grpc.pb.h"
+#include "device_allocator.h"
 #include "gpu_memory.h"
 #include "job_runner.h"
 
@@ -52,7 +55,8 @@ class Worker::Impl {
   Impl(WorkerConfig config, std::shared_ptr<grpc::Channel> channel, ProcessLauncher& launcher, const Clock& clock,
        metrics::Registry* registry)
       : cfg_(std::move(config)), stub_(v1::WorkerService::NewStub(channel)), launcher_(launcher), clock_(clock) {
-    caps_ = DiscoverCapabilities();
+    caps_ = cfg_.discover_capabilities ? cfg_.discover_capabilities() : DiscoverCapabilities();
+    devices_ = DeviceAllocator(caps_.gpus());
     if (cfg_.name.empty()) cfg_.name = Hostname();
     if (cfg_.train_binary.empty()) cfg_.train_binary = DefaultTrainBinary();
     if (cfg_.work_dir.empty()) {
@@ -97,7 +101,7 @@ class Worker::Impl {
     // Draining: tell running children to checkpoint (or kill them), then wait for their reports.
     {
       std::unique_lock lock(mu_);
-      for (auto& [slot, r] : running_) r->RequestStop(killing_ ? StopReason::kKill : StopReason::kDrain);
+      for (auto& [slot, r] : running_) r.runner->RequestStop(killing_ ? StopReason::kKill : StopReason::kDrain);
       cv_.wait(lock, [&] { return running_.empty(); });
     }
     for (auto& t : finishers_) t.join();
@@ -116,7 +120,7 @@ class Worker::Impl {
     std::lock_guard lock(mu_);
     if (kill) killing_ = true;
     draining_ = true;
-    for (auto& [slot, r] : running_) r->RequestStop(kill ? StopReason::kKill : StopReason::kDrain);
+    for (auto& [slot, r] : running_) r.runner->RequestStop(kill ? StopReason::kKill : StopReason::kDrain);
     if (acquire_ctx_ != nullptr) acquire_ctx_->TryCancel();
     cv_.notify_all();
   }
@@ -215,12 +219,10 @@ class Worker::Impl {
         // the poll plus the RPC timeout the call would otherwise fail at once (DEADLINE_EXCEEDED).
         AddAuth(ctx, cfg_.poll_wait + cfg_.rpc_timeout);
         slot = FreeSlotLocked();
-        int free_gpus = 0;
-        if (caps_.gpus() > 0) {
-          for (int i = 0; i < slots_; ++i) free_gpus += running_.count(i) ? 0 : 1;
-        }
+        // Devices, not slots: a 2-GPU job holds one slot and two GPUs. Nothing takes devices until this
+        // call returns (StartJob runs on this thread), so what it claims against is still free then.
         req.set_worker_id(worker_id_);
-        req.set_free_gpus(free_gpus);
+        req.set_free_gpus(devices_.free());
         acquire_ctx_ = &ctx;
       }
       req.set_wait_timeout_ms(cfg_.poll_wait.count());
@@ -256,25 +258,55 @@ class Worker::Impl {
   }
 
   void StartJob(int slot, const v1::JobAssignment& job) {
+    const int wanted = job.resources().gpus();
+    std::optional<std::vector<int>> gpus;
+    std::string no_gpus;
+    {
+      std::lock_guard lock(mu_);
+      gpus = devices_.Acquire(wanted);
+      if (!gpus) {
+        no_gpus = Cat("the job needs ", wanted, " GPUs but this worker has ", devices_.free(), " free (of ",
+                      devices_.total(), "); it is not run on fewer");
+      }
+    }
+    if (!gpus) {
+      // The scheduler claims within free_gpus, so this is a disagreement about the count, not a bad job:
+      // it goes back to be retried where it fits.
+      spdlog::error("worker {}: cannot start {}: {}", cfg_.name, job.name(), no_gpus);
+      SendFail(job, Cat("worker could not start the job: ", no_gpus), /*retryable=*/true, false, "");
+      return;
+    }
     JobRunnerConfig rc;
     rc.train_binary = cfg_.train_binary;
     rc.attempt_dir = Cat(cfg_.work_dir, "/", SanitizeComponent(job.job_id()), "-attempt-", job.attempt());
     rc.threads = threads_;
-    rc.device = caps_.gpus() > 0 && job.resources().gpus() > 0 ? Cat("cuda:", slot % caps_.gpus()) : "cpu";
+    rc.gpus = CudaDeviceIds(*gpus, caps_.gpu_cuda_ids);
     rc.stop_grace = cfg_.stop_grace;
     auto runner = std::make_shared<JobRunner>(job, rc, launcher_, clock_);
-    spdlog::info("worker {}: starting {} ({}) attempt {} of pipeline {}", cfg_.name, job.name(), job.job_id(),
-                 job.attempt(), job.pipeline_name());
+    spdlog::info("worker {}: starting {} ({}) attempt {} of pipeline {} on {}", cfg_.name, job.name(), job.job_id(),
+                 job.attempt(), job.pipeline_name(), rc.gpus.empty() ? "cpu" : Cat(rc.gpus.size(), " GPUs"));
     if (auto s = runner->Start(); !s.ok()) {
       spdlog::error("worker {}: cannot start {}: {}", cfg_.name, job.name(), std::string(s.message()));
+      ReleaseGpus(job, *gpus);
       const bool invalid = s.code() == absl::StatusCode::kInvalidArgument;
       SendFail(job, Cat("worker could not start the job: ", s.message()), !invalid, false, "");
       return;
     }
     std::lock_guard lock(mu_);
-    running_[slot] = runner;
+    running_[slot] = {runner, std::move(*gpus)};
     if (jobs_running_) jobs_running_->Set(static_cast<double>(running_.size()));
     finishers_.emplace_back([this, slot, runner] { Supervise(slot, runner); });
+  }
+
+  void ReleaseGpus(const v1::JobAssignment& job, const std::vector<int>& gpus) {
+    std::lock_guard lock(mu_);
+    ReleaseGpusLocked(job, gpus);
+  }
+  void ReleaseGpusLocked(const v1::JobAssignment& job, const std::vector<int>& gpus) {
+    if (!devices_.Release(gpus)) {
+      spdlog::error("worker {}: GPU bookkeeping error releasing the devices of {} attempt {}; they stay held",
+                    cfg_.name, job.name(), job.attempt());
+    }
   }
 
   void Supervise(int slot, std::shared_ptr<JobRunner> runner) {
@@ -294,7 +326,11 @@ class Worker::Impl {
       }
     }
     std::lock_guard lock(mu_);
-    running_.erase(slot);
+    // The child has exited (Wait), so its GPUs are free for the next claim.
+    if (auto it = running_.find(slot); it != running_.end()) {
+      ReleaseGpusLocked(job, it->second.gpus);
+      running_.erase(it);
+    }
     if (jobs_running_) jobs_running_->Set(static_cast<double>(running_.size()));
     cv_.notify_all();
   }
@@ -381,7 +417,7 @@ class Worker::Impl {
         req.set_draining(draining_);
         // Finished children are reported by their supervisor thread (final logs, then the outcome).
         for (auto& [slot, r] : running_) {
-          if (!r->finished() && r->stop_reason() != StopReason::kLeaseLost) live.push_back(r);
+          if (!r.runner->finished() && r.runner->stop_reason() != StopReason::kLeaseLost) live.push_back(r.runner);
         }
       }
       for (auto& r : live) *req.add_jobs() = r->TakeReport(static_cast<size_t>(cfg_.max_log_lines_per_heartbeat));
@@ -459,7 +495,12 @@ class Worker::Impl {
   std::condition_variable cv_;
   std::string worker_id_;
   Duration heartbeat_interval_ = std::chrono::seconds(5), lease_ = std::chrono::seconds(30);
-  std::map<int, std::shared_ptr<JobRunner>> running_;
+  struct Running {
+    std::shared_ptr<JobRunner> runner;
+    std::vector<int> gpus;  // indices into caps_, held in devices_ until the child has exited
+  };
+  std::map<int, Running> running_;  // by slot
+  DeviceAllocator devices_;
   std::vector<std::thread> finishers_;
   bool draining_ = false, killing_ = false, heartbeat_done_ = false, started_ = false, finished_ = false;
   grpc::ClientContext* acquire_ctx_ = nullptr;

@@ -16,10 +16,11 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
-#include "btx/common/artifact_store.h"
 #include "btx/common/fs.h"
 #include "btx/common/process.h"
 #include "btx/common/strings.h"
+#include "btx/contract/files.h"
+#include "btx/contract/job.h"
 #include "cluster.h"
 
 namespace btx::chaos {
@@ -27,7 +28,7 @@ namespace {
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 
-constexpr int kExitFailed = 1;  // btx-train: a failure that is neither bad input nor an interruption
+using contract::kExitFailed;  // btx-train: a failure that is neither bad input nor an interruption
 
 // A private mount namespace for this process, so that the tmpfs below is invisible to the rest of
 // the machine and vanishes with the process. As root, CLONE_NEWNS is enough; otherwise a user
@@ -129,7 +130,7 @@ TEST_F(DiskFullTest, FailedCheckpointLeavesThePreviousOneIntactAndTheJobResumesF
   RunResult a = Train("a", 10, dir_ + "/out-a");
   ASSERT_EQ(a.exit_code, 0) << a.output;
   ASSERT_EQ(Entries(checkpoints), std::vector<std::string>{"step-00000010"});
-  ASSERT_TRUE(FileArtifactStore::VerifyDir(first).ok());
+  ASSERT_TRUE(VerifyManifest(first).ok());
   auto manifest_before = ReadFile(first + "/manifest.sha256");
   ASSERT_TRUE(manifest_before.ok());
   const int64_t used = UsedBytes(small_);
@@ -150,8 +151,8 @@ TEST_F(DiskFullTest, FailedCheckpointLeavesThePreviousOneIntactAndTheJobResumesF
   EXPECT_EQ(Entries(checkpoints), std::vector<std::string>{"step-00000010"});
   EXPECT_EQ(UsedBytes(small_), used);
   // The previous checkpoint is untouched and still verifies.
-  auto verified = FileArtifactStore::VerifyDir(first);
-  EXPECT_TRUE(verified.ok()) << verified;
+  auto verified = VerifyManifest(first);
+  EXPECT_TRUE(verified.ok()) << verified.ToString();
   EXPECT_EQ(ReadFile(first + "/manifest.sha256").value_or(""), *manifest_before);
 
   // Space again: the same job resumes from the surviving checkpoint and finishes.
@@ -159,10 +160,10 @@ TEST_F(DiskFullTest, FailedCheckpointLeavesThePreviousOneIntactAndTheJobResumesF
   RunResult c = Train("b", 20, dir_ + "/out-b");
   ASSERT_EQ(c.exit_code, 0) << c.output;
   EXPECT_NE(c.output.find("resumed from " + first + " at step 10"), std::string::npos) << c.output;
-  auto out = FileArtifactStore::VerifyDir(dir_ + "/out-b");
-  EXPECT_TRUE(out.ok()) << out;
-  auto last = FileArtifactStore::VerifyDir(second);
-  EXPECT_TRUE(last.ok()) << last;
+  auto out = VerifyManifest(dir_ + "/out-b");
+  EXPECT_TRUE(out.ok()) << out.ToString();
+  auto last = VerifyManifest(second);
+  EXPECT_TRUE(last.ok()) << last.ToString();
   EXPECT_EQ(Entries(checkpoints), (std::vector<std::string>{"step-00000010", "step-00000020"}));
 }
 

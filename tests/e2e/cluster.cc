@@ -97,7 +97,7 @@ absl::Status Cluster::StartScheduler() {
   std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials();
   if (options_.tls) {
     auto roots = ReadFile(options_.tls->ca_file);
-    if (!roots.ok()) return roots.status();
+    if (!roots.ok()) return ToAbsl(roots.status());
     grpc::SslCredentialsOptions ssl;
     ssl.pem_root_certs = *roots;
     credentials = grpc::SslCredentials(ssl);

@@ -112,7 +112,7 @@ TEST(PrometheusE2e, EveryDashboardQueryReturnsDataFromALiveScrape) {
   };
   const auto ready_deadline = std::chrono::steady_clock::now() + 60s;
   while (!ready() && std::chrono::steady_clock::now() < ready_deadline) std::this_thread::sleep_for(50ms);
-  ASSERT_TRUE(ready()) << *ReadFile(cluster.dir() + "/prometheus.log");
+  ASSERT_TRUE(ready()) << ReadFile(cluster.dir() + "/prometheus.log").value_or("");
 
   const double start = std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
   // A rejected spec gives the error-rate panels a non-OK gRPC code to show, a wrong token the

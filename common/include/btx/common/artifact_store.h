@@ -1,6 +1,7 @@
 // Where job outputs live. Artifacts are directories published atomically with a sha256 manifest
-// (`manifest.sha256`, the `sha256sum` text format, the same one btx-train writes) and verified
-// whenever they are fetched. Only file:// (a shared filesystem) is implemented.
+// (`manifest.sha256`: btx::WriteManifest / VerifyManifest of the job contract, btx/contract/files.h,
+// the same code btx-train publishes with) and verified whenever they are fetched. Only file:// (a
+// shared filesystem) is implemented.
 #pragma once
 
 #include <string>
@@ -10,8 +11,6 @@
 #include "absl/status/statusor.h"
 
 namespace btx {
-
-inline constexpr std::string_view kManifestFile = "manifest.sha256";
 
 class ArtifactStore {
  public:
@@ -34,12 +33,6 @@ class FileArtifactStore final : public ArtifactStore {
   absl::Status Remove(std::string_view uri) override;
   absl::StatusOr<std::string> UriFor(std::string_view name) const override;
 
-  // Hex sha256 of a file's contents.
-  static absl::StatusOr<std::string> Sha256File(const std::string& path);
-  // Writes the manifest over every regular file below `dir` and fsyncs all of it.
-  static absl::Status WriteManifest(const std::string& dir);
-  // DATA_LOSS naming the first file that is missing, unlisted, outside the dir or has another digest.
-  static absl::Status VerifyDir(const std::string& dir);
   // The local path of a file:// URI that lies inside the root; INVALID_ARGUMENT otherwise.
   absl::StatusOr<std::string> PathOf(std::string_view uri) const;
 

@@ -14,17 +14,18 @@
 
 namespace btx {
 
+// Members all have initializers so that designated initializers may name only what they set (-Wextra).
 struct ProcessSpec {
-  std::vector<std::string> argv;  // argv[0] is the program path
-  std::vector<std::pair<std::string, std::string>> env;  // added to / overriding the parent's environment
-  std::string working_dir;
+  std::vector<std::string> argv{};  // argv[0] is the program path
+  std::vector<std::pair<std::string, std::string>> env{};  // added to / overriding the parent's environment
+  std::string working_dir{};
   bool capture_stdout = false;
   bool capture_stderr = false;
   bool progress_pipe = false;     // the child's fd 3 is the write end of a pipe we read
-  std::string stdout_path;        // append stdout here (when not captured); empty = inherit
-  std::string stderr_path;
-  std::optional<uid_t> uid;       // drop privileges before exec (running as root)
-  std::optional<gid_t> gid;
+  std::string stdout_path{};      // append stdout here (when not captured); empty = inherit
+  std::string stderr_path{};
+  std::optional<uid_t> uid{};     // drop privileges before exec (running as root)
+  std::optional<gid_t> gid{};
   bool new_session = true;        // own session + process group, so a signal reaches its children
   // SIGKILL the child when the launching thread's process dies (Linux PR_SET_PDEATHSIG): a worker
   // killed with -9 must not leave a trainer running on a job that will be leased to someone else.

@@ -68,5 +68,4 @@ inline bool IsUuid(std::string_view s) {
   return true;
 }
 
-
 }  // namespace btx

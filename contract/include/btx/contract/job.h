@@ -54,6 +54,8 @@ struct JobFile {
   // "cpu", or "cuda": every device the worker made visible (CUDA_VISIBLE_DEVICES) belongs to this job.
   std::string device = "cpu";
   nlohmann::json spec = nlohmann::json::object();
+  // Filled by ParseJobFile: `spec` as its kind's parser read it (not written by ToJson).
+  JobSpec parsed;
 };
 nlohmann::json ToJson(const JobFile& job);
 // Strict: unknown keys and a spec its kind's parser refuses are InvalidArgument naming the field.

@@ -141,9 +141,9 @@ inline const std::vector<std::string> kFreezeGroups = {"experts", "attention", "
 struct EvalModelSpec {
   std::string name;
   std::vector<std::string> dirs;  // one dir: a model; several: an ensemble (mean of next-token probabilities)
-  bool ensemble = false;
   // MoE only: a name per expert for the reports (default: config.json's "btx_expert_names", else "expert N").
   std::vector<std::string> expert_names;
+  bool ensemble = false;  // given as `ensemble` (even of one dir)
 };
 struct EvalDomainSpec {
   std::string name;

@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "btx/contract/specs.h"
 #include "btx/contract/status.h"
 
 namespace btx {
@@ -41,7 +42,9 @@ struct ModelConfig {
 nlohmann::json ConfigToHfJson(const ModelConfig& c);
 // Accepts HF llama / mixtral config.json; unknown fields are ignored, unsupported features rejected.
 StatusOr<ModelConfig> ConfigFromHfJson(const nlohmann::json& j);
-// Named sizes for `init: {preset: ...}`: "tiny" (D=64, 2 layers), "small" (D=256, 4 layers).
-StatusOr<ModelConfig> ConfigPreset(const std::string& name);
+// A model initialised from scratch as a pretrain job's `init` says (sizes resolved by the contract's parser);
+// vocabulary and special tokens come from the tokenizer when `init.vocab_size` is 0.
+StatusOr<ModelConfig> ConfigFromInit(const contract::ModelInit& init, int64_t tokenizer_vocab, int64_t bos_id,
+                                     int64_t eos_id);
 
 }  // namespace btx

@@ -9,21 +9,15 @@
 #include <vector>
 
 #include "btx/model/llama.h"
+#include "btx/contract/specs.h"
 #include "btx/contract/status.h"
 #include "btx/model/tokenizer.h"
 
 namespace btx {
 
-struct EvalModelSpec {
-  std::string name;
-  std::vector<std::string> dirs;  // one dir: a model; several: an ensemble (mean of next-token probabilities)
-  // MoE only: a name per expert for the reports (default: config.json's "btx_expert_names", else "expert N").
-  std::vector<std::string> expert_names;
-};
-struct EvalDomainSpec {
-  std::string name;
-  std::vector<std::string> valid;
-};
+using contract::EvalDomainSpec;
+using contract::EvalModelSpec;
+
 struct EvalOptions {
   int64_t max_tokens = 65536;  // per domain
   int64_t seq_len = 256;

@@ -4,12 +4,14 @@
 #include <atomic>
 #include <string>
 
+#include "btx/contract/job.h"
+
 namespace btx {
 
-inline constexpr int kExitOk = 0;
-inline constexpr int kExitInvalidJob = 65;
-inline constexpr int kExitInterrupted = 75;
-inline constexpr int kExitFailed = 1;
+using contract::kExitFailed;
+using contract::kExitInterrupted;
+using contract::kExitInvalidJob;
+using contract::kExitOk;
 
 // progress_fd < 0: no progress events. `stop` is raised by SIGTERM.
 int RunJobFile(const std::string& job_path, int progress_fd, const std::atomic<bool>* stop);

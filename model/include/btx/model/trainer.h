@@ -9,34 +9,15 @@
 #include <string>
 #include <vector>
 
+#include "btx/contract/specs.h"
 #include "btx/model/data.h"
 #include "btx/model/llama.h"
 
 namespace btx {
 
-struct TrainConfig {
-  int64_t batch_tokens = 8192;  // tokens per optimizer step = sequences * seq_len (split over grad_accum)
-  int64_t seq_len = 256;
-  double lr = 3e-4;
-  double min_lr_ratio = 0.1;    // cosine ends at lr * min_lr_ratio
-  int64_t warmup = 30;
-  std::string schedule = "cosine";  // cosine | constant | linear
-  double weight_decay = 0.1;
-  double grad_clip = 1.0;       // <= 0 disables
-  int64_t grad_accum = 1;
-  uint64_t seed = 1234;
-  int64_t checkpoint_every = 50;  // <= 0: only at the end
-  double beta1 = 0.9, beta2 = 0.95, eps = 1e-8;
-  int64_t log_every = 10;
-  int64_t valid_tokens = 65536;  // validation budget per domain at the end
-  int64_t keep_checkpoints = 2;
+// The `train` hyper-parameters: the job contract's struct, with its defaults and bounds (contract/specs.h).
+using contract::TrainConfig;
 
-  int64_t sequences_per_step() const { return std::max<int64_t>(1, batch_tokens / seq_len); }
-  int64_t micro_batch() const { return (sequences_per_step() + grad_accum - 1) / grad_accum; }
-};
-
-// Parses the protocol's `train` object; errors name the field ("train.lr: must be > 0").
-StatusOr<TrainConfig> TrainConfigFromJson(const nlohmann::json& j);
 double LearningRate(const TrainConfig& c, int64_t step, int64_t total_steps);  // step is 0-based
 
 struct DomainData {
@@ -96,6 +77,5 @@ class Trainer {
 
 // Frozen-parameter rule shared with tests: does `freeze` exclude parameter `name`?
 bool IsFrozen(const std::string& name, const std::vector<std::string>& freeze);
-Status ValidateFreeze(const std::vector<std::string>& freeze);
 
 }  // namespace btx

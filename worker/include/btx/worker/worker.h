@@ -5,6 +5,7 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -24,6 +25,10 @@ struct Capabilities {
   // "0000:3b:00.0" per device in the same order, or empty when the driver did not say: how NVML
   // (GPU memory metrics) finds the device a CUDA index names.
   std::vector<std::string> gpu_pci_bus_ids;
+  // What a child's CUDA_VISIBLE_DEVICES calls each device, in the same order: its CUDA ordinal, or the
+  // worker's own CUDA_VISIBLE_DEVICES entry when it was started with one (its device 0 may be GPU 4).
+  // An entry that is missing or empty stands for the device's index here.
+  std::vector<std::string> gpu_cuda_ids;
   int gpus() const { return static_cast<int>(gpu_memory_bytes.size()); }
   int cpu_threads = 1;
   int64_t memory_bytes = 0;
@@ -35,7 +40,9 @@ struct WorkerConfig {
   std::string name;               // stable identity; default "<hostname>"
   std::string train_binary;       // default: btx-train next to this executable, else on PATH
   std::string work_dir;           // JOB.json files and per-attempt logs; default $TMPDIR/btx-worker-<name>
-  int slots = 0;                  // concurrent jobs; 0 = one per GPU, or 1 without GPUs
+  // Concurrent jobs; 0 = one per GPU, or 1 without GPUs. A GPU job also needs its GPUs free: each job
+  // holds exactly resources.gpus devices of its own, and a CPU job none.
+  int slots = 0;
   int threads_per_job = 0;        // CPU threads given to each child; 0 = cpu_threads / slots
   Duration poll_wait = std::chrono::seconds(20);    // AcquireJob long-poll timeout
   Duration stop_grace = std::chrono::seconds(60);   // SIGTERM → SIGKILL for a child told to stop
@@ -47,6 +54,8 @@ struct WorkerConfig {
   // an NVIDIA driver); a few per Prometheus scrape interval.
   Duration gpu_metrics_interval = std::chrono::seconds(5);
   std::string bearer_token;       // sent as "authorization: Bearer …" when set
+  // What the host has, asked once at construction; empty = DiscoverCapabilities (tests fake a GPU host).
+  std::function<Capabilities()> discover_capabilities;
 };
 
 class Worker {

@@ -1,4 +1,4 @@
-// Internal to btx_contract: the incremental sha256 behind Sha256File, for writers that hash what they write.
+// Incremental sha256: behind Sha256File, and for writers that hash what they write (safetensors).
 // libcrypto computes it where the build found OpenSSL (several times faster, with the CPU's SHA extensions);
 // otherwise a portable implementation does, so the contract needs nothing but the C++ library.
 #pragma once
@@ -8,7 +8,7 @@
 #include <cstdint>
 #include <string>
 
-namespace btx::internal {
+namespace btx {
 
 // FIPS 180-4, in plain C++. Always built: the tests check it against the standard's vectors.
 class PortableSha256 {
@@ -39,6 +39,5 @@ class Sha256 {
   PortableSha256 portable_;
 };
 
-std::string HexLower(const unsigned char* data, size_t size);
 
-}  // namespace btx::internal
+}  // namespace btx
