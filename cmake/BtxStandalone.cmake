@@ -1,9 +1,9 @@
 # The preamble of a folder built on its own (kernels/, model/, contract/ against another LibTorch, e.g. a
 # CUDA PyTorch install): the project's language level, ccache, and the test framework. Inside the
 # btx tree the top-level CMakeLists.txt has done all of this already and the macro does nothing.
-macro(btx_standalone_project name)
+# (The folder's own CMakeLists.txt calls project() itself: CMake wants that call literally in the file.)
+macro(btx_standalone_preamble)
   if(CMAKE_CURRENT_SOURCE_DIR STREQUAL CMAKE_SOURCE_DIR)
-    project(${name} VERSION 0.1.0 LANGUAGES C CXX)
     set(CMAKE_CXX_STANDARD 20)
     set(CMAKE_CXX_STANDARD_REQUIRED ON)
     set(CMAKE_CXX_EXTENSIONS OFF)

@@ -34,8 +34,8 @@ int Fail(const std::string& m) {
 int main(int argc, char** argv) {
   std::vector<std::string> a(argv + 1, argv + argc);
   if (!a.empty() && a[0] == "data-prepare") {
-    auto opts = btx::ParseDataPrepareArgs({a.begin() + 1, a.end()});
-    auto r = opts.ok() ? btx::PrepareData(*opts) : btx::StatusOr<btx::DataPrepareResult>(opts.status());
+    auto opts = btx::model::ParseDataPrepareArgs({a.begin() + 1, a.end()});
+    auto r = opts.ok() ? btx::model::PrepareData(*opts) : btx::StatusOr<btx::model::DataPrepareResult>(opts.status());
     if (!r.ok()) {
       // 65 (EX_DATAERR, as btx-train uses it) separates "the user's arguments or data are wrong" from
       // I/O trouble, so btxctl can report the former as a usage error.
@@ -52,15 +52,15 @@ int main(int argc, char** argv) {
     return 0;
   }
   if (a.size() >= 4 && a[0] == "logits") {
-    auto m = btx::LoadModelDir(a[1]);
+    auto m = btx::model::LoadModelDir(a[1]);
     if (!m.ok()) return Fail(m.status().message());
     at::Tensor tokens = at::empty({1, static_cast<int64_t>(a.size() - 3)}, at::kLong);
     for (size_t i = 3; i < a.size(); ++i) tokens.data_ptr<int64_t>()[i - 3] = static_cast<int64_t>(std::stoll(a[i]));
     at::NoGradGuard ng;
-    const btx::ModelConfig& c = m->config();
-    btx::ForwardOptions fo;
+    const btx::model::ModelConfig& c = m->config();
+    btx::model::ForwardOptions fo;
     fo.collect_ffn_inputs = c.is_moe();
-    btx::ForwardOutput out = m->Forward(tokens, fo);
+    btx::model::ForwardOutput out = m->Forward(tokens, fo);
     std::vector<std::pair<std::string, at::Tensor>> t = {{"logits", out.logits.contiguous()}};
     // The router's input is the layer's normalised FFN input; its logits are what transformers reports as
     // router_logits, so routing can be compared directly and not only through the final logits.
@@ -69,7 +69,7 @@ int main(int argc, char** argv) {
                      at::linear(out.ffn_inputs[l].reshape({-1, c.hidden_size}),
                                 m->param("model.layers." + std::to_string(l) + ".block_sparse_moe.gate.weight"))
                          .contiguous());
-    auto st = btx::st::Write(a[2], t);
+    auto st = btx::model::st::Write(a[2], t);
     return st.ok() ? 0 : Fail(st.message());
   }
   if (a.size() == 3 && a[0] == "report") {
@@ -78,8 +78,8 @@ int main(int argc, char** argv) {
     const nlohmann::json eval = nlohmann::json::parse(*text, nullptr, false);
     if (eval.is_discarded()) return Fail(a[1] + " is not JSON");
     std::filesystem::create_directories(a[2]);
-    btx::Status st = btx::WriteFileDurable(a[2] + "/eval.txt", btx::EvalText(eval));
-    const std::string svg = btx::RoutingSvg(eval), png = btx::RoutingPng(eval);
+    btx::Status st = btx::WriteFileDurable(a[2] + "/eval.txt", btx::model::EvalText(eval));
+    const std::string svg = btx::model::RoutingSvg(eval), png = btx::model::RoutingPng(eval);
     if (st.ok() && !svg.empty()) st = btx::WriteFileDurable(a[2] + "/routing.svg", svg);
     if (st.ok() && !png.empty()) st = btx::WriteFileDurable(a[2] + "/routing.png", png);
     if (!st.ok()) return Fail(st.message());
@@ -90,9 +90,9 @@ int main(int argc, char** argv) {
   if (a.size() == 4 && a[0] == "init") {
     auto text = btx::ReadFile(a[2]);
     if (!text.ok()) return Fail(text.status().message());
-    auto cfg = btx::ConfigFromHfJson(nlohmann::json::parse(*text, nullptr, false));
+    auto cfg = btx::model::ConfigFromHfJson(nlohmann::json::parse(*text, nullptr, false));
     if (!cfg.ok()) return Fail(cfg.status().message());
-    auto m = btx::LlamaModel::Init(*cfg, std::stoull(a[3]));
+    auto m = btx::model::LlamaModel::Init(*cfg, std::stoull(a[3]));
     if (!m.ok()) return Fail(m.status().message());
     {
       // Norm weights of 1 would hide a norm mix-up in an interop check: perturb them deterministically.
@@ -103,8 +103,8 @@ int main(int argc, char** argv) {
     }
     auto staged = btx::StagedDir::Create(a[1]);
     if (!staged.ok()) return Fail(staged.status().message());
-    btx::Status st = btx::WriteModelFiles(*m, staged->path());
-    if (st.ok() && cfg->vocab_size >= btx::kByteVocab) st = btx::MakeByteTokenizer()->SaveTo(staged->path());
+    btx::Status st = btx::model::WriteModelFiles(*m, staged->path());
+    if (st.ok() && cfg->vocab_size >= btx::model::kByteVocab) st = btx::model::MakeByteTokenizer()->SaveTo(staged->path());
     if (st.ok()) st = staged->Publish();
     return st.ok() ? 0 : Fail(st.message());
   }

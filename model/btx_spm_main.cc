@@ -1,5 +1,5 @@
 // btx-spm: sentencepiece in its own process (libsentencepiece's bundled protobuf cannot share a process
-// with LibTorch's). Used by btx::Tokenizer; not meant to be run by hand, but simple enough to:
+// with LibTorch's). Used by btx::model::Tokenizer; not meant to be run by hand, but simple enough to:
 //   btx-spm train  MODEL VOCAB_SIZE FILE...      train a BPE model (one thread: deterministic)
 //   btx-spm info   MODEL                          print "vocab_size bos_id eos_id"
 //   btx-spm encode MODEL OUT.btxtok FILE          tokenize FILE (no bos/eos) into a token shard
@@ -52,12 +52,12 @@ int main(int argc, char** argv) {
     std::vector<int> ids;
     auto es = sp.Encode(*text, &ids);
     if (!es.ok()) return Fail("encode failed: " + es.ToString());
-    auto ws = btx::WriteTokenShard(a[2], std::vector<int32_t>(ids.begin(), ids.end()), sp.GetPieceSize());
+    auto ws = btx::model::WriteTokenShard(a[2], std::vector<int32_t>(ids.begin(), ids.end()), sp.GetPieceSize());
     if (!ws.ok()) return Fail(ws.message());
     return 0;
   }
   if (cmd == "decode" && a.size() == 3) {
-    auto ids = btx::ReadTokenShard(a[2]);
+    auto ids = btx::model::ReadTokenShard(a[2]);
     if (!ids.ok()) return Fail(ids.status().message());
     std::string text;
     auto ds = sp.Decode(std::vector<int>(ids->begin(), ids->end()), &text);

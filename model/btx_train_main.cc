@@ -26,12 +26,12 @@ int main(int argc, char** argv) {
       return 0;
     } else {
       std::cerr << "btx-train: invalid job: unknown argument '" << a << "'\n";
-      return btx::kExitInvalidJob;
+      return btx::model::kExitInvalidJob;
     }
   }
   if (job.empty()) {
     std::cerr << "btx-train: invalid job: --job JOB.json is required\n";
-    return btx::kExitInvalidJob;
+    return btx::model::kExitInvalidJob;
   }
   if (fd == -2) fd = ::fcntl(3, F_GETFD) != -1 ? 3 : -1;
   struct sigaction sa {};
@@ -40,5 +40,5 @@ int main(int argc, char** argv) {
   ::sigaction(SIGTERM, &sa, nullptr);
   ::sigaction(SIGINT, &sa, nullptr);
   ::signal(SIGPIPE, SIG_IGN);
-  return btx::RunJobFile(job, fd, &g_stop);
+  return btx::model::RunJobFile(job, fd, &g_stop);
 }

@@ -7,7 +7,7 @@
 #include <utility>
 #include <vector>
 
-namespace btx {
+namespace btx::model {
 
 struct Shape {
   enum Kind { kRect, kLine, kText } kind = kRect;
@@ -33,4 +33,4 @@ bool PngAvailable();
 // The scene at `scale` pixels per unit as an 8-bit RGB PNG; empty without zlib.
 std::string RenderPng(const Scene& scene, int scale);
 
-}  // namespace btx
+}  // namespace btx::model

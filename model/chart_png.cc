@@ -11,7 +11,7 @@
 #include <zlib.h>
 #endif
 
-namespace btx {
+namespace btx::model {
 
 #ifdef BTX_HAVE_ZLIB
 namespace {
@@ -168,4 +168,4 @@ bool PngAvailable() { return false; }
 std::string RenderPng(const Scene&, int) { return ""; }
 #endif
 
-}  // namespace btx
+}  // namespace btx::model

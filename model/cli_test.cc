@@ -16,7 +16,7 @@
 
 extern char** environ;
 
-namespace btx {
+namespace btx::model {
 namespace {
 using nlohmann::json;
 using testing::TempDir;
@@ -296,4 +296,4 @@ TEST_F(Cli, SigtermCheckpointsExits75AndResumesBitExactly) {
 }
 
 }  // namespace
-}  // namespace btx
+}  // namespace btx::model

@@ -2,7 +2,7 @@
 
 #include <nlohmann/json.hpp>
 
-namespace btx {
+namespace btx::model {
 using nlohmann::json;
 
 Status ModelConfig::Validate() const {
@@ -148,4 +148,4 @@ StatusOr<ModelConfig> ConfigFromInit(const contract::ModelInit& init, int64_t to
   return c;
 }
 
-}  // namespace btx
+}  // namespace btx::model

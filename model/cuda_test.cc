@@ -11,7 +11,7 @@
 #include "btx/model/trainer.h"
 #include "test_util.h"
 
-namespace btx {
+namespace btx::model {
 namespace {
 using testing::TempDir;
 
@@ -134,4 +134,4 @@ TEST_F(Cuda, MoeTrainerLearnsAndResumesOnGpu) {
 }
 
 }  // namespace
-}  // namespace btx
+}  // namespace btx::model

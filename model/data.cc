@@ -8,7 +8,7 @@
 #include "btx/contract/files.h"
 #include "btx/model/token_shard.h"
 
-namespace btx {
+namespace btx::model {
 namespace fs = std::filesystem;
 
 StatusOr<std::vector<std::string>> ExpandDataPaths(const std::vector<std::string>& paths) {
@@ -115,4 +115,4 @@ at::Tensor MixtureSampler::Next(int64_t count, int64_t seq_len) {
   return out;
 }
 
-}  // namespace btx
+}  // namespace btx::model

@@ -12,7 +12,7 @@
 #include "btx/model/token_shard.h"
 #include "btx/model/tokenizer.h"
 
-namespace btx {
+namespace btx::model {
 namespace fs = std::filesystem;
 
 namespace {
@@ -248,4 +248,4 @@ StatusOr<DataPrepareResult> PrepareData(const DataPrepareOptions& opts) {
   return r;
 }
 
-}  // namespace btx
+}  // namespace btx::model

@@ -8,7 +8,7 @@
 #include "btx/model/tokenizer.h"
 #include "test_util.h"
 
-namespace btx {
+namespace btx::model {
 namespace {
 namespace fs = std::filesystem;
 using testing::TempDir;
@@ -156,4 +156,4 @@ TEST(DataPrepare, TrainsSentencePieceIntoTheOutputDir) {
 }
 
 }  // namespace
-}  // namespace btx
+}  // namespace btx::model

@@ -14,7 +14,7 @@
 #include "btx/model/hf_io.h"
 #include "btx/model/tokenizer.h"
 
-namespace btx {
+namespace btx::model {
 using nlohmann::json;
 
 namespace {
@@ -280,4 +280,4 @@ StatusOr<json> Evaluate(const std::vector<EvalModelSpec>& models, const std::vec
   return out;
 }
 
-}  // namespace btx
+}  // namespace btx::model

@@ -10,7 +10,7 @@
 #include "btx/model/eval.h"
 #include "chart.h"
 
-namespace btx {
+namespace btx::model {
 using nlohmann::json;
 
 namespace {
@@ -356,4 +356,4 @@ std::string EvalText(const json& eval) {
   return o;
 }
 
-}  // namespace btx
+}  // namespace btx::model

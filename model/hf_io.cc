@@ -10,7 +10,7 @@
 
 #include "btx/contract/files.h"
 
-namespace btx {
+namespace btx::model {
 namespace fs = std::filesystem;
 using nlohmann::json;
 
@@ -202,4 +202,4 @@ StatusOr<LlamaModel> LoadModelDir(const std::string& dir) {
   return m;
 }
 
-}  // namespace btx
+}  // namespace btx::model

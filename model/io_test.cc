@@ -11,7 +11,7 @@
 #include "btx/model/tokenizer.h"
 #include "test_util.h"
 
-namespace btx {
+namespace btx::model {
 namespace {
 using testing::TempDir;
 namespace fs = std::filesystem;
@@ -389,4 +389,4 @@ TEST(StagedDir, PublishTrustsKnownDigestsWithoutRereading) {
 }
 
 }  // namespace
-}  // namespace btx
+}  // namespace btx::model

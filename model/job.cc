@@ -16,7 +16,7 @@
 #include "btx/model/tokenizer.h"
 #include "btx/model/trainer.h"
 
-namespace btx {
+namespace btx::model {
 namespace fs = std::filesystem;
 using nlohmann::json;
 
@@ -351,4 +351,4 @@ int RunJobFile(const std::string& job_path, int progress_fd, const std::atomic<b
   return *rc;
 }
 
-}  // namespace btx
+}  // namespace btx::model

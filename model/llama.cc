@@ -9,7 +9,7 @@
 #include "btx/kernels/moe.h"
 #endif
 
-namespace btx {
+namespace btx::model {
 
 bool KernelsAvailable() {
 #ifdef BTX_HAVE_KERNELS
@@ -224,4 +224,4 @@ ForwardOutput LlamaModel::Forward(const at::Tensor& tokens, const ForwardOptions
   return out;
 }
 
-}  // namespace btx
+}  // namespace btx::model

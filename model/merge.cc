@@ -27,7 +27,7 @@
 #include "btx/model/safetensors.h"
 #include "btx/model/tokenizer.h"
 
-namespace btx {
+namespace btx::model {
 namespace fs = std::filesystem;
 
 
@@ -437,4 +437,4 @@ Status MergeUnverified(const MergeSpec& s, const std::string& dir, const std::at
 }
 }  // namespace
 
-}  // namespace btx
+}  // namespace btx::model

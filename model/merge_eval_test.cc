@@ -18,8 +18,16 @@
 #include "btx/model/tokenizer.h"
 #include "test_util.h"
 
-namespace btx {
+namespace btx::model {
 namespace {
+
+EvalModelSpec EvalModel(std::string name, std::vector<std::string> dirs, std::vector<std::string> expert_names = {}) {
+  EvalModelSpec m;
+  m.name = std::move(name);
+  m.dirs = std::move(dirs);
+  m.expert_names = std::move(expert_names);
+  return m;
+}
 using testing::TempDir;
 
 std::string SaveModel(const LlamaModel& m, const std::string& dir) {
@@ -190,7 +198,7 @@ TEST(Eval, LossesMatchDirectComputation) {
       ++n;
     }
   }
-  auto r = Evaluate({{.name = "a", .dirs = {f.a}}, {.name = "ens", .dirs = {f.a, f.b}}, {.name = "twice", .dirs = {f.a, f.a}}},
+  auto r = Evaluate({EvalModel("a", {f.a}), EvalModel("ens", {f.a, f.b}), EvalModel("twice", {f.a, f.a})},
                     {{"v", {f.dir / "v.txt"}}}, o);
   ASSERT_TRUE(r.ok()) << r.status().message();
   const auto& j = *r;
@@ -466,8 +474,7 @@ TEST(Eval, TokenOnlyRoutingScoresOne) {
   testing::WriteText(dir / "v.txt", testing::SampleText(30, 1));
   EvalOptions o;
   o.seq_len = 64;
-  auto r = Evaluate({{.name = "tok", .dirs = {moe}, .expert_names = {"w", "x", "y", "z"}}, {.name = "ctx", .dirs = {moe2}}},
-                    {{"v", {dir / "v.txt"}}}, o);
+  auto r = Evaluate({EvalModel("tok", {moe}, {"w", "x", "y", "z"}), EvalModel("ctx", {moe2})}, {{"v", {dir / "v.txt"}}}, o);
   ASSERT_TRUE(r.ok()) << r.status().message();
   const auto& ts = (*r)["models"]["tok"]["token_specialization"];
   EXPECT_EQ(ts["top_k"], 2);
@@ -481,7 +488,7 @@ TEST(Eval, TokenOnlyRoutingScoresOne) {
   EXPECT_FALSE((*r)["models"]["ctx"].contains("expert_names"));
   // Attention mixes context in: the same token id no longer always reaches the same expert.
   EXPECT_LT((*r)["models"]["ctx"]["token_specialization"]["layers"][1]["score"].get<double>(), 1.0);
-  auto bad = Evaluate({{.name = "tok", .dirs = {moe}, .expert_names = {"only", "two"}}}, {{"v", {dir / "v.txt"}}}, o);
+  auto bad = Evaluate({EvalModel("tok", {moe}, {"only", "two"})}, {{"v", {dir / "v.txt"}}}, o);
   EXPECT_EQ(bad.status().code(), StatusCode::kInvalidArgument);
 }
 
@@ -765,4 +772,4 @@ print('ok')
 }
 
 }  // namespace
-}  // namespace btx
+}  // namespace btx::model

@@ -4,7 +4,7 @@
 #include "btx/model/llama.h"
 #include "test_util.h"
 
-namespace btx {
+namespace btx::model {
 namespace {
 
 TEST(Llama, ForwardShapesDenseAndMoe) {
@@ -203,4 +203,4 @@ TEST(Llama, FromTensorsRejectsWrongShapes) {
 }
 
 }  // namespace
-}  // namespace btx
+}  // namespace btx::model

@@ -21,7 +21,7 @@
 
 #include "btx/contract/sha256.h"
 
-namespace btx::st {
+namespace btx::model::st {
 using nlohmann::json;
 
 const char* DTypeName(DType d) {
@@ -344,4 +344,4 @@ Status Write(const std::string& path, const std::vector<std::pair<std::string, a
       path, specs, [&](size_t i) -> StatusOr<at::Tensor> { return tensors[i].second; }, metadata, sha256);
 }
 
-}  // namespace btx::st
+}  // namespace btx::model::st

@@ -5,7 +5,7 @@
 
 #include "btx/contract/files.h"
 
-namespace btx {
+namespace btx::model {
 
 uint64_t Fnv1a64(const void* data, size_t n) {
   uint64_t h = 1469598103934665603ull;
@@ -68,4 +68,4 @@ StatusOr<std::vector<int32_t>> ReadTokenShard(const std::string& path) {
   return out;
 }
 
-}  // namespace btx
+}  // namespace btx::model

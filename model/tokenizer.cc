@@ -19,7 +19,7 @@
 
 extern char** environ;
 
-namespace btx {
+namespace btx::model {
 namespace fs = std::filesystem;
 
 namespace {
@@ -197,4 +197,4 @@ StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizer(const std::string& dir) {
   return NotFound(dir + ": no tokenizer (btx_tokenizer.json or tokenizer.model)");
 }
 
-}  // namespace btx
+}  // namespace btx::model

@@ -12,7 +12,7 @@
 #include "btx/model/trainer.h"
 #include "test_util.h"
 
-namespace btx {
+namespace btx::model {
 namespace {
 using testing::TempDir;
 
@@ -217,4 +217,4 @@ TEST(Trainer, FreezeAllButRouter) {
 }
 
 }  // namespace
-}  // namespace btx
+}  // namespace btx::model

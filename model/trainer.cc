@@ -18,7 +18,7 @@
 #include "btx/model/hf_io.h"
 #include "btx/model/safetensors.h"
 
-namespace btx {
+namespace btx::model {
 namespace fs = std::filesystem;
 using nlohmann::json;
 
@@ -336,4 +336,4 @@ std::map<std::string, double> Trainer::Validate() {
   return out;
 }
 
-}  // namespace btx
+}  // namespace btx::model

@@ -3,7 +3,7 @@
 // artifact), then alternates, `--reps` times:
 //   cp              `cp` of the input model.safetensors files into a scratch dir
 //   cp + sync       the same followed by `sync FILE...` (fsync), since the merge writes its output durably
-//   merge           btx::MergeToDir (BTX, seed kept as an expert) on inputs without manifests: tensor by tensor
+//   merge           btx::model::MergeToDir (BTX, seed kept as an expert) on inputs without manifests: tensor by tensor
 //                   from the mapped inputs, output fsynced
 //   merge + checks  the same with manifests: the sha256 of every input byte is checked beside the merge
 //   merge job       the whole `btx-train` merge job: + the output's manifest and publication (the output's sha256
@@ -80,18 +80,18 @@ bool DropCaches() {
 }
 
 // A dense model whose every tensor is random (so nothing compresses or deduplicates), published with a manifest.
-void WriteModel(const btx::ModelConfig& cfg, const std::string& dir, uint64_t seed) {
+void WriteModel(const btx::model::ModelConfig& cfg, const std::string& dir, uint64_t seed) {
   auto staged = btx::StagedDir::Create(dir);
   if (!staged.ok()) throw std::runtime_error(staged.status().message());
   auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
-  const auto specs = btx::HfSpecs(cfg);
-  btx::Status st = btx::WriteFileDurable(staged->path() + "/config.json", btx::ConfigToHfJson(cfg).dump(2));
+  const auto specs = btx::model::HfSpecs(cfg);
+  btx::Status st = btx::WriteFileDurable(staged->path() + "/config.json", btx::model::ConfigToHfJson(cfg).dump(2));
   if (st.ok())
-    st = btx::WriteHfWeights(
+    st = btx::model::WriteHfWeights(
         staged->path(), specs,
         [&](size_t i) -> btx::StatusOr<at::Tensor> { return at::normal(0.0, 0.02, specs[i].shape, gen, at::kFloat); },
         0);
-  if (st.ok()) st = btx::MakeByteTokenizer()->SaveTo(staged->path());
+  if (st.ok()) st = btx::model::MakeByteTokenizer()->SaveTo(staged->path());
   if (st.ok()) st = staged->Publish();
   if (!st.ok()) throw std::runtime_error(st.message());
 }
@@ -161,7 +161,7 @@ int main(int argc, char** argv) {
     }
   }
   at::set_num_threads(a.threads);
-  btx::ModelConfig cfg;
+  btx::model::ModelConfig cfg;
   cfg.vocab_size = a.vocab;
   cfg.hidden_size = a.hidden;
   cfg.intermediate_size = a.ffn;
@@ -209,7 +209,7 @@ int main(int argc, char** argv) {
     return 2;
   }
 
-  btx::MergeSpec spec;
+  btx::model::MergeSpec spec;
   spec.method = a.method;
   spec.seed = a.method == "btm" ? "" : inputs[0];
   // Upcycling copies the seed into as many experts as there are inputs; the others merge the experts.
@@ -239,7 +239,7 @@ int main(int argc, char** argv) {
     const double s = Now();
     auto staged = btx::StagedDir::Create(scratch + "/merged");
     if (!staged.ok()) throw std::runtime_error(staged.status().message());
-    btx::Status st = btx::MergeToDir(spec, staged->path());
+    btx::Status st = btx::model::MergeToDir(spec, staged->path());
     if (!st.ok()) throw std::runtime_error("merge: " + st.message());
     const double t = Now() - s;
     out_bytes = fs::file_size(staged->path() + "/model.safetensors");
@@ -254,10 +254,12 @@ int main(int argc, char** argv) {
     }
   };
   struct Row {
+    Row(std::string n, std::string w, std::function<double()> r, bool out = false)
+        : name(std::move(n)), what(std::move(w)), run(std::move(r)), output_rate(out) {}
     std::string name, what;
     std::function<double()> run;
+    bool output_rate;  // GB/s of output bytes instead of input bytes
     std::vector<double> t;
-    bool output_rate = false;  // GB/s of output bytes instead of input bytes
   };
   std::vector<Row> rows;
   rows.push_back({"cp", "cp of the input files", [&] {
@@ -279,7 +281,7 @@ int main(int argc, char** argv) {
   rows.push_back({"merge + checks", "MergeToDir with the inputs' sha256 manifests verified beside it", merge_once});
   rows.push_back({"merge job", "btx-train merge job: + output manifest, publish", [&] {
                     const double s = Now();
-                    if (int rc = btx::RunJobFile(job_path, -1, nullptr); rc != 0)
+                    if (int rc = btx::model::RunJobFile(job_path, -1, nullptr); rc != 0)
                       throw std::runtime_error("merge job: exit " + std::to_string(rc));
                     return Now() - s;
                   }});
@@ -290,8 +292,8 @@ int main(int argc, char** argv) {
                     if (out_bytes == 0) throw std::runtime_error("durable write: the merge's output size is unknown");
                     return WriteDurably(scratch + "/durable-write.bin", out_bytes, random_bytes);
                   },
-                  {}, true});
-  if (a.only == "merge") rows.erase(rows.begin(), rows.begin() + 2), rows.resize(1);
+                  true});
+  if (a.only == "merge") rows.erase(rows.begin(), rows.begin() + 2), rows.erase(rows.begin() + 1, rows.end());
   try {
     // One unmeasured round first: the first write of a fresh file set is often slower here (page allocation).
     for (int r = -1; r < a.reps; ++r) {

@@ -39,16 +39,16 @@ struct BlockImpl : torch::nn::Module {
         n1(register_parameter("n1", torch::ones({d}))), n2(register_parameter("n2", torch::ones({d}))) {}
   torch::Tensor forward(torch::Tensor x, const torch::Tensor& cos, const torch::Tensor& sin) {
     const int64_t B = x.size(0), T = x.size(1);
-    auto h = btx::RmsNorm(x, n1, 1e-5);
-    auto qq = btx::ApplyRope(q(h).view({B, T, heads, hd}).transpose(1, 2), cos, sin);
-    auto kk = btx::ApplyRope(k(h).view({B, T, kv_heads, hd}).transpose(1, 2), cos, sin);
+    auto h = btx::model::RmsNorm(x, n1, 1e-5);
+    auto qq = btx::model::ApplyRope(q(h).view({B, T, heads, hd}).transpose(1, 2), cos, sin);
+    auto kk = btx::model::ApplyRope(k(h).view({B, T, kv_heads, hd}).transpose(1, 2), cos, sin);
     auto vv = v(h).view({B, T, kv_heads, hd}).transpose(1, 2);
     kk = kk.repeat_interleave(heads / kv_heads, 1);
     vv = vv.repeat_interleave(heads / kv_heads, 1);
     auto s = torch::matmul(qq, kk.transpose(-2, -1)) / std::sqrt(static_cast<double>(hd));
     s = s.masked_fill(torch::ones({T, T}, s.options().dtype(torch::kBool)).triu(1), -INFINITY);
     x = x + o(torch::matmul(torch::softmax(s, -1), vv).transpose(1, 2).reshape({B, T, -1}));
-    h = btx::RmsNorm(x, n2, 1e-5);
+    h = btx::model::RmsNorm(x, n2, 1e-5);
     return x + down(torch::silu(gate(h)) * up(h));
   }
   int64_t heads, kv_heads, hd;
@@ -58,7 +58,7 @@ struct BlockImpl : torch::nn::Module {
 TORCH_MODULE(Block);
 
 struct BaselineImpl : torch::nn::Module {
-  BaselineImpl(const btx::ModelConfig& c)
+  BaselineImpl(const btx::model::ModelConfig& c)
       : emb(register_module("emb", torch::nn::Embedding(c.vocab_size, c.hidden_size))),
         head(register_module("head", torch::nn::Linear(torch::nn::LinearOptions(c.hidden_size, c.vocab_size).bias(false)))),
         norm(register_parameter("norm", torch::ones({c.hidden_size}))) {
@@ -69,7 +69,7 @@ struct BaselineImpl : torch::nn::Module {
   torch::Tensor forward(const torch::Tensor& tokens, const torch::Tensor& cos, const torch::Tensor& sin) {
     auto x = emb(tokens);
     for (auto& b : blocks) x = b->forward(x, cos, sin);
-    return head(btx::RmsNorm(x, norm, 1e-5));
+    return head(btx::model::RmsNorm(x, norm, 1e-5));
   }
   torch::nn::Embedding emb;
   torch::nn::Linear head;
@@ -107,7 +107,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   const torch::Device dev = cuda ? torch::Device(torch::kCUDA, 0) : torch::Device(torch::kCPU);
-  btx::ModelConfig c;
+  btx::model::ModelConfig c;
   c.hidden_size = a.hidden;
   c.intermediate_size = a.hidden * 8 / 3 / 16 * 16;
   c.num_hidden_layers = a.layers;
@@ -119,17 +119,17 @@ int main(int argc, char** argv) {
   auto tokens = std::make_shared<std::vector<int32_t>>((a.seq + 1) * a.batch * (total_steps + 2));
   for (size_t i = 0; i < tokens->size(); ++i) (*tokens)[i] = static_cast<int32_t>((i * 2654435761u >> 7) % 256);
 
-  btx::TrainConfig tc;
+  btx::model::TrainConfig tc;
   tc.seq_len = a.seq;
   tc.batch_tokens = a.seq * a.batch;
   tc.warmup = 2;
   tc.checkpoint_every = 0;
   tc.log_every = 1000000;
-  btx::TrainOptions to;
+  btx::model::TrainOptions to;
   to.device = a.device;
-  to.backend = btx::KernelsAvailable() ? btx::MoeBackend::kKernels : btx::MoeBackend::kReference;
+  to.backend = btx::model::KernelsAvailable() ? btx::model::MoeBackend::kKernels : btx::model::MoeBackend::kReference;
 
-  auto model = btx::LlamaModel::Init(c, 1);
+  auto model = btx::model::LlamaModel::Init(c, 1);
   if (!model.ok()) {
     std::fprintf(stderr, "%s\n", model.status().message().c_str());
     return 1;
@@ -138,16 +138,16 @@ int main(int argc, char** argv) {
   // so a noisy neighbour on a shared machine penalises neither side systematically.
   const int rounds = 3;
   const double tokens_per_round = static_cast<double>(a.steps * a.seq * a.batch);
-  auto run_btx = [&](int64_t steps, btx::MoeBackend backend) {
+  auto run_btx = [&](int64_t steps, btx::model::MoeBackend backend) {
     to.steps = steps;
     to.backend = backend;
-    btx::Trainer t(&*model, tc, to, {{"bench", 1.0, tokens, nullptr}}, {});
+    btx::model::Trainer t(&*model, tc, to, {{"bench", 1.0, tokens, nullptr}}, {});
     if (!t.Init().ok()) std::abort();
     const double t0 = Now();
     if (!t.Run().ok()) std::abort();
     return Now() - t0;
   };
-  const btx::MoeBackend main_backend = to.backend;
+  const btx::model::MoeBackend main_backend = to.backend;
   run_btx(a.warmup, main_backend);
   double ours = 0, base = 0;
   std::function<double()> base_round;
@@ -155,7 +155,7 @@ int main(int argc, char** argv) {
     Baseline net(c);
     net->to(dev);
     torch::optim::AdamW opt(net->parameters(), torch::optim::AdamWOptions(3e-4).betas({0.9, 0.95}).weight_decay(0.1));
-    auto [cos, sin] = btx::RopeTables(a.seq, c.head_dim(), c.rope_theta, dev);
+    auto [cos, sin] = btx::model::RopeTables(a.seq, c.head_dim(), c.rope_theta, dev);
     auto all = torch::from_blob(tokens->data(), {static_cast<int64_t>(tokens->size())}, torch::kInt)
                    .to(torch::kLong)
                    .to(dev);
@@ -164,7 +164,7 @@ int main(int argc, char** argv) {
       opt.zero_grad();
       torch::Tensor loss;
       {
-        btx::kernels::CudaAutocastScope amp(cuda);  // the same mixed precision as btx::Trainer on a GPU
+        btx::kernels::CudaAutocastScope amp(cuda);  // the same mixed precision as btx::model::Trainer on a GPU
         auto logits = net->forward(batch.narrow(1, 0, a.seq), cos, sin).to(torch::kFloat);
         loss = torch::nn::functional::cross_entropy(logits.reshape({-1, c.vocab_size}),
                                                     batch.narrow(1, 1, a.seq).reshape({-1}));
@@ -186,17 +186,17 @@ int main(int argc, char** argv) {
     }
   } else {
     // MoE: the baseline is the same trainer with the FFN as a plain-ATen per-expert loop (ReferenceMoe).
-    run_btx(a.warmup, btx::MoeBackend::kReference);
+    run_btx(a.warmup, btx::model::MoeBackend::kReference);
     for (int r = 0; r < rounds; ++r) {
       ours = std::max(ours, tokens_per_round / run_btx(a.steps, main_backend));
-      base = std::max(base, tokens_per_round / run_btx(a.steps, btx::MoeBackend::kReference));
+      base = std::max(base, tokens_per_round / run_btx(a.steps, btx::model::MoeBackend::kReference));
     }
   }
   std::printf("model: D=%lld layers=%lld experts=%lld seq=%lld batch=%lld threads=%d steps=%d device=%s\n",
               static_cast<long long>(a.hidden), static_cast<long long>(a.layers), static_cast<long long>(a.experts),
               static_cast<long long>(a.seq), static_cast<long long>(a.batch), a.threads, a.steps, a.device.c_str());
   std::printf("btx trainer%s: %10.1f tokens/s\n",
-              a.experts ? (btx::KernelsAvailable() ? " (MoE kernels)" : " (MoE reference)") : "", ours);
+              a.experts ? (btx::model::KernelsAvailable() ? " (MoE kernels)" : " (MoE reference)") : "", ours);
   std::printf("%s: %10.1f tokens/s\n",
               a.experts ? "baseline (btx trainer, plain-ATen per-expert MoE loop)" : "baseline (torch::nn + torch::optim::AdamW)",
               base);

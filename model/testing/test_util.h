@@ -13,7 +13,7 @@
 
 #include "btx/model/config.h"
 
-namespace btx::testing {
+namespace btx::model::testing {
 
 class TempDir {
  public:
@@ -61,4 +61,4 @@ inline std::string SampleText(int lines, int salt = 0) {
   return s;
 }
 
-}  // namespace btx::testing
+}  // namespace btx::model::testing

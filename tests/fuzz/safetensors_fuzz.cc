@@ -25,20 +25,20 @@ int g_memfd = -1;
   std::abort();
 }
 
-c10::ScalarType ScalarOf(btx::st::DType d) {
+c10::ScalarType ScalarOf(btx::model::st::DType d) {
   switch (d) {
-    case btx::st::DType::kF32: return c10::kFloat;
-    case btx::st::DType::kF16: return c10::kHalf;
-    case btx::st::DType::kBF16: return c10::kBFloat16;
+    case btx::model::st::DType::kF32: return c10::kFloat;
+    case btx::model::st::DType::kF16: return c10::kHalf;
+    case btx::model::st::DType::kBF16: return c10::kBFloat16;
   }
   return c10::kFloat;
 }
 
 void Check(const uint8_t* data, size_t size) {
-  std::vector<btx::st::TensorInfo> tensors;
+  std::vector<btx::model::st::TensorInfo> tensors;
   std::map<std::string, std::string> metadata;
   uint64_t data_start = 0;
-  btx::Status st = btx::st::ParseHeader(data, size, &tensors, &metadata, &data_start);
+  btx::Status st = btx::model::st::ParseHeader(data, size, &tensors, &metadata, &data_start);
   if (!st.ok()) {
     if (st.code() != btx::StatusCode::kDataLoss || st.message().empty()) Violated("rejection is not DATA_LOSS: " + st.message());
     return;
@@ -53,13 +53,13 @@ void Check(const uint8_t* data, size_t size) {
       extent *= d ? static_cast<uint64_t>(d) : 1;
       if (extent > INT64_MAX) Violated("tensor '" + t.name + "' has dimensions whose product overflows int64_t");
     }
-    if (numel * btx::st::DTypeSize(t.dtype) != t.end - t.begin) Violated("tensor '" + t.name + "' size mismatch");
+    if (numel * btx::model::st::DTypeSize(t.dtype) != t.end - t.begin) Violated("tensor '" + t.name + "' size mismatch");
   }
 
   if (::ftruncate(g_memfd, 0) != 0 || ::pwrite(g_memfd, data, size, 0) != static_cast<ssize_t>(size)) {
     Violated("cannot write the memfd");
   }
-  auto file = btx::st::File::Open("/proc/self/fd/" + std::to_string(g_memfd));
+  auto file = btx::model::st::File::Open("/proc/self/fd/" + std::to_string(g_memfd));
   if (!file.ok()) Violated("ParseHeader accepted what File::Open rejects: " + file.status().message());
   if ((*file)->tensors().size() != tensors.size()) Violated("File::Open sees a different tensor list");
   for (const auto& t : tensors) {

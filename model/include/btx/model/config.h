@@ -9,7 +9,7 @@
 #include "btx/contract/specs.h"
 #include "btx/contract/status.h"
 
-namespace btx {
+namespace btx::model {
 
 struct ModelConfig {
   int64_t vocab_size = 259;  // byte tokenizer: 256 bytes + bos, eos, pad
@@ -47,4 +47,4 @@ StatusOr<ModelConfig> ConfigFromHfJson(const nlohmann::json& j);
 StatusOr<ModelConfig> ConfigFromInit(const contract::ModelInit& init, int64_t tokenizer_vocab, int64_t bos_id,
                                      int64_t eos_id);
 
-}  // namespace btx
+}  // namespace btx::model

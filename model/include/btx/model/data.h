@@ -11,7 +11,7 @@
 #include "btx/contract/status.h"
 #include "btx/model/tokenizer.h"
 
-namespace btx {
+namespace btx::model {
 
 using TokenStream = std::shared_ptr<const std::vector<int32_t>>;
 
@@ -62,4 +62,4 @@ class MixtureSampler {
   std::vector<uint64_t> cursors_;
 };
 
-}  // namespace btx
+}  // namespace btx::model

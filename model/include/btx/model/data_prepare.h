@@ -7,7 +7,7 @@
 
 #include "btx/contract/status.h"
 
-namespace btx {
+namespace btx::model {
 
 struct DataPrepareOptions {
   std::vector<std::string> inputs;  // text files, or directories walked recursively in sorted order
@@ -37,4 +37,4 @@ StatusOr<DataPrepareResult> PrepareData(const DataPrepareOptions& opts);
 // [--shard-tokens N] [--seed S]. Errors name the bad argument.
 StatusOr<DataPrepareOptions> ParseDataPrepareArgs(const std::vector<std::string>& args);
 
-}  // namespace btx
+}  // namespace btx::model

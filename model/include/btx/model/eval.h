@@ -13,7 +13,7 @@
 #include "btx/contract/status.h"
 #include "btx/model/tokenizer.h"
 
-namespace btx {
+namespace btx::model {
 
 using contract::EvalDomainSpec;
 using contract::EvalModelSpec;
@@ -72,4 +72,4 @@ std::string RoutingSvg(const nlohmann::json& eval);
 std::string RoutingPng(const nlohmann::json& eval);
 bool PngAvailable();
 
-}  // namespace btx
+}  // namespace btx::model

@@ -10,7 +10,7 @@
 #include "btx/model/llama.h"
 #include "btx/model/safetensors.h"
 
-namespace btx {
+namespace btx::model {
 
 struct SaveOptions {
   uint64_t max_shard_bytes = 2ull << 30;  // a model larger than this is split into shards + index.json
@@ -53,4 +53,4 @@ class HfTensorSource {
 StatusOr<LlamaModel> LoadModelDir(const std::string& dir);
 StatusOr<ModelConfig> LoadConfig(const std::string& dir);
 
-}  // namespace btx
+}  // namespace btx::model

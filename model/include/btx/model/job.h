@@ -6,7 +6,7 @@
 
 #include "btx/contract/job.h"
 
-namespace btx {
+namespace btx::model {
 
 using contract::kExitFailed;
 using contract::kExitInterrupted;
@@ -16,4 +16,4 @@ using contract::kExitOk;
 // progress_fd < 0: no progress events. `stop` is raised by SIGTERM.
 int RunJobFile(const std::string& job_path, int progress_fd, const std::atomic<bool>* stop);
 
-}  // namespace btx
+}  // namespace btx::model

@@ -15,7 +15,7 @@
 #include "btx/model/config.h"
 #include "btx/contract/status.h"
 
-namespace btx {
+namespace btx::model {
 
 enum class MoeBackend {
   kKernels,    // btx::kernels grouped operators (default when linked)
@@ -83,4 +83,4 @@ struct ReferenceMoeOut {
 ReferenceMoeOut ReferenceMoe(const at::Tensor& x, const at::Tensor& logits, int64_t top_k, const at::Tensor& w1,
                              const at::Tensor& w3, const at::Tensor& w2);
 
-}  // namespace btx
+}  // namespace btx::model

@@ -12,7 +12,7 @@
 #include "btx/contract/specs.h"
 #include "btx/contract/status.h"
 
-namespace btx {
+namespace btx::model {
 
 // What a merge job reads: the job contract's struct (contract/specs.h), checked by its parser.
 using contract::MergeSpec;
@@ -25,4 +25,4 @@ using contract::MergeSpec;
 Status MergeToDir(const MergeSpec& s, const std::string& dir, const std::atomic<bool>* stop = nullptr,
                   FileDigests* weight_digests = nullptr);
 
-}  // namespace btx
+}  // namespace btx::model

@@ -12,7 +12,7 @@
 
 #include "btx/contract/status.h"
 
-namespace btx::st {
+namespace btx::model::st {
 
 enum class DType { kF32, kF16, kBF16 };
 const char* DTypeName(DType d);
@@ -80,4 +80,4 @@ Status WriteStreaming(const std::string& path, const std::vector<TensorSpec>& sp
 Status Write(const std::string& path, const std::vector<std::pair<std::string, at::Tensor>>& tensors,
              const std::map<std::string, std::string>& metadata = {}, std::string* sha256 = nullptr);
 
-}  // namespace btx::st
+}  // namespace btx::model::st

@@ -7,7 +7,7 @@
 
 #include "btx/contract/status.h"
 
-namespace btx {
+namespace btx::model {
 
 inline constexpr char kShardMagic[8] = {'B', 'T', 'X', 'T', 'O', 'K', '\r', '\n'};
 inline constexpr uint32_t kShardVersion = 1;
@@ -18,4 +18,4 @@ Status WriteTokenShard(const std::string& path, const std::vector<int32_t>& toke
 StatusOr<std::vector<int32_t>> ReadTokenShard(const std::string& path);
 uint64_t Fnv1a64(const void* data, size_t n);
 
-}  // namespace btx
+}  // namespace btx::model

@@ -9,7 +9,7 @@
 
 #include "btx/contract/status.h"
 
-namespace btx {
+namespace btx::model {
 
 class Tokenizer {
  public:
@@ -38,4 +38,4 @@ StatusOr<std::unique_ptr<Tokenizer>> TrainSentencePiece(const std::vector<std::s
 StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizer(const std::string& model_dir);
 bool HasTokenizer(const std::string& model_dir);
 
-}  // namespace btx
+}  // namespace btx::model

@@ -13,7 +13,7 @@
 #include "btx/model/data.h"
 #include "btx/model/llama.h"
 
-namespace btx {
+namespace btx::model {
 
 // The `train` hyper-parameters: the job contract's struct, with its defaults and bounds (contract/specs.h).
 using contract::TrainConfig;
@@ -78,4 +78,4 @@ class Trainer {
 // Frozen-parameter rule shared with tests: does `freeze` exclude parameter `name`?
 bool IsFrozen(const std::string& name, const std::vector<std::string>& freeze);
 
-}  // namespace btx
+}  // namespace btx::model
