@@ -3,7 +3,6 @@
 #include <unistd.h>
 
 #include <filesystem>
-#include <pqxx/pqxx>
 
 #include <grpcpp/grpcpp.h>
 #include <spdlog/sinks/basic_file_sink.h>
@@ -12,10 +11,7 @@
 #include "btx/common/process.h"
 #include "btx/common/strings.h"
 #include "btx/scheduler/server.h"
-#include "btx/storage/local_postgres.h"
-#include "btx/storage/migrations.h"
-#include "btx/storage/pool.h"
-#include "btx/storage/store.h"
+#include "btx/storage/database.h"
 #include "btx/worker/worker.h"
 
 namespace btx::cli {
@@ -66,31 +62,20 @@ absl::StatusOr<std::unique_ptr<EmbeddedStack>> EmbeddedStack::Start(EmbeddedConf
     spdlog::set_level(spdlog::level::off);  // no log file (read-only dir?): stay quiet rather than garble
   }
 
-  storage::LocalPostgresConfig pg_config;
-  pg_config.state_dir = cfg.state_dir;
-  auto pg = storage::LocalPostgres::Start(pg_config, s->launcher_);
-  if (!pg.ok()) return absl::UnavailableError(Cat("cannot start the embedded PostgreSQL: ", pg.status().message()));
-  s->pg_ = std::move(*pg);
-  const std::string conninfo = s->pg_->ConnectionString();
-  try {
-    pqxx::connection conn(conninfo);
-    auto version = storage::Migrate(conn);
-    if (!version.ok()) return absl::UnavailableError(Cat("embedded database in ", cfg.state_dir, ": ", version.status().message()));
-  } catch (const std::exception& e) {
-    return absl::UnavailableError(Cat("cannot connect to the embedded PostgreSQL in ", cfg.state_dir, ": ", e.what()));
-  }
+  // The same way btx-scheduler opens its database: start (or reuse) the server, migrate, pool.
+  auto db = storage::OpenDatabase({.url = "", .local = {.state_dir = cfg.state_dir}, .connections = 8}, s->launcher_);
+  if (!db.ok()) return absl::UnavailableError(Cat("embedded database in ", cfg.state_dir, ": ", db.status().message()));
+  s->db_ = std::move(*db);
 
   s->artifact_root_ = cfg.state_dir + "/artifacts";
   fs::create_directories(s->artifact_root_, ec);
   if (ec) return absl::FailedPreconditionError(Cat("cannot create ", s->artifact_root_, ": ", ec.message()));
-  s->pool_ = std::make_unique<storage::ConnectionPool>(conninfo, 8);
-  s->store_ = std::make_unique<storage::Store>(*s->pool_);
   scheduler::SchedulerConfig sc;
   sc.listen = "127.0.0.1:0";
   sc.artifact_root = s->artifact_root_;
   sc.heartbeat_interval = cfg.heartbeat;
   sc.lease = cfg.lease;
-  s->scheduler_ = std::make_unique<scheduler::Scheduler>(sc, *s->store_, s->clock_, conninfo);
+  s->scheduler_ = std::make_unique<scheduler::Scheduler>(sc, *s->db_->store, s->clock_, s->db_->conninfo);
   auto port = s->scheduler_->Start();
   if (!port.ok()) return absl::UnavailableError(Cat("cannot start the embedded scheduler: ", port.status().message()));
   s->port_ = *port;
@@ -141,10 +126,7 @@ EmbeddedStack::~EmbeddedStack() {
     scheduler_->Shutdown();
     scheduler_.reset();
   }
-  store_.reset();
-  pool_.reset();
-  if (pg_) (void)pg_->Stop();
-  pg_.reset();
+  db_.reset();
   spdlog::default_logger()->flush();
 }
 

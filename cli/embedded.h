@@ -13,9 +13,7 @@
 #include "btx/common/process.h"
 
 namespace btx::storage {
-class LocalPostgres;
-class ConnectionPool;
-class Store;
+struct Database;
 }  // namespace btx::storage
 namespace btx::scheduler {
 class Scheduler;
@@ -73,9 +71,7 @@ class EmbeddedStack {
   int port_ = 0, gpus_ = 0, slots_ = 1, threads_per_job_ = 1;
   PosixProcessLauncher launcher_;
   SystemClock clock_;
-  std::unique_ptr<storage::LocalPostgres> pg_;
-  std::unique_ptr<storage::ConnectionPool> pool_;
-  std::unique_ptr<storage::Store> store_;
+  std::unique_ptr<storage::Database> db_;
   std::unique_ptr<scheduler::Scheduler> scheduler_;
   std::unique_ptr<worker::Worker> worker_;
   std::thread worker_thread_;

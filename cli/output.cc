@@ -11,6 +11,7 @@
 #include <regex>
 
 #include "btx/common/strings.h"
+#include "btx/contract/job.h"
 
 namespace btx::cli {
 using json = nlohmann::json;
@@ -175,10 +176,8 @@ std::string StateName(v1::WorkerState s) {
   return s == v1::WORKER_STATE_UNSPECIFIED ? "-" : v1::WorkerState_Name(s).substr(13);
 }
 std::string KindName(v1::JobKind k) {
-  if (k == v1::JOB_KIND_UNSPECIFIED) return "-";
-  std::string n = v1::JobKind_Name(k).substr(9);
-  for (char& c : n) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-  return n;
+  const contract::JobKindInfo* info = contract::FindJobKind(static_cast<int>(k));
+  return info != nullptr ? std::string(info->name) : "-";
 }
 bool IsTerminal(v1::PipelineState s) {
   return s == v1::PIPELINE_STATE_SUCCEEDED || s == v1::PIPELINE_STATE_FAILED || s == v1::PIPELINE_STATE_CANCELLED;

@@ -3,7 +3,7 @@
 #include <filesystem>
 
 #include "btx/common/strings.h"
-#include "btx/scheduler/spec.h"
+#include "btx/scheduler/yaml.h"
 
 namespace btx::cli {
 using json = nlohmann::json;
@@ -70,6 +70,7 @@ RewrittenSpec AbsolutizeSpecPaths(const std::string& text, const PathContext& ct
     if (seed.contains("pretrain")) r.Data(seed["pretrain"], "seed.pretrain");
   }
   if (spec.contains("tokenizer")) {
+    // The two forms of contract::ParseTokenizer that name a file; "byte" and {type: ...} name none.
     json& t = spec["tokenizer"];
     if (t.is_string() && t.get<std::string>() != "byte") r.One(t, "tokenizer");
     if (t.is_object() && t.contains("sentencepiece")) r.One(t["sentencepiece"], "tokenizer.sentencepiece");

@@ -29,7 +29,8 @@ struct RewrittenSpec {
 // anything else is joined to cwd and normalised lexically.
 std::string AbsolutizePath(const std::string& path, const PathContext& ctx);
 
-// Rewrites seed.model, tokenizer (unless "byte"), seed.pretrain.data.{train,valid} and
+// Rewrites seed.model, the tokenizer's file (`tokenizer: PATH` unless "byte", and
+// `tokenizer: {sentencepiece: PATH}`), seed.pretrain.data.{train,valid} and
 // experts[].data.{train,valid} (each a path or a list of paths). Values of other types are left for
 // the scheduler's validation to report.
 RewrittenSpec AbsolutizeSpecPaths(const std::string& text, const PathContext& ctx);

@@ -2,6 +2,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "btx/contract/job.h"
+
 namespace btx::scheduler {
 using json = nlohmann::json;
 
@@ -25,11 +27,16 @@ btx::v1::PipelineState PipelineStateFromString(const std::string& s) {
 std::string PipelineStateToString(btx::v1::PipelineState s) {
   return s == btx::v1::PIPELINE_STATE_UNSPECIFIED ? "" : btx::v1::PipelineState_Name(s).substr(15);
 }
+// The contract numbers its kinds as the API does (JobKinds.ContractTableAndApiAgree checks every row).
+static_assert(static_cast<int>(contract::JobKind::kPretrain) == btx::v1::JOB_KIND_PRETRAIN);
+static_assert(static_cast<int>(contract::JobKind::kBranch) == btx::v1::JOB_KIND_BRANCH);
+static_assert(static_cast<int>(contract::JobKind::kMerge) == btx::v1::JOB_KIND_MERGE);
+static_assert(static_cast<int>(contract::JobKind::kFinetune) == btx::v1::JOB_KIND_FINETUNE);
+static_assert(static_cast<int>(contract::JobKind::kEval) == btx::v1::JOB_KIND_EVAL);
+
 btx::v1::JobKind JobKindFromString(const std::string& s) {
-  std::string upper;
-  for (char c : s) upper += static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
-  btx::v1::JobKind k;
-  return btx::v1::JobKind_Parse("JOB_KIND_" + upper, &k) ? k : btx::v1::JOB_KIND_UNSPECIFIED;
+  const contract::JobKindInfo* k = contract::FindJobKind(s);
+  return k != nullptr ? static_cast<btx::v1::JobKind>(k->kind) : btx::v1::JOB_KIND_UNSPECIFIED;
 }
 
 static void ProgressFromJson(const std::string& text, btx::v1::Progress* p) {

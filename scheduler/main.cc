@@ -8,7 +8,6 @@
 #include <iostream>
 
 #include <CLI/CLI.hpp>
-#include <pqxx/pqxx>
 #include <spdlog/spdlog.h>
 
 #include "absl/synchronization/mutex.h"
@@ -17,8 +16,7 @@
 #include "btx/metrics/metrics.h"
 #include "btx/scheduler/auth.h"
 #include "btx/scheduler/server.h"
-#include "btx/storage/local_postgres.h"
-#include "btx/storage/migrations.h"
+#include "btx/storage/database.h"
 
 namespace {
 btx::scheduler::Scheduler* g_scheduler = nullptr;
@@ -129,36 +127,19 @@ int main(int argc, char** argv) {
   cfg.lease = std::chrono::seconds(lease_s);
   cfg.heartbeat_interval = std::chrono::seconds(heartbeat_s);
 
-  btx::PosixProcessLauncher launcher;
-  std::unique_ptr<btx::storage::LocalPostgres> local_pg;
-  if (database_url.empty()) {
-    if (state_dir.empty()) {
-      std::cerr << "btx-scheduler: give --database-url (or BTX_DATABASE_URL) or --state-dir\n";
-      return 2;
-    }
-    auto pg = btx::storage::LocalPostgres::Start({.state_dir = state_dir}, launcher);
-    if (!pg.ok()) {
-      std::cerr << "btx-scheduler: " << pg.status().message() << "\n";
-      return 1;
-    }
-    local_pg = std::move(*pg);
-    database_url = local_pg->ConnectionString();
+  if (database_url.empty() && state_dir.empty()) {
+    std::cerr << "btx-scheduler: give --database-url (or BTX_DATABASE_URL) or --state-dir\n";
+    return 2;
   }
-  try {
-    pqxx::connection conn(database_url);
-    auto v = btx::storage::Migrate(conn);
-    if (!v.ok()) {
-      std::cerr << "btx-scheduler: " << v.status().message() << "\n";
-      return 1;
-    }
-    spdlog::info("database schema at version {}", *v);
-  } catch (const std::exception& e) {
-    std::cerr << "btx-scheduler: cannot connect to the database: " << e.what() << "\n";
+  btx::PosixProcessLauncher launcher;
+  auto db = btx::storage::OpenDatabase(
+      {.url = database_url, .local = {.state_dir = state_dir}, .connections = db_connections}, launcher);
+  if (!db.ok()) {
+    std::cerr << "btx-scheduler: " << db.status().message() << "\n";
     return 1;
   }
+  spdlog::info("database schema at version {}", (*db)->schema_version);
   std::filesystem::create_directories(cfg.artifact_root);
-  btx::storage::ConnectionPool pool(database_url, db_connections);
-  btx::storage::Store store(pool);
   btx::SystemClock clock;
   // Declared before the scheduler and the exposer, which both read it until they are gone.
   btx::metrics::Registry registry;
@@ -190,7 +171,7 @@ int main(int argc, char** argv) {
       spdlog::warn("{}; serving no metrics (give --metrics-listen to choose another address)", e.what());
     }
   }
-  btx::scheduler::Scheduler scheduler(cfg, store, clock, database_url, &registry);
+  btx::scheduler::Scheduler scheduler(cfg, *(*db)->store, clock, (*db)->conninfo, &registry);
   auto port = scheduler.Start();
   if (!port.ok()) {
     std::cerr << "btx-scheduler: " << port.status().message() << "\n";

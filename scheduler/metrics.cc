@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "btx/common/strings.h"
+#include "btx/contract/job.h"
 #include "btx/v1/pipeline_service.grpc.pb.h"
 #include "btx/v1/worker_service.grpc.pb.h"
 
@@ -17,7 +18,6 @@ namespace {
 
 const std::vector<std::string> kPipelineStates = {"RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"};
 const std::vector<std::string> kJobStates = {"PENDING", "READY", "LEASED", "RETRY_WAIT", "SUCCEEDED", "FAILED", "CANCELLED"};
-const std::vector<std::string> kJobKinds = {"pretrain", "branch", "merge", "finetune", "eval"};
 
 double Seconds(Duration d) { return std::chrono::duration<double>(d).count(); }
 double UnixSeconds(TimePoint t) { return std::chrono::duration<double>(t.time_since_epoch()).count(); }
@@ -140,12 +140,12 @@ SchedulerMetrics::SchedulerMetrics(metrics::Registry& r, Duration lease, const s
   build_info_.WithLabels({version}).Set(1);
   for (const auto& s : kPipelineStates) pipelines_.WithLabels({s});
   for (const auto& s : kJobStates) {
-    for (const auto& k : kJobKinds) {
-      jobs_.WithLabels({s, k});
-      job_state_series_.insert({s, k});
+    for (const auto& k : contract::JobKinds()) {
+      jobs_.WithLabels({s, std::string(k.name)});
+      job_state_series_.insert({s, std::string(k.name)});
     }
   }
-  for (const auto& k : kJobKinds) job_retries_.WithLabels({k});
+  for (const auto& k : contract::JobKinds()) job_retries_.WithLabels({std::string(k.name)});
 }
 
 uint64_t SchedulerMetrics::Mark() {

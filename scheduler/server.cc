@@ -3,12 +3,12 @@
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/health_check_service_interface.h>
 
-#include <functional>
-#include <pqxx/pqxx>
 #include <utility>
+#include <vector>
 
 #include "btx/common/strings.h"
 #include "btx/metrics/metrics.h"
+#include "btx/storage/notify.h"
 #include "metrics.h"
 #include "services.h"
 
@@ -196,50 +196,30 @@ void Scheduler::MetricsLoop() {
 }
 
 void Scheduler::PumpLoop() {
-  std::unique_ptr<pqxx::connection> conn;
+  storage::NotifySender sender(conninfo_);
   while (!stopping_) {
     const auto [jobs, events] = wakeups_.TakePending(std::chrono::seconds(1));
     if (!jobs && !events) continue;
-    const std::string sql = Cat(jobs ? Cat("NOTIFY ", storage::kJobsChannel, ";") : "",
-                                events ? Cat("NOTIFY ", storage::kEventsChannel, ";") : "");
-    try {
-      if (!conn) conn = std::make_unique<pqxx::connection>(conninfo_);
-      pqxx::nontransaction(*conn).exec(sql);
-    } catch (const std::exception&) {
-      // Lost wake-ups only delay the other replicas until their periodic re-checks.
-      conn.reset();
-    }
+    std::vector<std::string> channels;
+    if (jobs) channels.emplace_back(storage::kJobsChannel);
+    if (events) channels.emplace_back(storage::kEventsChannel);
+    // A lost wake-up only delays the other replicas until their periodic re-checks.
+    (void)sender.Notify(channels);
     // Everything committed meanwhile rides on the next NOTIFY.
     if (!SleepUnlessStopping(config_.notify_coalesce)) break;
   }
 }
 
-namespace {
-class Receiver final : public pqxx::notification_receiver {
- public:
-  Receiver(pqxx::connection_base& c, const std::string& channel, std::function<void()> on_notify)
-      : notification_receiver(c, channel), on_notify_(std::move(on_notify)) {}
-  void operator()(const std::string&, int) override { on_notify_(); }
-
- private:
-  std::function<void()> on_notify_;
-};
-}  // namespace
-
 void Scheduler::ListenLoop() {
+  // One waiter starts the claim chain; every stream looks at the new events.
+  storage::NotifyListener listener(conninfo_, {{storage::kJobsChannel, [this] { wakeups_.jobs().NotifyOne(); }},
+                                               {storage::kEventsChannel, [this] { wakeups_.events().Notify(); }}});
   while (!stopping_) {
-    try {
-      pqxx::connection conn(conninfo_);
-      // One waiter starts the claim chain; every stream looks at the new events.
-      Receiver jobs(conn, storage::kJobsChannel, [this] { wakeups_.jobs().NotifyOne(); });
-      Receiver events(conn, storage::kEventsChannel, [this] { wakeups_.events().Notify(); });
-      while (!stopping_) conn.await_notification(0, 200000);
-    } catch (const std::exception&) {
-      // The database is away; wake everyone so they see the error, then try again shortly.
-      wakeups_.jobs().Notify();
-      wakeups_.events().Notify();
-      SleepUnlessStopping(std::chrono::seconds(1));
-    }
+    if (listener.Wait(std::chrono::milliseconds(200)).ok()) continue;
+    // The database is away; wake everyone so they see the error, then try again shortly.
+    wakeups_.jobs().Notify();
+    wakeups_.events().Notify();
+    SleepUnlessStopping(std::chrono::seconds(1));
   }
 }
 

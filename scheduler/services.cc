@@ -1,11 +1,13 @@
 // PipelineService and WorkerService: validate the request, run one Store transaction, map the result.
 #include "services.h"
 
+#include <algorithm>
 #include <nlohmann/json.hpp>
 
 #include "btx/common/strings.h"
 #include "btx/common/uri.h"
 #include "btx/rpc_status.h"
+#include "btx/scheduler/plan.h"
 #include "btx/scheduler/spec.h"
 #include "convert.h"
 
@@ -55,14 +57,34 @@ absl::Status CheckKey(const std::string& key) {
   return absl::OkStatus();
 }
 
+// A job that needs more GPUs than any worker has would wait forever: refuse the pipeline while its
+// owner can still change it. Every registered worker counts, in any state (Store::LargestWorker). With
+// none registered yet, the pipeline is accepted and waits: a fleet may well start after its first
+// submission.
+absl::Status CheckSomeWorkerFits(storage::Store& store, const std::vector<storage::NewJob>& jobs) {
+  int needed = 0;
+  for (const auto& j : jobs) needed = std::max(needed, j.gpus);
+  if (needed == 0) return absl::OkStatus();
+  auto largest = store.LargestWorker();
+  if (!largest.ok()) return largest.status();
+  if (!largest->has_value() || (*largest)->gpus >= needed) return absl::OkStatus();
+  return absl::FailedPreconditionError(
+      Cat("no registered worker can run this pipeline: its jobs need ", needed, " GPU", needed == 1 ? "" : "s",
+          " each (resources.gpus_per_job), and the largest registered worker, '", (*largest)->name, "', has ",
+          (*largest)->gpus, " GPU", (*largest)->gpus == 1 ? "" : "s"));
+}
+
 }  // namespace
 
 grpc::Status PipelineServiceImpl::Submit(grpc::ServerContext*, const v1::SubmitRequest* req, v1::SubmitResponse* resp) {
   if (auto s = CheckKey(req->idempotency_key()); !s.ok()) return ToGrpcStatus(s);
   auto spec = ParseSpec(req->spec());
   if (!spec.ok()) return ToGrpcStatus(spec.status());
+  auto jobs = PlanJobs(*spec);
+  if (!jobs.ok()) return ToGrpcStatus(jobs.status());
+  if (auto s = CheckSomeWorkerFits(store_, *jobs); !s.ok()) return ToGrpcStatus(s);
   storage::NewPipeline p{.name = (*spec)["name"], .spec_json = spec->dump(), .idempotency_key = req->idempotency_key(),
-                         .jobs = PlanJobs(*spec)};
+                         .jobs = *std::move(jobs)};
   if (req->dry_run()) {
     auto* out = resp->mutable_pipeline();
     out->set_name(p.name);

@@ -220,6 +220,19 @@ absl::StatusOr<std::vector<WorkerRecord>> Store::ListWorkers() {
   });
 }
 
+absl::StatusOr<std::optional<WorkerSize>> Store::LargestWorker() {
+  return InTx<std::optional<WorkerSize>>(pool_, "largest worker", [&](pqxx::work& tx) -> absl::StatusOr<std::optional<WorkerSize>> {
+    // Every registered worker counts, whatever its state: a LOST or DRAINING one is a machine of the
+    // fleet that may come back (it re-registers under its name, replacing its row).
+    auto r = tx.exec(
+        "SELECT name, CASE WHEN jsonb_typeof(capabilities->'gpus') = 'number' "
+        "THEN least(greatest((capabilities->>'gpus')::numeric, 0), 2147483647)::integer ELSE 0 END AS gpus "
+        "FROM workers ORDER BY gpus DESC, name LIMIT 1");
+    if (r.empty()) return std::optional<WorkerSize>();
+    return std::optional<WorkerSize>(WorkerSize{r[0][0].as<std::string>(), r[0][1].as<int>()});
+  });
+}
+
 absl::StatusOr<std::vector<EventRecord>> Store::EventsAfter(const std::string& pipeline_id, int64_t after_id, int limit) {
   return InTx<std::vector<EventRecord>>(pool_, "events", [&](pqxx::work& tx) -> absl::StatusOr<std::vector<EventRecord>> {
     std::vector<EventRecord> out;

@@ -1,23 +1,35 @@
 // The worker against a real scheduler and PostgreSQL, with a stand-in trainer: a shell script that
 // speaks the btx-train protocol (progress on fd 3, exit codes 0/65/75, atomic publish with a
-// manifest). The real btx-train runs in the end-to-end suite (tests/e2e).
+// manifest). The real btx-train runs in the end-to-end suite (tests/e2e). GPU hosts are faked
+// (WorkerConfig::discover_capabilities); what each child was given is what the script records.
 #include "btx/worker/worker.h"
 
 #include <sys/stat.h>
+#include <unistd.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
+#include <functional>
+#include <mutex>
+#include <optional>
+#include <set>
 #include <thread>
+#include <tuple>
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
 #include "btx/common/artifact_store.h"
 #include "btx/common/fs.h"
+#include "btx/common/strings.h"
 #include "btx/common/uri.h"
+#include "btx/contract/files.h"
+#include "btx/contract/job.h"
 #include "btx/metrics/metrics.h"
 #include "btx/scheduler/server.h"
 #include "btx/v1/pipeline_service.grpc.pb.h"
+#include "btx/v1/worker_service.pb.h"
 #include "pg_fixture.h"
 
 namespace btx::worker {
@@ -40,6 +52,15 @@ ck="$(dirname "$out")/checkpoints/step-00000001"
 mkdir -p "$ck"
 echo "{\"event\":\"checkpoint\",\"step\":1,\"path\":\"$ck\"}" >&3
 case "$mode" in
+  hold)
+    # Records what this child was given, then runs until the test creates $here/release: every job
+    # started before that is running at once.
+    mkdir -p "$here/seen"
+    cp "$job" "$here/seen/$name.json.tmp" && mv "$here/seen/$name.json.tmp" "$here/seen/$name.json"
+    printf '%s' "${CUDA_VISIBLE_DEVICES-unset}" > "$here/seen/$name.env.tmp"
+    mv "$here/seen/$name.env.tmp" "$here/seen/$name.env"
+    trap 'exit 75' TERM
+    while [ ! -e "$here/release" ]; do sleep 0.05; done ;;
   invalid)
     echo "btx-train: invalid job: train.lr: must be > 0" >&2
     exit 65 ;;
@@ -71,6 +92,84 @@ std::string Spec(int max_attempts) {
          std::to_string(max_attempts) + "}\n";
 }
 
+// A host with `gpus` GPUs and no driver behind them.
+Capabilities FakeGpuHost(int gpus) {
+  Capabilities c;
+  c.cpu_threads = 8;
+  c.memory_bytes = int64_t{64} << 30;
+  for (int i = 0; i < gpus; ++i) {
+    c.gpu_memory_bytes.push_back(int64_t{80} << 30);
+    c.gpu_names.push_back("Fake GPU");
+  }
+  return c;
+}
+
+// Every AcquireJob the worker sends, seen on its channel: what it said it had free. With `claim_as`
+// set, the request goes out with that free_gpus instead (a scheduler that hands out more than the
+// worker has).
+class AcquireRecorder {
+ public:
+  explicit AcquireRecorder(std::optional<int> claim_as = std::nullopt) : claim_as_(claim_as) {}
+  void Add(int free_gpus) {
+    std::lock_guard lock(mu_);
+    sent_.push_back(free_gpus);
+  }
+  std::vector<int> sent() const {
+    std::lock_guard lock(mu_);
+    return sent_;
+  }
+  std::optional<int> claim_as() const { return claim_as_; }
+
+ private:
+  const std::optional<int> claim_as_;
+  mutable std::mutex mu_;
+  std::vector<int> sent_;
+};
+
+class AcquireInterceptor : public grpc::experimental::Interceptor {
+ public:
+  explicit AcquireInterceptor(AcquireRecorder& recorder) : recorder_(recorder) {}
+  void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
+    if (methods->QueryInterceptionHookPoint(grpc::experimental::InterceptionHookPoints::PRE_SEND_MESSAGE)) {
+      const auto* req = static_cast<const v1::AcquireJobRequest*>(methods->GetSendMessage());
+      if (req != nullptr) {
+        recorder_.Add(req->free_gpus());
+        if (recorder_.claim_as()) {
+          replaced_ = *req;
+          replaced_.set_free_gpus(*recorder_.claim_as());
+          methods->ModifySendMessage(&replaced_);
+        }
+      }
+    }
+    methods->Proceed();
+  }
+
+ private:
+  AcquireRecorder& recorder_;
+  v1::AcquireJobRequest replaced_;  // outlives the send, as ModifySendMessage requires
+};
+
+class AcquireInterceptorFactory : public grpc::experimental::ClientInterceptorFactoryInterface {
+ public:
+  explicit AcquireInterceptorFactory(AcquireRecorder& recorder) : recorder_(recorder) {}
+  grpc::experimental::Interceptor* CreateClientInterceptor(grpc::experimental::ClientRpcInfo* info) override {
+    if (std::string(info->method()) != "/btx.v1.WorkerService/AcquireJob") return nullptr;
+    return new AcquireInterceptor(recorder_);
+  }
+
+ private:
+  AcquireRecorder& recorder_;
+};
+
+// A spec btx-train's contract accepts, so that the JOB.json the worker writes can be parsed back as is.
+constexpr char kBranchSpec[] = R"({"seed": "/models/seed", "data": {"train": ["/d/code"]}, "steps": 3})";
+
+struct GpuJob {
+  std::string name;
+  int gpus = 0;
+  int priority = 0;  // claimed lowest first
+};
+
 class WorkerTest : public ::testing::Test {
  protected:
   WorkerTest() : conninfo_(btx::testing::NewMigratedDatabase()), pool_(conninfo_, 8), store_(pool_) {
@@ -87,7 +186,8 @@ class WorkerTest : public ::testing::Test {
     scheduler_ = std::make_unique<scheduler::Scheduler>(sc, store_, clock_, conninfo_);
     auto port = scheduler_->Start();
     EXPECT_TRUE(port.ok()) << port.status();
-    channel_ = grpc::CreateChannel("127.0.0.1:" + std::to_string(*port), grpc::InsecureChannelCredentials());
+    address_ = "127.0.0.1:" + std::to_string(port.ok() ? *port : 0);
+    channel_ = grpc::CreateChannel(address_, grpc::InsecureChannelCredentials());
     pipelines_ = v1::PipelineService::NewStub(channel_);
   }
   ~WorkerTest() override {
@@ -98,7 +198,8 @@ class WorkerTest : public ::testing::Test {
 
   void SetMode(const std::string& mode) { ASSERT_TRUE(WriteFileAtomic(dir_ + "/mode", mode).ok()); }
 
-  void StartWorker() {
+  // `adjust` changes the defaults; with `recorder`, the worker's AcquireJob calls go through it.
+  void StartWorker(const std::function<void(WorkerConfig&)>& adjust = {}, AcquireRecorder* recorder = nullptr) {
     WorkerConfig wc;
     wc.name = "w1";
     wc.train_binary = dir_ + "/btx-train";
@@ -106,8 +207,16 @@ class WorkerTest : public ::testing::Test {
     wc.threads_per_job = 1;
     wc.poll_wait = 2s;
     wc.stop_grace = 10s;
+    if (adjust) adjust(wc);
+    auto channel = channel_;
+    if (recorder != nullptr) {
+      std::vector<std::unique_ptr<grpc::experimental::ClientInterceptorFactoryInterface>> interceptors;
+      interceptors.push_back(std::make_unique<AcquireInterceptorFactory>(*recorder));
+      channel = grpc::experimental::CreateCustomChannelWithInterceptors(address_, grpc::InsecureChannelCredentials(),
+                                                                       grpc::ChannelArguments(), std::move(interceptors));
+    }
     registry_ = std::make_unique<metrics::Registry>();  // one per worker: metric names are unique per registry
-    worker_ = std::make_unique<Worker>(wc, channel_, launcher_, clock_, registry_.get());
+    worker_ = std::make_unique<Worker>(wc, channel, launcher_, clock_, registry_.get());
     thread_ = std::thread([this] { worker_->Run(); });
   }
   void StopWorker() {
@@ -116,6 +225,26 @@ class WorkerTest : public ::testing::Test {
     thread_.join();
     worker_.reset();
   }
+
+  // Straight into the database: submit plans jobs of at most one GPU, the store takes any count.
+  std::string CreatePipeline(const std::vector<GpuJob>& jobs, int max_attempts = 1) {
+    storage::NewPipeline p;
+    p.name = "gpus";
+    p.spec_json = "{}";
+    for (const auto& j : jobs) {
+      p.jobs.push_back({.name = j.name, .kind = "branch", .spec_json = kBranchSpec, .depends_on = {},
+                        .max_attempts = max_attempts, .gpus = j.gpus, .priority = j.priority});
+    }
+    auto created = store_.CreatePipeline(p, clock_.Now());
+    EXPECT_TRUE(created.ok()) << created.status();
+    return created.ok() ? created->first.id : "";
+  }
+  // What the fake trainer recorded for job `name` ("" before it started): its CUDA_VISIBLE_DEVICES
+  // ("unset" when it had none) and its JOB.json.
+  std::string SeenEnv(const std::string& name) { return ReadFile(dir_ + "/seen/" + name + ".env").value_or(""); }
+  std::string SeenJob(const std::string& name) { return ReadFile(dir_ + "/seen/" + name + ".json").value_or(""); }
+  bool Started(const std::string& name) { return fs::exists(dir_ + "/seen/" + name + ".env"); }
+  void Release() { ASSERT_TRUE(WriteFileAtomic(dir_ + "/release", "").ok()); }
 
   std::string Submit(const std::string& spec) {
     grpc::ClientContext ctx;
@@ -155,6 +284,7 @@ class WorkerTest : public ::testing::Test {
 
   SystemClock clock_;
   std::string conninfo_;
+  std::string address_;
   storage::ConnectionPool pool_;
   storage::Store store_;
   std::string dir_;
@@ -178,7 +308,7 @@ TEST_F(WorkerTest, RunsPipelineToSuccessWithVerifiedArtifactsLogsAndProgress) {
     EXPECT_EQ(job.attempt, 1) << name;
     auto path = FileUriToPath(job.artifact_uri);
     ASSERT_TRUE(path.ok()) << job.artifact_uri;
-    EXPECT_TRUE(FileArtifactStore::VerifyDir(*path).ok()) << *path;
+    EXPECT_TRUE(VerifyManifest(*path).ok()) << *path;
     EXPECT_EQ(json::parse(job.result_json)["valid_loss"], 2.5);
     EXPECT_NE(job.checkpoint_uri.find("/checkpoints/step-00000001"), std::string::npos) << job.checkpoint_uri;
     const std::string logs = Logs(job.id);
@@ -234,7 +364,7 @@ TEST_F(WorkerTest, RetryRemovesTornOutputAndSucceeds) {
   const auto job = Job(id, "branch/code");
   EXPECT_GE(job.attempt, 2);
   EXPECT_NE(Logs(job.id).find("removed unverifiable leftover output"), std::string::npos) << Logs(job.id);
-  EXPECT_TRUE(FileArtifactStore::VerifyDir(*FileUriToPath(job.artifact_uri)).ok());
+  EXPECT_TRUE(VerifyManifest(*FileUriToPath(job.artifact_uri)).ok());
 }
 
 TEST_F(WorkerTest, CancelSignalsTheChildAndEndsCancelled) {
@@ -267,6 +397,107 @@ TEST_F(WorkerTest, DrainInterruptsRunningJobSoItResumesElsewhere) {
   StartWorker();
   ASSERT_TRUE(Eventually([&] { return store_.GetPipeline(id)->state == "SUCCEEDED"; }));
   EXPECT_EQ(Job(id, "branch/code").attempt, 2);
+}
+
+// A fake 4-GPU host with more slots than GPUs: four 1-GPU jobs and a CPU job run at once, each GPU job
+// on a device of its own; a fifth GPU job waits until a device is free, because the worker says it has
+// none (free_gpus counts devices, not slots).
+TEST_F(WorkerTest, GpuJobsRunAtOnceOnDistinctDevicesAndCpuJobsSeeNone) {
+  SetMode("hold");
+  const std::string id = CreatePipeline({{"g1", 1, 0}, {"g2", 1, 0}, {"g3", 1, 0}, {"g4", 1, 0},
+                                         {"cpu", 0, 1}, {"g5", 1, 2}});
+  AcquireRecorder recorder;
+  StartWorker(
+      [](WorkerConfig& wc) {
+        wc.discover_capabilities = [] { return FakeGpuHost(4); };
+        wc.slots = 6;
+      },
+      &recorder);
+  auto zeros = [&] {
+    const auto sent = recorder.sent();
+    return std::count(sent.begin(), sent.end(), 0);
+  };
+  // The CPU job is claimed with free_gpus 0 (all four devices held); the call after it is the one
+  // that must not get g5.
+  ASSERT_TRUE(Eventually([&] {
+    return Started("g1") && Started("g2") && Started("g3") && Started("g4") && Started("cpu") && zeros() >= 2;
+  })) << "sent free_gpus: " << ::testing::PrintToString(recorder.sent());
+  EXPECT_FALSE(Started("g5"));
+  EXPECT_EQ(Job(id, "g5").state, "READY");
+  EXPECT_EQ(worker_->running_jobs(), 5);
+
+  std::set<std::string> devices;
+  for (const std::string name : {"g1", "g2", "g3", "g4"}) {
+    const std::string env = SeenEnv(name);
+    EXPECT_TRUE(env == "0" || env == "1" || env == "2" || env == "3") << name << ": CUDA_VISIBLE_DEVICES=" << env;
+    devices.insert(env);
+    const auto job = json::parse(SeenJob(name));
+    EXPECT_EQ(job["device"], "cuda") << name;
+    EXPECT_EQ(job["kind"], "branch") << name;
+    // What the worker writes is what the contract reads.
+    auto parsed = contract::ParseJobFileText(SeenJob(name));
+    EXPECT_TRUE(parsed.ok()) << parsed.status().message();
+  }
+  EXPECT_EQ(devices.size(), 4u) << "two jobs share a GPU";
+  // A CPU job is shown no GPU at all, rather than inheriting the worker's.
+  EXPECT_EQ(SeenEnv("cpu"), "");
+  EXPECT_EQ(json::parse(SeenJob("cpu"))["device"], "cpu");
+
+  Release();
+  ASSERT_TRUE(Eventually([&] { return store_.GetPipeline(id)->state == "SUCCEEDED"; }))
+      << store_.GetPipeline(id)->state << " " << store_.GetPipeline(id)->error;
+  const std::string g5 = SeenEnv("g5");
+  EXPECT_TRUE(g5 == "0" || g5 == "1" || g5 == "2" || g5 == "3") << g5;
+  EXPECT_NE(Logs(Job(id, "g5").id).find("on cuda (CUDA_VISIBLE_DEVICES=" + g5 + ")"), std::string::npos);
+  // Every device comes back once its job has ended.
+  ASSERT_TRUE(Eventually([&] { return !recorder.sent().empty() && recorder.sent().back() == 4; }));
+  for (int free_gpus : recorder.sent()) EXPECT_TRUE(free_gpus >= 0 && free_gpus <= 4) << free_gpus;
+}
+
+// A 2-GPU job (the store takes any count) holds two distinct devices, shared with no other job; a 3-GPU
+// job waits while only one is free.
+TEST_F(WorkerTest, MultiGpuJobGetsThatManyDevicesOfItsOwn) {
+  SetMode("hold");
+  const std::string id = CreatePipeline({{"pair", 2, 0}, {"single", 1, 1}, {"triple", 3, 2}});
+  AcquireRecorder recorder;
+  StartWorker([](WorkerConfig& wc) { wc.discover_capabilities = [] { return FakeGpuHost(4); }; }, &recorder);
+  ASSERT_TRUE(Eventually([&] {
+    const auto sent = recorder.sent();
+    return Started("pair") && Started("single") && std::count(sent.begin(), sent.end(), 1) >= 1;
+  })) << "sent free_gpus: " << ::testing::PrintToString(recorder.sent());
+  EXPECT_FALSE(Started("triple"));
+  EXPECT_EQ(Job(id, "triple").state, "READY");
+
+  const auto pair = Split(SeenEnv("pair"), ',');
+  ASSERT_EQ(pair.size(), 2u) << SeenEnv("pair");
+  EXPECT_NE(pair[0], pair[1]);
+  const std::string single = SeenEnv("single");
+  EXPECT_NE(single, pair[0]);
+  EXPECT_NE(single, pair[1]);
+  for (const auto& d : {pair[0], pair[1], single}) EXPECT_TRUE(d == "0" || d == "1" || d == "2" || d == "3") << d;
+  EXPECT_EQ(json::parse(SeenJob("pair"))["device"], "cuda");
+
+  Release();
+  ASSERT_TRUE(Eventually([&] { return store_.GetPipeline(id)->state == "SUCCEEDED"; }))
+      << store_.GetPipeline(id)->state << " " << store_.GetPipeline(id)->error;
+  const auto triple = Split(SeenEnv("triple"), ',');
+  EXPECT_EQ(std::set<std::string>(triple.begin(), triple.end()).size(), 3u) << SeenEnv("triple");
+  for (int free_gpus : recorder.sent()) EXPECT_TRUE(free_gpus >= 0 && free_gpus <= 4) << free_gpus;
+}
+
+// A scheduler that assigns more GPUs than the worker has free (here: one that claims as if it had 8)
+// gets the attempt back with the reason; the job never runs on fewer devices than it asked for.
+TEST_F(WorkerTest, AssignmentNeedingMoreGpusThanFreeIsFailedBackNotRunOnFewer) {
+  SetMode("hold");
+  const std::string id = CreatePipeline({{"pair", 2, 0}});
+  AcquireRecorder recorder(/*claim_as=*/8);
+  StartWorker([](WorkerConfig& wc) { wc.discover_capabilities = [] { return FakeGpuHost(1); }; }, &recorder);
+  ASSERT_TRUE(Eventually([&] { return store_.GetPipeline(id)->state == "FAILED"; }));
+  const auto job = Job(id, "pair");
+  EXPECT_NE(job.error.find("needs 2 GPUs but this worker has 1 free (of 1); it is not run on fewer"), std::string::npos)
+      << job.error;
+  EXPECT_FALSE(Started("pair"));
+  EXPECT_EQ(recorder.sent().front(), 1);
 }
 
 TEST(ArtifactStoreTest, PublishFetchTamperAndTraversal) {
@@ -306,11 +537,27 @@ TEST(ArtifactStoreTest, PublishFetchTamperAndTraversal) {
   const std::string evil = root + "/evil";
   fs::create_directories(evil);
   ASSERT_TRUE(WriteFileAtomic(evil + "/manifest.sha256", std::string(64, 'a') + "  ../../etc/passwd\n").ok());
-  EXPECT_NE(std::string(FileArtifactStore::VerifyDir(evil).message()).find("escapes"), std::string::npos);
+  EXPECT_NE(VerifyManifest(evil).message().find("escapes"), std::string::npos);
+  // A symlink is refused wherever it is: in a published artifact, or in a directory to publish.
+  fs::create_symlink("/etc/passwd", *path + "/link");
+  ASSERT_TRUE(fs::remove(*path + "/extra"));
+  auto linked = store.Fetch(*uri);
+  EXPECT_EQ(linked.status().code(), absl::StatusCode::kDataLoss);
+  EXPECT_NE(std::string(linked.status().message()).find("symlink"), std::string::npos) << linked.status();
+  const std::string with_link = *MakeTempDir("btx-local");
+  fs::create_symlink("/etc/passwd", with_link + "/passwd");
+  EXPECT_EQ(store.Publish(with_link, "p1/linked/model").status().code(), absl::StatusCode::kDataLoss);
+  // A FIFO under a listed name fails verification instead of blocking the reader.
+  const std::string fifo_dir = root + "/fifo";
+  fs::create_directories(fifo_dir);
+  ASSERT_EQ(::mkfifo((fifo_dir + "/model.bin").c_str(), 0644), 0);
+  ASSERT_TRUE(WriteFileAtomic(fifo_dir + "/manifest.sha256", std::string(64, 'a') + "  model.bin\n").ok());
+  EXPECT_EQ(VerifyManifest(fifo_dir).code(), StatusCode::kDataLoss);
   EXPECT_TRUE(store.Remove(*uri).ok());
   EXPECT_FALSE(fs::exists(*path));
   fs::remove_all(root);
   fs::remove_all(again);
+  fs::remove_all(with_link);
 }
 
 }  // namespace

@@ -215,7 +215,7 @@ int main(int argc, char** argv) {
   // Upcycling copies the seed into as many experts as there are inputs; the others merge the experts.
   if (a.method == "upcycle") spec.num_experts = a.experts + 1;
   else
-    for (int e = 0; e < a.experts; ++e) spec.experts.emplace_back("e" + std::to_string(e), inputs[1 + e]);
+    for (int e = 0; e < a.experts; ++e) spec.experts.emplace_back(std::string("e").append(std::to_string(e)), inputs[1 + e]);
   spec.keep_seed_expert = a.method == "btx";
   spec.max_shard_bytes = 0;
   nlohmann::json job = {{"kind", "merge"}, {"output_dir", scratch + "/job-out"}, {"threads", a.threads},

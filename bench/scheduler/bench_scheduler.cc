@@ -25,10 +25,10 @@
 #include "btx/common/fs.h"
 #include "btx/common/process.h"
 #include "btx/common/strings.h"
+#include "btx/contract/job.h"
 #include "btx/metrics/metrics.h"
 #include "btx/scheduler/server.h"
-#include "btx/storage/local_postgres.h"
-#include "btx/storage/migrations.h"
+#include "btx/storage/database.h"
 #include "btx/storage/pool.h"
 #include "btx/storage/store.h"
 #include "btx/v1/worker_service.grpc.pb.h"
@@ -293,7 +293,7 @@ std::optional<Result> RunSchedulerPhase(const std::string& conninfo, const std::
   for (int made = 0, p = 0; made < jobs && phase != "rpc"; ++p) {
     btx::storage::NewPipeline np{.name = btx::Cat("bench-", p), .spec_json = "{}"};
     for (int j = 0; j < per_pipeline && made < jobs; ++j, ++made) {
-      np.jobs.push_back({.name = btx::Cat("job-", j), .kind = "branch"});
+      np.jobs.push_back({.name = btx::Cat("job-", j), .kind = std::string(btx::contract::JobKindName(btx::contract::JobKind::kBranch))});
     }
     // Distinct creation times keep the claim order pipeline by pipeline, as real submissions.
     auto s = store.CreatePipeline(np, now + std::chrono::milliseconds(p));
@@ -391,38 +391,28 @@ int main(int argc, char** argv) {
     return 1;
   }
   btx::PosixProcessLauncher launcher;
-  std::unique_ptr<btx::storage::LocalPostgres> pg;
+  std::unique_ptr<btx::storage::Database> db;
   // Stops the server before its directory goes, on every way out.
   struct Cleanup {
-    std::unique_ptr<btx::storage::LocalPostgres>& pg;
+    std::unique_ptr<btx::storage::Database>& db;
     std::string dir;
     ~Cleanup() {
-      pg.reset();
+      db.reset();
       std::error_code ec;
       std::filesystem::remove_all(dir, ec);
     }
-  } cleanup{pg, *dir};
-  std::string conninfo = database_url;
-  if (conninfo.empty()) {
-    btx::storage::LocalPostgresConfig pg_cfg;
-    pg_cfg.state_dir = *dir;
-    pg_cfg.durable = durable;
-    auto started = btx::storage::LocalPostgres::Start(pg_cfg, launcher);
-    if (!started.ok()) {
-      std::cerr << "cannot start PostgreSQL: " << started.status() << "\n";
-      return 1;
-    }
-    pg = std::move(*started);
-    conninfo = pg->ConnectionString();
-  }
+  } cleanup{db, *dir};
   {
-    pqxx::connection c(conninfo);
-    auto v = btx::storage::Migrate(c);
-    if (!v.ok()) {
-      std::cerr << v.status() << "\n";
+    auto opened = btx::storage::OpenDatabase(
+        {.url = database_url, .local = {.state_dir = *dir, .durable = durable}, .connections = connections}, launcher);
+    if (!opened.ok()) {
+      std::cerr << opened.status() << "\n";
       return 1;
     }
+    db = std::move(*opened);
   }
+  const std::string conninfo = db->conninfo;
+  const bool pg = db->local != nullptr;
   std::printf("btx_bench_scheduler: %d workers, %d jobs (%d per pipeline), %d database connections, %u CPUs\n", workers,
               jobs, per_pipeline, connections, std::thread::hardware_concurrency());
   if (pg) {

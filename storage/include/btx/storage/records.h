@@ -61,6 +61,12 @@ struct WorkerRecord {
   std::vector<std::string> running_job_ids;
 };
 
+// What Submit needs to know of the fleet: can any worker ever run a job of this size?
+struct WorkerSize {
+  std::string name;
+  int gpus = 0;
+};
+
 struct EventRecord {
   int64_t id = 0;
   std::string pipeline_id, job_id, job_name, type, payload_json;

@@ -8,14 +8,11 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "btx/storage/notify.h"
 #include "btx/storage/pool.h"
 #include "btx/storage/records.h"
 
 namespace btx::storage {
-
-// Channels NOTIFY'd on commit, so long polls and watch streams on any replica wake at once.
-inline constexpr char kJobsChannel[] = "btx_jobs";
-inline constexpr char kEventsChannel[] = "btx_events";
 
 struct PipelineFilter {
   std::string state;        // empty = any
@@ -102,6 +99,8 @@ class Store {
                                              const std::string& capabilities_json, const std::string& version,
                                              TimePoint now);
   absl::StatusOr<std::vector<WorkerRecord>> ListWorkers();
+  // The registered worker with the most GPUs (any state), or none when no worker ever registered.
+  absl::StatusOr<std::optional<WorkerSize>> LargestWorker();
 
   absl::StatusOr<std::vector<EventRecord>> EventsAfter(const std::string& pipeline_id, int64_t after_id, int limit);
   absl::StatusOr<std::vector<LogRecord>> LogsAfter(const std::string& job_id, int64_t after_id, int limit);
