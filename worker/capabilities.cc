@@ -3,12 +3,11 @@
 #include <dlfcn.h>
 #include <unistd.h>
 
-#include <algorithm>
 #include <cstdlib>
-#include <string_view>
 #include <thread>
 
 #include "btx/worker/worker.h"
+#include "device_allocator.h"
 
 namespace btx::worker {
 namespace {
@@ -19,22 +18,6 @@ using CuDeviceGet = int (*)(int*, int);
 using CuDeviceTotalMem = int (*)(size_t*, int);
 using CuDeviceGetName = int (*)(char*, int, int);
 using CuDeviceGetPciBusId = int (*)(char*, int, int);
-
-// The worker's own CUDA_VISIBLE_DEVICES, split at commas; empty when unset.
-std::vector<std::string> VisibleDeviceNames() {
-  std::vector<std::string> names;
-  const char* visible = std::getenv("CUDA_VISIBLE_DEVICES");
-  if (visible == nullptr) return names;
-  for (std::string_view rest = visible; !rest.empty();) {
-    const size_t comma = std::min(rest.find(','), rest.size());
-    std::string_view name = rest.substr(0, comma);
-    while (!name.empty() && name.front() == ' ') name.remove_prefix(1);
-    while (!name.empty() && name.back() == ' ') name.remove_suffix(1);
-    names.emplace_back(name);
-    rest.remove_prefix(std::min(comma + 1, rest.size()));
-  }
-  return names;
-}
 
 void DiscoverGpus(Capabilities& caps) {
   void* lib = ::dlopen("libcuda.so.1", RTLD_LAZY | RTLD_LOCAL);
@@ -47,7 +30,8 @@ void DiscoverGpus(Capabilities& caps) {
   auto pci = reinterpret_cast<CuDeviceGetPciBusId>(::dlsym(lib, "cuDeviceGetPCIBusId"));
   // The driver numbers only what the worker's CUDA_VISIBLE_DEVICES lets it see, in that list's order: a
   // child is given the list's names for its devices, not the worker's ordinals.
-  const std::vector<std::string> visible = VisibleDeviceNames();
+  const char* env = std::getenv("CUDA_VISIBLE_DEVICES");
+  const std::vector<std::string> visible = SplitVisibleDevices(env != nullptr ? env : "");
   int n = 0;
   if (init && count && get && mem && name && init(0) == 0 && count(&n) == 0) {
     for (int i = 0; i < n; ++i) {

@@ -41,4 +41,17 @@ std::vector<std::string> CudaDeviceIds(const std::vector<int>& devices, const st
   return out;
 }
 
+std::vector<std::string> SplitVisibleDevices(std::string_view list) {
+  std::vector<std::string> names;
+  while (!list.empty()) {
+    const size_t comma = std::min(list.find(','), list.size());
+    std::string_view name = list.substr(0, comma);
+    while (!name.empty() && name.front() == ' ') name.remove_prefix(1);
+    while (!name.empty() && name.back() == ' ') name.remove_suffix(1);
+    names.emplace_back(name);
+    list.remove_prefix(std::min(comma + 1, list.size()));
+  }
+  return names;
+}
+
 }  // namespace btx::worker

@@ -6,6 +6,7 @@
 
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace btx::worker {
@@ -32,5 +33,7 @@ class DeviceAllocator {
 // How a child's CUDA_VISIBLE_DEVICES names each of `devices`: ids[i] for device i when the worker was given
 // one (its own CUDA_VISIBLE_DEVICES entry: the driver numbers only what it lets the worker see), else "i".
 std::vector<std::string> CudaDeviceIds(const std::vector<int>& devices, const std::vector<std::string>& ids);
+// A CUDA_VISIBLE_DEVICES value split into its entries ("4, GPU-5f3c" -> {"4", "GPU-5f3c"}); "" -> none.
+std::vector<std::string> SplitVisibleDevices(std::string_view list);
 
 }  // namespace btx::worker

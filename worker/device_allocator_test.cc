@@ -113,5 +113,13 @@ TEST(CudaDeviceIds, IndicesOrTheWorkersOwnNames) {
   EXPECT_TRUE(CudaDeviceIds({}, {"4"}).empty());
 }
 
+TEST(SplitVisibleDevices, EntriesInOrder) {
+  EXPECT_TRUE(SplitVisibleDevices("").empty());
+  EXPECT_EQ(SplitVisibleDevices("3"), (std::vector<std::string>{"3"}));
+  EXPECT_EQ(SplitVisibleDevices("4, 6,GPU-5f3c"), (std::vector<std::string>{"4", "6", "GPU-5f3c"}));
+  // An empty entry keeps its place: the entries after it must not move up to another device's index.
+  EXPECT_EQ(SplitVisibleDevices("1,,2"), (std::vector<std::string>{"1", "", "2"}));
+}
+
 }  // namespace
 }  // namespace btx::worker

@@ -222,7 +222,7 @@ class Worker::Impl {
         // Devices, not slots: a 2-GPU job holds one slot and two GPUs. Nothing takes devices until this
         // call returns (StartJob runs on this thread), so what it claims against is still free then.
         req.set_worker_id(worker_id_);
-        { int f = 0; for (int i = 0; i < slots_; ++i) f += running_.count(i) ? 0 : 1; req.set_free_gpus(f); }
+        req.set_free_gpus(devices_.free());
         acquire_ctx_ = &ctx;
       }
       req.set_wait_timeout_ms(cfg_.poll_wait.count());

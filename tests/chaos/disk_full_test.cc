@@ -26,7 +26,6 @@
 namespace btx::chaos {
 namespace {
 namespace fs = std::filesystem;
-using json = nlohmann::json;
 
 using contract::kExitFailed;  // btx-train: a failure that is neither bad input nor an interruption
 
@@ -98,18 +97,22 @@ class DiskFullTest : public ::testing::Test {
 
   // Runs btx-train on a pretrain job that checkpoints into the small filesystem.
   RunResult Train(const std::string& name, int steps, const std::string& output_dir) {
-    const json job = {
-        {"job_id", "00000000-0000-0000-0000-000000000001"}, {"attempt", 1}, {"pipeline", "chaos-disk"},
-        {"kind", "pretrain"}, {"name", "pretrain"}, {"output_dir", output_dir},
-        {"checkpoint_dir", small_ + "/checkpoints"}, {"threads", 1}, {"device", "cpu"},
-        {"spec",
-         {{"init", {{"preset", "tiny"}}},
-          {"data", {{"train", {corpora_ + "/code/train.txt"}}}},
-          {"train", {{"batch_tokens", 512}, {"seq_len", 64}, {"lr", 3e-3}, {"warmup", 2}, {"checkpoint_every", 10},
-                     {"log_every", 5}, {"valid_tokens", 256}}},
-          {"steps", steps}}}};
+    contract::JobFile job;
+    job.job_id = "00000000-0000-0000-0000-000000000001";
+    job.pipeline = "chaos-disk";
+    job.kind = contract::JobKind::kPretrain;
+    job.name = "pretrain";
+    job.output_dir = output_dir;
+    job.checkpoint_dir = small_ + "/checkpoints";
+    job.threads = 1;
+    job.device = "cpu";
+    job.spec = {{"init", {{"preset", "tiny"}}},
+                {"data", {{"train", {corpora_ + "/code/train.txt"}}}},
+                {"train", {{"batch_tokens", 512}, {"seq_len", 64}, {"lr", 3e-3}, {"warmup", 2}, {"checkpoint_every", 10},
+                           {"log_every", 5}, {"valid_tokens", 256}}},
+                {"steps", steps}};
     const std::string path = Cat(dir_, "/", name, ".json");
-    EXPECT_TRUE(WriteFileAtomic(path, job.dump(2)).ok());
+    EXPECT_TRUE(WriteFileAtomic(path, contract::ToJson(job).dump(2)).ok());
     ProcessSpec ps;
     ps.argv = {Cat(BTX_BIN_DIR, "/btx-train"), "--job", path, "--progress-fd", "-1"};
     auto r = RunAndCapture(launcher_, ps);

@@ -171,7 +171,9 @@ TEST_F(MidDispatchKillTest, KillsWithAClaimOrACompletionInFlightLoseNothingAndRe
   EXPECT_EQ(branch_attempts[0].outcome, "SUCCEEDED");
   EXPECT_EQ(branch_attempts[0].worker, finished_branch.worker_id);
   for (const auto& a : attempts) {
-    if (a.job != seed.name) EXPECT_EQ(a.attempt, 1) << a.job << " ran again";
+    if (a.job != seed.name) {
+      EXPECT_EQ(a.attempt, 1) << a.job << " ran again";
+    }
   }
 }
 

@@ -40,7 +40,7 @@ struct ClusterOptions {
   int lease_seconds = 3;
   int heartbeat_seconds = 1;
   int threads_per_job = 1;
-  std::optional<ClusterTls> tls;  // plaintext on loopback without
+  std::optional<ClusterTls> tls{};  // plaintext on loopback without
 };
 
 class Cluster {

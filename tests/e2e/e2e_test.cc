@@ -138,7 +138,9 @@ TEST_F(E2eTest, WorkerKilledMidBranchResumesFromCheckpointOnTheOtherWorker) {
   std::map<std::string, int> successes;
   for (const auto& a : Attempts(cluster_.conninfo(), *id)) {
     if (a.outcome == "SUCCEEDED") ++successes[a.job];
-    if (a.worker == victim_worker && a.job == job->name) EXPECT_NE(a.outcome, "SUCCEEDED");
+    if (a.worker == victim_worker && a.job == job->name) {
+      EXPECT_NE(a.outcome, "SUCCEEDED");
+    }
   }
   for (const auto& [name, n] : successes) EXPECT_EQ(n, 1) << name;
   EXPECT_EQ(successes.size(), cluster_.store().ListJobs(*id, "", 100)->size());
