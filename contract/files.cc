@@ -223,6 +223,16 @@ Status VerifyManifest(const std::string& dir) {
   return Status::Ok();
 }
 
+std::string HostName() {
+  char buf[256] = {};
+  if (::gethostname(buf, sizeof buf - 1) != 0 || buf[0] == '\0') return "unknown-host";
+  std::string h(buf);
+  for (char& c : h) {
+    if (c == '/' || c == '@') c = '_';  // a path component, and '@' ends the pid part
+  }
+  return h;
+}
+
 StatusOr<StagedDir> StagedDir::Create(const std::string& final_dir) {
   fs::path fin = fs::absolute(final_dir).lexically_normal();
   if (fin.filename().empty()) fin = fin.parent_path();
@@ -230,18 +240,22 @@ StatusOr<StagedDir> StagedDir::Create(const std::string& final_dir) {
   if (fs::exists(fin, ec)) return FailedPrecondition(fin.string() + " already exists");
   fs::create_directories(fin.parent_path(), ec);
   if (ec) return Internal("cannot create " + fin.parent_path().string() + ": " + ec.message());
-  // Temp dirs of attempts that died (their pid is gone) are garbage; a live one may be a concurrent writer.
+  // Temp dirs of attempts that died (their pid is gone) are garbage; a live one may be a concurrent writer. A pid
+  // only means something on the host that wrote it: on a shared filesystem another host's temp dir (named
+  // "<pid>-<random>@<host>") is never removed from here, whatever its pid is on this host.
   std::string prefix(".");  // built by appends: GCC 12 warns falsely (-Wrestrict) on "." + std::string
   prefix.append(fin.filename().string()).append(".tmp-");
+  std::string host("@");  // built by appends: GCC 12 warns falsely (-Wrestrict) on "@" + std::string
+  host += HostName();
   for (auto& e : fs::directory_iterator(fin.parent_path(), ec)) {
     const std::string n = e.path().filename().string();
-    if (!n.starts_with(prefix)) continue;
+    if (!n.starts_with(prefix) || !n.ends_with(host)) continue;
     const long pid = std::strtol(n.c_str() + prefix.size(), nullptr, 10);
     if (pid > 0 && ::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH) fs::remove_all(e.path(), ec);
   }
   std::random_device rd;
   std::string name = prefix;
-  name.append(std::to_string(::getpid())).append("-").append(std::to_string(rd() % 1000000));
+  name.append(std::to_string(::getpid())).append("-").append(std::to_string(rd() % 1000000)).append(host);
   const std::string tmp = (fin.parent_path() / name).string();
   fs::remove_all(tmp, ec);
   if (!fs::create_directory(tmp, ec)) return Internal("cannot create " + tmp + ": " + ec.message());

@@ -2,6 +2,7 @@
 
 #include <gtest/gtest.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <filesystem>
@@ -82,6 +83,25 @@ TEST_F(ManifestTest, SymlinksEscapingPathsAndFifosAreRefusedWithoutBlocking) {
   const Status st = VerifyManifest(dir_);  // returns: a FIFO is not read
   EXPECT_EQ(st.code(), StatusCode::kDataLoss);
   EXPECT_NE(st.message().find("not a regular file"), std::string::npos) << st.message();
+}
+
+TEST_F(ManifestTest, StagingRemovesDeadTempDirsOfThisHostOnlyNeverAnotherHostsOnASharedFilesystem) {
+  // A pid that is not running here: the child of a fork that has exited and been reaped.
+  const pid_t child = ::fork();
+  if (child == 0) ::_exit(0);
+  ASSERT_GT(child, 0);
+  ASSERT_EQ(::waitpid(child, nullptr, 0), child);
+  const std::string dead = std::to_string(child);
+  const fs::path ours = dir_ / std::string(".out.tmp-").append(dead).append("-1@").append(HostName());
+  const fs::path theirs = dir_ / std::string(".out.tmp-").append(dead).append("-2@another-host");
+  fs::create_directories(ours);
+  fs::create_directories(theirs);
+  std::ofstream(theirs / "model.safetensors") << "a live trainer's partial output on another host";
+  auto staged = StagedDir::Create((dir_ / "out").string());
+  ASSERT_TRUE(staged.ok()) << staged.status().message();
+  EXPECT_FALSE(fs::exists(ours));
+  EXPECT_TRUE(fs::exists(theirs / "model.safetensors"));
+  EXPECT_TRUE(staged->path().ends_with(std::string("@").append(HostName()))) << staged->path();
 }
 
 TEST_F(ManifestTest, MissingManifestIsDataLoss) {

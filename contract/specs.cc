@@ -283,9 +283,11 @@ MergeSpec ParseMerge(Reader& r, const json& v, const std::string& path) {
   }
   // Prompts for router_init: hidden, one list of paths per expert: [{name, train | valid}].
   const std::string data_path = JoinPath(path, "data");
+  bool data_ok = true;
   if (v.contains("data") && !v["data"].is_null()) {
     if (!v["data"].is_array()) {
       r.Fail(data_path, v["data"], "a list of {name, train, valid}");
+      data_ok = false;
     } else {
       for (size_t i = 0; i < v["data"].size(); ++i) {
         const std::string p = IndexPath(data_path, i);
@@ -297,7 +299,7 @@ MergeSpec ParseMerge(Reader& r, const json& v, const std::string& path) {
       }
     }
   }
-  if (s.router_init == "hidden" && s.method == "btx") {
+  if (s.router_init == "hidden" && s.method == "btx" && data_ok) {
     for (const auto& [name, _] : s.experts) {
       if (!name.empty() && !s.prompts.count(name)) {
         r.FailMissing(data_path, "prompts for expert '" + name + "' (router_init: hidden)");

@@ -11,7 +11,7 @@ Status ModelConfig::Validate() const {
   if (hidden_size <= 0) return bad("hidden_size", "must be > 0");
   if (intermediate_size <= 0) return bad("intermediate_size", "must be > 0");
   if (num_hidden_layers <= 0) return bad("num_hidden_layers", "must be > 0");
-  if (num_attention_heads <= 0 || hidden_size % num_attention_heads != 0)
+  if (num_attention_heads <= 0 || (explicit_head_dim <= 0 && hidden_size % num_attention_heads != 0))
     return bad("num_attention_heads", "must divide hidden_size");
   if (head_dim() % 2 != 0) return bad("num_attention_heads", "head_dim must be even for RoPE");
   if (num_key_value_heads <= 0 || num_attention_heads % num_key_value_heads != 0)
@@ -22,6 +22,24 @@ Status ModelConfig::Validate() const {
   if (is_moe() && (num_experts_per_tok < 1 || num_experts_per_tok > num_local_experts))
     return bad("num_experts_per_tok", "must be in [1, num_local_experts]");
   if (router != "softmax_topk" && router != "sparsemixer") return bad("router", "must be softmax_topk or sparsemixer");
+  const RopeScaling& rs = rope_scaling;
+  if (!rs.type.empty() && rs.type != "linear" && rs.type != "dynamic" && rs.type != "llama3")
+    return bad("rope_scaling", "type '" + rs.type + "' is not supported (linear, dynamic, llama3)");
+  if (!rs.type.empty() && !(rs.factor >= 1.0)) return bad("rope_scaling.factor", "must be >= 1");
+  if (rs.type == "llama3" && (rs.original_max_position_embeddings <= 0 || !(rs.high_freq_factor > rs.low_freq_factor)))
+    return bad("rope_scaling", "llama3 needs original_max_position_embeddings > 0 and high_freq_factor > low_freq_factor");
+  if (sliding_window < 0) return bad("sliding_window", "must be >= 0");
+  if (torch_dtype != "float32" && torch_dtype != "bfloat16" && torch_dtype != "float16")
+    return bad("torch_dtype", "'" + torch_dtype + "' is not float32, bfloat16 or float16");
+  return Status::Ok();
+}
+
+Status ModelConfig::CheckSeqLen(int64_t seq_len) const {
+  if (sliding_window > 0 && seq_len > sliding_window) {
+    return InvalidArgument("seq_len " + std::to_string(seq_len) + " exceeds the model's sliding_window (" +
+                           std::to_string(sliding_window) +
+                           "): sliding-window attention is not implemented, so sequences must fit in the window");
+  }
   return Status::Ok();
 }
 
@@ -37,16 +55,25 @@ json ConfigToHfJson(const ModelConfig& c) {
       {"rms_norm_eps", c.rms_norm_eps},
       {"rope_theta", c.rope_theta},
       {"rope_scaling", nullptr},
+      {"head_dim", c.head_dim()},
       {"initializer_range", c.initializer_range},
       {"tie_word_embeddings", c.tie_word_embeddings},
       {"bos_token_id", c.bos_token_id},
       {"eos_token_id", c.eos_token_id},
       {"hidden_act", "silu"},
-      {"attention_bias", false},
       {"attention_dropout", 0.0},
       {"use_cache", true},
-      {"torch_dtype", "float32"},
+      {"torch_dtype", c.torch_dtype},
   };
+  if (!c.rope_scaling.type.empty()) {
+    const RopeScaling& rs = c.rope_scaling;
+    j["rope_scaling"] = {{"rope_type", rs.type}, {"factor", rs.factor}};
+    if (rs.type == "llama3") {
+      j["rope_scaling"]["low_freq_factor"] = rs.low_freq_factor;
+      j["rope_scaling"]["high_freq_factor"] = rs.high_freq_factor;
+      j["rope_scaling"]["original_max_position_embeddings"] = rs.original_max_position_embeddings;
+    }
+  }
   if (c.is_moe()) {
     j["architectures"] = {"MixtralForCausalLM"};
     j["model_type"] = "mixtral";
@@ -54,14 +81,25 @@ json ConfigToHfJson(const ModelConfig& c) {
     j["num_experts_per_tok"] = c.num_experts_per_tok;
     j["router_aux_loss_coef"] = c.router_aux_loss_coef;
     j["output_router_logits"] = false;
-    j["sliding_window"] = nullptr;
+    j["sliding_window"] = c.sliding_window > 0 ? json(c.sliding_window) : json();
     j["btx_router"] = c.router;
     j["btx_router_z_loss_coef"] = c.router_z_loss_coef;
     if (!c.expert_names.empty()) j["btx_expert_names"] = c.expert_names;
+  } else if (c.model_type == "qwen2") {
+    j["architectures"] = {"Qwen2ForCausalLM"};
+    j["model_type"] = "qwen2";
+    j["use_sliding_window"] = c.sliding_window > 0;
+    j["sliding_window"] = c.sliding_window > 0 ? json(c.sliding_window) : json();
+  } else if (c.model_type == "mistral") {
+    j["architectures"] = {"MistralForCausalLM"};
+    j["model_type"] = "mistral";
+    j["sliding_window"] = c.sliding_window > 0 ? json(c.sliding_window) : json();
   } else {
     j["architectures"] = {"LlamaForCausalLM"};
     j["model_type"] = "llama";
     j["pretraining_tp"] = 1;
+    j["attention_bias"] = c.qkv_bias;
+    j["mlp_bias"] = false;
   }
   return j;
 }
@@ -70,7 +108,9 @@ StatusOr<ModelConfig> ConfigFromHfJson(const json& j) {
   if (!j.is_object()) return InvalidArgument("config.json is not an object");
   ModelConfig c;
   const std::string type = j.value("model_type", std::string("llama"));
-  if (type != "llama" && type != "mixtral") return InvalidArgument("model_type '" + type + "' is not llama or mixtral");
+  if (type != "llama" && type != "mistral" && type != "qwen2" && type != "mixtral")
+    return InvalidArgument("model_type '" + type + "' is not supported (llama, mistral, qwen2, mixtral)");
+  c.model_type = type;
   try {
     auto get_i = [&](const char* k, int64_t& dst) {
       if (j.contains(k) && !j[k].is_null()) dst = j[k].get<int64_t>();
@@ -88,6 +128,9 @@ StatusOr<ModelConfig> ConfigFromHfJson(const json& j) {
     get_i("max_position_embeddings", c.max_position_embeddings);
     get_d("rms_norm_eps", c.rms_norm_eps);
     get_d("rope_theta", c.rope_theta);
+    get_i("head_dim", c.explicit_head_dim);
+    if (c.explicit_head_dim > 0 && c.num_attention_heads > 0 && c.explicit_head_dim * c.num_attention_heads == c.hidden_size)
+      c.explicit_head_dim = 0;  // the default: written back all the same
     get_d("initializer_range", c.initializer_range);
     // HF defaults tie_word_embeddings to false for Llama/Mixtral.
     c.tie_word_embeddings = j.contains("tie_word_embeddings") && !j["tie_word_embeddings"].is_null()
@@ -97,9 +140,28 @@ StatusOr<ModelConfig> ConfigFromHfJson(const json& j) {
     if (j.contains("eos_token_id") && j["eos_token_id"].is_number()) c.eos_token_id = j["eos_token_id"].get<int64_t>();
     if (j.contains("hidden_act") && j["hidden_act"] != "silu")
       return InvalidArgument("hidden_act '" + j["hidden_act"].get<std::string>() + "' unsupported (silu only)");
-    if (j.contains("rope_scaling") && !j["rope_scaling"].is_null())
-      return InvalidArgument("rope_scaling is not supported");
-    if (j.value("attention_bias", false)) return InvalidArgument("attention_bias=true is not supported");
+    if (j.contains("rope_scaling") && !j["rope_scaling"].is_null()) {
+      const json& rs = j["rope_scaling"];
+      if (!rs.is_object()) return InvalidArgument("rope_scaling: must be an object");
+      // transformers reads "rope_type", and "type" in configs written before it was renamed.
+      c.rope_scaling.type = rs.value("rope_type", rs.value("type", std::string()));
+      if (c.rope_scaling.type == "default") c.rope_scaling.type.clear();
+      if (rs.contains("factor") && !rs["factor"].is_null()) c.rope_scaling.factor = rs["factor"].get<double>();
+      if (rs.contains("low_freq_factor")) c.rope_scaling.low_freq_factor = rs["low_freq_factor"].get<double>();
+      if (rs.contains("high_freq_factor")) c.rope_scaling.high_freq_factor = rs["high_freq_factor"].get<double>();
+      if (rs.contains("original_max_position_embeddings"))
+        c.rope_scaling.original_max_position_embeddings = rs["original_max_position_embeddings"].get<int64_t>();
+    }
+    if (type == "qwen2") {
+      c.qkv_bias = true;  // Qwen2Attention: q/k/v with bias, o_proj without
+      if (j.value("use_sliding_window", false)) get_i("sliding_window", c.sliding_window);
+    } else if (type == "mistral" || type == "mixtral") {
+      get_i("sliding_window", c.sliding_window);
+    } else if (j.value("attention_bias", false)) {
+      c.qkv_bias = c.o_bias = true;
+    }
+    if (j.value("mlp_bias", false)) return InvalidArgument("mlp_bias=true is not supported");
+    if (j.contains("torch_dtype") && j["torch_dtype"].is_string()) c.torch_dtype = j["torch_dtype"].get<std::string>();
     if (j.contains("pretraining_tp") && j["pretraining_tp"].is_number() && j["pretraining_tp"].get<int64_t>() != 1)
       return InvalidArgument("pretraining_tp != 1 is not supported");
     if (type == "mixtral") {

@@ -226,6 +226,7 @@ StatusOr<json> Evaluate(const std::vector<EvalModelSpec>& models, const std::vec
       if (m->config().vocab_size != first_cfg.vocab_size)
         return InvalidArgument("model '" + spec.name + "' has vocab_size " + std::to_string(m->config().vocab_size) +
                                ", the first model has " + std::to_string(first_cfg.vocab_size));
+      BTX_RETURN_IF_ERROR(m->config().CheckSeqLen(opts.seq_len).With("seq_len (model '" + spec.name + "')"));
       loaded.push_back(std::move(*m));
     }
     std::vector<const LlamaModel*> ptrs;

@@ -97,10 +97,16 @@ Status WriteHfWeights(const std::string& dir, const std::vector<st::TensorSpec>&
 Status WriteModelFiles(const LlamaModel& m, const std::string& dir, const SaveOptions& opts, FileDigests* digests) {
   BTX_RETURN_IF_ERROR(WriteFileDurable(dir + "/config.json", ConfigToHfJson(m.config()).dump(2)));
   auto tensors = ToHfTensors(m);
-  auto specs = HfSpecs(m.config(), opts.dtype);
+  auto specs = HfSpecs(m.config(), opts.dtype.value_or(StorageDType(m.config())));
   return WriteHfWeights(
       dir, specs, [&](size_t i) -> StatusOr<at::Tensor> { return tensors[i].second; }, opts.max_shard_bytes,
       digests);
+}
+
+st::DType StorageDType(const ModelConfig& cfg) {
+  if (cfg.torch_dtype == "bfloat16") return st::DType::kBF16;
+  if (cfg.torch_dtype == "float16") return st::DType::kF16;
+  return st::DType::kF32;
 }
 
 StatusOr<ModelConfig> LoadConfig(const std::string& dir) {

@@ -198,9 +198,32 @@ TEST(HfConfig, LlamaAndMixtralRoundTrip) {
   EXPECT_EQ(j["architectures"][0], "LlamaForCausalLM");
   j["num_attention_heads"] = 5;
   EXPECT_NE(ConfigFromHfJson(j).status().message().find("num_attention_heads"), std::string::npos);
+  // Scaling types btx implements round-trip (the legacy "type" key is read as transformers reads it); the others
+  // are refused rather than run with other frequencies.
   j = ConfigToHfJson(testing::TinyConfig());
-  j["rope_scaling"] = {{"type", "linear"}};
-  EXPECT_FALSE(ConfigFromHfJson(j).ok());
+  j["rope_scaling"] = {{"type", "llama3"}, {"factor", 8.0}, {"low_freq_factor", 1.0}, {"high_freq_factor", 4.0},
+                       {"original_max_position_embeddings", 8192}};
+  auto scaled = ConfigFromHfJson(j);
+  ASSERT_TRUE(scaled.ok()) << scaled.status().message();
+  EXPECT_EQ(scaled->rope_scaling.type, "llama3");
+  EXPECT_EQ(ConfigToHfJson(*scaled)["rope_scaling"]["original_max_position_embeddings"], 8192);
+  j["rope_scaling"] = {{"rope_type", "yarn"}, {"factor", 4.0}};
+  EXPECT_NE(ConfigFromHfJson(j).status().message().find("rope_scaling"), std::string::npos);
+  // Families keep their model_type and features through a round trip.
+  for (const char* family : {"mistral", "qwen2"}) {
+    ModelConfig f = testing::TinyConfig();
+    f.model_type = family;
+    f.qkv_bias = std::string(family) == "qwen2";
+    f.sliding_window = 64;
+    f.torch_dtype = "bfloat16";
+    auto again = ConfigFromHfJson(ConfigToHfJson(f));
+    ASSERT_TRUE(again.ok()) << again.status().message();
+    EXPECT_EQ(ConfigToHfJson(*again), ConfigToHfJson(f)) << family;
+    EXPECT_EQ(again->CheckSeqLen(65).code(), StatusCode::kInvalidArgument);
+  }
+  j = ConfigToHfJson(testing::TinyConfig());
+  j["model_type"] = "gemma";
+  EXPECT_NE(ConfigFromHfJson(j).status().message().find("gemma"), std::string::npos);
 }
 
 TEST(HfDir, ShardedRoundTripAndManifestCheck) {

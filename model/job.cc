@@ -128,11 +128,11 @@ StatusOr<int> TrainAndPublish(Job& job, TrainRun& run) {
   hooks.stop = job.stop;
   run.opts.checkpoint_dir = job.checkpoint_dir();
   run.opts.device = job.device;
+  Trainer trainer(&run.model, run.train, run.opts, std::move(run.data), hooks);
+  BTX_RETURN_IF_ERROR(trainer.Init());
   // After every input check: an invalid job's stderr is its one error line.
   std::cerr << "btx-train: " << contract::JobKindName(job.file.kind) << " " << job.file.name << " attempt "
             << job.file.attempt << " on " << job.device << ", " << at::get_num_threads() << " CPU threads\n";
-  Trainer trainer(&run.model, run.train, run.opts, std::move(run.data), hooks);
-  BTX_RETURN_IF_ERROR(trainer.Init());
   BTX_RETURN_IF_ERROR(trainer.ResumeFromLatest());
   BTX_ASSIGN_OR_RETURN(TrainOutcome outcome, trainer.Run());
   if (outcome == TrainOutcome::kInterrupted) {

@@ -35,6 +35,12 @@ std::vector<std::pair<std::string, std::vector<int64_t>>> LlamaModel::Layout(con
     out.push_back({p + "self_attn.k_proj.weight", {Hkv * hd, D}});
     out.push_back({p + "self_attn.v_proj.weight", {Hkv * hd, D}});
     out.push_back({p + "self_attn.o_proj.weight", {D, H * hd}});
+    if (c.qkv_bias) {
+      out.push_back({p + "self_attn.q_proj.bias", {H * hd}});
+      out.push_back({p + "self_attn.k_proj.bias", {Hkv * hd}});
+      out.push_back({p + "self_attn.v_proj.bias", {Hkv * hd}});
+    }
+    if (c.o_bias) out.push_back({p + "self_attn.o_proj.bias", {D}});
     out.push_back({p + "post_attention_layernorm.weight", {D}});
     if (c.is_moe()) {
       out.push_back({p + "block_sparse_moe.gate.weight", {E, D}});
@@ -57,8 +63,10 @@ StatusOr<LlamaModel> LlamaModel::Init(const ModelConfig& cfg, uint64_t seed) {
   auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
   std::vector<std::pair<std::string, at::Tensor>> t;
   for (auto& [name, shape] : Layout(cfg)) {
-    at::Tensor x = shape.size() == 1 ? at::ones(shape, at::kFloat)
-                                     : at::normal(0.0, cfg.initializer_range, shape, gen, at::kFloat);
+    // Norm weights start at one and biases at zero, as transformers initialises them.
+    at::Tensor x = shape.size() > 1            ? at::normal(0.0, cfg.initializer_range, shape, gen, at::kFloat)
+                   : name.ends_with(".bias") ? at::zeros(shape, at::kFloat)
+                                             : at::ones(shape, at::kFloat);
     t.emplace_back(name, x);
   }
   return FromTensors(cfg, std::move(t));
@@ -106,8 +114,31 @@ at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps) {
 }
 
 std::pair<at::Tensor, at::Tensor> RopeTables(int64_t seq_len, int64_t head_dim, double theta, c10::Device device) {
+  return RopeTables(seq_len, head_dim, theta, RopeScaling{}, 0, device);
+}
+
+// Inverse frequencies as transformers' modeling_rope_utils computes them for each rope_type.
+std::pair<at::Tensor, at::Tensor> RopeTables(int64_t seq_len, int64_t head_dim, double theta, const RopeScaling& rs,
+                                             int64_t max_position_embeddings, c10::Device device) {
   auto opts = at::TensorOptions().dtype(at::kDouble);
-  at::Tensor inv = 1.0 / at::pow(theta, at::arange(0, head_dim, 2, opts) / static_cast<double>(head_dim));
+  const double dim = static_cast<double>(head_dim);
+  if (rs.type == "dynamic" && seq_len > max_position_embeddings) {
+    // NTK-aware: the base grows with the sequence once it is longer than the trained context.
+    const double len = static_cast<double>(seq_len), max_pos = static_cast<double>(max_position_embeddings);
+    theta *= std::pow(rs.factor * len / max_pos - (rs.factor - 1), dim / (dim - 2));
+  }
+  at::Tensor inv = 1.0 / at::pow(theta, at::arange(0, head_dim, 2, opts) / dim);
+  if (rs.type == "linear") inv = inv / rs.factor;
+  if (rs.type == "llama3") {
+    const double old_len = static_cast<double>(rs.original_max_position_embeddings);
+    const double low_wavelen = old_len / rs.low_freq_factor, high_wavelen = old_len / rs.high_freq_factor;
+    at::Tensor wavelen = 2 * M_PI / inv;
+    at::Tensor scaled = at::where(wavelen > low_wavelen, inv / rs.factor, inv);
+    at::Tensor smooth = (old_len / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor);
+    at::Tensor smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled;
+    at::Tensor medium = wavelen.ge(high_wavelen).logical_and(wavelen.le(low_wavelen));
+    inv = at::where(medium, smoothed, scaled);
+  }
   at::Tensor freqs = at::outer(at::arange(seq_len, opts), inv);
   at::Tensor emb = at::cat({freqs, freqs}, -1);
   return {emb.cos().to(at::kFloat).to(device), emb.sin().to(at::kFloat).to(device)};
@@ -155,19 +186,24 @@ ForwardOutput LlamaModel::Forward(const at::Tensor& tokens, const ForwardOptions
   const int64_t H = c.num_attention_heads, Hkv = c.num_key_value_heads;
   const double eps = c.rms_norm_eps;
   ForwardOutput out;
+  TORCH_CHECK(c.CheckSeqLen(T).ok(), c.CheckSeqLen(T).message());
   at::Tensor x = at::embedding(P("model.embed_tokens.weight"), tokens);
-  auto [cos, sin] = RopeTables(T, hd, c.rope_theta, x.device());
+  auto [cos, sin] = RopeTables(T, hd, c.rope_theta, c.rope_scaling, c.max_position_embeddings, x.device());
+  auto bias = [&](const std::string& name) { return index_.count(name) ? P(name) : at::Tensor(); };
   at::Tensor lb_sum, z_sum;
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     const std::string p = L(l);
     at::Tensor h = RmsNorm(x, P(p + "input_layernorm.weight"), eps);
-    at::Tensor q = at::linear(h, P(p + "self_attn.q_proj.weight")).view({B, T, H, hd}).transpose(1, 2);
-    at::Tensor k = at::linear(h, P(p + "self_attn.k_proj.weight")).view({B, T, Hkv, hd}).transpose(1, 2);
-    at::Tensor v = at::linear(h, P(p + "self_attn.v_proj.weight")).view({B, T, Hkv, hd}).transpose(1, 2);
+    at::Tensor q = at::linear(h, P(p + "self_attn.q_proj.weight"), bias(p + "self_attn.q_proj.bias"))
+                       .view({B, T, H, hd}).transpose(1, 2);
+    at::Tensor k = at::linear(h, P(p + "self_attn.k_proj.weight"), bias(p + "self_attn.k_proj.bias"))
+                       .view({B, T, Hkv, hd}).transpose(1, 2);
+    at::Tensor v = at::linear(h, P(p + "self_attn.v_proj.weight"), bias(p + "self_attn.v_proj.bias"))
+                       .view({B, T, Hkv, hd}).transpose(1, 2);
     q = ApplyRope(q, cos, sin);
     k = ApplyRope(k, cos, sin);
     at::Tensor a = CausalAttention(q, k, v).transpose(1, 2).reshape({B, T, H * hd});
-    x = x + at::linear(a, P(p + "self_attn.o_proj.weight"));
+    x = x + at::linear(a, P(p + "self_attn.o_proj.weight"), bias(p + "self_attn.o_proj.bias"));
     h = RmsNorm(x, P(p + "post_attention_layernorm.weight"), eps);
     if (opts.collect_ffn_inputs) out.ffn_inputs.push_back(h.detach());
     at::Tensor y;

@@ -53,7 +53,9 @@ bool ParseExpertName(const std::string& n, ExpertRef* r) {
 Status SameShape(const ModelConfig& a, const ModelConfig& b, const std::string& what) {
   if (a.vocab_size != b.vocab_size || a.hidden_size != b.hidden_size || a.intermediate_size != b.intermediate_size ||
       a.num_hidden_layers != b.num_hidden_layers || a.num_attention_heads != b.num_attention_heads ||
-      a.num_key_value_heads != b.num_key_value_heads || a.tie_word_embeddings != b.tie_word_embeddings)
+      a.num_key_value_heads != b.num_key_value_heads || a.tie_word_embeddings != b.tie_word_embeddings ||
+      a.head_dim() != b.head_dim() || a.qkv_bias != b.qkv_bias || a.o_bias != b.o_bias || !(a.rope_scaling == b.rope_scaling) ||
+      a.rope_theta != b.rope_theta)
     return InvalidArgument(what + " has a different architecture than the first model");
   if (a.is_moe() || b.is_moe()) return InvalidArgument(what + " is not a dense Llama model");
   return Status::Ok();
@@ -299,6 +301,15 @@ Status MergeUnverified(const MergeSpec& s, const std::string& dir, const std::at
     for (auto& e : experts) averaged.push_back(e.get()), expert_src.push_back(e.get());
     if (s.method == "btx" && s.keep_seed_expert) averaged.push_back(seed.get()), expert_src.push_back(seed.get());
   }
+  // The MoE is written as Mixtral, whose attention has no biases: a Qwen2 seed needs Qwen2-MoE, not built yet.
+  if (s.method != "btm" && (base.qkv_bias || base.o_bias)) {
+    return InvalidArgument("a " + base.model_type + " model with attention biases cannot be mixed into a Mixtral MoE; " +
+                           "only method btm (a dense average) supports it for now");
+  }
+  if (s.method != "btm" && base.explicit_head_dim > 0) {
+    return InvalidArgument("head_dim " + std::to_string(base.head_dim()) + " differs from hidden_size / num_attention_heads, " +
+                           "which Mixtral (as transformers 4.46 loads it) cannot express; only method btm supports it for now");
+  }
   ModelConfig out = base;
   if (s.method != "btm") {
     out.num_local_experts = static_cast<int64_t>(expert_src.size());
@@ -341,7 +352,7 @@ Status MergeUnverified(const MergeSpec& s, const std::string& dir, const std::at
     }
   }
 
-  const auto specs = HfSpecs(out);
+  const auto specs = HfSpecs(out, StorageDType(out));
   // What each output tensor is: a copy of one input's tensor, a router, or the mean over `averaged`.
   std::vector<ExpertRef> refs(specs.size());
   std::vector<int> kind(specs.size(), 2);  // 0 expert copy, 1 router, 2 mean

@@ -55,6 +55,7 @@ void Trainer::Emit(const json& j) {
 
 Status Trainer::Init() {
   if (data_.empty()) return InvalidArgument("no training data");
+  BTX_RETURN_IF_ERROR(model_->config().CheckSeqLen(cfg_.seq_len).With("train.seq_len"));
   for (const auto& f : opts_.freeze) {
     const auto& groups = contract::kFreezeGroups;
     if (std::find(groups.begin(), groups.end(), f) == groups.end()) return InvalidArgument("freeze: unknown group '" + f + "'");
@@ -210,7 +211,10 @@ Status Trainer::SaveCheckpoint() {
   auto write = [&]() -> Status {
     BTX_ASSIGN_OR_RETURN(StagedDir staged, StagedDir::Create(final_dir));
     FileDigests digests;  // of the tensor files, hashed as written: the manifest does not read them again
-    BTX_RETURN_IF_ERROR(WriteModelFiles(*model_, staged.path(), {}, &digests));
+    // Checkpoints hold the float32 weights whatever the output's dtype: resuming must be bit-exact.
+    SaveOptions exact;
+    exact.dtype = st::DType::kF32;
+    BTX_RETURN_IF_ERROR(WriteModelFiles(*model_, staged.path(), exact, &digests));
     std::vector<std::pair<std::string, at::Tensor>> opt;
     const auto& params = model_->params();
     for (size_t k = 0; k < trainable_.size(); ++k) {

@@ -205,7 +205,7 @@ def main():
         experts.append({"name": name, "model": os.path.join(w, "pt_" + name)})
     btx = run_job(a.train, w, "pt_btx", "merge",
                   {"method": "btx", "seed": seed, "experts": experts, "keep_seed_expert": True, "top_k": 2,
-                   "router_init": "hidden", "data": {e["name"]: data[e["name"]] for e in experts}})
+                   "router_init": "hidden", "data": [{"name": e["name"], "train": data[e["name"]]} for e in experts]})
     up = run_job(a.train, w, "pt_upcycle", "merge", {"method": "upcycle", "seed": seed, "num_experts": 4, "top_k": 2})
     ft = run_job(a.train, w, "pt_btx_ft", "finetune",
                  {"model": btx, "train": train, "steps": 4, "top_k": 2, "load_balance": 0.01, "z_loss": 0.001,

@@ -37,7 +37,8 @@ Status WriteManifest(const std::string& dir, const FileDigests& known = {});
 Status VerifyManifest(const std::string& dir);
 
 // A directory that becomes visible under its final name only once it is complete:
-// files go into a hidden sibling temp dir; Publish() writes the manifest, fsyncs every file and the
+// files go into a hidden sibling temp dir (".<name>.tmp-<pid>-<random>@<host>"; Create removes those of dead
+// processes of this host, never another host's); Publish() writes the manifest, fsyncs every file and the
 // dir, renames it into place and fsyncs the parent. An unpublished temp dir is removed on destruction.
 // `known`: digests the writers computed as they wrote (see WriteManifest), so the manifest does not re-read them.
 class StagedDir {
@@ -56,6 +57,9 @@ class StagedDir {
   std::string tmp_, final_;
   bool done_ = false;
 };
+
+// This machine's host name as staged temp dirs record it ('/' and '@' replaced).
+std::string HostName();
 
 // Regular files below dir, relative paths, sorted; DataLoss on a symlink.
 StatusOr<std::vector<std::string>> ListFilesRecursive(const std::string& dir);

@@ -1,4 +1,4 @@
-// Model hyper-parameters, mapped one-to-one onto HF LlamaConfig / MixtralConfig fields.
+// Model hyper-parameters, mapped one-to-one onto HF LlamaConfig / MistralConfig / Qwen2Config / MixtralConfig fields.
 #pragma once
 
 #include <cstdint>
@@ -11,7 +11,21 @@
 
 namespace btx::model {
 
+// RoPE frequency scaling as Hugging Face's `rope_scaling` (modeling_rope_utils): none (empty type), linear
+// (positions / factor), dynamic (NTK base growth past max_position_embeddings) and llama3 (Llama 3.1's per-band
+// smoothing between original_max_position_embeddings / low_freq_factor and / high_freq_factor).
+struct RopeScaling {
+  std::string type;  // "" | linear | dynamic | llama3
+  double factor = 1.0;
+  double low_freq_factor = 1.0;   // llama3
+  double high_freq_factor = 4.0;  // llama3
+  int64_t original_max_position_embeddings = 0;  // llama3
+  bool operator==(const RopeScaling&) const = default;
+};
+
 struct ModelConfig {
+  // The dense family (llama | mistral | qwen2); MoE models are written as Mixtral whatever their seed was.
+  std::string model_type = "llama";
   int64_t vocab_size = 259;  // byte tokenizer: 256 bytes + bos, eos, pad
   int64_t hidden_size = 64;
   int64_t intermediate_size = 176;
@@ -21,6 +35,14 @@ struct ModelConfig {
   int64_t max_position_embeddings = 2048;
   double rms_norm_eps = 1e-5;
   double rope_theta = 10000.0;
+  RopeScaling rope_scaling;
+  int64_t explicit_head_dim = 0;  // HF `head_dim` when it is not hidden_size / num_attention_heads (Mistral-Nemo)
+  bool qkv_bias = false;          // Qwen2, and Llama's attention_bias
+  bool o_bias = false;            // Llama's attention_bias only
+  int64_t sliding_window = 0;     // Mistral (and Qwen2 with use_sliding_window): 0 = full causal attention
+  // How the weights are stored (float32 | bfloat16 | float16): outputs keep their seed's. Training itself runs in
+  // float32 (bf16 autocast on GPUs) whatever this says.
+  std::string torch_dtype = "float32";
   double initializer_range = 0.02;
   bool tie_word_embeddings = false;
   int64_t bos_token_id = 256;
@@ -35,7 +57,9 @@ struct ModelConfig {
   std::vector<std::string> expert_names;
 
   bool is_moe() const { return num_local_experts > 0; }
-  int64_t head_dim() const { return hidden_size / num_attention_heads; }
+  int64_t head_dim() const { return explicit_head_dim > 0 ? explicit_head_dim : hidden_size / num_attention_heads; }
+  // Sequences longer than the sliding window would need its mask, which btx does not implement: refused.
+  Status CheckSeqLen(int64_t seq_len) const;
   Status Validate() const;
 };
 

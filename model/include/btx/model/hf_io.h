@@ -2,6 +2,7 @@
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -14,8 +15,10 @@ namespace btx::model {
 
 struct SaveOptions {
   uint64_t max_shard_bytes = 2ull << 30;  // a model larger than this is split into shards + index.json
-  st::DType dtype = st::DType::kF32;
+  std::optional<st::DType> dtype;  // unset: the config's torch_dtype
 };
+// The safetensors dtype of a config's torch_dtype.
+st::DType StorageDType(const ModelConfig& cfg);
 
 // HF tensor names and shapes for a config (experts unstacked: ...experts.E.w1.weight), canonical order.
 std::vector<st::TensorSpec> HfSpecs(const ModelConfig& cfg, st::DType dtype = st::DType::kF32);

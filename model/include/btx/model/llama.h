@@ -72,6 +72,9 @@ class LlamaModel {
 at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps);
 // cos/sin tables [T, head_dim] (HF "rotate_half" layout: frequencies repeated over both halves).
 std::pair<at::Tensor, at::Tensor> RopeTables(int64_t seq_len, int64_t head_dim, double theta, c10::Device device);
+// The same with the config's rope_scaling (max_position_embeddings: where dynamic scaling starts).
+std::pair<at::Tensor, at::Tensor> RopeTables(int64_t seq_len, int64_t head_dim, double theta, const RopeScaling& scaling,
+                                             int64_t max_position_embeddings, c10::Device device);
 at::Tensor ApplyRope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);  // x: [B, H, T, hd]
 // q: [B, H, T, hd], k/v: [B, Hkv, T, hd]; causal.
 at::Tensor CausalAttention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);

@@ -1,0 +1,231 @@
+#!/usr/bin/env python3
+"""Model families against Hugging Face transformers (an independent implementation), fp32 logits within 1e-4.
+
+For each family, with its features switched on (random weights made by transformers itself):
+  - Llama 3.1/3.2: rope_scaling llama3, GQA, tied embeddings, a large vocabulary; linear and dynamic scaling
+    (dynamic past max_position_embeddings, where the NTK base grows); Llama with attention_bias;
+  - Mistral: sliding_window (sequences within it), head_dim given explicitly and != hidden/heads;
+  - Qwen2/2.5: q/k/v bias, tied embeddings, rope_theta 1e6;
+  - a seed stored in bf16, whose trained output stays bf16.
+checks
+  1. btx loads transformers' checkpoint: same logits;
+  2. btx writes a random model of the family (btx-model-tool init): transformers loads it, same logits;
+  3. btx-train trains it (a branch job on a seed without a tokenizer, byte fallback): transformers loads the
+     trained output, same logits as btx;
+  4. Llama/Mistral experts merged by btx-train become a Mixtral that MixtralForCausalLM loads with the same
+     logits (rope scaling kept in config.json; transformers 4.46's Mixtral ignores it, so the check gives its
+     rotary embedding the frequencies transformers' own rope_scaling code computes); Qwen2 (attention biases)
+     and Mistral-Nemo-style head_dim seeds are refused for MoE methods with a clear message, and their BTM
+     average loads in transformers;
+  5. a Mistral job whose seq_len exceeds sliding_window is refused (exit 65), never run with the wrong mask.
+
+usage: families_hf.py --tool btx-model-tool --train btx-train --workdir DIR
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+import transformers
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, MixtralForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM)
+
+RTOL = 1e-4
+
+
+def tokens(n, vocab, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, min(vocab, 259), (n,), generator=g).tolist()
+
+
+def btx_logits(tool, model_dir, toks):
+    out = model_dir.rstrip("/") + ".logits.safetensors"
+    subprocess.run([tool, "logits", model_dir, out] + [str(t) for t in toks], check=True)
+    return load_file(out)["logits"].double()
+
+
+def hf_logits(model, toks):
+    model.eval()
+    with torch.no_grad():
+        return model(torch.tensor([toks])).logits.double()
+
+
+def compare(what, ours, theirs):
+    rel = (ours - theirs).abs().max().item() / theirs.abs().max().item()
+    ok = rel <= RTOL
+    print(f"{what}: max relative difference {rel:.2e} ({'ok' if ok else 'MISMATCH'})")
+    return ok
+
+
+def randomize_small_params(model, seed):
+    # transformers initialises norms to 1 and biases to 0, which would hide a norm or bias mix-up.
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+BASE = dict(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=64, bos_token_id=256, eos_token_id=257,
+            attn_implementation="eager")
+
+FAMILIES = {
+    "llama3.1": (LlamaConfig, LlamaForCausalLM, dict(
+        rope_theta=5e5, tie_word_embeddings=True, vocab_size=4096,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 16})),
+    "llama-linear": (LlamaConfig, LlamaForCausalLM, dict(rope_scaling={"type": "linear", "factor": 4.0})),
+    "llama-dynamic": (LlamaConfig, LlamaForCausalLM, dict(max_position_embeddings=16,
+                                                          rope_scaling={"rope_type": "dynamic", "factor": 2.0})),
+    "llama-bias": (LlamaConfig, LlamaForCausalLM, dict(attention_bias=True)),
+    "mistral": (MistralConfig, MistralForCausalLM, dict(sliding_window=48, rope_theta=1e6)),
+    "mistral-nemo": (MistralConfig, MistralForCausalLM, dict(sliding_window=48, head_dim=24, rope_theta=1e6)),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(tie_word_embeddings=True, rope_theta=1e6, use_sliding_window=False)),
+    # Seeds as they ship: bf16 weights (outputs keep the dtype).
+    "llama-bf16": (LlamaConfig, LlamaForCausalLM, dict(torch_dtype="bfloat16")),
+}
+# What btx's MoE methods do with each family's experts: a Mixtral transformers loads, or a clear refusal.
+MOE = {"llama3.1": "mixtral", "mistral": "mixtral", "mistral-nemo": "head_dim", "qwen2": "attention biases"}
+
+
+def use_scaled_rope(mx):
+    """Mixtral in transformers 4.46 ignores rope_scaling (newer versions and vLLM honour it): give its rotary
+    embedding the frequencies transformers' own rope_scaling code computes for the config, so that the check is
+    still against transformers' implementation of the scaling."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    kind = mx.config.rope_scaling.get("rope_type", mx.config.rope_scaling.get("type"))
+    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[kind](mx.config, None)
+    assert attention_factor == 1.0
+    for layer in mx.model.layers:
+        rope = layer.self_attn.rotary_emb
+        rope.inv_freq = inv_freq
+        rope._set_cos_sin_cache(rope.max_position_embeddings, inv_freq.device, torch.get_default_dtype())
+
+
+def run_job(train, workdir, name, kind, spec, expect=0):
+    out = os.path.join(workdir, name)
+    job = {"kind": kind, "output_dir": out, "checkpoint_dir": os.path.join(workdir, "ckpt", name), "threads": 2,
+           "spec": spec}
+    path = out + ".job.json"
+    with open(path, "w") as f:
+        json.dump(job, f)
+    r = subprocess.run([train, "--job", path, "--progress-fd", "-1"], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, text=True)
+    if r.returncode != expect:
+        print(f"{name}: btx-train exited {r.returncode}, expected {expect}:\n{r.stderr}")
+        return None, r.stderr
+    return out, r.stderr
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tool", required=True)
+    ap.add_argument("--train", required=True)
+    ap.add_argument("--workdir", required=True)
+    args = ap.parse_args()
+    os.makedirs(args.workdir, exist_ok=True)
+    print("transformers", transformers.__version__, "torch", torch.__version__)
+    text = os.path.join(args.workdir, "train.txt")
+    with open(text, "w") as f:
+        f.write("".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(300)))
+    ok = True
+    for i, (name, (cfg_cls, model_cls, extra)) in enumerate(FAMILIES.items()):
+        kw = dict(BASE)
+        kw.update(extra)
+        cfg = cfg_cls(**kw)
+        torch.manual_seed(100 + i)
+        hf = model_cls(cfg)
+        randomize_small_params(hf, 200 + i)
+        src = os.path.join(args.workdir, name + "-hf")
+        if extra.get("torch_dtype") == "bfloat16":
+            hf.to(torch.bfloat16).save_pretrained(src, safe_serialization=True)
+            hf = model_cls.from_pretrained(src, torch_dtype=torch.float32, attn_implementation="eager")
+        else:
+            hf.save_pretrained(src, safe_serialization=True)
+        # Longer than max_position_embeddings for dynamic scaling, within the sliding window for Mistral.
+        n = 40 if name != "llama-dynamic" else 30
+        toks = tokens(n, cfg.vocab_size, i)
+        ok &= compare(f"{name}: btx loads transformers' model", btx_logits(args.tool, src, toks), hf_logits(hf, toks))
+
+        # btx writes the family; transformers loads it.
+        cfg_path = os.path.join(args.workdir, name + "-config.json")
+        with open(cfg_path, "w") as f:
+            json.dump(json.load(open(os.path.join(src, "config.json"))), f)
+        ours = os.path.join(args.workdir, name + "-btx")
+        subprocess.run([args.tool, "init", ours, cfg_path, str(7 + i)], check=True)
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(ours, torch_dtype=torch.float32,
+                                                                   attn_implementation="eager")
+        if type(loaded) is not model_cls:
+            print(f"{name}: transformers loaded btx's model as {type(loaded).__name__} (MISMATCH)")
+            ok = False
+        ok &= compare(f"{name}: transformers loads btx's model", btx_logits(args.tool, ours, toks),
+                      hf_logits(loaded, toks))
+
+        # Training keeps the family: a branch job on transformers' seed (no tokenizer: byte fallback).
+        train_spec = {"batch_tokens": 64, "seq_len": 16, "lr": 1e-3, "warmup": 1, "log_every": 1,
+                      "checkpoint_every": 0, "valid_tokens": 64}
+        branches = []
+        for e in range(2 if name in MOE else 1):
+            out, err = run_job(args.train, args.workdir, f"{name}-branch{e}", "branch",
+                               {"seed": src, "name": f"d{e}", "tokenizer": "byte", "data": {"train": text},
+                                "train": dict(train_spec, seed=e + 1), "steps": 2})
+            if out is None:
+                ok = False
+                continue
+            branches.append(out)
+            if extra.get("torch_dtype") == "bfloat16":
+                dtypes = {t.dtype for t in load_file(os.path.join(out, "model.safetensors")).values()}
+                kept = dtypes == {torch.bfloat16} and json.load(open(os.path.join(out, "config.json")))["torch_dtype"] == "bfloat16"
+                print(f"{name}: the trained expert keeps the seed's bf16 weights ({'ok' if kept else 'MISMATCH'}: {dtypes})")
+                ok &= kept
+            trained = transformers.AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32,
+                                                                        attn_implementation="eager")
+            ok &= compare(f"{name}: trained expert {e} in transformers", btx_logits(args.tool, out, toks),
+                          hf_logits(trained, toks))
+        if len(branches) == 2:
+            experts = [{"name": f"d{e}", "model": b} for e, b in enumerate(branches)]
+            if MOE[name] == "mixtral":
+                moe, _ = run_job(args.train, args.workdir, f"{name}-moe", "merge",
+                                 {"method": "btx", "seed": src, "keep_seed_expert": True, "experts": experts})
+                if moe is None:
+                    ok = False
+                else:
+                    mx = MixtralForCausalLM.from_pretrained(moe, torch_dtype=torch.float32, attn_implementation="eager")
+                    if extra.get("rope_scaling"):
+                        if mx.config.rope_scaling is None:
+                            print(f"{name}: the merged Mixtral lost rope_scaling (MISMATCH)")
+                            ok = False
+                        use_scaled_rope(mx)
+                    ok &= compare(f"{name}: merged MoE in MixtralForCausalLM", btx_logits(args.tool, moe, toks),
+                                  hf_logits(mx, toks))
+            else:
+                _, err = run_job(args.train, args.workdir, f"{name}-moe", "merge",
+                                 {"method": "btx", "experts": experts}, expect=65)
+                refused = MOE[name] in err
+                print(f"{name}: MoE merge refused with a reason ({'ok' if refused else 'MISMATCH'}): {err.strip()}")
+                ok &= refused
+                avg, _ = run_job(args.train, args.workdir, f"{name}-btm", "merge", {"method": "btm", "experts": experts})
+                if avg is None:
+                    ok = False
+                else:
+                    dense = transformers.AutoModelForCausalLM.from_pretrained(avg, torch_dtype=torch.float32,
+                                                                              attn_implementation="eager")
+                    ok &= compare(f"{name}: BTM average in transformers", btx_logits(args.tool, avg, toks),
+                                  hf_logits(dense, toks))
+        if name == "mistral":
+            _, err = run_job(args.train, args.workdir, "mistral-long", "branch",
+                             {"seed": src, "tokenizer": "byte", "data": {"train": text},
+                              "train": dict(train_spec, seq_len=64, batch_tokens=128), "steps": 1}, expect=65)
+            refused = "sliding_window" in err and err.count("\n") == 1
+            print(f"mistral: seq_len past sliding_window refused ({'ok' if refused else 'MISMATCH'}): {err.strip()}")
+            ok &= refused
+    print("families: all checks passed" if ok else "families: FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
