@@ -28,6 +28,8 @@ struct Job {
   std::string device = "cpu";  // the LibTorch device: "cpu" or "cuda:0"
   int progress_fd = -1;
   const std::atomic<bool>* stop = nullptr;
+  std::unique_ptr<DataParallel> dp;  // several ranks (distributed.h)
+  bool follower() const { return dp && dp->rank() != 0; }
   const std::string& output_dir() const { return file.output_dir; }
   const std::string& checkpoint_dir() const { return file.checkpoint_dir; }
 };
@@ -128,6 +130,7 @@ StatusOr<int> TrainAndPublish(Job& job, TrainRun& run) {
   hooks.stop = job.stop;
   run.opts.checkpoint_dir = job.checkpoint_dir();
   run.opts.device = job.device;
+  run.opts.dp = job.dp.get();
   Trainer trainer(&run.model, run.train, run.opts, std::move(run.data), hooks);
   BTX_RETURN_IF_ERROR(trainer.Init());
   // After every input check: an invalid job's stderr is its one error line.
@@ -139,6 +142,8 @@ StatusOr<int> TrainAndPublish(Job& job, TrainRun& run) {
     std::cerr << "btx: interrupted at step " << trainer.step() << ", checkpoint " << trainer.last_checkpoint() << "\n";
     return kExitInterrupted;
   }
+  // Every rank holds the trained model; rank 0 validates and publishes it.
+  if (job.follower()) return kExitOk;
   json metrics = {{"train_loss", trainer.last_loss()}, {"steps", trainer.step()}};
   auto valid = trainer.Validate();
   if (!valid.empty()) {
@@ -297,6 +302,16 @@ Status ApplyResources(Job& job) {
                                 " CUDA devices; multi-GPU training is not supported yet (one device per job)");
     }
     job.device = "cuda:0";
+  }
+  BTX_ASSIGN_OR_RETURN(DistConfig dist, DistConfigFromEnv());
+  if (dist.world_size > 1) {
+    const auto kind = job.file.kind;
+    if (kind != contract::JobKind::kPretrain && kind != contract::JobKind::kBranch && kind != contract::JobKind::kFinetune) {
+      return InvalidArgument("kind: " + std::string(contract::JobKindName(kind)) + " runs as one rank, not " +
+                             std::to_string(dist.world_size));
+    }
+    BTX_ASSIGN_OR_RETURN(job.dp, DataParallel::Join(dist));
+    if (job.follower()) job.progress_fd = -1;  // progress comes from rank 0
   }
   return Status::Ok();
 }

@@ -50,7 +50,7 @@ Trainer::Trainer(LlamaModel* model, TrainConfig cfg, TrainOptions opts, std::vec
     : model_(model), cfg_(std::move(cfg)), opts_(std::move(opts)), data_(std::move(data)), hooks_(std::move(hooks)) {}
 
 void Trainer::Emit(const json& j) {
-  if (hooks_.emit) hooks_.emit(j);
+  if (hooks_.emit && (!opts_.dp || opts_.dp->rank() == 0)) hooks_.emit(j);
 }
 
 Status Trainer::Init() {
@@ -93,14 +93,26 @@ Status Trainer::Init() {
   return Status::Ok();
 }
 
-double Trainer::TrainStep() {
+StatusOr<double> Trainer::TrainStep() {
   auto& params = model_->params();
   const int64_t micro = cfg_.micro_batch();
   const c10::Device dev = params.front().second.device();
   const bool cuda = dev.is_cuda();
   double loss_sum = 0;
   for (int64_t a = 0; a < cfg_.grad_accum; ++a) {
-    at::Tensor batch = sampler_->Next(micro, cfg_.seq_len).to(dev);
+    // Every rank draws the whole micro-batch (the sampler is deterministic) and computes its slice of the rows,
+    // so that R ranks see exactly the samples one rank would; the slice's loss is weighted by its share of the
+    // rows and the gradients summed over ranks, which gives the one-rank mean.
+    at::Tensor batch = sampler_->Next(micro, cfg_.seq_len);
+    double share = 1.0, aux_share = 1.0;
+    if (opts_.dp) {
+      const auto [begin, end] = opts_.dp->Slice(micro);
+      batch = batch.narrow(0, begin, end - begin);
+      share = static_cast<double>(end - begin) / static_cast<double>(micro);
+      aux_share = 1.0 / opts_.dp->world_size();
+      if (end == begin) continue;
+    }
+    batch = batch.to(dev);
     at::Tensor input = batch.narrow(1, 0, cfg_.seq_len), target = batch.narrow(1, 1, cfg_.seq_len);
     ForwardOutput out;
     at::Tensor ce;
@@ -114,11 +126,21 @@ double Trainer::TrainStep() {
       at::Tensor logits = out.logits.to(at::kFloat);
       ce = at::nll_loss(at::log_softmax(logits.reshape({-1, logits.size(-1)}), -1), target.reshape({-1}));
     }
-    at::Tensor loss = (ce + out.aux_loss) / static_cast<double>(cfg_.grad_accum);
+    at::Tensor loss = (ce * share + out.aux_loss * aux_share) / static_cast<double>(cfg_.grad_accum);
     loss.backward();
-    loss_sum += ce.item<double>();
+    loss_sum += ce.item<double>() * share;
   }
   at::NoGradGuard ng;
+  if (opts_.dp) {
+    std::vector<at::Tensor> grads;
+    for (size_t i : trainable_) {
+      at::Tensor& p = params[i].second;
+      if (!p.grad().defined()) p.mutable_grad() = at::zeros_like(p);  // a rank with no rows still takes part
+      grads.push_back(p.grad());
+    }
+    BTX_RETURN_IF_ERROR(opts_.dp->AllReduceGradients(grads));
+    BTX_ASSIGN_OR_RETURN(loss_sum, opts_.dp->Sum(loss_sum));
+  }
   const double lr = LearningRate(cfg_, step_, opts_.steps);
   if (cfg_.grad_clip > 0) {
     std::vector<at::Tensor> norms;
@@ -155,7 +177,7 @@ StatusOr<TrainOutcome> Trainer::Run() {
   int64_t window_tokens = 0;
   const int64_t tokens_per_step = cfg_.micro_batch() * cfg_.grad_accum * cfg_.seq_len;
   while (step_ < opts_.steps) {
-    last_loss_ = TrainStep();
+    BTX_ASSIGN_OR_RETURN(last_loss_, TrainStep());
     window_tokens += tokens_per_step;
     if (!std::isfinite(last_loss_)) return Internal("loss is not finite at step " + std::to_string(step_));
     if (step_ % cfg_.log_every == 0 || step_ == opts_.steps) {
@@ -201,6 +223,7 @@ at::Tensor Unhex(const std::string& s) {
 }  // namespace
 
 Status Trainer::SaveCheckpoint() {
+  if (opts_.dp && opts_.dp->rank() != 0) return Status::Ok();  // every rank holds the same state
   const std::string final_dir = opts_.checkpoint_dir + "/" + StepDirName(step_);
   if (fs::exists(final_dir)) {
     last_checkpoint_ = final_dir;

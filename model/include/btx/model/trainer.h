@@ -11,6 +11,7 @@
 
 #include "btx/contract/specs.h"
 #include "btx/model/data.h"
+#include "btx/model/distributed.h"
 #include "btx/model/llama.h"
 
 namespace btx::model {
@@ -33,6 +34,9 @@ struct TrainOptions {
   int64_t top_k = 0;                   // MoE override, 0 = config
   MoeBackend backend = MoeBackend::kKernels;
   std::string device = "cpu";
+  // Data parallel over several ranks (distributed.h); null: one process. Rank 0 alone emits events and writes
+  // checkpoints (every rank holds the same state).
+  DataParallel* dp = nullptr;
 };
 
 struct TrainHooks {
@@ -59,7 +63,7 @@ class Trainer {
   const std::string& last_checkpoint() const { return last_checkpoint_; }
 
  private:
-  double TrainStep();
+  StatusOr<double> TrainStep();
   void Emit(const nlohmann::json& j);
 
   LlamaModel* model_;
