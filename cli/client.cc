@@ -9,12 +9,6 @@
 #include "google/rpc/status.pb.h"
 
 namespace btx::cli {
-namespace {
-
-std::string Seconds(Duration d) { return Cat(std::chrono::duration_cast<std::chrono::seconds>(d).count(), "s"); }
-
-}  // namespace
-
 absl::Status FromGrpc(const grpc::Status& s, const std::string& what, const std::string& target) {
   if (s.ok()) return absl::OkStatus();
   const std::string msg = s.error_message();
@@ -213,7 +207,10 @@ absl::Status Client::Stream(const char* what, Req request, const std::function<b
                             const std::function<std::unique_ptr<grpc::ClientReader<Item>>(grpc::ClientContext*, const Req&)>& open) {
   bool received = false;
   auto backoff = std::chrono::milliseconds(250);
-  std::optional<std::chrono::steady_clock::time_point> broken_since;
+  // Since when the stream has been failing; a time point with a flag rather than an optional, which
+  // GCC 12 takes for read before set.
+  bool broken = false;
+  std::chrono::steady_clock::time_point broken_since{};
   while (true) {
     grpc::Status status;
     {
@@ -223,7 +220,7 @@ absl::Status Client::Stream(const char* what, Req request, const std::function<b
       Item item;
       while (reader->Read(&item)) {
         received = true;
-        broken_since.reset();
+        broken = false;
         backoff = std::chrono::milliseconds(250);
         advance(request, item);
         if (!on_item(item)) {
@@ -241,8 +238,9 @@ absl::Status Client::Stream(const char* what, Req request, const std::function<b
                            status.error_code() == grpc::StatusCode::INTERNAL;
     if (!received || !transient) return Error(status, what);
     const auto now = std::chrono::steady_clock::now();
-    if (!broken_since) broken_since = now;
-    if (now - *broken_since > config_.reconnect_for) return Error(status, what);
+    if (!broken) broken_since = now;
+    broken = true;
+    if (now - broken_since > config_.reconnect_for) return Error(status, what);
     // Wall-clock wait is the point here: we are waiting for a remote server to come back.
     std::this_thread::sleep_for(backoff);
     backoff = std::min<std::chrono::milliseconds>(backoff * 2, std::chrono::seconds(5));

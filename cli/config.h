@@ -21,11 +21,11 @@ using EnvLookup = std::function<std::optional<std::string>(const std::string&)>;
 EnvLookup ProcessEnv();
 
 struct ConfigFile {
-  std::string server;
-  std::string token;
-  std::string state_dir;
+  std::string server{};
+  std::string token{};
+  std::string state_dir{};
   // Relative paths are taken from the config file's directory.
-  std::string tls_ca, tls_cert, tls_key, tls_server_name;
+  std::string tls_ca{}, tls_cert{}, tls_key{}, tls_server_name{};
 };
 
 // $BTX_CONFIG, else $XDG_CONFIG_HOME/btx/config.yaml, else $HOME/.config/btx/config.yaml.
@@ -37,10 +37,11 @@ absl::StatusOr<ConfigFile> ParseConfigFile(const std::string& text, const std::s
 absl::StatusOr<ConfigFile> LoadConfigFile(const std::string& path);
 
 struct Flags {
-  std::optional<std::string> server;  // --server
-  std::optional<std::string> token;   // --token
-  std::optional<std::string> state_dir;
-  std::optional<std::string> tls_ca, tls_cert, tls_key, tls_server_name;  // --tls-*
+  // `{}` throughout: tests name only the flags they set (-Wmissing-field-initializers).
+  std::optional<std::string> server{};  // --server
+  std::optional<std::string> token{};   // --token
+  std::optional<std::string> state_dir{};
+  std::optional<std::string> tls_ca{}, tls_cert{}, tls_key{}, tls_server_name{};  // --tls-*
 };
 
 struct Connection {

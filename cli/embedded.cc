@@ -63,7 +63,10 @@ absl::StatusOr<std::unique_ptr<EmbeddedStack>> EmbeddedStack::Start(EmbeddedConf
   }
 
   // The same way btx-scheduler opens its database: start (or reuse) the server, migrate, pool.
-  auto db = storage::OpenDatabase({.url = "", .local = {.state_dir = cfg.state_dir}, .connections = 8}, s->launcher_);
+  storage::DatabaseOptions db_options;
+  db_options.local.state_dir = cfg.state_dir;
+  db_options.connections = 8;
+  auto db = storage::OpenDatabase(std::move(db_options), s->launcher_);
   if (!db.ok()) return absl::UnavailableError(Cat("embedded database in ", cfg.state_dir, ": ", db.status().message()));
   s->db_ = std::move(*db);
 

@@ -185,6 +185,27 @@ TEST_F(CliIntegrationTest, BadSpecExitsTwoNamingTheField) {
   EXPECT_NE(r.err.find("cannot read pipeline spec missing.yaml"), std::string::npos) << r.err;
 }
 
+// btxctl makes a tokenizer's relative path absolute in both forms that name a file, and the scheduler
+// takes the result: the branch job (a seed dir may lack a tokenizer) gets the absolute path.
+TEST_F(CliIntegrationTest, RelativeTokenizerPathsInBothFormsAreSubmittedAbsolute) {
+  for (const std::string tokenizer : {"{sentencepiece: spm/tok.model}", "spm/tok.model"}) {
+    SCOPED_TRACE(tokenizer);
+    WriteFile(dir_ + "/tok.yaml", Cat(kSpec, "tokenizer: ", tokenizer, "\n"));
+    CliResult r = Ctl({"submit", "tok.yaml", "-o", "json"});
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    const json pipeline = json::parse(r.out)["pipeline"];
+    const json absolute = {{"sentencepiece", dir_ + "/spm/tok.model"}};
+    EXPECT_EQ(pipeline["spec"]["tokenizer"], absolute);
+    bool branch = false;
+    for (const auto& j : pipeline["jobs"]) {
+      if (j["name"] != "branch/code") continue;
+      branch = true;
+      EXPECT_EQ(j["spec_json"]["tokenizer"], absolute);
+    }
+    EXPECT_TRUE(branch) << r.out;
+  }
+}
+
 TEST_F(CliIntegrationTest, DryRunPlansAndStoresNothing) {
   CliResult r = Ctl({"submit", "spec.yaml", "--dry-run"});
   ASSERT_EQ(r.exit_code, 0) << r.err;

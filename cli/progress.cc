@@ -24,7 +24,7 @@ std::string Bar(const v1::Progress& p, v1::JobState state, int cells) {
   const int full = static_cast<int>(frac * cells + 1e-9);
   char pct[8];
   std::snprintf(pct, sizeof(pct), "%3d%%", static_cast<int>(frac * 100 + 1e-9));
-  return "[" + std::string(full, '#') + std::string(cells - full, '.') + "] " + pct;
+  return Cat("[", std::string(full, '#'), std::string(cells - full, '.'), "] ", pct);
 }
 
 double Seconds(TimePoint a, TimePoint b) { return std::chrono::duration<double>(b - a).count(); }

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include "btx/common/strings.h"
+#include "btx/scheduler/spec.h"
 
 namespace btx::cli {
 namespace {
@@ -62,6 +63,37 @@ TEST(SpecPathsTest, SeedModelAndByteTokenizer) {
   json s = json::parse(r.text);
   EXPECT_EQ(s["seed"]["model"], "/work/proj/models/seed");
   EXPECT_EQ(s["tokenizer"], "byte");
+}
+
+// Exactly the tokenizer forms of the contract that name a file are rewritten, and the scheduler
+// accepts every rewritten form as it stands.
+TEST(SpecPathsTest, TokenizerFilesInEveryFormTheSchedulerAccepts) {
+  const std::string base = "name: t\nseed: {init: {preset: tiny}, pretrain: {data: {train: p.txt}}}\n"
+                           "experts: [{name: a, data: {train: a.txt}}]\n";
+  const std::vector<std::pair<std::string, json>> cases = {
+      {"tokenizer: {sentencepiece: spm/tok.model}", {{"sentencepiece", "/work/proj/spm/tok.model"}}},
+      {"tokenizer: spm/tok.model", "/work/proj/spm/tok.model"},
+      {"tokenizer: ~/tok.model", "/home/u/tok.model"},
+      {"tokenizer: byte", "byte"},
+      {"tokenizer: {type: byte}", {{"type", "byte"}}},
+      {"tokenizer: {type: sentencepiece, vocab_size: 300}", {{"type", "sentencepiece"}, {"vocab_size", 300}}},
+  };
+  for (const auto& [line, rewritten] : cases) {
+    SCOPED_TRACE(line);
+    RewrittenSpec r = AbsolutizeSpecPaths(base + line, kCtx);
+    ASSERT_TRUE(r.parsed);
+    EXPECT_EQ(r.spec["tokenizer"], rewritten);
+    const bool names_a_file = rewritten.is_object() ? rewritten.contains("sentencepiece") : rewritten != "byte";
+    bool listed = false;
+    for (const auto& [field, path] : r.paths) listed = listed || field.rfind("tokenizer", 0) == 0;
+    EXPECT_EQ(listed, names_a_file);
+    auto spec = scheduler::ParseSpec(r.text);
+    ASSERT_TRUE(spec.ok()) << spec.status();
+    if (names_a_file) {
+      const std::string path = rewritten.is_object() ? rewritten["sentencepiece"] : rewritten;
+      EXPECT_EQ((*spec)["tokenizer"], json({{"sentencepiece", path}}));
+    }
+  }
 }
 
 TEST(SpecPathsTest, WrongTypesAreLeftForTheScheduler) {

@@ -137,6 +137,19 @@ TEST_F(BadInputTest, EachBadCallGetsItsStatusAndFieldAndChangesNothing) {
        grpc::StatusCode::INVALID_ARGUMENT, "spec"},
       {"idempotency key with spaces", [&] { return submit(kDagSpec, "a key"); },
        grpc::StatusCode::INVALID_ARGUMENT, "idempotency_key"},
+      {"a learning rate btx-train would refuse", [&] { return submit(Cat(kDagSpec, "train: {lr: 0}\n"), ""); },
+       grpc::StatusCode::INVALID_ARGUMENT, "train.lr"},
+      {"a model size named as another tool names it",
+       [&] {
+         return submit("name: x\nseed: {init: {num_layers: 4}, pretrain: {data: {train: /p}}}\n"
+                       "experts: [{name: a, data: {train: /x}}]\n", "");
+       },
+       grpc::StatusCode::INVALID_ARGUMENT, "seed.init.num_layers"},
+      {"a job on two GPUs", [&] { return submit(Cat(kDagSpec, "resources: {gpus_per_job: 2}\n"), ""); },
+       grpc::StatusCode::INVALID_ARGUMENT, "resources.gpus_per_job"},
+      {"GPU jobs when no registered worker has a GPU",
+       [&] { return submit(Cat(kDagSpec, "resources: {gpus_per_job: 1}\n"), ""); },
+       grpc::StatusCode::FAILED_PRECONDITION, ""},
       {"worker without a name",
        [&] {
          v1::RegisterRequest r;

@@ -61,8 +61,8 @@ class Batcher {
  private:
   struct Slot {
     Request request;
-    std::optional<Result> result;
-    std::condition_variable cv;
+    std::optional<Result> result{};
+    std::condition_variable cv{};
   };
 
   // Takes the oldest waiting call and those that may join it, runs them without the lock, and hands

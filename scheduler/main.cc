@@ -132,8 +132,11 @@ int main(int argc, char** argv) {
     return 2;
   }
   btx::PosixProcessLauncher launcher;
-  auto db = btx::storage::OpenDatabase(
-      {.url = database_url, .local = {.state_dir = state_dir}, .connections = db_connections}, launcher);
+  btx::storage::DatabaseOptions db_options;
+  db_options.url = database_url;
+  db_options.local.state_dir = state_dir;
+  db_options.connections = db_connections;
+  auto db = btx::storage::OpenDatabase(std::move(db_options), launcher);
   if (!db.ok()) {
     std::cerr << "btx-scheduler: " << db.status().message() << "\n";
     return 1;

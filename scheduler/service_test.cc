@@ -82,6 +82,93 @@ TEST_F(ServiceTest, BadSpecIsInvalidArgumentWithFieldDetails) {
   EXPECT_NE(st.error_message().find("experts[0].steps"), std::string::npos);
 }
 
+// What btx-train would refuse is refused at submit, naming the pipeline's own field: nothing is stored.
+TEST_F(ServiceTest, SubmitRefusesWhatTheTrainerWouldRefuse) {
+  const std::string base = "name: x\nexperts: [{name: a, data: {train: [/x]}}]\n";
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {base + "seed: {model: /m}\ntrain: {lr: 0}", "train.lr"},
+      {base + "seed: {init: {preset: tiny, num_layers: 4, hidden_size: 96}, pretrain: {data: {train: /p}}}",
+       "seed.init.num_layers"},
+      {base + "seed: {model: /m}\nresources: {gpus_per_job: 2}", "resources.gpus_per_job"},
+  };
+  for (const auto& [spec, field] : cases) {
+    grpc::Status st;
+    Submit(spec, "", &st);
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << spec;
+    const auto v = FieldViolationsOf(st);
+    ASSERT_EQ(v.size(), 1u) << st.error_message();
+    EXPECT_EQ(v[0].field, field);
+  }
+  EXPECT_EQ(testing::QueryInt(conninfo_, "SELECT count(*) FROM pipelines"), 0);
+  // The Hugging Face name is accepted, and the job btx-train gets says it.
+  const auto ok = Submit(base + "seed: {init: {preset: tiny, num_hidden_layers: 4}, pretrain: {data: {train: /p}}}");
+  const v1::Job* pretrain = nullptr;
+  for (const auto& j : ok.pipeline().jobs()) {
+    if (j.name() == "pretrain") pretrain = &j;
+  }
+  ASSERT_NE(pretrain, nullptr);
+  EXPECT_EQ(nlohmann::json::parse(pretrain->spec_json())["init"]["num_hidden_layers"], 4);
+}
+
+TEST_F(ServiceTest, MultiGpuJobsAreRefusedNotRunOnOneDevice) {
+  RegisterWorker("big", 1, 8);
+  grpc::Status st;
+  Submit(std::string(kDagSpec) + "resources: {gpus_per_job: 2}\n", "", &st);
+  ASSERT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  const auto v = FieldViolationsOf(st);
+  ASSERT_EQ(v.size(), 1u);
+  EXPECT_EQ(v[0].field, "resources.gpus_per_job");
+  EXPECT_NE(v[0].description.find("multi-GPU jobs are not supported yet"), std::string::npos) << v[0].description;
+}
+
+// A pipeline whose jobs no registered worker has the GPUs for would wait forever: refused, naming the
+// largest worker. With no worker registered yet it is accepted and waits for one.
+TEST_F(ServiceTest, APipelineNoRegisteredWorkerCanRunIsRefused) {
+  const std::string gpu_spec = std::string(kDagSpec) + "resources: {gpus_per_job: 1}\n";
+  grpc::Status st;
+  const auto waiting = Submit(gpu_spec, "before-any-worker", &st);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  EXPECT_TRUE(waiting.created());
+  clock_.Advance(1s);  // claims go oldest pipeline first
+
+  const std::string cpu = RegisterWorker("cpu-node", 2, 0);
+  RegisterWorker("small-cpu-node", 1, 0);
+  Submit(gpu_spec, "", &st);
+  EXPECT_EQ(st.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << st.error_message();
+  EXPECT_NE(st.error_message().find("'cpu-node'"), std::string::npos) << st.error_message();
+  EXPECT_NE(st.error_message().find("has 0 GPUs"), std::string::npos) << st.error_message();
+  EXPECT_NE(st.error_message().find("resources.gpus_per_job"), std::string::npos) << st.error_message();
+  // A dry run is told the same; CPU jobs are for any worker.
+  {
+    grpc::ClientContext ctx;
+    v1::SubmitRequest req;
+    req.set_spec(gpu_spec);
+    req.set_dry_run(true);
+    v1::SubmitResponse resp;
+    EXPECT_EQ(pipelines_->Submit(&ctx, req, &resp).error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  }
+  const auto cpu_jobs = Submit(kDagSpec, "cpu-jobs", &st);
+  EXPECT_TRUE(st.ok()) << st.error_message();
+  EXPECT_EQ(testing::QueryInt(conninfo_, "SELECT count(*) FROM pipelines"), 2);
+
+  // Once a worker with a GPU has registered, the same pipeline is accepted, and that worker runs it.
+  const std::string gpu = RegisterWorker("gpu-node", 1, 1);
+  Submit(gpu_spec, "", &st);
+  EXPECT_TRUE(st.ok()) << st.error_message();
+  grpc::ClientContext ctx;
+  v1::AcquireJobRequest req;
+  req.set_worker_id(gpu);
+  req.set_free_gpus(1);
+  v1::AcquireJobResponse resp;
+  ASSERT_TRUE(workers_->AcquireJob(&ctx, req, &resp).ok());
+  ASSERT_TRUE(resp.has_job());
+  EXPECT_EQ(resp.job().pipeline_id(), waiting.pipeline().id());
+  // A worker without GPUs only ever gets the CPU pipeline's jobs.
+  const auto on_cpu = Acquire(cpu);
+  ASSERT_TRUE(on_cpu.has_job());
+  EXPECT_EQ(on_cpu.job().pipeline_id(), cpu_jobs.pipeline().id());
+}
+
 TEST_F(ServiceTest, BadIdsAndEnumsAreInvalidArgument) {
   grpc::ClientContext c1;
   v1::GetPipelineRequest get;

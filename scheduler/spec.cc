@@ -13,6 +13,20 @@ namespace btx::scheduler {
 using json = nlohmann::json;
 namespace {
 
+// The most experts a pipeline can have within the contract's lists: the eval job lists each expert
+// and up to five other models, and its parser takes at most 1024.
+constexpr int kContractMaxExperts = static_cast<int>(contract::kMaxListEntries) - 24;
+
+// An operator's limits only ever tighten the contract's: a looser one would let through jobs that
+// btx-train refuses.
+SpecLimits Effective(const SpecLimits& limits) {
+  SpecLimits out = limits;
+  out.max_steps = std::min<int64_t>(limits.max_steps, contract::kMaxSteps);
+  out.max_data_paths = static_cast<int>(std::min<int64_t>(limits.max_data_paths, static_cast<int64_t>(contract::kMaxPaths)));
+  out.max_experts = std::min(limits.max_experts, kContractMaxExperts);
+  return out;
+}
+
 const json& Field(const json& obj, const char* key) {
   static const json kNull;
   return obj.is_object() && obj.contains(key) ? obj[key] : kNull;
@@ -65,7 +79,8 @@ json ReadSeed(contract::Reader& r, const json& in, const SpecLimits& limits, con
 
 }  // namespace
 
-absl::StatusOr<json> ParseSpec(const std::string& text, const SpecLimits& limits) {
+absl::StatusOr<json> ParseSpec(const std::string& text, const SpecLimits& operator_limits) {
+  const SpecLimits limits = Effective(operator_limits);
   auto parsed = YamlToJson(text, limits.max_spec_bytes);
   if (!parsed.ok()) return InvalidFields({{"spec", std::string(parsed.status().message())}});
   const json in = *std::move(parsed);
@@ -155,6 +170,13 @@ absl::StatusOr<json> ParseSpec(const std::string& text, const SpecLimits& limits
   if (const json& e = Field(in, "evaluate"); !e.is_null() && r.Object("evaluate", e, {"baselines", "max_tokens"})) {
     if (!Field(e, "baselines").is_null()) {
       evaluate["baselines"] = r.EnumList(e, "evaluate", "baselines", {"seed", "experts", "btm", "upcycle"});
+      for (size_t i = 0; i < evaluate["baselines"].size(); ++i) {
+        if (evaluate["baselines"][i] == "btm" && method != "upcycle" && expert_names.size() > contract::kMaxEnsemble) {
+          r.Fail(contract::IndexPath("evaluate.baselines", i), "btm",
+                 Cat("at most ", contract::kMaxEnsemble, " experts for btm (its output ensemble's limit), not ",
+                     expert_names.size()));
+        }
+      }
     }
     evaluate["max_tokens"] = r.Int(e, "evaluate", "max_tokens", 65536, 1, int64_t{1} << 40);
   }

@@ -113,11 +113,12 @@ class SchedulerFixture : public ::testing::Test {
     return c;
   }
 
-  std::string RegisterWorker(const std::string& name, int slots = 1) {
+  std::string RegisterWorker(const std::string& name, int slots = 1, int gpus = 0) {
     grpc::ClientContext ctx;
     v1::RegisterRequest req;
     req.set_name(name);
     req.mutable_capabilities()->set_slots(slots);
+    req.mutable_capabilities()->set_gpus(gpus);
     v1::RegisterResponse resp;
     const grpc::Status st = workers_->Register(&ctx, req, &resp);
     EXPECT_TRUE(st.ok()) << st.error_message();

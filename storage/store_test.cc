@@ -46,6 +46,32 @@ class StoreTest : public ::testing::Test {
   RetryPolicy policy_{.base = 10s, .max = 60s};
 };
 
+// Submit refuses a pipeline whose jobs need more GPUs than this worker has.
+TEST_F(StoreTest, LargestWorkerIsTheOneWithTheMostGpusWhateverItsState) {
+  auto none = store_.LargestWorker();
+  ASSERT_TRUE(none.ok()) << none.status();
+  EXPECT_FALSE(none->has_value());
+  ASSERT_TRUE(store_.RegisterWorker("cpu", "h", R"({"gpus": 0, "cpu_threads": 8})", "t", now_).ok());
+  ASSERT_TRUE(store_.RegisterWorker("two", "h", R"({"gpus": 2})", "t", now_).ok());
+  ASSERT_TRUE(store_.RegisterWorker("one", "h", R"({"gpus": 1})", "t", now_).ok());
+  ASSERT_TRUE(store_.RegisterWorker("odd", "h", R"({"gpus": "many"})", "t", now_).ok());
+  auto largest = store_.LargestWorker();
+  ASSERT_TRUE(largest.ok() && largest->has_value()) << largest.status();
+  EXPECT_EQ((*largest)->name, "two");
+  EXPECT_EQ((*largest)->gpus, 2);
+  // A lost worker is still a machine of the fleet: it comes back under its name.
+  ASSERT_EQ(*store_.MarkLostWorkers(1s, now_ + 1h), 4);
+  largest = store_.LargestWorker();
+  ASSERT_TRUE(largest.ok() && largest->has_value());
+  EXPECT_EQ((*largest)->name, "two");
+  // Re-registering replaces what the worker said it has.
+  ASSERT_TRUE(store_.RegisterWorker("two", "h", R"({"gpus": 0})", "t", now_).ok());
+  largest = store_.LargestWorker();
+  ASSERT_TRUE(largest.ok() && largest->has_value());
+  EXPECT_EQ((*largest)->name, "one");
+  EXPECT_EQ((*largest)->gpus, 1);
+}
+
 TEST_F(StoreTest, RootsAreReadyAndDependentsPending) {
   auto p = Submit();
   ASSERT_EQ(p.jobs.size(), 3u);
@@ -226,9 +252,9 @@ TEST_F(StoreTest, CompleteJobsLeavesWhatOneByOneCompletionsLeave) {
     while (auto c = Claim(w)) leased[{c->job.pipeline_id, c->job.name}] = *c;
   };
   struct Entry {
-    std::string job;
+    std::string job{};
     int attempt_delta = 0;  // nonzero: a stale attempt
-    std::string result;
+    std::string result{};
   };
   auto run = [&](const std::vector<Entry>& entries) {
     std::vector<Completion> batch;
@@ -380,8 +406,12 @@ TEST_F(StoreTest, FailRetriesWithBackoffThenFailsPipeline) {
   auto pl = store_.GetPipeline(p.id);
   EXPECT_EQ(pl->state, "FAILED");
   for (const auto& j : pl->jobs) {
-    if (j.name == "m") EXPECT_EQ(j.state, "CANCELLED");
-    if (j.id == other->job.id) EXPECT_TRUE(j.cancel_requested);
+    if (j.name == "m") {
+      EXPECT_EQ(j.state, "CANCELLED");
+    }
+    if (j.id == other->job.id) {
+      EXPECT_TRUE(j.cancel_requested);
+    }
   }
 }
 
@@ -423,10 +453,10 @@ TEST_F(StoreTest, ExpiredLeaseOutOfAttemptsFails) {
 
 TEST_F(StoreTest, ConcurrentClaimersNeverShareAnAttempt) {
   NewPipeline p{.name = "many", .spec_json = "{}"};
-  for (int i = 0; i < 60; ++i) p.jobs.push_back({.name = "j" + std::to_string(i), .kind = "branch"});
+  for (int i = 0; i < 60; ++i) p.jobs.push_back({.name = Cat("j", i), .kind = "branch"});
   ASSERT_TRUE(store_.CreatePipeline(p, now_).ok());
   std::vector<std::string> workers;
-  for (int i = 0; i < 4; ++i) workers.push_back(Worker("w" + std::to_string(i)));
+  for (int i = 0; i < 4; ++i) workers.push_back(Worker(Cat("w", i)));
   std::mutex mu;
   std::vector<std::string> claimed;
   std::vector<std::thread> threads;
@@ -449,10 +479,10 @@ TEST_F(StoreTest, ConcurrentClaimersNeverShareAnAttempt) {
 // calls) must neither deadlock on the worker rows nor hand one job out twice.
 TEST_F(StoreTest, ConcurrentBatchesWithOverlappingWorkersNeverDeadlockOrShare) {
   NewPipeline p{.name = "many", .spec_json = "{}"};
-  for (int i = 0; i < 240; ++i) p.jobs.push_back({.name = "j" + std::to_string(i), .kind = "branch"});
+  for (int i = 0; i < 240; ++i) p.jobs.push_back({.name = Cat("j", i), .kind = "branch"});
   ASSERT_TRUE(store_.CreatePipeline(p, now_).ok());
   std::vector<std::string> workers;
-  for (int i = 0; i < 6; ++i) workers.push_back(Worker("w" + std::to_string(i)));
+  for (int i = 0; i < 6; ++i) workers.push_back(Worker(Cat("w", i)));
   std::mutex mu;
   std::vector<std::string> claimed;
   std::vector<std::string> errors;

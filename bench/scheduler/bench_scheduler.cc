@@ -403,8 +403,12 @@ int main(int argc, char** argv) {
     }
   } cleanup{db, *dir};
   {
-    auto opened = btx::storage::OpenDatabase(
-        {.url = database_url, .local = {.state_dir = *dir, .durable = durable}, .connections = connections}, launcher);
+    btx::storage::DatabaseOptions options;
+    options.url = database_url;
+    options.local.state_dir = *dir;
+    options.local.durable = durable;
+    options.connections = connections;
+    auto opened = btx::storage::OpenDatabase(std::move(options), launcher);
     if (!opened.ok()) {
       std::cerr << opened.status() << "\n";
       return 1;

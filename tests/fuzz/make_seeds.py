@@ -5,7 +5,7 @@ usage: make_seeds.py <repo root> <spec corpus dir> <safetensors corpus dir>
 
 Spec seeds: examples/tiny-btx.yaml plus hand-written specs reaching each planner branch (upcycle,
 btm, seed.model, JSON syntax, anchors and aliases, quoting) and a few near misses. Safetensors seeds:
-small valid files in every supported dtype, laid out as model/src/safetensors.cpp writes them, and a
+small valid files in every supported dtype, laid out as model/safetensors.cc writes them, and a
 few near misses.
 """
 import json
@@ -26,7 +26,7 @@ experts:
   - {name: a, data: {train: [/d/a], valid: [/d/a-valid]}, steps: 5}
   - {name: b, data: {train: [/d/b]}}
 merge: {method: upcycle}
-finetune: {top_k: 1, steps: 0, freeze: [attention, embeddings], router: sparsemixer}
+finetune: {top_k: 1, steps: 1, freeze: [attention, embeddings, norms], router: sparsemixer}
 evaluate: {baselines: [seed, experts, btm, upcycle]}
 """,
     "btm.yaml": """
@@ -37,6 +37,22 @@ experts: [{name: x, data: {train: /d/x}}, {name: y, data: {train: /d/y}}]
 merge: {method: btm, keep_seed_expert: true, router_init: hidden}
 evaluate: {baselines: [btm], max_tokens: 1024}
 resources: {gpus_per_job: 1, max_attempts: 5}
+""",
+    "hf-init.yaml": """
+name: hf
+seed:
+  init: {preset: tiny, num_hidden_layers: 3, num_attention_heads: 8, num_key_value_heads: 2, hidden_size: 128,
+         intermediate_size: 344, max_position_embeddings: 512, vocab_size: 0, rms_norm_eps: 1e-6,
+         rope_theta: 500000.0, initializer_range: 0.02, tie_word_embeddings: true}
+  pretrain: {data: {train: /d/all}, steps: 10}
+tokenizer: {type: sentencepiece, vocab_size: 512}
+experts: [{name: a, data: {train: /d/a}}]
+""",
+    "spm-object.yaml": """
+name: spm
+seed: {model: /models/seed}
+tokenizer: {sentencepiece: /tok/spm.model}
+experts: [{name: a, data: {train: /d/a}}]
 """,
     "json.json": json.dumps({
         "name": "j", "seed": {"model": "/m"},
@@ -78,6 +94,7 @@ finetune: {top_k: 3, freeze: [experts, all_but_router]}
     "bad-dup-key.yaml": "name: x\nname: y\n",
     "bad-nesting.yaml": "name: x\nseed: {model: /m}\nexperts: [{name: a, data: {train: [[[[[[/x]]]]]]}}]\n",
     "bad-unknown.yaml": "name: x\nseed: {model: /m, pretrain: {}}\nexperts: [{name: a, data: {train: [/x]}}]\ncolour: blue\n",
+    "bad-alias.yaml": "name: x\nseed: {init: {num_layers: 4}, pretrain: {data: {train: /p}}}\nexperts: [{name: a, data: {train: /x}}]\n",
 }
 
 

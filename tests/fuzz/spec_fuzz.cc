@@ -4,8 +4,10 @@
 //     trip through gRPC rich errors (what btxctl shows the user);
 //   - normalisation is idempotent: an accepted spec re-parses from its JSON dump to the same JSON
 //     (the scheduler stores the dump, and Retry re-reads it);
-//   - PlanJobs on an accepted spec gives uniquely named jobs whose dependencies exist and form a
-//     DAG, and every {"$artifact": ...} a job reads resolves from its own dependencies alone.
+//   - PlanJobs on an accepted spec succeeds: every planned job's spec passes btx-train's own parser
+//     (contract::ParseJobSpec), so the planner and the contract never disagree;
+//   - it gives uniquely named jobs whose dependencies exist and form a DAG, and every
+//     {"$artifact": ...} a job reads resolves from its own dependencies alone.
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -16,6 +18,7 @@
 
 #include "btx/common/uri.h"
 #include "btx/rpc_status.h"
+#include "btx/scheduler/plan.h"
 #include "btx/scheduler/spec.h"
 
 namespace {
@@ -50,7 +53,11 @@ void CheckRejection(const absl::Status& status, const std::string& input) {
 }
 
 void CheckPlan(const json& spec, const std::string& input) {
-  const auto jobs = btx::scheduler::PlanJobs(spec);
+  const auto planned = btx::scheduler::PlanJobs(spec);
+  if (!planned.ok()) {
+    Violated("a job planned from an accepted spec fails the contract: " + std::string(planned.status().message()), input);
+  }
+  const auto& jobs = *planned;
   if (jobs.empty()) Violated("accepted spec plans no jobs", input);
   std::map<std::string, const btx::storage::NewJob*> by_name;
   for (const auto& j : jobs) {

@@ -58,9 +58,9 @@ absl::StatusOr<Identities> LoadIdentities(const std::string& path);
 std::string TokenDigest(std::string_view token);
 
 struct SecurityConfig {
-  std::string cert_pem, key_pem;  // serve TLS with this certificate (chain) and key
-  std::string client_ca_pem;      // request client certificates and verify them against these roots
-  Identities identities;
+  std::string cert_pem{}, key_pem{};  // serve TLS with this certificate (chain) and key
+  std::string client_ca_pem{};        // request client certificates and verify them against these roots
+  Identities identities{};
   // Serve without TLS, or without authentication, on an address other machines can reach.
   bool allow_insecure_remote = false;
 

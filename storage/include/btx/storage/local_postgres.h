@@ -11,10 +11,10 @@
 namespace btx::storage {
 
 struct LocalPostgresConfig {
-  std::string state_dir;     // data in <state_dir>/pgdata, socket in <state_dir>/run
+  std::string state_dir{};   // data in <state_dir>/pgdata, socket in <state_dir>/run
   int port = 5432;           // only names the socket file: nothing listens on TCP
-  std::string bin_dir;       // empty: found via PATH (pg_ctl) or /usr/lib/postgresql/<newest>/bin
-  std::string run_as_user;   // when running as root (PostgreSQL refuses root): default "postgres"
+  std::string bin_dir{};     // empty: found via PATH (pg_ctl) or /usr/lib/postgresql/<newest>/bin
+  std::string run_as_user{}; // when running as root (PostgreSQL refuses root): default "postgres"
   bool durable = true;       // false: fsync=off, for throwaway test clusters
   std::string database = "btx";
 };

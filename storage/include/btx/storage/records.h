@@ -13,6 +13,9 @@
 
 namespace btx::storage {
 
+// Fields without a default take `{}`, so that designated initializers may name only what they set
+// (-Wmissing-field-initializers).
+
 // States are stored as text so the database is readable by hand (and by Grafana's SQL panels).
 namespace pipeline_state {
 inline constexpr char kRunning[] = "RUNNING";
@@ -81,19 +84,19 @@ struct LogRecord {
 };
 
 struct NewJob {
-  std::string name, kind;
+  std::string name{}, kind{};
   std::string spec_json = "{}";
-  std::vector<std::string> depends_on;  // names of jobs in the same pipeline
+  std::vector<std::string> depends_on{};  // names of jobs in the same pipeline
   int max_attempts = 3;
   int gpus = 0;
   int priority = 0;  // lower first
 };
 
 struct NewPipeline {
-  std::string name;
-  std::string spec_json;
-  std::string idempotency_key;  // empty = none
-  std::vector<NewJob> jobs;     // a DAG: every depends_on names an earlier-or-later job of this list
+  std::string name{};
+  std::string spec_json{};
+  std::string idempotency_key{};  // empty = none
+  std::vector<NewJob> jobs{};     // a DAG: every depends_on names an earlier-or-later job of this list
 };
 
 // A lease handed to a worker, with what the scheduler needs to resolve the job's arguments.
@@ -104,13 +107,13 @@ struct ClaimedJob {
 };
 
 struct JobReportRow {
-  std::string job_id;
+  std::string job_id{};
   int attempt = 0;
-  std::string progress_json;  // empty: no progress in this report
+  std::string progress_json{};  // empty: no progress in this report
   int64_t step = -1;
   double loss = 0, tokens_per_second = 0, learning_rate = 0;
-  std::string checkpoint_uri;
-  std::vector<LogRecord> logs;
+  std::string checkpoint_uri{};
+  std::vector<LogRecord> logs{};
 };
 
 enum class Directive { kContinue, kCancel, kLeaseLost };
@@ -121,7 +124,7 @@ struct JobDirectiveRow {
   Directive directive = Directive::kContinue;
   std::optional<TimePoint> lease_deadline;
   // Set unless the job is unknown: lets the scheduler label per-job metrics without another query.
-  std::string pipeline_id, name, kind;
+  std::string pipeline_id{}, name{}, kind{};
 };
 
 // A LEASED job as the metrics refresh sees it.

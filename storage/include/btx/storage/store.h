@@ -15,10 +15,10 @@
 namespace btx::storage {
 
 struct PipelineFilter {
-  std::string state;        // empty = any
-  std::string name_prefix;
+  std::string state{};        // empty = any
+  std::string name_prefix{};
   int page_size = 50;
-  std::string page_token;   // opaque cursor from the previous page
+  std::string page_token{};   // opaque cursor from the previous page
 };
 
 struct PipelinePage {
@@ -39,9 +39,9 @@ using ClaimOutcome = absl::StatusOr<std::optional<ClaimedJob>>;
 
 // One job of a CompleteJobs batch, as CompleteJob takes it.
 struct Completion {
-  std::string worker_id, job_id;
+  std::string worker_id{}, job_id{};
   int attempt = 0;
-  std::string artifact_uri, result_json;
+  std::string artifact_uri{}, result_json{};
 };
 
 struct CompletionOutcome {
