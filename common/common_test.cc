@@ -1,15 +1,26 @@
+#include <fcntl.h>
 #include <signal.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <csignal>
+#include <cstring>
 #include <filesystem>
+#include <functional>
+#include <optional>
 
 #include <gtest/gtest.h>
 
 #include "btx/common/clock.h"
 #include "btx/common/fs.h"
+#include "btx/common/manifest_check.h"
 #include "btx/common/process.h"
+#include "btx/common/secrets.h"
 #include "btx/common/strings.h"
 #include "btx/common/uri.h"
+#include "btx/common/utf8.h"
 
 namespace btx {
 namespace {
@@ -132,6 +143,192 @@ TEST(Process, FindSiblingExecutablePrefersTheDirectoryOfThisBinary) {
   ASSERT_FALSE(ec);
   PathOverride path("/nonexistent");
   EXPECT_EQ(FindSiblingExecutable(self.filename().string()), self.string());
+}
+
+TEST(Process, UnsetEnvKeepsNamedVariablesFromTheChild) {
+  ::setenv("BTX_TEST_SECRET", "s3cret", 1);
+  ::setenv("BTX_TEST_SECRET_NOT", "kept", 1);
+  PosixProcessLauncher launcher;
+  auto r = RunAndCapture(launcher, {.argv = {"/usr/bin/env"}, .env = {{"BTX_TEST_ADDED", "added"}},
+                                    .unset_env = {"BTX_TEST_SECRET"}});
+  ::unsetenv("BTX_TEST_SECRET");
+  ::unsetenv("BTX_TEST_SECRET_NOT");
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->output.find("s3cret"), std::string::npos) << r->output;
+  EXPECT_NE(r->output.find("BTX_TEST_SECRET_NOT=kept"), std::string::npos) << r->output;  // names match whole
+  EXPECT_NE(r->output.find("BTX_TEST_ADDED=added"), std::string::npos) << r->output;
+}
+
+TEST(Utf8, ValidInputIsKeptAndIllFormedSequencesBecomeOneReplacementPerMaximalSubpart) {
+  const std::string r = "\xEF\xBF\xBD";
+  for (const std::string& ok : std::vector<std::string>{"", "plain ascii", "\xC3\xA9t\xC3\xA9", "\xE2\x82\xAC", "\xF0\x9F\x98\x80", "\xED\x9F\xBF",
+                               "\xEF\xBF\xBF", "\xF4\x8F\xBF\xBF", std::string("nul \0 inside", 12)}) {
+    EXPECT_TRUE(IsValidUtf8(ok)) << ok;
+    EXPECT_EQ(SanitizeUtf8(ok), ok);
+  }
+  // Unicode's own examples (§3.9, Tables 3-8 to 3-11) and the usual suspects.
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"\xFF", r},                                              // never a lead byte
+      {"bad \xFF\xFE bytes", "bad " + r + r + " bytes"},
+      {"\x80", r},                                              // a lone continuation byte
+      {"\xC3", r},                                              // truncated two-byte character
+      {"\xC3" "a", r + "a"},
+      {"\xC0\xAF", r + r},                                      // overlong '/'
+      {"\xE0\x80\xAF", r + r + r},                              // overlong, three bytes
+      {"\xED\xA0\x80", r + r + r},                              // a surrogate
+      {"\xF4\x90\x80\x80", r + r + r + r},                      // above U+10FFFF
+      {"\xE2\x82", r},                                          // one maximal subpart, one U+FFFD
+      {"\xF0\x9F\x98", r},
+      {"\xF0\x9F\x98" "x", r + "x"},
+      {"\x61\xF1\x80\x80\xE1\x80\xC2\x62\x80\x63\x80\xBF\x64", "a" + r + r + r + "b" + r + "c" + r + r + "d"},
+  };
+  for (const auto& [in, want] : cases) {
+    EXPECT_FALSE(IsValidUtf8(in)) << in;
+    EXPECT_EQ(SanitizeUtf8(in), want) << in;
+    EXPECT_TRUE(IsValidUtf8(SanitizeUtf8(in))) << in;
+    std::string copy = in;
+    SanitizeUtf8InPlace(copy);
+    EXPECT_EQ(copy, want);
+  }
+}
+
+TEST(Utf8, PrefixNeverEndsInsideACharacter) {
+  const std::string s = "ab\xC3\xA9" "c\xE2\x82\xAC" "d\xF0\x9F\x98\x80";  // a b é c € d 😀
+  const std::vector<size_t> want = {0, 1, 2, 2, 4, 5, 5, 5, 8, 9, 9, 9, 9, 13, 13};
+  for (size_t n = 0; n < want.size(); ++n) {
+    const auto p = Utf8Prefix(s, n);
+    EXPECT_EQ(p.size(), std::min(want[n], s.size())) << n;
+    EXPECT_TRUE(IsValidUtf8(p)) << n;
+  }
+  EXPECT_EQ(Utf8Prefix(s, 100), s);
+}
+
+TEST(Secrets, TakeSecretFromEnvironmentUnsetsAndOverwritesIt) {
+  ::setenv("BTX_TEST_TOKEN", "tok-123", 1);
+  char* where = std::getenv("BTX_TEST_TOKEN");
+  ASSERT_NE(where, nullptr);
+  EXPECT_EQ(TakeSecretFromEnvironment("BTX_TEST_TOKEN"), std::optional<std::string>("tok-123"));
+  EXPECT_EQ(std::getenv("BTX_TEST_TOKEN"), nullptr);
+  EXPECT_EQ(std::string(where, 7), std::string(7, '\0')) << "the value's bytes are overwritten where they lay";
+  EXPECT_EQ(TakeSecretFromEnvironment("BTX_TEST_TOKEN"), std::nullopt);
+  ::setenv("BTX_TEST_TOKEN", "", 1);
+  EXPECT_EQ(TakeSecretFromEnvironment("BTX_TEST_TOKEN"), std::nullopt) << "empty counts as unset";
+  const auto& names = CredentialEnvironmentVariables();
+  EXPECT_NE(std::find(names.begin(), names.end(), "BTX_WORKER_TOKEN"), names.end());
+}
+
+TEST(Secrets, ReadSecretFileTakesOneLineAndWarnsAboutLooseModes) {
+  const std::string dir = *MakeTempDir("btx-secret-");
+  const std::string path = dir + "/token";
+  ASSERT_TRUE(WriteFileAtomic(path, "  abc.DEF-123_x \n").ok());
+  ::chmod(path.c_str(), 0600);
+  std::string warning = "stale";
+  EXPECT_EQ(ReadSecretFile(path, &warning).value_or("?"), "abc.DEF-123_x");
+  EXPECT_EQ(warning, "");
+  ::chmod(path.c_str(), 0644);
+  EXPECT_TRUE(ReadSecretFile(path, &warning).ok());
+  EXPECT_NE(warning.find("mode 644"), std::string::npos) << warning;
+  for (const std::string& bad : std::vector<std::string>{"", " \n", "qqq1\nqqq2\n", "qqq3 qqq4\n", std::string("qqq\0x", 5)}) {
+    ASSERT_TRUE(WriteFileAtomic(path, bad).ok());
+    auto t = ReadSecretFile(path);
+    EXPECT_EQ(t.status().code(), absl::StatusCode::kInvalidArgument) << bad;
+    if (bad.size() > 3) {
+      EXPECT_EQ(std::string(t.status().message()).find(bad.substr(0, 3)), std::string::npos) << "quoted";
+    }
+  }
+  EXPECT_EQ(ReadSecretFile(dir + "/missing").status().code(), absl::StatusCode::kNotFound);
+  std::filesystem::remove_all(dir);
+}
+
+// An artifact of one file and its manifest.
+std::string MakeArtifact(const std::string& root, const std::string& name, const std::string& content) {
+  const std::string dir = root + "/" + name;
+  std::filesystem::create_directories(dir + "/sub");
+  EXPECT_TRUE(WriteFileAtomic(dir + "/sub/model.bin", content).ok());
+  EXPECT_TRUE(WriteFileAtomic(dir + "/manifest.sha256", Sha256Hex(content.data(), content.size()) + "  sub/model.bin\n").ok());
+  return dir;
+}
+
+TEST(CheckManifest, CorruptionIsDataLossAndOnlyThat) {
+  const std::string root = *MakeTempDir("btx-check-");
+  const std::string good = MakeArtifact(root, "good", "weights");
+  EXPECT_TRUE(CheckManifest(good).ok());
+  EXPECT_TRUE(VerifyManifest(good).ok());
+  EXPECT_EQ(CheckManifest(root + "/absent").code(), absl::StatusCode::kNotFound);
+  // Each corruption, and the contract agrees that it is one.
+  const std::vector<std::pair<std::string, std::function<void(const std::string&)>>> corruptions = {
+      {"sha256 mismatch", [](const std::string& d) { (void)WriteFileAtomic(d + "/sub/model.bin", "tampered"); }},
+      {"is missing", [](const std::string& d) { std::filesystem::remove(d + "/sub/model.bin"); }},
+      {"not in the manifest", [](const std::string& d) { (void)WriteFileAtomic(d + "/extra", "x"); }},
+      {"no manifest.sha256", [](const std::string& d) { std::filesystem::remove(d + "/manifest.sha256"); }},
+      {"malformed line", [](const std::string& d) { (void)WriteFileAtomic(d + "/manifest.sha256", "nonsense\n"); }},
+      {"escapes", [](const std::string& d) {
+         (void)WriteFileAtomic(d + "/manifest.sha256", std::string(64, 'a') + "  ../x\n" + std::string(64, 'a') + "  sub/model.bin\n");
+       }},
+      {"symlink", [](const std::string& d) { std::filesystem::create_symlink("/etc/hostname", d + "/sub/link"); }},
+      {"not a regular file", [](const std::string& d) {
+         std::filesystem::remove(d + "/sub/model.bin");
+         ASSERT_EQ(::mkfifo((d + "/sub/model.bin").c_str(), 0644), 0);
+       }},
+  };
+  for (size_t i = 0; i < corruptions.size(); ++i) {
+    const auto& [what, corrupt] = corruptions[i];
+    const std::string dir = MakeArtifact(root, Cat("c", i), "weights");
+    corrupt(dir);
+    const absl::Status s = CheckManifest(dir);
+    EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss) << what << ": " << s;
+    EXPECT_NE(std::string(s.message()).find(what), std::string::npos) << s;
+    EXPECT_EQ(VerifyManifest(dir).code(), StatusCode::kDataLoss) << what;
+  }
+  std::filesystem::remove_all(root);
+}
+
+// A file that cannot be opened or read says nothing about its content. The contract reports it as DataLoss
+// ("missing"); CheckManifest as Unavailable.
+TEST(CheckManifest, UnreadableIsUnavailableNotDataLoss) {
+  const std::string root = *MakeTempDir("btx-check-");
+  const std::string dir = MakeArtifact(root, "leased", "weights");
+  // A write lease: until it is given up, other opens with O_NONBLOCK fail with EWOULDBLOCK. Its break is
+  // signalled with SIGIO, ignored here.
+  std::signal(SIGIO, SIG_IGN);
+  const int fd = ::open((dir + "/sub/model.bin").c_str(), O_RDONLY | O_CLOEXEC);
+  ASSERT_GE(fd, 0);
+  if (::fcntl(fd, F_SETLEASE, F_WRLCK) == 0) {
+    const absl::Status s = CheckManifest(dir);
+    EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable) << s;
+    EXPECT_NE(std::string(s.message()).find(std::strerror(EWOULDBLOCK)), std::string::npos) << s;
+    EXPECT_EQ(VerifyManifest(dir).code(), StatusCode::kDataLoss) << "the contract calls it missing";
+    ::fcntl(fd, F_SETLEASE, F_UNLCK);
+    EXPECT_TRUE(CheckManifest(dir).ok());
+  } else {
+    ADD_FAILURE() << "no file leases on " << root << ": " << std::strerror(errno);
+  }
+  ::close(fd);
+
+  // Permission denied, as a user that may list the artifact but not read the file (root reads anything:
+  // the check runs in a child that drops to nobody).
+  const std::string denied = MakeArtifact(root, "denied", "weights");
+  ::chmod(root.c_str(), 0755);
+  ::chmod(denied.c_str(), 0755);
+  ::chmod((denied + "/sub").c_str(), 0755);
+  ::chmod((denied + "/manifest.sha256").c_str(), 0644);
+  ::chmod((denied + "/sub/model.bin").c_str(), 0600);
+  if (::geteuid() == 0) {
+    const pid_t pid = ::fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+      if (::setgid(65534) != 0 || ::setuid(65534) != 0) ::_exit(10);
+      const absl::Status s = CheckManifest(denied);
+      ::_exit(s.code() == absl::StatusCode::kUnavailable && s.message().find("Permission denied") != absl::string_view::npos ? 0 : 11);
+    }
+    int status = 0;
+    ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "exit status " << status;
+  } else {
+    const absl::Status s = CheckManifest(denied);
+    EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable) << s;
+  }
+  std::filesystem::remove_all(root);
 }
 
 }  // namespace

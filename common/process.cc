@@ -100,9 +100,10 @@ absl::StatusOr<std::unique_ptr<Process>> PosixProcessLauncher::Launch(const Proc
   std::vector<std::string> env_storage;
   for (char** e = environ; *e; ++e) {
     std::string kv(*e);
-    bool overridden = false;
-    for (const auto& [k, v] : spec.env) overridden |= kv.rfind(k + "=", 0) == 0;
-    if (!overridden) env_storage.push_back(std::move(kv));
+    bool dropped = false;
+    for (const auto& [k, v] : spec.env) dropped |= kv.rfind(k + "=", 0) == 0;
+    for (const auto& k : spec.unset_env) dropped |= kv.rfind(k + "=", 0) == 0;
+    if (!dropped) env_storage.push_back(std::move(kv));
   }
   for (const auto& [k, v] : spec.env) env_storage.push_back(k + "=" + v);
   std::vector<char*> envp;

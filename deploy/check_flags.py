@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Checks that the daemons accept what the deployment files give them: every flag in the
 Kubernetes containers' args and in the systemd units' ExecStart is one that btx-scheduler or
-btx-worker defines (their CLI11 definitions in scheduler/main.cc and worker/main.cc), and every
+btx-worker defines (their CLI11 definitions in scheduler/main.cc and worker/main.cc) and does not
+refuse (btx-worker's --token: a secret on a command line), and every
 variable a unit sets is either used on its ExecStart line or read by the daemon itself
 (->envname). Without a build: a flag that a daemon does not know would make it exit at
 start-up, in a crash loop that no other offline check sees. Exits non-zero with one line per
@@ -27,10 +28,20 @@ def cli(binary):
     return flags, set(re.findall(r'envname\(\s*"([^"]+)"', text))
 
 
+# Flags a daemon still defines only to refuse them with an explanation (exit 2).
+REFUSED = {"btx-worker": {"--token": "a token on the command line is visible to every user (ps); "
+                                     "use BTX_WORKER_TOKEN or --token-file"}}
+
+
 def check_args(where, binary, args, flags):
     for arg in args:
-        if arg.startswith("--") and arg.split("=", 1)[0] not in flags:
-            errors.append(f"{where}: {binary} has no flag {arg.split('=', 1)[0]}")
+        name = arg.split("=", 1)[0]
+        if not arg.startswith("--"):
+            continue
+        if name in REFUSED.get(binary, {}):
+            errors.append(f"{where}: {binary} refuses {name}: {REFUSED[binary][name]}")
+        elif name not in flags:
+            errors.append(f"{where}: {binary} has no flag {name}")
 
 
 def check_k8s():

@@ -3,9 +3,12 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <chrono>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 
@@ -14,8 +17,12 @@
 
 #include "absl/strings/str_join.h"
 #include "btx/common/fs.h"
+#include "btx/common/manifest_check.h"
+#include "btx/common/secrets.h"
+#include "btx/common/status.h"
 #include "btx/common/strings.h"
 #include "btx/common/uri.h"
+#include "btx/common/utf8.h"
 #include "btx/contract/files.h"
 #include "btx/contract/job.h"
 
@@ -30,21 +37,34 @@ google::protobuf::Timestamp ToProto(TimePoint t) {
   return TimeUtil::MicrosecondsToTimestamp(ToUnixMicros(t));
 }
 
-// Keeps a log line printable and bounded: a runaway line must not blow up a heartbeat.
-std::string CleanLine(std::string s) {
+// Keeps a log line printable, bounded and UTF-8: a runaway line must not blow up a heartbeat, and one
+// byte that is not UTF-8 would make protobuf refuse the whole heartbeat carrying it.
+std::string CleanLine(std::string_view raw) {
   constexpr size_t kMaxLine = 4096;
-  if (!s.empty() && s.back() == '\r') s.pop_back();
-  if (s.size() > kMaxLine) s = s.substr(0, kMaxLine) + " …[truncated]";
+  if (!raw.empty() && raw.back() == '\r') raw.remove_suffix(1);
+  // Only what can be kept is decoded. Replacing never shortens, so a partial character at the end of
+  // these bytes lands past kMaxLine and is cut below.
+  std::string s = SanitizeUtf8(raw.substr(0, kMaxLine + 4));
+  if (raw.size() > kMaxLine || s.size() > kMaxLine) s = Cat(Utf8Prefix(s, kMaxLine), " …[truncated]");
   for (char& c : s) {
     if (static_cast<unsigned char>(c) < 0x20 && c != '\t') c = ' ';
   }
   return s;
 }
 
+std::string Seconds(std::chrono::steady_clock::duration d) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.1f s", std::chrono::duration<double>(d).count());
+  return buf;
+}
+
 }  // namespace
 
 JobRunner::JobRunner(v1::JobAssignment job, JobRunnerConfig config, ProcessLauncher& launcher, const Clock& clock)
     : job_(std::move(job)), config_(std::move(config)), launcher_(launcher), clock_(clock) {
+  if (!config_.verify_artifact) {
+    config_.verify_artifact = [](const std::string& dir) { return ToAbsl(VerifyManifest(dir)); };
+  }
   lease_deadline_ = job_.has_lease_deadline()
                         ? FromUnixMicros(TimeUtil::TimestampToMicroseconds(job_.lease_deadline()))
                         : clock_.Now();
@@ -72,15 +92,10 @@ absl::Status JobRunner::Start() {
   const contract::JobKindInfo* kind = contract::FindJobKind(static_cast<int>(job_.kind()));
   if (kind == nullptr) return absl::InvalidArgumentError(Cat("job ", job_.job_id(), ": unknown kind ", job_.kind()));
 
-  // An output dir that exists but does not verify is a torn publish by an earlier attempt (or
-  // tampering): btx-train refuses it, so it goes. One that verifies is reused by btx-train as is.
-  std::error_code ec;
-  if (fs::exists(*output_dir, ec) && !VerifyManifest(*output_dir).ok()) {
-    fs::remove_all(*output_dir, ec);
-    if (ec) return absl::InternalError(Cat("cannot remove unverifiable ", *output_dir, ": ", ec.message()));
-    AddLog("worker", Cat("removed unverifiable leftover output ", *output_dir));
-  }
+  if (auto s = CheckLeftoverOutput(*output_dir); !s.ok()) return s;
+  if (stop_reason_.load() != StopReason::kNone) return absl::AbortedError("stopped before btx-train started");
 
+  std::error_code ec;
   fs::create_directories(config_.attempt_dir, ec);
   if (ec) return absl::InternalError(Cat("cannot create ", config_.attempt_dir, ": ", ec.message()));
   job_file.job_id = job_.job_id();
@@ -106,6 +121,8 @@ absl::Status JobRunner::Start() {
   // must not see another job's.
   const std::string visible = absl::StrJoin(config_.gpus, ",");
   ps.env = {{"CUDA_VISIBLE_DEVICES", visible}};
+  // The job runs whatever its spec says: it must not get the worker's credentials (docs/security.md).
+  ps.unset_env = CredentialEnvironmentVariables();
   auto child = launcher_.Launch(ps);
   if (!child.ok()) return child.status();
   child_ = std::move(*child);
@@ -113,6 +130,37 @@ absl::Status JobRunner::Start() {
                        job_.attempt(), " on ", config_.gpus.empty() ? "cpu" : Cat("cuda (CUDA_VISIBLE_DEVICES=", visible, ")"),
                        " with ", config_.threads, " threads"));
   reader_ = std::thread([this] { ReadLoop(); });
+  return absl::OkStatus();
+}
+
+// An output dir that exists but does not verify is a torn publish by an earlier attempt (or tampering):
+// btx-train refuses it, so it goes, but only on proof: a file that cannot be read now (EIO, ESTALE,
+// EACCES on a shared filesystem) says nothing about the output, which may be a good one that dependents
+// already use. One that verifies is reused by btx-train as is.
+absl::Status JobRunner::CheckLeftoverOutput(const std::string& output_dir) {
+  struct stat st {};
+  if (::lstat(output_dir.c_str(), &st) != 0) {
+    if (errno == ENOENT) return absl::OkStatus();
+    return absl::UnavailableError(Cat("cannot look at the existing output ", output_dir, ": ", std::strerror(errno)));
+  }
+  const absl::Status first = config_.verify_artifact(output_dir);
+  if (first.ok()) return absl::OkStatus();
+  // The contract's check says DataLoss for an unreadable file too: look again, keeping the cause.
+  const absl::Status second = CheckManifest(output_dir);
+  if (absl::IsNotFound(second)) return absl::OkStatus();  // gone meanwhile: nothing to keep or remove
+  if (second.ok()) {
+    AddLog("worker", Cat("the existing output ", output_dir, " verifies on a second reading (first: ", first.message(),
+                         "); kept"));
+    return absl::OkStatus();
+  }
+  if (!absl::IsDataLoss(second)) {
+    return absl::UnavailableError(Cat("cannot verify the existing output ", output_dir,
+                                      " (kept; the attempt is retried): ", second.message()));
+  }
+  std::error_code ec;
+  fs::remove_all(output_dir, ec);
+  if (ec) return absl::InternalError(Cat("cannot remove unverifiable ", output_dir, ": ", ec.message()));
+  AddLog("worker", Cat("removed unverifiable leftover output ", output_dir, ": ", second.message()));
   return absl::OkStatus();
 }
 
@@ -217,6 +265,8 @@ void JobRunner::AddLog(const std::string& stream, const std::string& text) {
 }
 
 void JobRunner::AddLogLocked(const std::string& stream, std::string text) {
+  // Lines from the child are clean already (CleanLine); the worker's own quote paths and messages.
+  SanitizeUtf8InPlace(text);
   if (log_fd_ >= 0) {
     const std::string out = Cat("[", stream, "] ", text, "\n");
     (void)!::write(log_fd_, out.data(), out.size());
@@ -284,7 +334,7 @@ v1::JobReport JobRunner::TakeReport(size_t max_log_lines) {
   r.set_attempt(job_.attempt());
   *r.mutable_progress() = progress_;
   if (checkpoint_uri_ != reported_checkpoint_uri_) {
-    r.set_checkpoint_uri(checkpoint_uri_);
+    r.set_checkpoint_uri(SanitizeUtf8(checkpoint_uri_));
     reported_checkpoint_uri_ = checkpoint_uri_;
   }
   if (dropped_lines_ > 0) {
@@ -331,12 +381,39 @@ void JobRunner::set_lease_deadline(TimePoint t) {
 
 Outcome JobRunner::Wait() {
   if (reader_.joinable()) reader_.join();
-  std::lock_guard lock(mu_);
-  return Classify(exit_code_);
+  return Classify();
 }
 
-Outcome JobRunner::Classify(int exit_code) {
+Outcome JobRunner::NotStarted(const absl::Status& why) const {
   Outcome o;
+  o.checkpoint_uri = checkpoint_uri_;
+  switch (stop_reason_.load()) {
+    case StopReason::kLeaseLost:
+      o.kind = Outcome::kLeaseLost;
+      o.error = "lease lost";
+      return o;
+    case StopReason::kCancel:
+      o.kind = Outcome::kCancelled;
+      o.error = "cancelled before btx-train started";
+      return o;
+    case StopReason::kDrain:
+      o.kind = Outcome::kRetryable;
+      o.error = "interrupted: the worker is draining (btx-train had not started)";
+      return o;
+    case StopReason::kKill:
+    case StopReason::kNone:
+      break;
+  }
+  o.kind = why.code() == absl::StatusCode::kInvalidArgument ? Outcome::kInvalidInput : Outcome::kRetryable;
+  o.error = Cat("worker could not start the job: ", why.message());
+  return o;
+}
+
+// After the reader thread has been joined: what it wrote is read without the lock (see mu_), which the
+// heartbeat thread's TakeReport needs while the output is being verified.
+Outcome JobRunner::Classify() {
+  Outcome o;
+  const int exit_code = exit_code_;
   o.exit_code = exit_code;
   o.checkpoint_uri = checkpoint_uri_;
   const StopReason reason = stop_reason_.load();
@@ -347,13 +424,19 @@ Outcome JobRunner::Classify(int exit_code) {
     return o;
   }
   if (exit_code == contract::kExitOk && done_artifact_) {
-    // The artifact is what later jobs build on: report it only if it verifies here and now.
-    const Status verified = VerifyManifest(*done_artifact_);
+    // The artifact is what later jobs build on: report it only if it verifies here and now. Hashing a
+    // large model takes minutes; the job stays in heartbeats meanwhile, so its lease is renewed.
+    AddLog("worker", Cat("verifying ", *done_artifact_, " against its manifest"));
+    const auto started = std::chrono::steady_clock::now();
+    const absl::Status verified = config_.verify_artifact(*done_artifact_);
+    const std::string took = Seconds(std::chrono::steady_clock::now() - started);
     if (!verified.ok()) {
+      AddLog("worker", Cat("output ", *done_artifact_, " does not verify (", took, "): ", verified.message()));
       o.kind = Outcome::kRetryable;
       o.error = Cat("btx-train reported ", *done_artifact_, " but it does not verify: ", verified.message());
       return o;
     }
+    AddLog("worker", Cat("verified ", *done_artifact_, " in ", took));
     o.kind = Outcome::kSucceeded;
     o.artifact_uri = PathToFileUri(*done_artifact_);
     o.result_json = done_metrics_json_;

@@ -4,6 +4,7 @@
 
 #include <atomic>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -26,6 +27,8 @@ struct JobRunnerConfig {
   std::vector<std::string> gpus;
   Duration stop_grace = std::chrono::seconds(60);
   size_t max_pending_log_lines = 20000;  // kept while the scheduler is unreachable; oldest dropped
+  // The manifest check of an output directory; empty = the contract's VerifyManifest.
+  std::function<absl::Status(const std::string& dir)> verify_artifact;
 };
 
 enum class StopReason { kNone, kCancel, kDrain, kLeaseLost, kKill };
@@ -47,8 +50,11 @@ class JobRunner {
   JobRunner(const JobRunner&) = delete;
   JobRunner& operator=(const JobRunner&) = delete;
 
-  // Writes JOB.json, clears an unverifiable leftover output dir, launches the child and the pipe
-  // reader. On error nothing is running.
+  // Checks an output dir left by an earlier attempt (removed only when it is positively corrupt; one that
+  // cannot be read fails the start, Unavailable), writes JOB.json, launches the child and the pipe reader.
+  // On error nothing is running. A stop requested before the child is launched ends it here (Aborted).
+  // Runs on the supervisor thread, with the job in heartbeats: the check may take as long as hashing
+  // the output does.
   absl::Status Start();
   // Progress, a checkpoint new since the last report, and the log lines not yet acknowledged.
   v1::JobReport TakeReport(size_t max_log_lines);
@@ -57,8 +63,11 @@ class JobRunner {
   void RequestStop(StopReason reason);
   StopReason stop_reason() const { return stop_reason_.load(); }
   bool finished() const { return finished_.load(); }
-  // Blocks until the child has exited and its pipes are drained.
+  // Blocks until the child has exited and its pipes are drained, then verifies the output it reported
+  // (without holding the lock TakeReport needs: heartbeats go on meanwhile).
   Outcome Wait();
+  // The outcome of an attempt whose child never ran, Start having returned `why`.
+  Outcome NotStarted(const absl::Status& why) const;
 
   const v1::JobAssignment& job() const { return job_; }
   TimePoint lease_deadline() const;
@@ -71,7 +80,8 @@ class JobRunner {
   void AddLog(const std::string& stream, const std::string& text);
   void AddLogLocked(const std::string& stream, std::string text);
   void EscalateIfOverdue();
-  Outcome Classify(int exit_code);
+  absl::Status CheckLeftoverOutput(const std::string& output_dir);
+  Outcome Classify();
 
   v1::JobAssignment job_;
   JobRunnerConfig config_;
@@ -82,6 +92,9 @@ class JobRunner {
   std::atomic<bool> finished_{false};
   std::atomic<StopReason> stop_reason_{StopReason::kNone};
 
+  // Guards what the reader thread and the heartbeat thread share. exit_code_, done_artifact_,
+  // done_metrics_json_, last_stderr_line_ and checkpoint_uri_ are written by the reader thread only: once it
+  // has been joined (Wait), they are read without the lock.
   mutable std::mutex mu_;
   TimePoint lease_deadline_;
   std::optional<TimePoint> kill_at_;  // SIGKILL if still alive then

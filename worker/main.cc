@@ -1,14 +1,18 @@
 // btx-worker: the composition root of the worker daemon.
+#include <sys/prctl.h>
+
 #include <atomic>
 #include <csignal>
 #include <fstream>
 #include <iostream>
+#include <optional>
 #include <thread>
 
 #include <CLI/CLI.hpp>
 #include <grpcpp/grpcpp.h>
 #include <spdlog/spdlog.h>
 
+#include "btx/common/secrets.h"
 #include "btx/common/tls.h"
 #include "btx/metrics/exposer.h"
 #include "btx/metrics/metrics.h"
@@ -32,10 +36,26 @@ bool ParseListen(const std::string& s, std::string& host, int& port) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Signals are taken synchronously by one thread (below): blocked before anything can start a thread
+  // (gRPC does, when credentials are made), since a thread without the mask would take SIGTERM and die
+  // of it instead of draining.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGUSR1);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  // The jobs run as this user: without this, any of them could read the token and the TLS key out of
+  // /proc/<worker>/{environ,mem,fd}. (Also: no core dumps of the worker.)
+  ::prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+  // Out of the environment before anything else runs: children never get it, and /proc shows it no more.
+  std::optional<std::string> env_token = btx::TakeSecretFromEnvironment("BTX_WORKER_TOKEN");
+
   CLI::App app{"btx-worker: runs BTX pipeline jobs leased from a btx-scheduler"};
   btx::worker::WorkerConfig cfg;
   cfg.discover_capabilities = btx::worker::DiscoverCapabilities;
-  std::string scheduler = "127.0.0.1:50051", metrics_listen = "0.0.0.0:9091", port_file;
+  // /metrics is plain HTTP without authentication: this machine only, unless an address is given.
+  std::string scheduler = "127.0.0.1:50051", metrics_listen = "127.0.0.1:9091", port_file;
   int64_t stop_grace_s = 60, poll_s = 20;
   app.add_option("--scheduler", scheduler, "scheduler gRPC address (or env BTX_SCHEDULER)")
       ->envname("BTX_SCHEDULER")
@@ -50,10 +70,17 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(1, 3600))
       ->capture_default_str();
   app.add_option("--poll-seconds", poll_s, "AcquireJob long-poll timeout")->check(CLI::Range(1, 60))->capture_default_str();
-  app.add_option("--metrics-listen", metrics_listen, "host:port for /metrics (empty = off)")->capture_default_str();
+  app.add_option("--metrics-listen", metrics_listen,
+                 "host:port for /metrics (empty = off; 0.0.0.0:9091 for Prometheus on another machine)")
+      ->capture_default_str();
   app.add_option("--metrics-port-file", port_file, "write the bound metrics port here");
-  app.add_option("--token", cfg.bearer_token, "bearer token for the scheduler (or env BTX_WORKER_TOKEN)")
-      ->envname("BTX_WORKER_TOKEN");
+  std::string token_file, token_on_argv;
+  app.add_option("--token-file", token_file,
+                 "file holding the worker's bearer token (env BTX_WORKER_TOKEN_FILE; or the token itself in env "
+                 "BTX_WORKER_TOKEN)")
+      ->envname("BTX_WORKER_TOKEN_FILE");
+  // Gone: every user of the machine can read a command line (ps). Kept only to say so.
+  CLI::Option* token_flag = app.add_option("--token", token_on_argv)->group("");
   btx::tls::ClientOptions tls;
   app.add_option("--tls-ca", tls.ca_file, "connect with TLS, trusting these PEM roots (env BTX_WORKER_TLS_CA)")
       ->envname("BTX_WORKER_TLS_CA");
@@ -63,6 +90,28 @@ int main(int argc, char** argv) {
       ->envname("BTX_WORKER_TLS_KEY");
   app.add_option("--tls-server-name", tls.server_name, "name to expect in the scheduler's certificate (default: its host)");
   CLI11_PARSE(app, argc, argv);
+  if (token_flag->count() > 0) {
+    std::cerr << "btx-worker: --token is not accepted: a command line is visible to every user of the machine. "
+                 "Put the token in a file readable only by the worker and give --token-file FILE, or set "
+                 "BTX_WORKER_TOKEN in its environment.\n";
+    return 2;
+  }
+  if (!token_file.empty()) {
+    if (env_token) {
+      std::cerr << "btx-worker: both --token-file (or BTX_WORKER_TOKEN_FILE) and BTX_WORKER_TOKEN are set; give one\n";
+      return 2;
+    }
+    std::string warning;
+    auto token = btx::ReadSecretFile(token_file, &warning);
+    if (!token.ok()) {
+      std::cerr << "btx-worker: " << token.status().message() << "\n";
+      return 2;
+    }
+    if (!warning.empty()) spdlog::warn("{}", warning);
+    cfg.bearer_token = *std::move(token);
+  } else if (env_token) {
+    cfg.bearer_token = *std::move(env_token);
+  }
   cfg.stop_grace = std::chrono::seconds(stop_grace_s);
   cfg.poll_wait = std::chrono::seconds(poll_s);
 
@@ -88,16 +137,9 @@ int main(int argc, char** argv) {
                    scheduler, cfg.bearer_token.empty() ? "" : ": the token travels in plain text");
     }
   } else if (tls.cert_file.empty() && cfg.bearer_token.empty()) {
-    spdlog::warn("TLS without a client certificate or --token: the scheduler will refuse this worker if it authenticates");
+    spdlog::warn("TLS without a client certificate or a token (--token-file, BTX_WORKER_TOKEN): the scheduler will "
+                 "refuse this worker if it authenticates");
   }
-
-  // Signals are taken synchronously by one thread: no work in a signal handler.
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGTERM);
-  sigaddset(&signals, SIGINT);
-  sigaddset(&signals, SIGUSR1);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
 
   btx::metrics::Registry registry;
   std::unique_ptr<btx::metrics::Exposer> exposer;

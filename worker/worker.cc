@@ -8,6 +8,7 @@
 #include <mutex>
 #include <optional>
 #include <set>
+#include <thread>
 #include <vector>
 
 #include <google/protobuf/util/time_util.h>
@@ -15,6 +16,7 @@
 
 #include "btx/common/strings.h"
 #include "btx/common/uri.h"
+#include "btx/common/utf8.h"
 #include "btx/metrics/metrics.h"
 #include "btx/v1/worker_service.grpc.pb.h"
 #include "device_allocator.h"
@@ -99,13 +101,15 @@ class Worker::Impl {
     if (gpu_reader_) gpu_sampler = std::thread([this] { GpuSampleLoop(); });
     AcquireLoop();
     // Draining: tell running children to checkpoint (or kill them), then wait for their reports.
+    std::map<uint64_t, std::thread> supervisors;
     {
       std::unique_lock lock(mu_);
       for (auto& [slot, r] : running_) r.runner->RequestStop(killing_ ? StopReason::kKill : StopReason::kDrain);
       cv_.wait(lock, [&] { return running_.empty(); });
+      supervisors.swap(supervisors_);
+      finished_supervisors_.clear();
     }
-    for (auto& t : finishers_) t.join();
-    finishers_.clear();
+    for (auto& [id, t] : supervisors) t.join();
     {
       std::lock_guard lock(mu_);
       heartbeat_done_ = true;
@@ -167,8 +171,8 @@ class Worker::Impl {
     Duration backoff = cfg_.backoff_min;
     for (;;) {
       v1::RegisterRequest req;
-      req.set_name(cfg_.name);
-      req.set_hostname(Hostname());
+      req.set_name(SanitizeUtf8(cfg_.name));
+      req.set_hostname(SanitizeUtf8(Hostname()));
       req.set_version(kVersion);
       auto* c = req.mutable_capabilities();
       c->set_gpus(caps_.gpus());
@@ -205,9 +209,24 @@ class Worker::Impl {
     return -1;
   }
 
+  // Joins the supervisor threads that have finished (each has reported its job and left running_), so
+  // that a worker that runs many jobs holds threads for the jobs it runs now, not for every job it ran.
+  void JoinFinishedSupervisors() {
+    std::vector<std::thread> done;
+    {
+      std::lock_guard lock(mu_);
+      for (uint64_t id : finished_supervisors_) {
+        if (auto node = supervisors_.extract(id)) done.push_back(std::move(node.mapped()));
+      }
+      finished_supervisors_.clear();
+    }
+    for (auto& t : done) t.join();
+  }
+
   void AcquireLoop() {
     Duration backoff = cfg_.backoff_min;
     for (;;) {
+      JoinFinishedSupervisors();
       int slot = -1;
       grpc::ClientContext ctx;
       v1::AcquireJobRequest req;
@@ -282,26 +301,19 @@ class Worker::Impl {
     rc.threads = threads_;
     rc.gpus = CudaDeviceIds(*gpus, caps_.gpu_cuda_ids);
     rc.stop_grace = cfg_.stop_grace;
+    rc.verify_artifact = cfg_.verify_artifact;
     auto runner = std::make_shared<JobRunner>(job, rc, launcher_, clock_);
     spdlog::info("worker {}: starting {} ({}) attempt {} of pipeline {} on {}", cfg_.name, job.name(), job.job_id(),
                  job.attempt(), job.pipeline_name(), rc.gpus.empty() ? "cpu" : Cat(rc.gpus.size(), " GPUs"));
-    if (auto s = runner->Start(); !s.ok()) {
-      spdlog::error("worker {}: cannot start {}: {}", cfg_.name, job.name(), std::string(s.message()));
-      ReleaseGpus(job, *gpus);
-      const bool invalid = s.code() == absl::StatusCode::kInvalidArgument;
-      SendFail(job, Cat("worker could not start the job: ", s.message()), !invalid, false, "");
-      return;
-    }
+    // From here the job is in heartbeats (its lease renewed) until its supervisor has reported it: the
+    // start checks a leftover output, and the end verifies the new one, each as long as hashing it takes.
     std::lock_guard lock(mu_);
     running_[slot] = {runner, std::move(*gpus)};
     if (jobs_running_) jobs_running_->Set(static_cast<double>(running_.size()));
-    finishers_.emplace_back([this, slot, runner] { Supervise(slot, runner); });
+    const uint64_t id = next_supervisor_++;
+    supervisors_.emplace(id, std::thread([this, slot, runner, id] { Supervise(slot, runner, id); }));
   }
 
-  void ReleaseGpus(const v1::JobAssignment& job, const std::vector<int>& gpus) {
-    std::lock_guard lock(mu_);
-    ReleaseGpusLocked(job, gpus);
-  }
   void ReleaseGpusLocked(const v1::JobAssignment& job, const std::vector<int>& gpus) {
     if (!devices_.Release(gpus)) {
       spdlog::error("worker {}: GPU bookkeeping error releasing the devices of {} attempt {}; they stay held",
@@ -309,12 +321,35 @@ class Worker::Impl {
     }
   }
 
-  void Supervise(int slot, std::shared_ptr<JobRunner> runner) {
-    const Outcome o = runner->Wait();
+  // The life of one attempt, on its own thread: start (after checking a leftover output), wait for the
+  // child, verify its output, then report. Heartbeats carry the job until the report begins.
+  void Supervise(int slot, std::shared_ptr<JobRunner> runner, uint64_t id) {
     const auto& job = runner->job();
+    Outcome o;
+    bool child_ran = false;
+    if (absl::Status s = runner->Start(); !s.ok()) {
+      spdlog::error("worker {}: cannot start {}: {}", cfg_.name, job.name(), std::string(s.message()));
+      o = runner->NotStarted(s);
+    } else {
+      child_ran = true;
+      o = runner->Wait();
+    }
+    // This thread alone reports the attempt from now on: wait out any heartbeat that carries part of it
+    // (log lines must reach the scheduler before the outcome closes the attempt).
+    {
+      std::unique_lock lock(mu_);
+      Running& r = running_.at(slot);
+      r.reporting = true;
+      cv_.wait(lock, [&] { return r.heartbeats_in_flight == 0; });
+    }
+    // A lease lost meanwhile (LEASE_LOST, or not renewed in time) leaves nothing to report.
+    if (runner->stop_reason() == StopReason::kLeaseLost && o.kind != Outcome::kLeaseLost) {
+      o.kind = Outcome::kLeaseLost;
+      o.error = "lease lost";
+    }
     spdlog::info("worker {}: {} attempt {} ended: exit {}, {}", cfg_.name, job.name(), job.attempt(), o.exit_code,
                  o.kind == Outcome::kSucceeded ? "succeeded" : o.error);
-    if (o.kind == Outcome::kRetryable && child_failures_ && runner->stop_reason() == StopReason::kNone) {
+    if (child_ran && o.kind == Outcome::kRetryable && child_failures_ && runner->stop_reason() == StopReason::kNone) {
       child_failures_->Inc();
     }
     if (o.kind != Outcome::kLeaseLost) {
@@ -332,6 +367,7 @@ class Worker::Impl {
       running_.erase(it);
     }
     if (jobs_running_) jobs_running_->Set(static_cast<double>(running_.size()));
+    finished_supervisors_.push_back(id);  // joined by the acquire loop (or Run, at the end)
     cv_.notify_all();
   }
 
@@ -385,8 +421,8 @@ class Worker::Impl {
     req.set_worker_id(worker_id());
     req.set_job_id(runner.job().job_id());
     req.set_attempt(runner.job().attempt());
-    req.set_artifact_uri(o.artifact_uri);
-    req.set_result_json(o.result_json);
+    req.set_artifact_uri(SanitizeUtf8(o.artifact_uri));
+    req.set_result_json(SanitizeUtf8(o.result_json));
     v1::CompleteResponse resp;
     Deliver("Complete", runner.job(), [&](grpc::ClientContext& ctx) { return stub_->Complete(&ctx, req, &resp); });
   }
@@ -397,10 +433,12 @@ class Worker::Impl {
     req.set_worker_id(worker_id());
     req.set_job_id(job.job_id());
     req.set_attempt(job.attempt());
-    req.set_error(error);
+    // Built from btx-train's stderr and from file names: a protobuf string field must be UTF-8, or the
+    // whole call is refused.
+    req.set_error(SanitizeUtf8(error));
     req.set_retryable(retryable);
     req.set_cancelled(cancelled);
-    req.set_checkpoint_uri(checkpoint_uri);
+    req.set_checkpoint_uri(SanitizeUtf8(checkpoint_uri));
     v1::FailResponse resp;
     Deliver("Fail", job, [&](grpc::ClientContext& ctx) { return stub_->Fail(&ctx, req, &resp); });
   }
@@ -408,6 +446,7 @@ class Worker::Impl {
   void HeartbeatLoop() {
     for (;;) {
       std::vector<std::shared_ptr<JobRunner>> live;
+      std::vector<int> live_slots;
       v1::HeartbeatRequest req;
       {
         std::unique_lock lock(mu_);
@@ -415,11 +454,27 @@ class Worker::Impl {
         if (heartbeat_done_) return;
         req.set_worker_id(worker_id_);
         req.set_draining(draining_);
-        // Finished children are reported by their supervisor thread (final logs, then the outcome).
+        // Every job until its supervisor begins the final report: starting, running, or with its child
+        // gone and its output being verified. Counted in flight, so that the report waits for this call.
         for (auto& [slot, r] : running_) {
-          if (!r.runner->finished() && r.runner->stop_reason() != StopReason::kLeaseLost) live.push_back(r.runner);
+          if (r.reporting || r.runner->stop_reason() == StopReason::kLeaseLost) continue;
+          ++r.heartbeats_in_flight;
+          live.push_back(r.runner);
+          live_slots.push_back(slot);
         }
       }
+      // Ends this heartbeat's hold on its jobs, whatever the path out of this iteration.
+      struct Landed {
+        Impl* self;
+        const std::vector<int>& slots;
+        ~Landed() {
+          std::lock_guard lock(self->mu_);
+          for (int slot : slots) {
+            if (auto it = self->running_.find(slot); it != self->running_.end()) --it->second.heartbeats_in_flight;
+          }
+          self->cv_.notify_all();
+        }
+      } landed{this, live_slots};
       for (auto& r : live) *req.add_jobs() = r->TakeReport(static_cast<size_t>(cfg_.max_log_lines_per_heartbeat));
       v1::HeartbeatResponse resp;
       grpc::ClientContext ctx;
@@ -498,10 +553,15 @@ class Worker::Impl {
   struct Running {
     std::shared_ptr<JobRunner> runner;
     std::vector<int> gpus;  // indices into caps_, held in devices_ until the child has exited
+    bool reporting = false;        // its supervisor sends the final report: heartbeats leave it out
+    int heartbeats_in_flight = 0;  // heartbeats carrying a report of it that have not returned yet
   };
-  std::map<int, Running> running_;  // by slot
+  std::map<int, Running> running_;  // by slot; an entry is erased only by its job's supervisor
   DeviceAllocator devices_;
-  std::vector<std::thread> finishers_;
+  // One thread per job being supervised, joined once it has finished (JoinFinishedSupervisors).
+  std::map<uint64_t, std::thread> supervisors_;
+  std::vector<uint64_t> finished_supervisors_;
+  uint64_t next_supervisor_ = 0;
   bool draining_ = false, killing_ = false, heartbeat_done_ = false, started_ = false, finished_ = false;
   grpc::ClientContext* acquire_ctx_ = nullptr;
 

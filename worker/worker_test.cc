@@ -4,16 +4,21 @@
 // (WorkerConfig::discover_capabilities); what each child was given is what the script records.
 #include "btx/worker/worker.h"
 
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <condition_variable>
+#include <csignal>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
 #include <mutex>
 #include <optional>
 #include <set>
+#include <sstream>
 #include <thread>
 #include <tuple>
 
@@ -22,15 +27,18 @@
 
 #include "btx/common/artifact_store.h"
 #include "btx/common/fs.h"
+#include "btx/common/status.h"
 #include "btx/common/strings.h"
 #include "btx/common/uri.h"
 #include "btx/contract/files.h"
 #include "btx/contract/job.h"
 #include "btx/metrics/metrics.h"
+#include "btx/scheduler/auth.h"
 #include "btx/scheduler/server.h"
 #include "btx/v1/pipeline_service.grpc.pb.h"
 #include "btx/v1/worker_service.pb.h"
 #include "pg_fixture.h"
+#include "test_certs.h"
 
 namespace btx::worker {
 namespace {
@@ -70,7 +78,27 @@ case "$mode" in
   crash)
     echo "segfault-ish" >&2
     exit 3 ;;
+  badutf8)
+    # Bytes that are not UTF-8, and a line whose 4096-byte cut falls inside a two-byte character;
+    # then, once released, a crash whose last stderr line (the job's error) is not UTF-8 either.
+    printf 'bad \xff\xfe bytes\n'
+    printf '%4095s' '' | tr ' ' a; printf '\xc3\xa9 after the cut\n'
+    trap 'exit 75' TERM
+    while [ ! -e "$here/release" ]; do sleep 0.05; done
+    printf 'broken \xc3\n' >&2
+    exit 3 ;;
+  env)
+    # What this child can see of the worker: its own environment, and the worker's through /proc.
+    mkdir -p "$here/seen"
+    env > "$here/seen/$name.environ"
+    { tr '\0' '\n' < "/proc/$PPID/environ"; tr '\0' ' ' < "/proc/$PPID/cmdline"; } > "$here/seen/$name.parent" 2>&1 ;;
 esac
+if [ -e "$out/manifest.sha256" ]; then
+  # Published by an earlier attempt (btx-train verifies and reuses it; the worker verifies it after).
+  echo "reusing $out"
+  echo "{\"event\":\"done\",\"artifact\":\"$out\",\"metrics\":{\"valid_loss\":2.5}}" >&3
+  exit 0
+fi
 tmp="$out.tmp-$$"
 mkdir -p "$tmp"
 echo "weights of $name" > "$tmp/model.bin"
@@ -172,17 +200,19 @@ struct GpuJob {
 
 class WorkerTest : public ::testing::Test {
  protected:
-  WorkerTest() : conninfo_(btx::testing::NewMigratedDatabase()), pool_(conninfo_, 8), store_(pool_) {
+  explicit WorkerTest(Duration lease = 5s)
+      : lease_(lease), conninfo_(btx::testing::NewMigratedDatabase()), pool_(conninfo_, 8), store_(pool_) {
     dir_ = *MakeTempDir("btx-worker-test");
     EXPECT_TRUE(WriteFileAtomic(dir_ + "/btx-train", kFakeTrain).ok());
     ::chmod((dir_ + "/btx-train").c_str(), 0755);
     SetMode("ok");
     scheduler::SchedulerConfig sc;
     sc.artifact_root = dir_ + "/artifacts";
-    sc.lease = 5s;
+    sc.lease = lease_;
     sc.heartbeat_interval = 100ms;
-    sc.reap_interval = 200ms;
+    sc.reap_interval = std::min<Duration>(200ms, lease_ / 5);
     sc.retry.base = 10ms;
+    sc.retry.max = 200ms;
     scheduler_ = std::make_unique<scheduler::Scheduler>(sc, store_, clock_, conninfo_);
     auto port = scheduler_->Start();
     EXPECT_TRUE(port.ok()) << port.status();
@@ -283,6 +313,7 @@ class WorkerTest : public ::testing::Test {
   }
 
   SystemClock clock_;
+  const Duration lease_;
   std::string conninfo_;
   std::string address_;
   storage::ConnectionPool pool_;
@@ -498,6 +529,384 @@ TEST_F(WorkerTest, AssignmentNeedingMoreGpusThanFreeIsFailedBackNotRunOnFewer) {
       << job.error;
   EXPECT_FALSE(Started("pair"));
   EXPECT_EQ(recorder.sent().front(), 1);
+}
+
+// btx-train's output is bytes, protobuf string fields must be UTF-8: a line that is not, or a 4096-byte
+// cut inside a character, made every heartbeat of the worker fail (and then its jobs were killed for
+// want of a lease), and a stderr line that is not made the Fail carrying it fail. The worker replaces
+// what is not UTF-8 with U+FFFD and cuts only between characters.
+TEST_F(WorkerTest, OutputThatIsNotUtf8NeverFailsAHeartbeatOrTheFailCarryingIt) {
+  SetMode("badutf8");
+  const std::string id = Submit(Spec(1));
+  StartWorker();
+  const std::string fffd = "\xEF\xBF\xBD";
+  // Carried by heartbeats while the job runs.
+  ASSERT_TRUE(Eventually([&] {
+    const auto job = Job(id, "branch/code");
+    return (job.state == "LEASED" || job.state == "RUNNING") &&
+           Logs(job.id).find("bad " + fffd + fffd + " bytes") != std::string::npos;
+  }, 30s)) << Job(id, "branch/code").state << "\n" << Logs(Job(id, "branch/code").id);
+  const std::string logs = Logs(Job(id, "branch/code").id);
+  EXPECT_NE(logs.find("[stdout] " + std::string(4095, 'a') + " …[truncated]\n"), std::string::npos) << logs;
+  Release();
+  ASSERT_TRUE(Eventually([&] { return store_.GetPipeline(id)->state == "FAILED"; }));
+  const auto job = Job(id, "branch/code");
+  EXPECT_EQ(job.attempt, 1);
+  EXPECT_NE(job.error.find("btx-train exited with code 3: broken " + fffd), std::string::npos) << job.error;
+  EXPECT_NE(registry_->Serialize().find("btx_worker_heartbeat_failures_total{worker=\"w1\"} 0"), std::string::npos)
+      << registry_->Serialize();
+}
+
+// Waits in the worker's manifest check until the test lets it go (a 14 GB model takes minutes to hash).
+class VerifyGate {
+ public:
+  absl::Status Verify(const std::string& dir) {
+    std::unique_lock lock(mu_);
+    entered_ = true;
+    cv_.notify_all();
+    // Bounded, so that a test that fails never leaves the worker stuck here.
+    cv_.wait_for(lock, 120s, [&] { return released_; });
+    lock.unlock();
+    return ToAbsl(VerifyManifest(dir));
+  }
+  bool WaitEntered(std::chrono::seconds limit) {
+    std::unique_lock lock(mu_);
+    return cv_.wait_for(lock, limit, [&] { return entered_; });
+  }
+  void Release() {
+    std::lock_guard lock(mu_);
+    released_ = true;
+    cv_.notify_all();
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool entered_ = false, released_ = false;
+};
+
+class ShortLeaseWorkerTest : public WorkerTest {
+ protected:
+  ShortLeaseWorkerTest() : WorkerTest(1s) {}
+};
+
+// The output of a finished job is hashed before Complete; heartbeats must renew the job's lease all
+// the while, or a job whose output takes longer to hash than a lease (a 7B model: 14 GB) fails every
+// attempt.
+TEST_F(ShortLeaseWorkerTest, LeaseIsRenewedWhileTheOutputIsVerified) {
+  const std::string id = CreatePipeline({{"big", 0, 0}}, /*max_attempts=*/1);
+  auto gate = std::make_shared<VerifyGate>();
+  StartWorker([gate](WorkerConfig& wc) { wc.verify_artifact = [gate](const std::string& dir) { return gate->Verify(dir); }; });
+  ASSERT_TRUE(gate->WaitEntered(60s));
+  const TimePoint entered = clock_.Now();
+  // Four leases into the verification the job is still this attempt's, with a deadline renewed since.
+  const bool renewed = Eventually([&] {
+    const auto job = Job(id, "big");
+    return (job.state == "LEASED" || job.state == "RUNNING") && job.attempt == 1 && job.lease_deadline &&
+           *job.lease_deadline > entered + 4 * lease_;
+  }, 30s);
+  gate->Release();
+  const auto during = Job(id, "big");
+  ASSERT_TRUE(renewed) << during.state << " attempt " << during.attempt << ": " << during.error;
+  ASSERT_TRUE(Eventually([&] { return store_.GetPipeline(id)->state == "SUCCEEDED"; }))
+      << store_.GetPipeline(id)->state << " " << Job(id, "big").error;
+  EXPECT_EQ(Job(id, "big").attempt, 1);
+}
+
+// Threads of this process, and thread stacks mapped in it. glibc unmaps (or caches, up to 40 MiB) the
+// stack of a thread only once it has been joined: a thread that has ended without being joined is no
+// task any more, but its stack stays.
+size_t Tasks() { return static_cast<size_t>(std::distance(fs::directory_iterator("/proc/self/task"), {})); }
+size_t ThreadStacks() {
+  // A thread stack: an anonymous read-write mapping right above a one-page inaccessible guard.
+  std::ifstream maps("/proc/self/maps");
+  const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  size_t stacks = 0;
+  uintptr_t prev_end = 0;
+  bool prev_guard = false;
+  for (std::string line; std::getline(maps, line);) {
+    std::istringstream in(line);
+    std::string range, perms, offset, dev, path;
+    unsigned long inode = 0;
+    in >> range >> perms >> offset >> dev >> inode >> path;
+    const auto dash = range.find('-');
+    const uintptr_t start = std::stoull(range.substr(0, dash), nullptr, 16);
+    const uintptr_t end = std::stoull(range.substr(dash + 1), nullptr, 16);
+    const bool anonymous = inode == 0 && path.empty();
+    if (anonymous && perms == "rw-p" && prev_guard && prev_end == start) ++stacks;
+    prev_guard = anonymous && perms == "---p" && end - start == page;
+    prev_end = end;
+  }
+  return stacks;
+}
+
+// Each job is supervised by a thread of its own; those must be joined once done, or a long-lived
+// worker accumulates one (a stack, and a std::thread) per job it ever ran.
+TEST_F(WorkerTest, SupervisorThreadsAreJoinedSoThreadsStayBoundedOverManyJobs) {
+  constexpr int kJobs = 200;
+  std::vector<GpuJob> jobs;
+  for (int i = 0; i < kJobs; ++i) jobs.push_back({Cat("j", i), 0, 0});
+  const std::string id = CreatePipeline(jobs);
+  const size_t tasks_before = Tasks();
+  StartWorker([](WorkerConfig& wc) {
+    wc.discover_capabilities = [] { return FakeGpuHost(0); };
+    wc.slots = 3;
+  });
+  size_t max_tasks = 0, max_unjoined = 0;
+  auto sample = [&] {
+    const size_t tasks = Tasks(), stacks = ThreadStacks();
+    max_tasks = std::max(max_tasks, tasks);
+    max_unjoined = std::max(max_unjoined, stacks > tasks ? stacks - tasks : 0);
+  };
+  ASSERT_TRUE(Eventually([&] {
+    sample();
+    return store_.GetPipeline(id)->state == "SUCCEEDED";
+  }, 300s)) << store_.GetPipeline(id)->jobs_succeeded << " of " << kJobs << " jobs done";
+  sample();
+  // Per job at most a supervisor and a pipe reader (3 slots), the worker's own few, gRPC's pools.
+  EXPECT_LE(max_tasks, tasks_before + 40) << "threads before the worker: " << tasks_before;
+  // Stacks without a thread: glibc's cache of freed stacks (40 MiB, five 8 MiB stacks), not one per job.
+  EXPECT_LE(max_unjoined, 8u) << "thread stacks beyond live threads after " << kJobs << " jobs";
+}
+
+// A read error is no proof that a published output is bad (EIO, ESTALE, EACCES, or here EWOULDBLOCK:
+// another process holds a lease on the file). The worker must fail the attempt, keep the output, and let
+// a later attempt use it; only a positive finding (digest mismatch, missing or unlisted file) removes it.
+TEST_F(WorkerTest, ReadErrorOnAPublishedOutputFailsTheAttemptAndNeverRemovesIt) {
+  const std::string id = CreatePipeline({{"pub", 0, 0}}, /*max_attempts=*/100);
+  const std::string out = Cat(dir_, "/artifacts/", id, "/pub/model");
+  const std::string weights = "published weights\n";
+  fs::create_directories(out);
+  ASSERT_TRUE(WriteFileAtomic(out + "/model.bin", weights).ok());
+  ASSERT_TRUE(WriteFileAtomic(out + "/manifest.sha256", Sha256Hex(weights.data(), weights.size()) + "  model.bin\n").ok());
+  ASSERT_TRUE(VerifyManifest(out).ok());
+  // A write lease: until it is given up, every other open of model.bin with O_NONBLOCK (as the manifest
+  // check opens files) fails with EWOULDBLOCK. Its break is signalled with SIGIO, ignored here.
+  std::signal(SIGIO, SIG_IGN);
+  const int fd = ::open((out + "/model.bin").c_str(), O_RDONLY | O_CLOEXEC);
+  ASSERT_GE(fd, 0);
+  if (::fcntl(fd, F_SETLEASE, F_WRLCK) != 0) {
+    ::close(fd);
+    GTEST_SKIP() << "no file leases here: " << std::strerror(errno);
+  }
+  StartWorker();
+  ASSERT_TRUE(Eventually([&] {
+    const auto job = Job(id, "pub");
+    return !job.error.empty() || job.state == "SUCCEEDED";
+  }, 60s));
+  const auto failed = Job(id, "pub");
+  EXPECT_NE(failed.error.find("cannot verify"), std::string::npos) << failed.state << ": " << failed.error;
+  // Still there (looked at without opening it: an open would wait for the lease to break).
+  std::error_code ec;
+  EXPECT_EQ(fs::file_size(out + "/model.bin", ec), weights.size()) << ec.message();
+  ::fcntl(fd, F_SETLEASE, F_UNLCK);
+  ::close(fd);
+  EXPECT_EQ(ReadFile(out + "/model.bin").value_or("(gone)"), weights);
+  // Readable again: the next attempt reuses the output as it was published.
+  ASSERT_TRUE(Eventually([&] { return store_.GetPipeline(id)->state == "SUCCEEDED"; }))
+      << store_.GetPipeline(id)->state << " " << Job(id, "pub").error;
+  const auto job = Job(id, "pub");
+  EXPECT_GE(job.attempt, 2);
+  EXPECT_EQ(ReadFile(out + "/model.bin").value_or("(gone)"), weights);
+  EXPECT_NE(Logs(job.id).find("[stdout] reusing " + out), std::string::npos) << Logs(job.id);
+  EXPECT_EQ(Logs(job.id).find("removed"), std::string::npos) << Logs(job.id);
+}
+
+// A variable set in the test process for as long as it lives.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const std::string& value) : name_(name) { ::setenv(name, value.c_str(), 1); }
+  ~ScopedEnv() { ::unsetenv(name_); }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  const char* name_;
+};
+
+constexpr char kWorkerToken[] = "worker-token-3f9a1c7e5b";
+
+// btx-train runs whatever the job says; it must not be able to take the worker's credentials.
+TEST_F(WorkerTest, TheJobNeverSeesTheWorkersToken) {
+  ScopedEnv worker_token("BTX_WORKER_TOKEN", kWorkerToken);
+  ScopedEnv user_token("BTX_TOKEN", "user-token-8d2e6f");
+  SetMode("env");
+  const std::string id = CreatePipeline({{"envjob", 0, 0}});
+  StartWorker([](WorkerConfig& wc) { wc.bearer_token = kWorkerToken; });
+  ASSERT_TRUE(Eventually([&] { return store_.GetPipeline(id)->state == "SUCCEEDED"; }));
+  const std::string env = ReadFile(dir_ + "/seen/envjob.environ").value_or("");
+  ASSERT_NE(env.find("CUDA_VISIBLE_DEVICES="), std::string::npos) << env;
+  EXPECT_EQ(env.find(kWorkerToken), std::string::npos) << env;
+  EXPECT_EQ(env.find("BTX_WORKER_TOKEN"), std::string::npos) << env;
+  EXPECT_EQ(env.find("user-token-8d2e6f"), std::string::npos) << env;
+}
+
+// The btx-worker daemon itself, as a process: its flags, and what its children can see of it.
+class WorkerDaemonTest : public WorkerTest {
+ protected:
+  ~WorkerDaemonTest() override {
+    for (auto& p : daemons_) p->Signal(SIGKILL);
+    daemons_.clear();
+    if (tls_scheduler_) tls_scheduler_->Shutdown();
+  }
+
+  // A second scheduler on the same database, serving TLS, whose only credential is the worker token.
+  void StartTlsScheduler() {
+    fs::create_directories(dir_ + "/pki");
+    ca_ = std::make_unique<btx::testing::TestCa>(dir_ + "/pki", "test");
+    const auto server = ca_->IssueServer("scheduler");
+    scheduler::SchedulerConfig sc;
+    sc.artifact_root = dir_ + "/artifacts";
+    sc.lease = 5s;
+    sc.heartbeat_interval = 100ms;
+    sc.reap_interval = 200ms;
+    sc.security.cert_pem = server.cert_pem;
+    sc.security.key_pem = server.key_pem;
+    auto identities = scheduler::ParseIdentities(scheduler::TokenDigest(kWorkerToken) + " worker daemons\n", "test");
+    ASSERT_TRUE(identities.ok()) << identities.status();
+    sc.security.identities = *identities;
+    tls_scheduler_ = std::make_unique<scheduler::Scheduler>(sc, store_, clock_, conninfo_);
+    auto port = tls_scheduler_->Start();
+    ASSERT_TRUE(port.ok()) << port.status();
+    tls_address_ = "127.0.0.1:" + std::to_string(*port);
+  }
+
+  // btx-worker with these flags (after the usual ones) and extra environment; output to <name>.log.
+  Process* Launch(const std::string& name, std::vector<std::string> flags,
+                  std::vector<std::pair<std::string, std::string>> env = {}) {
+    ProcessSpec ps;
+    ps.argv = {BTX_WORKER_BINARY, "--name", name, "--work-dir", dir_ + "/work-" + name, "--train-binary",
+               dir_ + "/btx-train", "--threads-per-job", "1", "--poll-seconds", "1"};
+    ps.argv.insert(ps.argv.end(), flags.begin(), flags.end());
+    ps.env = std::move(env);
+    ps.stdout_path = ps.stderr_path = DaemonLog(name);
+    auto p = launcher_.Launch(ps);
+    EXPECT_TRUE(p.ok()) << p.status();
+    if (!p.ok()) return nullptr;
+    daemons_.push_back(std::move(*p));
+    return daemons_.back().get();
+  }
+  std::string DaemonLog(const std::string& name) { return dir_ + "/" + name + ".log"; }
+  bool Finished(const std::string& pipeline) {
+    const std::string state = store_.GetPipeline(pipeline)->state;
+    return state == "SUCCEEDED" || state == "FAILED" || state == "CANCELLED";
+  }
+  // Its exit code, or nullopt when it is still running at the deadline (then it is killed).
+  std::optional<int> WaitExit(Process& p, std::chrono::seconds limit = 30s) {
+    std::optional<int> code;
+    Eventually([&] { return (code = p.Poll()).has_value(); }, limit);
+    if (!code) p.Signal(SIGKILL);
+    return code;
+  }
+  std::vector<std::string> TlsFlags() { return {"--scheduler", tls_address_, "--tls-ca", ca_->cert_file(), "--metrics-listen", ""}; }
+
+  std::unique_ptr<btx::testing::TestCa> ca_;
+  std::unique_ptr<scheduler::Scheduler> tls_scheduler_;
+  std::string tls_address_;
+  std::vector<std::unique_ptr<Process>> daemons_;
+};
+
+// A token on the command line is readable by every user of the machine (ps, /proc/PID/cmdline): the
+// worker takes it from a file or its environment only, and no job it runs can read it, neither in its
+// own environment nor in the worker's (/proc/PPID/environ).
+TEST_F(WorkerDaemonTest, TokenComesFromAFileOrTheEnvironmentNeverArgvAndNoJobCanReadIt) {
+  StartTlsScheduler();
+  SetMode("env");
+  // On the command line: refused before anything starts.
+  {
+    Process* p = Launch("argv", {"--token", kWorkerToken, "--scheduler", tls_address_, "--tls-ca", ca_->cert_file(),
+                                 "--metrics-listen", ""});
+    ASSERT_NE(p, nullptr);
+    EXPECT_EQ(WaitExit(*p), std::optional<int>(2)) << ReadFile(DaemonLog("argv")).value_or("");
+    EXPECT_NE(ReadFile(DaemonLog("argv")).value_or("").find("--token-file"), std::string::npos)
+        << ReadFile(DaemonLog("argv")).value_or("");
+  }
+  // From the environment.
+  {
+    // Attempts to spare: a worker that has just exited may still have had a long poll open, and be given
+    // a job it never runs.
+    const std::string id = CreatePipeline({{"envjob", 0, 0}}, /*max_attempts=*/3);
+    Process* p = Launch("by-env", TlsFlags(), {{"BTX_WORKER_TOKEN", kWorkerToken}});
+    ASSERT_NE(p, nullptr);
+    ASSERT_TRUE(Eventually([&] { return Finished(id) || p->Poll().has_value(); })) << ReadFile(DaemonLog("by-env")).value_or("");
+    ASSERT_EQ(store_.GetPipeline(id)->state, "SUCCEEDED") << Job(id, "envjob").error << "\n" << ReadFile(DaemonLog("by-env")).value_or("");
+    const std::string env = ReadFile(dir_ + "/seen/envjob.environ").value_or("(none)");
+    const std::string parent = ReadFile(dir_ + "/seen/envjob.parent").value_or("(none)");
+    EXPECT_EQ(env.find(kWorkerToken), std::string::npos) << env;
+    EXPECT_EQ(parent.find(kWorkerToken), std::string::npos) << parent;
+    p->Signal(SIGTERM);
+    EXPECT_EQ(WaitExit(*p), std::optional<int>(0)) << ReadFile(DaemonLog("by-env")).value_or("");
+  }
+  // From a file.
+  {
+    ASSERT_TRUE(WriteFileAtomic(dir_ + "/token", std::string(kWorkerToken) + "\n").ok());
+    ::chmod((dir_ + "/token").c_str(), 0600);
+    const std::string id = CreatePipeline({{"filejob", 0, 0}}, /*max_attempts=*/3);
+    std::vector<std::string> flags = TlsFlags();
+    flags.insert(flags.end(), {"--token-file", dir_ + "/token"});
+    Process* p = Launch("by-file", flags);
+    ASSERT_NE(p, nullptr);
+    ASSERT_TRUE(Eventually([&] { return Finished(id) || p->Poll().has_value(); })) << ReadFile(DaemonLog("by-file")).value_or("");
+    ASSERT_EQ(store_.GetPipeline(id)->state, "SUCCEEDED") << Job(id, "filejob").error << "\n" << ReadFile(DaemonLog("by-file")).value_or("");
+    const std::string env = ReadFile(dir_ + "/seen/filejob.environ").value_or("(none)");
+    const std::string parent = ReadFile(dir_ + "/seen/filejob.parent").value_or("(none)");
+    EXPECT_EQ(env.find(kWorkerToken), std::string::npos) << env;
+    EXPECT_EQ(parent.find(kWorkerToken), std::string::npos) << parent;
+    p->Signal(SIGTERM);
+    EXPECT_EQ(WaitExit(*p), std::optional<int>(0)) << ReadFile(DaemonLog("by-file")).value_or("");
+  }
+  // A file with the wrong token: the scheduler refuses the worker, which exits 1.
+  {
+    ASSERT_TRUE(WriteFileAtomic(dir_ + "/wrong-token", "not-the-token\n").ok());
+    std::vector<std::string> flags = TlsFlags();
+    flags.insert(flags.end(), {"--token-file", dir_ + "/wrong-token"});
+    Process* p = Launch("wrong", flags);
+    ASSERT_NE(p, nullptr);
+    EXPECT_EQ(WaitExit(*p), std::optional<int>(1)) << ReadFile(DaemonLog("wrong")).value_or("");
+  }
+}
+
+// The local address a TCP socket listening on `port` is bound to ("127.0.0.1", "0.0.0.0"), from
+// /proc/net/tcp; empty when there is none.
+std::string ListeningAddress(int port) {
+  std::ifstream tcp("/proc/net/tcp");
+  std::string line;
+  std::getline(tcp, line);  // header
+  while (std::getline(tcp, line)) {
+    std::istringstream in(line);
+    std::string slot, local, remote, state;
+    in >> slot >> local >> remote >> state;
+    const auto colon = local.find(':');
+    if (state != "0A" || colon == std::string::npos || std::stoi(local.substr(colon + 1), nullptr, 16) != port) continue;
+    const uint32_t a = static_cast<uint32_t>(std::stoul(local.substr(0, colon), nullptr, 16));  // host order of a LE dump
+    return Cat(a & 255, ".", (a >> 8) & 255, ".", (a >> 16) & 255, ".", a >> 24);
+  }
+  return "";
+}
+
+// /metrics is plain HTTP without authentication: by default only this machine can reach it.
+TEST_F(WorkerDaemonTest, MetricsListenOnLoopbackUnlessToldOtherwise) {
+  auto bound = [&](const std::string& name, std::vector<std::string> flags) -> std::string {
+    const std::string port_file = dir_ + "/" + name + ".port";
+    flags.insert(flags.end(), {"--scheduler", "127.0.0.1:1", "--metrics-port-file", port_file});
+    Process* p = Launch(name, flags);
+    if (p == nullptr) return "(not started)";
+    std::optional<int> port;
+    Eventually([&] {
+      if (auto text = ReadFile(port_file); text.ok() && !text->empty()) port = std::stoi(*text);
+      return port.has_value() || p->Poll().has_value();
+    });
+    const std::string address = port ? ListeningAddress(*port) : "(exited: " + ReadFile(DaemonLog(name)).value_or("") + ")";
+    p->Signal(SIGTERM);
+    EXPECT_EQ(WaitExit(*p), std::optional<int>(0)) << ReadFile(DaemonLog(name)).value_or("");
+    return address;
+  };
+  const std::string by_default = bound("default", {});
+  if (by_default.find("9091") != std::string::npos && by_default.find("in use") != std::string::npos) {
+    GTEST_SKIP() << "port 9091 is taken on this machine: " << by_default;
+  }
+  EXPECT_EQ(by_default, "127.0.0.1");
+  EXPECT_EQ(bound("everywhere", {"--metrics-listen", "0.0.0.0:0"}), "0.0.0.0");
 }
 
 TEST(ArtifactStoreTest, PublishFetchTamperAndTraversal) {

@@ -18,6 +18,8 @@ namespace btx {
 struct ProcessSpec {
   std::vector<std::string> argv{};  // argv[0] is the program path
   std::vector<std::pair<std::string, std::string>> env{};  // added to / overriding the parent's environment
+  // Names of variables of the parent's environment the child must not get (credentials: secrets.h).
+  std::vector<std::string> unset_env{};
   std::string working_dir{};
   bool capture_stdout = false;
   bool capture_stderr = false;

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "btx/common/clock.h"
 #include "btx/common/process.h"
 
@@ -56,6 +57,9 @@ struct WorkerConfig {
   std::string bearer_token;       // sent as "authorization: Bearer …" when set
   // What the host has, asked once at construction; empty = DiscoverCapabilities (tests fake a GPU host).
   std::function<Capabilities()> discover_capabilities;
+  // Checks a job's output directory against its manifest.sha256; empty = the contract's VerifyManifest
+  // (tests slow it down). Runs on the job's supervisor thread.
+  std::function<absl::Status(const std::string& dir)> verify_artifact;
 };
 
 class Worker {
