@@ -1,7 +1,9 @@
-# The preamble of a folder built on its own (kernels/, model/, contract/ against another LibTorch, e.g. a
-# CUDA PyTorch install): the project's language level, ccache, and the test framework. Inside the
-# btx tree the top-level CMakeLists.txt has done all of this already and the macro does nothing.
+# The preamble of a top-level build: the whole tree, or a folder built on its own (kernels/, model/, contract/,
+# e.g. against a CUDA PyTorch install): the project's language level, ccache, warnings and the test framework.
+# Called from a folder inside the tree, where the top level has done all of this already, it does nothing.
 # (The folder's own CMakeLists.txt calls project() itself: CMake wants that call literally in the file.)
+set(BTX_CMAKE_DIR ${CMAKE_CURRENT_LIST_DIR})  # a macro's CMAKE_CURRENT_LIST_DIR is its caller's
+
 macro(btx_standalone_preamble)
   if(CMAKE_CURRENT_SOURCE_DIR STREQUAL CMAKE_SOURCE_DIR)
     set(CMAKE_CXX_STANDARD 20)
@@ -20,7 +22,7 @@ macro(btx_standalone_preamble)
       set(CMAKE_CXX_COMPILER_LAUNCHER ${CCACHE_PROGRAM})
       set(CMAKE_CUDA_COMPILER_LAUNCHER ${CCACHE_PROGRAM})
     endif()
-    include(${CMAKE_CURRENT_LIST_DIR}/../cmake/BtxWarnings.cmake)
+    include(${BTX_CMAKE_DIR}/BtxWarnings.cmake)
     find_package(Threads REQUIRED)
     find_package(nlohmann_json REQUIRED)
     if(BTX_TESTS)

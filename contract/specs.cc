@@ -259,8 +259,8 @@ MergeSpec ParseMerge(Reader& r, const json& v, const std::string& path) {
       r.Int(v, path, "max_shard_bytes", static_cast<int64_t>(s.max_shard_bytes), int64_t{1} << 20, int64_t{1} << 40));
   const std::string experts_path = JoinPath(path, "experts");
   if (v.contains("experts") && !v["experts"].is_null()) {
-    if (!v["experts"].is_array() || v["experts"].size() > 1024) {
-      r.Fail(experts_path, v["experts"], "a list of at most 1024 {name, model}");
+    if (!v["experts"].is_array() || v["experts"].size() > kMaxListEntries) {
+      r.Fail(experts_path, v["experts"], "a list of at most " + std::to_string(kMaxListEntries) + " {name, model}");
     } else {
       for (size_t i = 0; i < v["experts"].size(); ++i) {
         const std::string p = IndexPath(experts_path, i);
@@ -329,9 +329,9 @@ FinetuneSpec ParseFinetune(Reader& r, const json& v, const std::string& path) {
   s.tokenizer = OptionalTokenizer(r, v, path);
   const std::string mix_path = JoinPath(path, "mixture");
   const json mix = v.contains("mixture") ? v["mixture"] : json();
-  if (!mix.is_array() || mix.empty() || mix.size() > 1024) {
-    if (mix.is_null()) r.FailMissing(mix_path, "a list of 1..1024 {name, weight, train, valid}");
-    else r.Fail(mix_path, mix, "a list of 1..1024 {name, weight, train, valid}");
+  if (!mix.is_array() || mix.empty() || mix.size() > kMaxListEntries) {
+    if (mix.is_null()) r.FailMissing(mix_path, "a list of 1.." + std::to_string(kMaxListEntries) + " {name, weight, train, valid}");
+    else r.Fail(mix_path, mix, "a list of 1.." + std::to_string(kMaxListEntries) + " {name, weight, train, valid}");
     return s;
   }
   for (size_t i = 0; i < mix.size(); ++i) {
@@ -357,9 +357,9 @@ EvalSpec ParseEval(Reader& r, const json& v, const std::string& path) {
   s.min_token_count = r.Int(v, path, "min_token_count", s.min_token_count, 1, int64_t{1} << 40);
   const std::string models_path = JoinPath(path, "models");
   const json models = v.contains("models") ? v["models"] : json();
-  if (!models.is_array() || models.empty() || models.size() > 1024) {
-    if (models.is_null()) r.FailMissing(models_path, "a list of 1..1024 {name, model} or {name, ensemble}");
-    else r.Fail(models_path, models, "a list of 1..1024 {name, model} or {name, ensemble}");
+  if (!models.is_array() || models.empty() || models.size() > kMaxListEntries) {
+    if (models.is_null()) r.FailMissing(models_path, "a list of 1.." + std::to_string(kMaxListEntries) + " {name, model} or {name, ensemble}");
+    else r.Fail(models_path, models, "a list of 1.." + std::to_string(kMaxListEntries) + " {name, model} or {name, ensemble}");
   } else {
     for (size_t i = 0; i < models.size(); ++i) {
       const std::string p = IndexPath(models_path, i);
@@ -374,7 +374,7 @@ EvalSpec ParseEval(Reader& r, const json& v, const std::string& path) {
         e.dirs.push_back(r.PathField(m, p, "model", true));
       } else {
         e.ensemble = true;
-        e.dirs = r.Paths(m["ensemble"], JoinPath(p, "ensemble"), 64);
+        e.dirs = r.Paths(m["ensemble"], JoinPath(p, "ensemble"), kMaxEnsemble);
       }
       if (m.contains("expert_names") && !m["expert_names"].is_null()) {
         const json& names = m["expert_names"];
@@ -395,9 +395,9 @@ EvalSpec ParseEval(Reader& r, const json& v, const std::string& path) {
   }
   const std::string domains_path = JoinPath(path, "domains");
   const json domains = v.contains("domains") ? v["domains"] : json();
-  if (!domains.is_array() || domains.empty() || domains.size() > 1024) {
-    if (domains.is_null()) r.FailMissing(domains_path, "a list of 1..1024 {name, valid}");
-    else r.Fail(domains_path, domains, "a list of 1..1024 {name, valid}");
+  if (!domains.is_array() || domains.empty() || domains.size() > kMaxListEntries) {
+    if (domains.is_null()) r.FailMissing(domains_path, "a list of 1.." + std::to_string(kMaxListEntries) + " {name, valid}");
+    else r.Fail(domains_path, domains, "a list of 1.." + std::to_string(kMaxListEntries) + " {name, valid}");
   } else {
     for (size_t i = 0; i < domains.size(); ++i) {
       const std::string p = IndexPath(domains_path, i);

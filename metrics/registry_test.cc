@@ -68,7 +68,7 @@ TEST(Registry, WithLabelsReturnsStableReferences) {
   Registry r;
   auto& f = r.AddCounter("btx_job_retries_total", "h", {"kind"});
   Counter& a = f.WithLabels({"branch"});
-  for (int i = 0; i < 1000; ++i) f.WithLabels({"k" + std::to_string(i)});  // rehash/rebalance
+  for (int i = 0; i < 1000; ++i) f.WithLabels({std::string("k").append(std::to_string(i))});  // rehash/rebalance
   EXPECT_EQ(&a, &f.WithLabels({"branch"}));
 }
 

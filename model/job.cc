@@ -162,6 +162,17 @@ StatusOr<int> TrainAndPublish(Job& job, TrainRun& run) {
   return kExitOk;
 }
 
+// The model dir a branch or finetune starts from, with its tokenizer.
+Status LoadStart(TrainRun& run, const std::string& field, const std::string& dir,
+                 const std::optional<contract::TokenizerSpec>& tokenizer) {
+  BTX_RETURN_IF_ERROR(ModelDirExists(field, dir));
+  auto model = LoadModelDir(dir);
+  if (!model.ok()) return model.status().With(field);
+  run.model = std::move(*model);
+  BTX_ASSIGN_OR_RETURN(run.tok, ModelTokenizer(tokenizer, field, dir));
+  return Status::Ok();
+}
+
 StatusOr<int> RunPretrain(Job& job, const contract::PretrainSpec& s) {
   TrainRun run;
   run.train = s.train;
@@ -185,11 +196,7 @@ StatusOr<int> RunBranch(Job& job, const contract::BranchSpec& s) {
   TrainRun run;
   run.train = s.train;
   run.opts.steps = s.steps;
-  BTX_RETURN_IF_ERROR(ModelDirExists("spec.seed", s.seed));
-  auto model = LoadModelDir(s.seed);
-  if (!model.ok()) return model.status().With("spec.seed");
-  run.model = std::move(*model);
-  BTX_ASSIGN_OR_RETURN(run.tok, ModelTokenizer(s.tokenizer, "spec.seed", s.seed));
+  BTX_RETURN_IF_ERROR(LoadStart(run, "spec.seed", s.seed, s.tokenizer));
   BTX_ASSIGN_OR_RETURN(auto dom, LoadDomain("spec.data", s.name, 1.0, s.data, *run.tok,
                                             run.model.config().vocab_size, run.train.valid_tokens));
   run.data.push_back(std::move(dom));
@@ -201,10 +208,7 @@ StatusOr<int> RunFinetune(Job& job, const contract::FinetuneSpec& s) {
   run.train = s.train;
   run.opts.steps = s.steps;
   run.opts.freeze = s.freeze;
-  BTX_RETURN_IF_ERROR(ModelDirExists("spec.model", s.model));
-  auto model = LoadModelDir(s.model);
-  if (!model.ok()) return model.status().With("spec.model");
-  run.model = std::move(*model);
+  BTX_RETURN_IF_ERROR(LoadStart(run, "spec.model", s.model, s.tokenizer));
   ModelConfig& cfg = run.model.mutable_config();
   if (!cfg.is_moe()) return Invalid("spec.model", s.model + " is not an MoE (Mixtral) model");
   if (s.top_k) cfg.num_experts_per_tok = *s.top_k;
@@ -215,7 +219,6 @@ StatusOr<int> RunFinetune(Job& job, const contract::FinetuneSpec& s) {
   if (!v.ok()) return v.With("spec");
   if (cfg.router == "sparsemixer" && !KernelsAvailable())
     return FailedPrecondition("spec.router: sparsemixer needs the btx kernels library, which this build lacks");
-  BTX_ASSIGN_OR_RETURN(run.tok, ModelTokenizer(s.tokenizer, "spec.model", s.model));
   for (size_t i = 0; i < s.mixture.size(); ++i) {
     const auto& m = s.mixture[i];
     BTX_ASSIGN_OR_RETURN(auto dom, LoadDomain("spec.mixture[" + std::to_string(i) + "]", m.name, m.weight, m.data,

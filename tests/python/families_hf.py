@@ -33,7 +33,8 @@ import transformers
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, MixtralForCausalLM,
                           Qwen2Config, Qwen2ForCausalLM)
 
-RTOL = 1e-4
+from hf_common import compare, randomize_vectors
+
 
 
 def tokens(n, vocab, seed):
@@ -51,22 +52,6 @@ def hf_logits(model, toks):
     model.eval()
     with torch.no_grad():
         return model(torch.tensor([toks])).logits.double()
-
-
-def compare(what, ours, theirs):
-    rel = (ours - theirs).abs().max().item() / theirs.abs().max().item()
-    ok = rel <= RTOL
-    print(f"{what}: max relative difference {rel:.2e} ({'ok' if ok else 'MISMATCH'})")
-    return ok
-
-
-def randomize_small_params(model, seed):
-    # transformers initialises norms to 1 and biases to 0, which would hide a norm or bias mix-up.
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.dim() == 1:
-                p.add_(0.1 * torch.randn(p.shape, generator=g))
 
 
 BASE = dict(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
@@ -139,7 +124,7 @@ def main():
         cfg = cfg_cls(**kw)
         torch.manual_seed(100 + i)
         hf = model_cls(cfg)
-        randomize_small_params(hf, 200 + i)
+        randomize_vectors(hf, 200 + i)
         src = os.path.join(args.workdir, name + "-hf")
         if extra.get("torch_dtype") == "bfloat16":
             hf.to(torch.bfloat16).save_pretrained(src, safe_serialization=True)

@@ -27,7 +27,8 @@ from safetensors.torch import load_file
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
-RTOL = 1e-4
+from hf_common import compare, randomize_vectors
+
 TOKENS = [256, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 33, 10, 3, 200, 257]
 
 
@@ -114,28 +115,12 @@ def write_corpora(workdir):
     return paths
 
 
-def compare(what, ours, theirs):
-    rel = (ours - theirs).abs().max().item() / theirs.abs().max().item()
-    status = "ok" if rel <= RTOL else "MISMATCH"
-    print(f"{what}: max relative difference {rel:.2e} ({status})")
-    return rel <= RTOL
-
-
 def tiny_llama(**kw):
     cfg = dict(vocab_size=259, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, rope_theta=5e5, rms_norm_eps=1e-5, max_position_embeddings=256,
                bos_token_id=256, eos_token_id=257, tie_word_embeddings=False)
     cfg.update(kw)
     return cfg
-
-
-def randomize_norms(model, seed):
-    # HF initialises RMSNorm weights to 1, which would hide a norm mix-up.
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.add_(0.1 * torch.randn(p.shape, generator=g))
 
 
 def main():
@@ -154,7 +139,7 @@ def main():
                             ("hf_llama_sharded", {"num_key_value_heads": 4}, "60KB")]:
         torch.manual_seed(1)
         m = LlamaForCausalLM(LlamaConfig(**tiny_llama(**kw)))
-        randomize_norms(m, 2)
+        randomize_vectors(m, 2)
         d = os.path.join(w, name)
         if shard:
             m.save_pretrained(d, safe_serialization=True, max_shard_size=shard)
@@ -234,7 +219,7 @@ def main():
     torch.manual_seed(3)
     mcfg = MixtralConfig(**tiny_llama(), num_local_experts=4, num_experts_per_tok=2, sliding_window=None)
     mx = MixtralForCausalLM(mcfg)
-    randomize_norms(mx, 4)
+    randomize_vectors(mx, 4)
     d = os.path.join(w, "hf_mixtral")
     mx.save_pretrained(d, safe_serialization=True)
     ok &= compare("transformers mixtral -> btx", btx_logits(a.tool, d, d + ".logits"), hf_logits(mx))

@@ -19,6 +19,8 @@ namespace btx::contract {
 // Hard bounds of the contract itself. An operator may set tighter ones at submit (scheduler SpecLimits).
 inline constexpr int64_t kMaxSteps = 1'000'000'000;
 inline constexpr size_t kMaxPaths = 4096;
+inline constexpr size_t kMaxListEntries = 1024;  // experts, mixture entries, eval models and domains
+inline constexpr size_t kMaxEnsemble = 64;       // models in one eval ensemble
 
 // Training hyper-parameters (`train`). Defaults are the ones documented in docs/btx-train-protocol.md.
 struct TrainConfig {
