@@ -15,7 +15,6 @@
 
 #include "btx/common/clock.h"
 #include "btx/common/fs.h"
-#include "btx/common/manifest_check.h"
 #include "btx/common/process.h"
 #include "btx/common/secrets.h"
 #include "btx/common/strings.h"
@@ -238,97 +237,6 @@ TEST(Secrets, ReadSecretFileTakesOneLineAndWarnsAboutLooseModes) {
   }
   EXPECT_EQ(ReadSecretFile(dir + "/missing").status().code(), absl::StatusCode::kNotFound);
   std::filesystem::remove_all(dir);
-}
-
-// An artifact of one file and its manifest.
-std::string MakeArtifact(const std::string& root, const std::string& name, const std::string& content) {
-  const std::string dir = root + "/" + name;
-  std::filesystem::create_directories(dir + "/sub");
-  EXPECT_TRUE(WriteFileAtomic(dir + "/sub/model.bin", content).ok());
-  EXPECT_TRUE(WriteFileAtomic(dir + "/manifest.sha256", Sha256Hex(content.data(), content.size()) + "  sub/model.bin\n").ok());
-  return dir;
-}
-
-TEST(CheckManifest, CorruptionIsDataLossAndOnlyThat) {
-  const std::string root = *MakeTempDir("btx-check-");
-  const std::string good = MakeArtifact(root, "good", "weights");
-  EXPECT_TRUE(CheckManifest(good).ok());
-  EXPECT_TRUE(VerifyManifest(good).ok());
-  EXPECT_EQ(CheckManifest(root + "/absent").code(), absl::StatusCode::kNotFound);
-  // Each corruption, and the contract agrees that it is one.
-  const std::vector<std::pair<std::string, std::function<void(const std::string&)>>> corruptions = {
-      {"sha256 mismatch", [](const std::string& d) { (void)WriteFileAtomic(d + "/sub/model.bin", "tampered"); }},
-      {"is missing", [](const std::string& d) { std::filesystem::remove(d + "/sub/model.bin"); }},
-      {"not in the manifest", [](const std::string& d) { (void)WriteFileAtomic(d + "/extra", "x"); }},
-      {"no manifest.sha256", [](const std::string& d) { std::filesystem::remove(d + "/manifest.sha256"); }},
-      {"malformed line", [](const std::string& d) { (void)WriteFileAtomic(d + "/manifest.sha256", "nonsense\n"); }},
-      {"escapes", [](const std::string& d) {
-         (void)WriteFileAtomic(d + "/manifest.sha256", std::string(64, 'a') + "  ../x\n" + std::string(64, 'a') + "  sub/model.bin\n");
-       }},
-      {"symlink", [](const std::string& d) { std::filesystem::create_symlink("/etc/hostname", d + "/sub/link"); }},
-      {"not a regular file", [](const std::string& d) {
-         std::filesystem::remove(d + "/sub/model.bin");
-         ASSERT_EQ(::mkfifo((d + "/sub/model.bin").c_str(), 0644), 0);
-       }},
-  };
-  for (size_t i = 0; i < corruptions.size(); ++i) {
-    const auto& [what, corrupt] = corruptions[i];
-    const std::string dir = MakeArtifact(root, Cat("c", i), "weights");
-    corrupt(dir);
-    const absl::Status s = CheckManifest(dir);
-    EXPECT_EQ(s.code(), absl::StatusCode::kDataLoss) << what << ": " << s;
-    EXPECT_NE(std::string(s.message()).find(what), std::string::npos) << s;
-    EXPECT_EQ(VerifyManifest(dir).code(), StatusCode::kDataLoss) << what;
-  }
-  std::filesystem::remove_all(root);
-}
-
-// A file that cannot be opened or read says nothing about its content. The contract reports it as DataLoss
-// ("missing"); CheckManifest as Unavailable.
-TEST(CheckManifest, UnreadableIsUnavailableNotDataLoss) {
-  const std::string root = *MakeTempDir("btx-check-");
-  const std::string dir = MakeArtifact(root, "leased", "weights");
-  // A write lease: until it is given up, other opens with O_NONBLOCK fail with EWOULDBLOCK. Its break is
-  // signalled with SIGIO, ignored here.
-  std::signal(SIGIO, SIG_IGN);
-  const int fd = ::open((dir + "/sub/model.bin").c_str(), O_RDONLY | O_CLOEXEC);
-  ASSERT_GE(fd, 0);
-  if (::fcntl(fd, F_SETLEASE, F_WRLCK) == 0) {
-    const absl::Status s = CheckManifest(dir);
-    EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable) << s;
-    EXPECT_NE(std::string(s.message()).find(std::strerror(EWOULDBLOCK)), std::string::npos) << s;
-    EXPECT_EQ(VerifyManifest(dir).code(), StatusCode::kDataLoss) << "the contract calls it missing";
-    ::fcntl(fd, F_SETLEASE, F_UNLCK);
-    EXPECT_TRUE(CheckManifest(dir).ok());
-  } else {
-    ADD_FAILURE() << "no file leases on " << root << ": " << std::strerror(errno);
-  }
-  ::close(fd);
-
-  // Permission denied, as a user that may list the artifact but not read the file (root reads anything:
-  // the check runs in a child that drops to nobody).
-  const std::string denied = MakeArtifact(root, "denied", "weights");
-  ::chmod(root.c_str(), 0755);
-  ::chmod(denied.c_str(), 0755);
-  ::chmod((denied + "/sub").c_str(), 0755);
-  ::chmod((denied + "/manifest.sha256").c_str(), 0644);
-  ::chmod((denied + "/sub/model.bin").c_str(), 0600);
-  if (::geteuid() == 0) {
-    const pid_t pid = ::fork();
-    ASSERT_GE(pid, 0);
-    if (pid == 0) {
-      if (::setgid(65534) != 0 || ::setuid(65534) != 0) ::_exit(10);
-      const absl::Status s = CheckManifest(denied);
-      ::_exit(s.code() == absl::StatusCode::kUnavailable && s.message().find("Permission denied") != absl::string_view::npos ? 0 : 11);
-    }
-    int status = 0;
-    ASSERT_EQ(::waitpid(pid, &status, 0), pid);
-    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "exit status " << status;
-  } else {
-    const absl::Status s = CheckManifest(denied);
-    EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable) << s;
-  }
-  std::filesystem::remove_all(root);
 }
 
 }  // namespace

@@ -11,6 +11,7 @@ absl::Status ToAbsl(const Status& status) {
     case StatusCode::kFailedPrecondition: return absl::FailedPreconditionError(status.message());
     case StatusCode::kCancelled: return absl::CancelledError(status.message());
     case StatusCode::kInternal: return absl::InternalError(status.message());
+    case StatusCode::kUnavailable: return absl::UnavailableError(status.message());
   }
   return absl::InternalError(status.message());
 }

@@ -44,10 +44,18 @@ std::string Sha256Hex(const void* data, size_t size) {
   return sha.FinishHex();
 }
 
+// "No such file" is an answer about the content; any other errno (EACCES, ESTALE, EIO, EWOULDBLOCK, EMFILE,
+// ELOOP for a symlink) only says the file could not be read now.
+Status OpenError(const std::string& path, int err = errno) {
+  if (err == ENOENT || err == ENOTDIR) return NotFound(Errno("cannot open", path, err));
+  if (err == ELOOP) return DataLoss(path + ": a symlink");
+  return Unavailable(Errno("cannot open", path, err));
+}
+
 StatusOr<std::string> Sha256File(const std::string& path) {
   // O_NONBLOCK and the fstat: a FIFO or device planted under a listed name must fail, not block the reader.
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-  if (fd < 0) return NotFound(Errno("cannot open", path));
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOFOLLOW);
+  if (fd < 0) return OpenError(path);
   struct stat st_buf {};
   if (::fstat(fd, &st_buf) != 0 || !S_ISREG(st_buf.st_mode)) {
     ::close(fd);
@@ -60,7 +68,7 @@ StatusOr<std::string> Sha256File(const std::string& path) {
     ssize_t r = ::read(fd, buf.data(), buf.size());
     if (r < 0) {
       if (errno == EINTR) continue;
-      st = Internal(Errno("read failed", path));
+      st = Unavailable(Errno("read failed", path));
       break;
     }
     if (r == 0) break;
@@ -113,15 +121,26 @@ Status WriteFileDurable(const std::string& path, const std::string& content) {
 }
 
 StatusOr<std::string> ReadFile(const std::string& path, size_t max_bytes) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return NotFound(Errno("cannot open", path));
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return OpenError(path);
   std::string out;
   char buf[1 << 16];
-  while (in.read(buf, sizeof buf) || in.gcount() > 0) {
-    out.append(buf, static_cast<size_t>(in.gcount()));
-    if (out.size() > max_bytes) return InvalidArgument(path + ": larger than " + std::to_string(max_bytes) + " bytes");
+  for (;;) {
+    const ssize_t n = ::read(fd, buf, sizeof buf);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      const int err = errno;
+      ::close(fd);
+      return Unavailable(Errno("read failed", path, err));
+    }
+    if (n == 0) break;
+    out.append(buf, static_cast<size_t>(n));
+    if (out.size() > max_bytes) {
+      ::close(fd);
+      return InvalidArgument(path + ": larger than " + std::to_string(max_bytes) + " bytes");
+    }
   }
-  if (in.bad()) return Internal(Errno("read failed", path));
+  ::close(fd);
   return out;
 }
 
@@ -129,9 +148,10 @@ StatusOr<std::vector<std::string>> ListFilesRecursive(const std::string& dir) {
   std::error_code ec;
   std::vector<std::string> out;
   fs::recursive_directory_iterator it(dir, ec), end;
-  if (ec) return NotFound("cannot list " + dir + ": " + ec.message());
+  if (ec == std::errc::no_such_file_or_directory) return NotFound("cannot list " + dir + ": " + ec.message());
+  if (ec) return Unavailable("cannot list " + dir + ": " + ec.message());
   for (; it != end; it.increment(ec)) {
-    if (ec) return Internal("cannot list " + dir + ": " + ec.message());
+    if (ec) return Unavailable("cannot list " + dir + ": " + ec.message());
     // A link could make a verified directory read (or a manifest vouch for) a file outside it.
     if (it->is_symlink()) return DataLoss(dir + ": symlink " + it->path().string() + " in an artifact");
     if (it->is_regular_file()) out.push_back(fs::relative(it->path(), dir).string());
@@ -192,9 +212,15 @@ Status WriteManifest(const std::string& dir, const FileDigests& known) {
 }
 
 Status VerifyManifest(const std::string& dir) {
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) {
+    if (ec && ec != std::errc::no_such_file_or_directory) return Unavailable("cannot look at " + dir + ": " + ec.message());
+    return NotFound(dir + ": no such directory");
+  }
   const std::string mpath = dir + "/" + kManifestName;
-  if (!fs::exists(mpath)) return DataLoss(dir + ": no " + std::string(kManifestName));
   auto text = ReadFile(mpath, size_t{64} << 20);
+  if (!text.ok() && text.status().code() == StatusCode::kNotFound) return DataLoss(dir + ": no " + std::string(kManifestName));
+  if (!text.ok() && text.status().code() == StatusCode::kUnavailable) return text.status();
   if (!text.ok()) return DataLoss(dir + ": no readable " + std::string(kManifestName) + " (" + text.status().message() + ")");
   std::map<std::string, std::string> listed;
   std::istringstream in(*text);
@@ -216,6 +242,7 @@ Status VerifyManifest(const std::string& dir) {
     auto got = Sha256File(dir + "/" + f);
     if (!got.ok() && got.status().code() == StatusCode::kNotFound)
       return DataLoss(dir + ": manifest lists '" + f + "' but it is missing");
+    if (!got.ok() && got.status().code() == StatusCode::kUnavailable) return got.status();
     if (!got.ok()) return DataLoss(got.status().message());
     if (*got != want)
       return DataLoss(dir + ": sha256 mismatch for '" + f + "' (manifest " + want + ", file " + *got + ")");

@@ -1,11 +1,15 @@
 #include "btx/contract/files.h"
 
 #include <gtest/gtest.h>
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <csignal>
+#include <cstring>
 #include <filesystem>
+#include <functional>
 #include <fstream>
 #include <random>
 
@@ -102,6 +106,86 @@ TEST_F(ManifestTest, StagingRemovesDeadTempDirsOfThisHostOnlyNeverAnotherHostsOn
   EXPECT_FALSE(fs::exists(ours));
   EXPECT_TRUE(fs::exists(theirs / "model.safetensors"));
   EXPECT_TRUE(staged->path().ends_with(std::string("@").append(HostName()))) << staged->path();
+}
+
+// A published artifact of one file (sub/model.bin) and its manifest.
+std::string MakeArtifact(const fs::path& root, const std::string& name, const std::string& content) {
+  const fs::path dir = root / name;
+  fs::create_directories(dir / "sub");
+  std::ofstream(dir / "sub" / "model.bin") << content;
+  std::ofstream(dir / kManifestName) << Sha256Hex(content.data(), content.size()) << "  sub/model.bin\n";
+  return dir.string();
+}
+
+TEST_F(ManifestTest, CorruptionIsDataLossAndOnlyThat) {
+  const std::string good = MakeArtifact(dir_, "good", "weights");
+  EXPECT_TRUE(VerifyManifest(good).ok());
+  EXPECT_EQ(VerifyManifest((dir_ / "absent").string()).code(), StatusCode::kNotFound);
+  const std::vector<std::pair<std::string, std::function<void(const std::string&)>>> corruptions = {
+      {"sha256 mismatch", [](const std::string& d) { std::ofstream(d + "/sub/model.bin") << "tampered"; }},
+      {"is missing", [](const std::string& d) { fs::remove(d + "/sub/model.bin"); }},
+      {"not in the manifest", [](const std::string& d) { std::ofstream(d + "/extra") << "x"; }},
+      {"no manifest.sha256", [](const std::string& d) { fs::remove(d + "/manifest.sha256"); }},
+      {"malformed line", [](const std::string& d) { std::ofstream(d + "/manifest.sha256") << "nonsense\n"; }},
+      {"escapes", [](const std::string& d) {
+         std::ofstream(d + "/manifest.sha256") << std::string(64, 'a') << "  ../x\n" << std::string(64, 'a') << "  sub/model.bin\n";
+       }},
+      {"symlink", [](const std::string& d) { fs::create_symlink("/etc/hostname", d + "/sub/link"); }},
+      {"not a regular file", [](const std::string& d) {
+         fs::remove(d + "/sub/model.bin");
+         ASSERT_EQ(::mkfifo((d + "/sub/model.bin").c_str(), 0644), 0);
+       }},
+  };
+  for (size_t i = 0; i < corruptions.size(); ++i) {
+    const auto& [what, corrupt] = corruptions[i];
+    const std::string d = MakeArtifact(dir_, std::string("c").append(std::to_string(i)), "weights");
+    corrupt(d);
+    const Status s = VerifyManifest(d);
+    EXPECT_EQ(s.code(), StatusCode::kDataLoss) << what << ": " << s.message();
+    EXPECT_NE(s.message().find(what), std::string::npos) << s.message();
+  }
+}
+
+// A file that cannot be opened or read says nothing about its content: Unavailable, never DataLoss (which
+// would let a worker delete a good output that dependents already use).
+TEST_F(ManifestTest, UnreadableIsUnavailableNotDataLoss) {
+  const std::string leased = MakeArtifact(dir_, "leased", "weights");
+  // A write lease: until it is given up, other opens with O_NONBLOCK fail with EWOULDBLOCK. Its break is
+  // signalled with SIGIO, ignored here.
+  std::signal(SIGIO, SIG_IGN);
+  const int fd = ::open((leased + "/sub/model.bin").c_str(), O_RDONLY | O_CLOEXEC);
+  ASSERT_GE(fd, 0);
+  if (::fcntl(fd, F_SETLEASE, F_WRLCK) == 0) {
+    const Status s = VerifyManifest(leased);
+    EXPECT_EQ(s.code(), StatusCode::kUnavailable) << s.message();
+    EXPECT_NE(s.message().find(std::strerror(EWOULDBLOCK)), std::string::npos) << s.message();
+    ::fcntl(fd, F_SETLEASE, F_UNLCK);
+    EXPECT_TRUE(VerifyManifest(leased).ok());
+  } else {
+    ADD_FAILURE() << "no file leases on " << dir_ << ": " << std::strerror(errno);
+  }
+  ::close(fd);
+
+  // Permission denied, as a user that may list the artifact but not read the file (root reads anything:
+  // the check runs in a child that drops to nobody).
+  const std::string denied = MakeArtifact(dir_, "denied", "weights");
+  for (const fs::path& p : {dir_, fs::path(denied), fs::path(denied) / "sub"}) ::chmod(p.c_str(), 0755);
+  ::chmod((denied + "/manifest.sha256").c_str(), 0644);
+  ::chmod((denied + "/sub/model.bin").c_str(), 0600);
+  if (::geteuid() == 0) {
+    const pid_t pid = ::fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+      if (::setgid(65534) != 0 || ::setuid(65534) != 0) ::_exit(10);
+      const Status s = VerifyManifest(denied);
+      ::_exit(s.code() == StatusCode::kUnavailable && s.message().find("Permission denied") != std::string::npos ? 0 : 11);
+    }
+    int status = 0;
+    ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "exit status " << status;
+  } else {
+    EXPECT_EQ(VerifyManifest(denied).code(), StatusCode::kUnavailable);
+  }
 }
 
 TEST_F(ManifestTest, MissingManifestIsDataLoss) {

@@ -39,10 +39,10 @@ StatusOr<TokenStream> LoadTokens(const std::vector<std::string>& paths, const To
       out->insert(out->end(), t.begin(), t.end());
     } else {
       BTX_ASSIGN_OR_RETURN(std::string text, ReadFile(f));
-      out->push_back(tok.bos_id());
+      if (tok.bos_id() >= 0) out->push_back(tok.bos_id());
       auto t = tok.Encode(text);
       out->insert(out->end(), t.begin(), t.end());
-      out->push_back(tok.eos_id());
+      if (tok.eos_id() >= 0) out->push_back(tok.eos_id());
     }
   }
   if (max_tokens > 0 && static_cast<int64_t>(out->size()) > max_tokens) out->resize(max_tokens);

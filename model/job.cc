@@ -135,7 +135,8 @@ StatusOr<int> TrainAndPublish(Job& job, TrainRun& run) {
   BTX_RETURN_IF_ERROR(trainer.Init());
   // After every input check: an invalid job's stderr is its one error line.
   std::cerr << "btx-train: " << contract::JobKindName(job.file.kind) << " " << job.file.name << " attempt "
-            << job.file.attempt << " on " << job.device << ", " << at::get_num_threads() << " CPU threads\n";
+            << job.file.attempt << " on " << job.device << ", " << at::get_num_threads() << " CPU threads, tokenizer "
+            << tok->kind() << " (" << tok->vocab_size() << " tokens)\n";
   BTX_RETURN_IF_ERROR(trainer.ResumeFromLatest());
   BTX_ASSIGN_OR_RETURN(TrainOutcome outcome, trainer.Run());
   if (outcome == TrainOutcome::kInterrupted) {

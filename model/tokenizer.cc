@@ -16,6 +16,7 @@
 #include <sstream>
 
 #include "btx/model/token_shard.h"
+#include "hf_tokenizer.h"
 
 extern char** environ;
 
@@ -178,8 +179,71 @@ StatusOr<std::unique_ptr<Tokenizer>> TrainSentencePiece(const std::vector<std::s
 #endif
 }
 
+namespace {
+
+// Hugging Face tokenizer.json, with the special tokens its tokenizer_config.json (or config.json) names. SaveTo
+// copies every tokenizer file of the source dir, so outputs load with AutoTokenizer as the seed did.
+class HfDirTokenizer final : public Tokenizer {
+ public:
+  static StatusOr<std::unique_ptr<Tokenizer>> Open(const std::string& dir) {
+    BTX_ASSIGN_OR_RETURN(HfTokenizer hf, HfTokenizer::Load(dir + "/tokenizer.json"));
+    auto t = std::unique_ptr<HfDirTokenizer>(new HfDirTokenizer(dir, std::move(hf)));
+    BTX_ASSIGN_OR_RETURN(t->bos_, t->SpecialId("bos"));
+    BTX_ASSIGN_OR_RETURN(t->eos_, t->SpecialId("eos"));
+    return std::unique_ptr<Tokenizer>(std::move(t));
+  }
+  std::vector<int32_t> Encode(std::string_view text) const override { return hf_.Encode(text); }
+  std::string Decode(const std::vector<int32_t>& ids) const override { return hf_.Decode(ids); }
+  int64_t vocab_size() const override { return hf_.vocab_size(); }
+  int32_t bos_id() const override { return bos_; }
+  int32_t eos_id() const override { return eos_; }
+  std::string kind() const override { return "huggingface"; }
+  Status SaveTo(const std::string& dir) const override {
+    for (const char* f : kFiles) {
+      const std::string from = dir_ + "/" + f;
+      if (!fs::exists(from)) continue;
+      BTX_ASSIGN_OR_RETURN(std::string bytes, ReadFile(from));
+      BTX_RETURN_IF_ERROR(WriteFileDurable(dir + "/" + f, bytes));
+    }
+    return Status::Ok();
+  }
+
+ private:
+  // What AutoTokenizer and generate() read besides the model's own files.
+  static constexpr const char* kFiles[] = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                                           "generation_config.json", "chat_template.jinja"};
+  HfDirTokenizer(std::string dir, HfTokenizer hf) : dir_(std::move(dir)), hf_(std::move(hf)) {}
+
+  // tokenizer_config.json's "<which>_token" (a string or {"content": ...}), else config.json's "<which>_token_id";
+  // -1 when neither names one. A token the vocabulary lacks is an error, not a silent -1.
+  StatusOr<int32_t> SpecialId(const std::string& which) const {
+    const std::string key = which + "_token";
+    if (auto text = ReadFile(dir_ + "/tokenizer_config.json"); text.ok()) {
+      const auto j = nlohmann::json::parse(*text, nullptr, false);
+      if (j.is_object() && j.contains(key) && !j[key].is_null()) {
+        const nlohmann::json& v = j[key];
+        const std::string content = v.is_string() ? v.get<std::string>() : v.value("content", std::string());
+        if (auto id = hf_.TokenToId(content)) return *id;
+        return InvalidArgument(dir_ + "/tokenizer_config.json: " + key + " '" + content + "' is not in tokenizer.json");
+      }
+    }
+    if (auto text = ReadFile(dir_ + "/config.json"); text.ok()) {
+      const auto j = nlohmann::json::parse(*text, nullptr, false);
+      if (j.is_object() && j.contains(key + "_id") && j[key + "_id"].is_number_integer()) return j[key + "_id"].get<int32_t>();
+    }
+    return -1;
+  }
+
+  std::string dir_;
+  HfTokenizer hf_;
+  int32_t bos_ = -1, eos_ = -1;
+};
+
+}  // namespace
+
 bool HasTokenizer(const std::string& dir) {
-  return fs::exists(dir + "/btx_tokenizer.json") || fs::exists(dir + "/tokenizer.model");
+  return fs::exists(dir + "/btx_tokenizer.json") || fs::exists(dir + "/tokenizer.json") ||
+         fs::exists(dir + "/tokenizer.model");
 }
 
 StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizer(const std::string& dir) {
@@ -193,8 +257,13 @@ StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizer(const std::string& dir) {
       return InvalidArgument(dir + "/btx_tokenizer.json: " + e.what());
     }
   }
+  if (fs::exists(dir + "/tokenizer.json")) {
+    // A tokenizer.json btx refuses (e.g. a Metaspace one) may sit beside its sentencepiece model.
+    auto hf = HfDirTokenizer::Open(dir);
+    if (hf.ok() || !fs::exists(dir + "/tokenizer.model")) return hf;
+  }
   if (fs::exists(dir + "/tokenizer.model")) return LoadSentencePiece(dir + "/tokenizer.model");
-  return NotFound(dir + ": no tokenizer (btx_tokenizer.json or tokenizer.model)");
+  return NotFound(dir + ": no tokenizer (btx_tokenizer.json, tokenizer.json or tokenizer.model)");
 }
 
 }  // namespace btx::model

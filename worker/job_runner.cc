@@ -17,7 +17,6 @@
 
 #include "absl/strings/str_join.h"
 #include "btx/common/fs.h"
-#include "btx/common/manifest_check.h"
 #include "btx/common/secrets.h"
 #include "btx/common/status.h"
 #include "btx/common/strings.h"
@@ -143,24 +142,17 @@ absl::Status JobRunner::CheckLeftoverOutput(const std::string& output_dir) {
     if (errno == ENOENT) return absl::OkStatus();
     return absl::UnavailableError(Cat("cannot look at the existing output ", output_dir, ": ", std::strerror(errno)));
   }
-  const absl::Status first = config_.verify_artifact(output_dir);
-  if (first.ok()) return absl::OkStatus();
-  // The contract's check says DataLoss for an unreadable file too: look again, keeping the cause.
-  const absl::Status second = CheckManifest(output_dir);
-  if (absl::IsNotFound(second)) return absl::OkStatus();  // gone meanwhile: nothing to keep or remove
-  if (second.ok()) {
-    AddLog("worker", Cat("the existing output ", output_dir, " verifies on a second reading (first: ", first.message(),
-                         "); kept"));
-    return absl::OkStatus();
-  }
-  if (!absl::IsDataLoss(second)) {
+  // DataLoss is proof of corruption; Unavailable (a read error) says nothing about the content.
+  const absl::Status verdict = config_.verify_artifact(output_dir);
+  if (verdict.ok() || absl::IsNotFound(verdict)) return absl::OkStatus();  // NotFound: gone meanwhile
+  if (!absl::IsDataLoss(verdict)) {
     return absl::UnavailableError(Cat("cannot verify the existing output ", output_dir,
-                                      " (kept; the attempt is retried): ", second.message()));
+                                      " (kept; the attempt is retried): ", verdict.message()));
   }
   std::error_code ec;
   fs::remove_all(output_dir, ec);
   if (ec) return absl::InternalError(Cat("cannot remove unverifiable ", output_dir, ": ", ec.message()));
-  AddLog("worker", Cat("removed unverifiable leftover output ", output_dir, ": ", second.message()));
+  AddLog("worker", Cat("removed unverifiable leftover output ", output_dir, ": ", verdict.message()));
   return absl::OkStatus();
 }
 

@@ -17,7 +17,11 @@ checks
      rotary embedding the frequencies transformers' own rope_scaling code computes); Qwen2 (attention biases)
      and Mistral-Nemo-style head_dim seeds are refused for MoE methods with a clear message, and their BTM
      average loads in transformers;
-  5. a Mistral job whose seq_len exceeds sliding_window is refused (exit 65), never run with the wrong mask.
+  5. a Mistral job whose seq_len exceeds sliding_window is refused (exit 65), never run with the wrong mask;
+  6. a Llama 3-style seed that carries only a Hugging Face tokenizer.json (byte-level BPE with Llama 3's
+     pre-tokenizer regex, trained here with the `tokenizers` library, vocabulary padded past the tokenizer's
+     size) trains with that tokenizer, and its output carries the tokenizer files, so AutoTokenizer encodes as
+     the seed's tokenizer does and generate() runs on it.
 
 usage: families_hf.py --tool btx-model-tool --train btx-train --workdir DIR
 """
@@ -89,6 +93,58 @@ def use_scaled_rope(mx):
         rope = layer.self_attn.rotary_emb
         rope.inv_freq = inv_freq
         rope._set_cos_sin_cache(rope.max_position_embeddings, inv_freq.device, torch.get_default_dtype())
+
+
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                  r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def check_tokenizer_json_seed(args, text):
+    """A seed whose only tokenizer is tokenizer.json (what Llama 3, Qwen2 and SmolLM ship)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE(ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([open(text).read()], trainer)
+    src = os.path.join(args.workdir, "llama3-tokjson-hf")
+    bos, eos = tok.token_to_id("<|begin_of_text|>"), tok.token_to_id("<|end_of_text|>")
+    # Embeddings padded past the tokenizer (as Qwen2.5 ships 152064 rows for 151665 tokens).
+    cfg = LlamaConfig(**dict(BASE, vocab_size=tok.get_vocab_size() + 12, bos_token_id=bos, eos_token_id=eos,
+                             tie_word_embeddings=True))
+    torch.manual_seed(5)
+    LlamaForCausalLM(cfg).save_pretrained(src, safe_serialization=True)
+    tok.save(os.path.join(src, "tokenizer.json"))
+    with open(os.path.join(src, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
+                   "eos_token": "<|end_of_text|>", "model_max_length": 64}, f)
+    out, err = run_job(args.train, args.workdir, "llama3-tokjson-branch", "branch",
+                       {"seed": src, "name": "code", "data": {"train": text},
+                        "train": {"batch_tokens": 64, "seq_len": 16, "lr": 1e-3, "warmup": 1, "log_every": 1,
+                                  "checkpoint_every": 0, "valid_tokens": 64}, "steps": 2})
+    if out is None:
+        return False
+    used = f"tokenizer huggingface ({tok.get_vocab_size()} tokens)" in err
+    print(f"tokenizer.json seed: btx-train used it ({'ok' if used else 'MISMATCH'}): {err.strip()}")
+    ok = used
+    carried = all(os.path.exists(os.path.join(out, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
+    print(f"tokenizer.json seed: output carries the tokenizer files ({'ok' if carried else 'MISMATCH'})")
+    ok &= carried
+    auto = transformers.AutoTokenizer.from_pretrained(out)
+    sample = "def f12(x):\n    return x * 12 + 5  # ünïcode ✓"
+    same = auto.encode(sample, add_special_tokens=False) == tok.encode(sample).ids
+    print(f"tokenizer.json seed: AutoTokenizer on the output encodes as the seed's tokenizer ({'ok' if same else 'MISMATCH'})")
+    ok &= same
+    transformers.generation.utils.is_fsdp_managed_module = lambda m: False  # torch 1.13 under Python 3.11
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32, attn_implementation="eager")
+    ids = auto(sample, return_tensors="pt").input_ids
+    generated = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=eos)
+    ran = generated.shape[1] == ids.shape[1] + 4
+    print(f"tokenizer.json seed: generate() on the output ({'ok' if ran else 'MISMATCH'})")
+    return ok and ran
 
 
 def run_job(train, workdir, name, kind, spec, expect=0):
@@ -208,6 +264,7 @@ def main():
             refused = "sliding_window" in err and err.count("\n") == 1
             print(f"mistral: seq_len past sliding_window refused ({'ok' if refused else 'MISMATCH'}): {err.strip()}")
             ok &= refused
+    ok &= check_tokenizer_json_seed(args, text)
     print("families: all checks passed" if ok else "families: FAILED")
     return 0 if ok else 1
 

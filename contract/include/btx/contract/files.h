@@ -13,6 +13,7 @@ namespace btx {
 inline constexpr const char* kManifestName = "manifest.sha256";
 
 // Lowercase hex sha256 of a regular file (anything else, e.g. a FIFO, is DataLoss rather than a read that blocks).
+// NotFound when it does not exist, Unavailable when it cannot be read now.
 StatusOr<std::string> Sha256File(const std::string& path);
 std::string Sha256Hex(const void* data, size_t size);
 std::string HexLower(const unsigned char* data, size_t size);
@@ -23,7 +24,7 @@ using FileDigests = std::map<std::string, std::string>;
 
 // Writes `content` to `path` and fsyncs it (no rename: callers publish whole directories).
 Status WriteFileDurable(const std::string& path, const std::string& content);
-// The whole file; InvalidArgument when it is larger than max_bytes.
+// The whole file; InvalidArgument when it is larger than max_bytes; NotFound / Unavailable as Sha256File.
 StatusOr<std::string> ReadFile(const std::string& path, size_t max_bytes = size_t{1} << 30);
 Status FsyncPath(const std::string& path);
 
@@ -32,8 +33,13 @@ Status FsyncPath(const std::string& path);
 // listed with the digest given there, unread (the manifest is the same as without them when those are right);
 // a `known` entry for a file that is not there, or that is not a sha256 hex digest, is an Internal error.
 Status WriteManifest(const std::string& dir, const FileDigests& known = {});
-// Fails with DataLoss naming the first file that is missing, unlisted, not a regular file, outside the dir
-// (a symlink, or a listed path with ".."), or has the wrong digest.
+// OK, or the first problem, keeping what it says about the content:
+//   DataLoss     positively corrupt: no manifest, a malformed line or a listed path that leaves the dir, a
+//                symlink, a listed file missing or not a regular file, a file not listed, a digest mismatch
+//                (only this allows removing the directory);
+//   Unavailable  something could not be read (EIO, ESTALE, EACCES, EWOULDBLOCK, ...): nothing is known;
+//   NotFound     the directory itself does not exist.
+// Files are opened with O_NONBLOCK (a FIFO or a leased file must not block the reader) and O_NOFOLLOW.
 Status VerifyManifest(const std::string& dir);
 
 // A directory that becomes visible under its final name only once it is complete:
