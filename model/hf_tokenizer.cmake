@@ -1,8 +1,14 @@
 # Hugging Face tokenizer.json (byte-level BPE) in plain C++: PCRE2 for the pre-tokenizer regexes, utf8proc for NFC.
 # No LibTorch, so tools and benchmarks can link it alone. Included from model/CMakeLists.txt.
+# Optional outside the btx tree (a GPU machine building model/ against a pip LibTorch may lack the two -dev
+# packages): without them btx_model refuses tokenizer.json files by name instead.
 find_package(PkgConfig REQUIRED)
-pkg_check_modules(BTX_PCRE2 REQUIRED IMPORTED_TARGET libpcre2-8)
-pkg_check_modules(BTX_UTF8PROC REQUIRED IMPORTED_TARGET libutf8proc)
+pkg_check_modules(BTX_PCRE2 IMPORTED_TARGET libpcre2-8)
+pkg_check_modules(BTX_UTF8PROC IMPORTED_TARGET libutf8proc)
+if(NOT BTX_PCRE2_FOUND OR NOT BTX_UTF8PROC_FOUND)
+  message(STATUS "btx: no libpcre2-8 / libutf8proc: built without Hugging Face tokenizer.json support")
+  return()
+endif()
 
 add_library(btx_hf_tokenizer STATIC ${CMAKE_CURRENT_LIST_DIR}/hf_tokenizer.cc)
 target_include_directories(btx_hf_tokenizer PUBLIC ${CMAKE_CURRENT_LIST_DIR})

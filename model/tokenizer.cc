@@ -16,7 +16,9 @@
 #include <sstream>
 
 #include "btx/model/token_shard.h"
+#ifdef BTX_HAVE_HF_TOKENIZER
 #include "hf_tokenizer.h"
+#endif
 
 extern char** environ;
 
@@ -181,6 +183,7 @@ StatusOr<std::unique_ptr<Tokenizer>> TrainSentencePiece(const std::vector<std::s
 
 namespace {
 
+#ifdef BTX_HAVE_HF_TOKENIZER
 // Hugging Face tokenizer.json, with the special tokens its tokenizer_config.json (or config.json) names. SaveTo
 // copies every tokenizer file of the source dir, so outputs load with AutoTokenizer as the seed did.
 class HfDirTokenizer final : public Tokenizer {
@@ -238,6 +241,14 @@ class HfDirTokenizer final : public Tokenizer {
   HfTokenizer hf_;
   int32_t bos_ = -1, eos_ = -1;
 };
+#else
+struct HfDirTokenizer {
+  static StatusOr<std::unique_ptr<Tokenizer>> Open(const std::string& dir) {
+    return FailedPrecondition(dir + "/tokenizer.json: this build has no Hugging Face tokenizer.json support "
+                              "(built without libpcre2-8 / libutf8proc)");
+  }
+};
+#endif
 
 }  // namespace
 
