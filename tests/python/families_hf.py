@@ -37,7 +37,7 @@ import transformers
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, MixtralForCausalLM,
                           Qwen2Config, Qwen2ForCausalLM)
 
-from hf_common import compare, randomize_vectors
+from hf_common import compare, randomize_vectors, run_job
 
 
 
@@ -145,21 +145,6 @@ def check_tokenizer_json_seed(args, text):
     ran = generated.shape[1] == ids.shape[1] + 4
     print(f"tokenizer.json seed: generate() on the output ({'ok' if ran else 'MISMATCH'})")
     return ok and ran
-
-
-def run_job(train, workdir, name, kind, spec, expect=0):
-    out = os.path.join(workdir, name)
-    job = {"kind": kind, "output_dir": out, "checkpoint_dir": os.path.join(workdir, "ckpt", name), "threads": 2,
-           "spec": spec}
-    path = out + ".job.json"
-    with open(path, "w") as f:
-        json.dump(job, f)
-    r = subprocess.run([train, "--job", path, "--progress-fd", "-1"], stdout=subprocess.DEVNULL,
-                       stderr=subprocess.PIPE, text=True)
-    if r.returncode != expect:
-        print(f"{name}: btx-train exited {r.returncode}, expected {expect}:\n{r.stderr}")
-        return None, r.stderr
-    return out, r.stderr
 
 
 def main():

@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
-from hf_common import compare, randomize_vectors
+from hf_common import compare, randomize_vectors, run_job
 
 TOKENS = [256, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 33, 10, 3, 200, 257]
 
@@ -85,15 +85,11 @@ def compare_moe(what, tool, model_dir, mx):
     return ok
 
 
-def run_job(train, workdir, name, kind, spec):
-    """Runs one btx-train job into workdir/name and returns that directory."""
-    out = os.path.join(workdir, name)
-    job = {"kind": kind, "output_dir": out, "checkpoint_dir": os.path.join(workdir, "ckpt", name), "threads": 2,
-           "spec": spec}
-    path = out + ".job.json"
-    with open(path, "w") as f:
-        json.dump(job, f)
-    subprocess.run([train, "--job", path, "--progress-fd", "-1"], check=True, stdout=subprocess.DEVNULL)
+def run_job_ok(train, workdir, name, kind, spec):
+    """Runs one btx-train job that must succeed and returns its output directory."""
+    out, err = run_job(train, workdir, name, kind, spec)
+    if out is None:
+        raise RuntimeError(f"btx-train {kind} job {name} failed:\n{err}")
     return out
 
 
@@ -180,19 +176,19 @@ def main():
     data = write_corpora(w)
     train = {"batch_tokens": 512, "seq_len": 64, "lr": 3e-3, "warmup": 1, "checkpoint_every": 100, "log_every": 10,
              "valid_tokens": 256, "seed": 7}
-    seed = run_job(a.train, w, "pt_seed", "pretrain",
+    seed = run_job_ok(a.train, w, "pt_seed", "pretrain",
                    {"init": {"preset": "tiny"}, "tokenizer": "byte", "train": train, "steps": 4,
                     "data": {"train": list(data.values())}})
     experts = []
     for name in ("code", "math"):
-        run_job(a.train, w, "pt_" + name, "branch",
+        run_job_ok(a.train, w, "pt_" + name, "branch",
                 {"seed": seed, "name": name, "train": train, "steps": 4, "data": {"train": data[name]}})
         experts.append({"name": name, "model": os.path.join(w, "pt_" + name)})
-    btx = run_job(a.train, w, "pt_btx", "merge",
+    btx = run_job_ok(a.train, w, "pt_btx", "merge",
                   {"method": "btx", "seed": seed, "experts": experts, "keep_seed_expert": True, "top_k": 2,
                    "router_init": "hidden", "data": [{"name": e["name"], "train": data[e["name"]]} for e in experts]})
-    up = run_job(a.train, w, "pt_upcycle", "merge", {"method": "upcycle", "seed": seed, "num_experts": 4, "top_k": 2})
-    ft = run_job(a.train, w, "pt_btx_ft", "finetune",
+    up = run_job_ok(a.train, w, "pt_upcycle", "merge", {"method": "upcycle", "seed": seed, "num_experts": 4, "top_k": 2})
+    ft = run_job_ok(a.train, w, "pt_btx_ft", "finetune",
                  {"model": btx, "train": train, "steps": 4, "top_k": 2, "load_balance": 0.01, "z_loss": 0.001,
                   "router": "softmax_topk",
                   "mixture": [{"name": n, "weight": 1, "train": p} for n, p in data.items()]})
