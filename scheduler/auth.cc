@@ -56,6 +56,10 @@ bool StartsWithNoCase(std::string_view s, std::string_view prefix) {
   return true;
 }
 
+// Where the metadata processor leaves the authenticated principal for the handlers.
+constexpr char kPrincipalNameProperty[] = "btx_principal_name";
+constexpr char kPrincipalRoleProperty[] = "btx_principal_role";
+
 struct Rule {
   std::string_view prefix;  // of the full method name
   bool anyone;              // no credentials needed
@@ -107,7 +111,13 @@ class AuthProcessor final : public grpc::AuthMetadataProcessor {
       if (k == ":path") method = v;
       else if (k == "authorization") authorization.push_back(v);
     }
-    const absl::Status allowed = Authorize(method, authenticator_.Authenticate(authorization, CertName(*context)));
+    const absl::StatusOr<Principal> who = authenticator_.Authenticate(authorization, CertName(*context));
+    const absl::Status allowed = Authorize(method, who);
+    if (allowed.ok() && who.ok()) {
+      // For the handlers: pipelines belong to whoever submitted them (PrincipalOf).
+      context->AddProperty(kPrincipalNameProperty, who->name);
+      context->AddProperty(kPrincipalRoleProperty, RoleName(who->role));
+    }
     // Handlers never see the secret.
     for (auto v : authorization) consumed->emplace("authorization", std::string(v));
     grpc::Status status = ToGrpcStatus(allowed);
@@ -260,7 +270,11 @@ absl::StatusOr<Principal> Authenticator::Authenticate(const std::vector<std::str
     for (const auto& c : identities_.certs) {
       if (c.common_name == cert_name) return Principal{c.role, c.name};
     }
-    return Principal{Role::kWorker, std::string(cert_name)};
+    // A certificate the CA signed is not a role by itself: only cert: lines give one. The name is
+    // not echoed in full (it came from the client).
+    return absl::UnauthenticatedError(
+        Cat("client certificate '", cert_name.substr(0, 64),
+            "' is not listed in the identities file (add a 'cert:<common name> worker NAME' line to --tokens-file)"));
   }
   return absl::UnauthenticatedError("no credentials: send a bearer token or a client certificate");
 }
@@ -280,6 +294,16 @@ absl::Status Authorize(std::string_view method, const absl::StatusOr<Principal>&
   if (allowed) return absl::OkStatus();
   return absl::PermissionDeniedError(Cat(RoleName(who->role), " '", who->name, "' may not call ", method, " (allowed: ",
                                          AllowedRoles(*rule), ")"));
+}
+
+std::optional<Principal> PrincipalOf(const grpc::AuthContext* context) {
+  if (context == nullptr) return std::nullopt;
+  const auto names = context->FindPropertyValues(kPrincipalNameProperty);
+  const auto roles = context->FindPropertyValues(kPrincipalRoleProperty);
+  if (names.size() != 1 || roles.size() != 1) return std::nullopt;
+  Principal p{Role::kUser, std::string(names.front().data(), names.front().size())};
+  if (!ParseRole(std::string_view(roles.front().data(), roles.front().size()), p.role)) return std::nullopt;
+  return p;
 }
 
 std::shared_ptr<grpc::ServerCredentials> MakeServerCredentials(const SecurityConfig& security,

@@ -8,6 +8,7 @@
 
 #include <filesystem>
 #include <future>
+#include <set>
 
 #include <gtest/gtest.h>
 
@@ -105,7 +106,8 @@ TEST(Authorization, OneTableForEveryMethod) {
 }
 
 TEST(Authentication, TokenFirstThenCertificate) {
-  auto digest = ParseIdentities(TokenDigest("t-alice") + " user alice\ncert:ops admin ops-laptop\n", "f");
+  auto digest = ParseIdentities(
+      TokenDigest("t-alice") + " user alice\ncert:ops admin ops-laptop\ncert:node-7 worker gpu-7\n", "f");
   ASSERT_TRUE(digest.ok());
   Authenticator auth(*digest);
   auto who = auth.Authenticate({"Bearer t-alice"}, "");
@@ -115,7 +117,7 @@ TEST(Authentication, TokenFirstThenCertificate) {
   EXPECT_EQ(auth.Authenticate({"Bearer t-alice"}, "ops")->role, Role::kUser);
   EXPECT_EQ(auth.Authenticate({}, "ops")->role, Role::kAdmin);
   EXPECT_EQ(auth.Authenticate({}, "node-7")->role, Role::kWorker);
-  EXPECT_EQ(auth.Authenticate({}, "node-7")->name, "node-7");
+  EXPECT_EQ(auth.Authenticate({}, "node-7")->name, "gpu-7");
   for (const std::vector<std::string_view>& bad :
        {std::vector<std::string_view>{"Bearer wrong"}, {"Basic dXNlcg=="}, {"Bearer "}, {"t-alice"},
         {"Bearer t-alice", "Bearer t-alice"}, {}}) {
@@ -123,6 +125,11 @@ TEST(Authentication, TokenFirstThenCertificate) {
     ASSERT_FALSE(r.ok());
     EXPECT_EQ(r.status().code(), absl::StatusCode::kUnauthenticated) << r.status();
   }
+  // A certificate the CA signed is no worker unless the identities file lists it.
+  auto unlisted = auth.Authenticate({}, "node-8");
+  ASSERT_FALSE(unlisted.ok());
+  EXPECT_EQ(unlisted.status().code(), absl::StatusCode::kUnauthenticated);
+  EXPECT_NE(unlisted.status().message().find("'node-8' is not listed"), std::string::npos) << unlisted.status();
   // A bad token is not rescued by a good certificate.
   EXPECT_FALSE(auth.Authenticate({"Bearer wrong"}, "ops").ok());
   EXPECT_NE(Authenticator({}).Authenticate({"Bearer x"}, "").status().message().find("--tokens-file"),
@@ -171,7 +178,7 @@ evaluate: {baselines: []}
 struct Pki {
   std::string dir;
   std::unique_ptr<btx::testing::TestCa> ca, foreign;
-  btx::testing::IssuedCert server, worker, ops, stranger;
+  btx::testing::IssuedCert server, worker, ops, stranger, unlisted;
 };
 
 class AuthServiceTest : public ::testing::Test {
@@ -186,6 +193,8 @@ class AuthServiceTest : public ::testing::Test {
     pki_->ops = pki_->ca->IssueClient("ops");
     // The same common name as our worker, from the wrong CA.
     pki_->stranger = pki_->foreign->IssueClient("node-1");
+    // Signed by our CA, but not in the identities file.
+    pki_->unlisted = pki_->ca->IssueClient("node-9");
   }
   static void TearDownTestSuite() {
     std::filesystem::remove_all(pki_->dir);
@@ -205,9 +214,10 @@ class AuthServiceTest : public ::testing::Test {
     c.security.cert_pem = pki_->server.cert_pem;
     c.security.key_pem = pki_->server.key_pem;
     c.security.client_ca_pem = pki_->ca->cert_pem();
-    c.security.identities = *ParseIdentities(TokenDigest("user-token") + " user alice\n" + TokenDigest("worker-token") +
+    c.security.identities = *ParseIdentities(TokenDigest("user-token") + " user alice\n" + TokenDigest("bob-token") +
+                                                 " user bob\n" + TokenDigest("worker-token") +
                                                  " worker node-2\n" + TokenDigest("admin-token") + " admin root\n" +
-                                                 "cert:ops admin ops-laptop\n",
+                                                 "cert:ops admin ops-laptop\ncert:node-1 worker node-1\n",
                                              "tokens");
     return c;
   }
@@ -272,6 +282,76 @@ class AuthServiceTest : public ::testing::Test {
     v1::ListPipelinesResponse resp;
     return v1::PipelineService::NewStub(ch)->List(&ctx, req, &resp);
   }
+  grpc::Status SubmitWithKey(const std::string& token, const std::string& key, const std::string& spec,
+                             v1::SubmitResponse* resp) {
+    grpc::ClientContext ctx;
+    Prepare(ctx, token);
+    v1::SubmitRequest req;
+    req.set_spec(spec);
+    req.set_idempotency_key(key);
+    return v1::PipelineService::NewStub(Channel())->Submit(&ctx, req, resp);
+  }
+  grpc::Status Get(const std::string& token, const std::string& id) {
+    grpc::ClientContext ctx;
+    Prepare(ctx, token);
+    v1::GetPipelineRequest req;
+    req.set_id(id);
+    v1::Pipeline resp;
+    return v1::PipelineService::NewStub(Channel())->Get(&ctx, req, &resp);
+  }
+  grpc::Status Retry(const std::string& token, const std::string& id) {
+    grpc::ClientContext ctx;
+    Prepare(ctx, token);
+    v1::RetryRequest req;
+    req.set_id(id);
+    v1::Pipeline resp;
+    return v1::PipelineService::NewStub(Channel())->Retry(&ctx, req, &resp);
+  }
+  // The ids of the pipelines List shows to this token.
+  std::set<std::string> ListIds(const std::string& token) {
+    grpc::ClientContext ctx;
+    Prepare(ctx, token);
+    v1::ListPipelinesResponse resp;
+    auto s = v1::PipelineService::NewStub(Channel())->List(&ctx, v1::ListPipelinesRequest(), &resp);
+    EXPECT_TRUE(s.ok()) << s.error_message();
+    std::set<std::string> ids;
+    for (const auto& p : resp.pipelines()) ids.insert(p.id());
+    return ids;
+  }
+  // Watch without following: the status, and the pipeline ids of the events it streamed.
+  grpc::Status Watch(const std::string& token, const std::string& pipeline_id, std::set<std::string>* seen) {
+    grpc::ClientContext ctx;
+    Prepare(ctx, token);
+    v1::WatchRequest req;
+    req.set_pipeline_id(pipeline_id);
+    req.set_follow(false);
+    auto reader = v1::PipelineService::NewStub(Channel())->Watch(&ctx, req);
+    v1::Event e;
+    while (reader->Read(&e)) seen->insert(e.pipeline_id());
+    return reader->Finish();
+  }
+  grpc::Status Logs(const std::string& token, const std::string& job_id) {
+    grpc::ClientContext ctx;
+    Prepare(ctx, token);
+    v1::LogsRequest req;
+    req.set_job_id(job_id);
+    req.set_follow(false);
+    auto reader = v1::PipelineService::NewStub(Channel())->Logs(&ctx, req);
+    v1::LogLine line;
+    while (reader->Read(&line)) {
+    }
+    return reader->Finish();
+  }
+  grpc::Status ListJobs(const std::string& token, const std::string& pipeline_id, std::set<std::string>* pipelines) {
+    grpc::ClientContext ctx;
+    Prepare(ctx, token);
+    v1::ListJobsRequest req;
+    req.set_pipeline_id(pipeline_id);
+    v1::ListJobsResponse resp;
+    auto s = v1::PipelineService::NewStub(Channel())->ListJobs(&ctx, req, &resp);
+    for (const auto& j : resp.jobs()) pipelines->insert(j.pipeline_id());
+    return s;
+  }
   std::string PipelineState(const std::string& id) {
     auto p = store_.GetPipeline(id);
     return p.ok() ? p->state : p.status().ToString();
@@ -325,6 +405,22 @@ TEST_F(AuthServiceTest, WorkerServiceRefusesClientsWithoutAWorkerCertificate) {
   EXPECT_TRUE(store_.ListWorkers()->empty());
 }
 
+TEST_F(AuthServiceTest, UnlistedCertificateFromOurCaIsNoWorker) {
+  grpc::ClientContext ctx;
+  Prepare(ctx, "");
+  v1::RegisterRequest req;
+  req.set_name("w");
+  v1::RegisterResponse resp;
+  const grpc::Status s = v1::WorkerService::NewStub(Channel(&pki_->unlisted))->Register(&ctx, req, &resp);
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAUTHENTICATED) << s.error_message();
+  EXPECT_NE(s.error_message().find("'node-9' is not listed in the identities file"), std::string::npos)
+      << s.error_message();
+  EXPECT_CODE(List(Channel(&pki_->unlisted), ""), UNAUTHENTICATED);
+  EXPECT_TRUE(store_.ListWorkers()->empty());
+  // The listed one is.
+  EXPECT_CODE(Register(Channel(&pki_->worker)), OK);
+}
+
 TEST_F(AuthServiceTest, UserTokenCannotCallWorkerService) {
   auto user = Channel();
   EXPECT_CODE(Submit(user, "user-token"), OK);
@@ -373,6 +469,70 @@ TEST_F(AuthServiceTest, MissingOrWrongTokensAreUnauthenticated) {
   EXPECT_NE(exposition.find(R"(btx_grpc_auth_refusals_total{method="WorkerService/Register",code="UNAUTHENTICATED"} 1)"),
             std::string::npos)
       << exposition;
+}
+
+std::string ChangedSpec() {
+  std::string spec = kSpec;
+  spec.replace(spec.find("steps: 3"), 8, "steps: 4");
+  return spec;
+}
+
+TEST_F(AuthServiceTest, PipelinesBelongToWhoeverSubmittedThem) {
+  // Bob uses the idempotency key Alice used: his own new pipeline, never hers.
+  v1::SubmitResponse alice, bob;
+  EXPECT_CODE(SubmitWithKey("user-token", "nightly", kSpec, &alice), OK);
+  EXPECT_CODE(SubmitWithKey("bob-token", "nightly", kSpec, &bob), OK);
+  const std::string a = alice.pipeline().id(), b = bob.pipeline().id();
+  ASSERT_FALSE(a.empty());
+  ASSERT_FALSE(b.empty());
+  EXPECT_TRUE(bob.created());
+  EXPECT_NE(a, b);
+  EXPECT_EQ(store_.GetPipeline(a)->owner, "alice");
+  EXPECT_EQ(store_.GetPipeline(b)->owner, "bob");
+  // The same owner and key: the same pipeline for the same spec, refused for another.
+  v1::SubmitResponse again;
+  EXPECT_CODE(SubmitWithKey("user-token", "nightly", kSpec, &again), OK);
+  EXPECT_FALSE(again.created());
+  EXPECT_EQ(again.pipeline().id(), a);
+  const grpc::Status changed = SubmitWithKey("user-token", "nightly", ChangedSpec(), &again);
+  EXPECT_EQ(changed.error_code(), grpc::StatusCode::ALREADY_EXISTS) << changed.error_message();
+  EXPECT_NE(changed.error_message().find("idempotency key 'nightly'"), std::string::npos) << changed.error_message();
+
+  // Each user sees only their own; another's pipeline is NOT_FOUND, as if it did not exist.
+  EXPECT_CODE(Get("user-token", a), OK);
+  EXPECT_CODE(Get("bob-token", a), NOT_FOUND);
+  EXPECT_CODE(Get("user-token", b), NOT_FOUND);
+  EXPECT_EQ(ListIds("user-token"), std::set<std::string>{a});
+  EXPECT_EQ(ListIds("bob-token"), std::set<std::string>{b});
+  EXPECT_EQ(ListIds("admin-token"), (std::set<std::string>{a, b}));
+  std::set<std::string> seen;
+  EXPECT_CODE(Watch("bob-token", a, &seen), NOT_FOUND);
+  EXPECT_TRUE(seen.empty());
+  EXPECT_CODE(Watch("bob-token", "", &seen), OK);
+  EXPECT_EQ(seen, std::set<std::string>{b});
+  seen.clear();
+  EXPECT_CODE(Watch("admin-token", "", &seen), OK);
+  EXPECT_EQ(seen, (std::set<std::string>{a, b}));
+  const std::string job_of_a = store_.GetPipeline(a)->jobs.at(0).id;
+  EXPECT_CODE(Logs("bob-token", job_of_a), NOT_FOUND);
+  EXPECT_CODE(Logs("user-token", job_of_a), OK);
+  std::set<std::string> job_pipelines;
+  EXPECT_CODE(ListJobs("bob-token", a, &job_pipelines), NOT_FOUND);
+  EXPECT_CODE(ListJobs("bob-token", "", &job_pipelines), OK);
+  EXPECT_EQ(job_pipelines, std::set<std::string>{b});
+
+  // Bob can neither cancel nor retry Alice's pipeline; she and an admin can.
+  EXPECT_CODE(Cancel(Channel(), "bob-token", a), NOT_FOUND);
+  EXPECT_CODE(Retry("bob-token", a), NOT_FOUND);
+  EXPECT_EQ(PipelineState(a), "RUNNING");
+  EXPECT_CODE(Cancel(Channel(), "user-token", a), OK);
+  EXPECT_EQ(PipelineState(a), "CANCELLED");
+  EXPECT_CODE(Retry("bob-token", a), NOT_FOUND);
+  EXPECT_EQ(PipelineState(a), "CANCELLED");
+  EXPECT_CODE(Retry("user-token", a), OK);
+  EXPECT_EQ(PipelineState(a), "RUNNING");
+  EXPECT_CODE(Cancel(Channel(), "admin-token", b), OK);
+  EXPECT_EQ(PipelineState(b), "CANCELLED");
 }
 
 TEST_F(AuthServiceTest, AdminsByTokenOrCertificateMayDoBoth) {

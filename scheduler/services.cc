@@ -7,6 +7,7 @@
 #include "btx/common/strings.h"
 #include "btx/common/uri.h"
 #include "btx/rpc_status.h"
+#include "btx/scheduler/auth.h"
 #include "btx/scheduler/plan.h"
 #include "btx/scheduler/spec.h"
 #include "convert.h"
@@ -74,9 +75,35 @@ absl::Status CheckSomeWorkerFits(storage::Store& store, const std::vector<storag
           (*largest)->gpus, " GPU", (*largest)->gpus == 1 ? "" : "s"));
 }
 
+// Tenancy (docs/security.md): who calls, whose pipelines the call may see.
+struct Caller {
+  std::string owner;                // recorded on the pipelines it submits
+  std::optional<std::string> only;  // sees only this owner's pipelines; none: every pipeline
+};
+
+Caller CallerOf(const grpc::ServerContextBase* ctx) {
+  const auto auth = ctx->auth_context();
+  const std::optional<Principal> who = PrincipalOf(auth.get());
+  // No authentication (plaintext loopback dev mode): one anonymous owner who sees everything.
+  if (!who) return {"", std::nullopt};
+  if (who->role == Role::kAdmin) return {who->name, std::nullopt};
+  return {who->name, who->name};
+}
+
+bool Sees(const Caller& c, const std::string& owner) { return !c.only || *c.only == owner; }
+
+// The pipeline, if the caller may see it: another owner's answers exactly as a missing one, so its
+// existence does not leak.
+absl::StatusOr<storage::PipelineRecord> VisiblePipeline(storage::Store& store, const Caller& c, const std::string& id) {
+  auto p = store.GetPipeline(id);
+  if (p.ok() && !Sees(c, p->owner)) return absl::NotFoundError(Cat("pipeline '", id, "' not found"));
+  return p;
+}
+
 }  // namespace
 
-grpc::Status PipelineServiceImpl::Submit(grpc::ServerContext*, const v1::SubmitRequest* req, v1::SubmitResponse* resp) {
+grpc::Status PipelineServiceImpl::Submit(grpc::ServerContext* ctx, const v1::SubmitRequest* req,
+                                         v1::SubmitResponse* resp) {
   if (auto s = CheckKey(req->idempotency_key()); !s.ok()) return ToGrpcStatus(s);
   auto spec = ParseSpec(req->spec());
   if (!spec.ok()) return ToGrpcStatus(spec.status());
@@ -84,7 +111,7 @@ grpc::Status PipelineServiceImpl::Submit(grpc::ServerContext*, const v1::SubmitR
   if (!jobs.ok()) return ToGrpcStatus(jobs.status());
   if (auto s = CheckSomeWorkerFits(store_, *jobs); !s.ok()) return ToGrpcStatus(s);
   storage::NewPipeline p{.name = (*spec)["name"], .spec_json = spec->dump(), .idempotency_key = req->idempotency_key(),
-                         .jobs = *std::move(jobs)};
+                         .owner = CallerOf(ctx).owner, .jobs = *std::move(jobs)};
   if (req->dry_run()) {
     auto* out = resp->mutable_pipeline();
     out->set_name(p.name);
@@ -109,15 +136,15 @@ grpc::Status PipelineServiceImpl::Submit(grpc::ServerContext*, const v1::SubmitR
   return grpc::Status::OK;
 }
 
-grpc::Status PipelineServiceImpl::Get(grpc::ServerContext*, const v1::GetPipelineRequest* req, v1::Pipeline* resp) {
+grpc::Status PipelineServiceImpl::Get(grpc::ServerContext* ctx, const v1::GetPipelineRequest* req, v1::Pipeline* resp) {
   if (auto s = CheckId("id", req->id()); !s.ok()) return ToGrpcStatus(s);
-  auto p = store_.GetPipeline(req->id());
+  auto p = VisiblePipeline(store_, CallerOf(ctx), req->id());
   if (!p.ok()) return ToGrpcStatus(p.status());
   ToProto(*p, resp);
   return grpc::Status::OK;
 }
 
-grpc::Status PipelineServiceImpl::List(grpc::ServerContext*, const v1::ListPipelinesRequest* req,
+grpc::Status PipelineServiceImpl::List(grpc::ServerContext* ctx, const v1::ListPipelinesRequest* req,
                                        v1::ListPipelinesResponse* resp) {
   if (req->page_size() < 0 || req->page_size() > 500) {
     return ToGrpcStatus(InvalidFields({{"page_size", Cat("got ", req->page_size(), "; expected 0..500 (0 = 50)")}}));
@@ -126,7 +153,8 @@ grpc::Status PipelineServiceImpl::List(grpc::ServerContext*, const v1::ListPipel
     return ToGrpcStatus(InvalidFields({{"state", Cat("got ", static_cast<int>(req->state()), "; expected a PipelineState")}}));
   }
   storage::PipelineFilter f{.state = PipelineStateToString(req->state()), .name_prefix = req->name_prefix(),
-                            .page_size = req->page_size() == 0 ? 50 : req->page_size(), .page_token = req->page_token()};
+                            .page_size = req->page_size() == 0 ? 50 : req->page_size(), .page_token = req->page_token(),
+                            .owner = CallerOf(ctx).only};
   auto page = store_.ListPipelines(f);
   if (!page.ok()) return ToGrpcStatus(page.status());
   for (const auto& p : page->pipelines) ToProto(p, resp->add_pipelines());
@@ -134,8 +162,10 @@ grpc::Status PipelineServiceImpl::List(grpc::ServerContext*, const v1::ListPipel
   return grpc::Status::OK;
 }
 
-grpc::Status PipelineServiceImpl::Cancel(grpc::ServerContext*, const v1::CancelRequest* req, v1::Pipeline* resp) {
+grpc::Status PipelineServiceImpl::Cancel(grpc::ServerContext* ctx, const v1::CancelRequest* req, v1::Pipeline* resp) {
   if (auto s = CheckId("id", req->id()); !s.ok()) return ToGrpcStatus(s);
+  // Owners never change, so checking first and acting second cannot race.
+  if (auto v = VisiblePipeline(store_, CallerOf(ctx), req->id()); !v.ok()) return ToGrpcStatus(v.status());
   auto p = store_.CancelPipeline(req->id(), req->reason().substr(0, 1024), clock_.Now());
   if (!p.ok()) return ToGrpcStatus(p.status());
   ToProto(*p, resp);
@@ -143,8 +173,9 @@ grpc::Status PipelineServiceImpl::Cancel(grpc::ServerContext*, const v1::CancelR
   return grpc::Status::OK;
 }
 
-grpc::Status PipelineServiceImpl::Retry(grpc::ServerContext*, const v1::RetryRequest* req, v1::Pipeline* resp) {
+grpc::Status PipelineServiceImpl::Retry(grpc::ServerContext* ctx, const v1::RetryRequest* req, v1::Pipeline* resp) {
   if (auto s = CheckId("id", req->id()); !s.ok()) return ToGrpcStatus(s);
+  if (auto v = VisiblePipeline(store_, CallerOf(ctx), req->id()); !v.ok()) return ToGrpcStatus(v.status());
   auto p = store_.RetryPipeline(req->id(), clock_.Now());
   if (!p.ok()) return ToGrpcStatus(p.status());
   ToProto(*p, resp);
@@ -155,15 +186,16 @@ grpc::Status PipelineServiceImpl::Retry(grpc::ServerContext*, const v1::RetryReq
 
 grpc::Status PipelineServiceImpl::Watch(grpc::ServerContext* ctx, const v1::WatchRequest* req,
                                         grpc::ServerWriter<v1::Event>* writer) {
+  const Caller caller = CallerOf(ctx);
   if (!req->pipeline_id().empty()) {
     if (auto s = CheckId("pipeline_id", req->pipeline_id()); !s.ok()) return ToGrpcStatus(s);
-    if (auto p = store_.GetPipeline(req->pipeline_id()); !p.ok()) return ToGrpcStatus(p.status());
+    if (auto p = VisiblePipeline(store_, caller, req->pipeline_id()); !p.ok()) return ToGrpcStatus(p.status());
   }
   int64_t after = req->after_event_id();
   while (!ctx->IsCancelled()) {
     if (stopping_) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "scheduler shutting down; reconnect");
     const uint64_t gen = wakeups_.events().generation();
-    auto events = store_.EventsAfter(req->pipeline_id(), after, 500);
+    auto events = store_.EventsAfter(req->pipeline_id(), after, 500, caller.only);
     if (!events.ok()) return ToGrpcStatus(events.status());
     bool terminal = false;
     for (const auto& e : *events) {
@@ -185,6 +217,18 @@ grpc::Status PipelineServiceImpl::Watch(grpc::ServerContext* ctx, const v1::Watc
 grpc::Status PipelineServiceImpl::Logs(grpc::ServerContext* ctx, const v1::LogsRequest* req,
                                        grpc::ServerWriter<v1::LogLine>* writer) {
   if (auto s = CheckId("job_id", req->job_id()); !s.ok()) return ToGrpcStatus(s);
+  {
+    const Caller caller = CallerOf(ctx);
+    auto job = store_.GetJob(req->job_id());
+    if (!job.ok()) return ToGrpcStatus(job.status());
+    if (caller.only) {
+      auto p = store_.GetPipeline(job->pipeline_id);
+      if (!p.ok() && !absl::IsNotFound(p.status())) return ToGrpcStatus(p.status());
+      if (!p.ok() || !Sees(caller, p->owner)) {
+        return ToGrpcStatus(absl::NotFoundError(Cat("job '", req->job_id(), "' not found")));
+      }
+    }
+  }
   int64_t after = req->after_seq();
   while (!ctx->IsCancelled()) {
     if (stopping_) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "scheduler shutting down; reconnect");
@@ -211,9 +255,14 @@ grpc::Status PipelineServiceImpl::Logs(grpc::ServerContext* ctx, const v1::LogsR
   return grpc::Status(grpc::StatusCode::CANCELLED, "client went away");
 }
 
-grpc::Status PipelineServiceImpl::ListJobs(grpc::ServerContext*, const v1::ListJobsRequest* req, v1::ListJobsResponse* resp) {
+grpc::Status PipelineServiceImpl::ListJobs(grpc::ServerContext* ctx, const v1::ListJobsRequest* req,
+                                           v1::ListJobsResponse* resp) {
+  const Caller caller = CallerOf(ctx);
   if (!req->pipeline_id().empty()) {
     if (auto s = CheckId("pipeline_id", req->pipeline_id()); !s.ok()) return ToGrpcStatus(s);
+    if (caller.only) {
+      if (auto p = VisiblePipeline(store_, caller, req->pipeline_id()); !p.ok()) return ToGrpcStatus(p.status());
+    }
   }
   if (req->limit() < 0 || req->limit() > 1000) {
     return ToGrpcStatus(InvalidFields({{"limit", Cat("got ", req->limit(), "; expected 0..1000 (0 = 200)")}}));
@@ -221,7 +270,8 @@ grpc::Status PipelineServiceImpl::ListJobs(grpc::ServerContext*, const v1::ListJ
   if (!v1::JobState_IsValid(req->state())) {
     return ToGrpcStatus(InvalidFields({{"state", Cat("got ", static_cast<int>(req->state()), "; expected a JobState")}}));
   }
-  auto jobs = store_.ListJobs(req->pipeline_id(), JobStateToString(req->state()), req->limit() == 0 ? 200 : req->limit());
+  auto jobs = store_.ListJobs(req->pipeline_id(), JobStateToString(req->state()), req->limit() == 0 ? 200 : req->limit(),
+                              caller.only);
   if (!jobs.ok()) return ToGrpcStatus(jobs.status());
   for (const auto& j : *jobs) ToProto(j, resp->add_jobs());
   return grpc::Status::OK;
@@ -469,7 +519,8 @@ grpc::Status WorkerServiceImpl::Fail(grpc::ServerContext*, const v1::FailRequest
     }
   }
   auto out = store_.FailJob(req->worker_id(), req->job_id(), req->attempt(), req->error().substr(0, 8192),
-                            req->retryable(), req->cancelled(), req->checkpoint_uri(), config_.retry, clock_.Now());
+                            req->retryable(), req->cancelled(), req->checkpoint_uri(), config_.retry, clock_.Now(),
+                            req->interrupted());
   if (out.ok()) {
     if (metrics_) metrics_->OnFail(req->job_id(), *out);
     // A retry becomes claimable after its backoff, which long polls re-check on their own.

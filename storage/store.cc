@@ -81,14 +81,25 @@ absl::StatusOr<std::pair<PipelineRecord, bool>> Store::CreatePipeline(const NewP
   auto created = InTx<std::pair<std::string, bool>>(
       pool_, "create pipeline", [&](pqxx::work& tx) -> absl::StatusOr<std::pair<std::string, bool>> {
         if (!p.idempotency_key.empty()) {
-          // Serialise submits with the same key so the check-then-insert below cannot race.
-          tx.exec_params("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", p.idempotency_key);
-          auto existing = tx.exec_params("SELECT id FROM pipelines WHERE idempotency_key = $1", p.idempotency_key);
-          if (!existing.empty()) return std::make_pair(existing[0][0].as<std::string>(), false);
+          // Serialise submits with the same key so the check-then-insert below cannot race. Keys are
+          // scoped per owner: another owner's pipeline with this key is neither returned nor refused.
+          tx.exec_params("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+                         Cat(p.owner.size(), ":", p.owner, "/", p.idempotency_key));
+          auto existing = tx.exec_params(
+              "SELECT id, spec = $3::jsonb FROM pipelines WHERE owner = $1 AND idempotency_key = $2", p.owner,
+              p.idempotency_key, p.spec_json);
+          if (!existing.empty()) {
+            if (!existing[0][1].as<bool>()) {
+              return absl::AlreadyExistsError(
+                  Cat("idempotency key '", p.idempotency_key, "' was already used for pipeline ",
+                      existing[0][0].as<std::string>(), " with a different spec; use a new key for a new spec"));
+            }
+            return std::make_pair(existing[0][0].as<std::string>(), false);
+          }
         }
-        auto row = tx.exec_params("INSERT INTO pipelines (name, state, spec, idempotency_key, created_at, updated_at) "
-                                  "VALUES ($1, 'RUNNING', $2::jsonb, NULLIF($3, ''), " + Ts(4) + ", " + Ts(4) + ") RETURNING id",
-                                  p.name, p.spec_json, p.idempotency_key, Micros(now));
+        auto row = tx.exec_params("INSERT INTO pipelines (name, state, spec, idempotency_key, owner, created_at, updated_at) "
+                                  "VALUES ($1, 'RUNNING', $2::jsonb, NULLIF($3, ''), $4, " + Ts(5) + ", " + Ts(5) + ") RETURNING id",
+                                  p.name, p.spec_json, p.idempotency_key, p.owner, Micros(now));
         std::string pid = row[0][0].as<std::string>();
         std::map<std::string, std::string> ids;
         for (const auto& j : p.jobs) {
@@ -166,6 +177,14 @@ absl::StatusOr<PipelineRecord> Store::RetryPipeline(const std::string& id, TimeP
                        " WHERE id = $1",
                    pid, Micros(now));
     AddEvent(tx, pid, "", "pipeline.retried", json{{"pipeline_state", "RUNNING"}}.dump(), now);
+    // A cancel that raced the last completion leaves a CANCELLED pipeline whose jobs all
+    // succeeded: nothing is left to run, so no completion would ever finish it. Finish it here.
+    auto unfinished = tx.exec_params("SELECT count(*) FROM jobs WHERE pipeline_id = $1 AND state <> 'SUCCEEDED'", pid);
+    if (unfinished[0][0].as<int64_t>() == 0) {
+      tx.exec_params("UPDATE pipelines SET state = 'SUCCEEDED', updated_at = " + Ts(2) + " WHERE id = $1", pid,
+                     Micros(now));
+      AddEvent(tx, pid, "", "pipeline.succeeded", json{{"pipeline_state", "SUCCEEDED"}}.dump(), now);
+    }
     Notify(tx, kJobsChannel);
     return true;
   });

@@ -207,7 +207,8 @@ absl::StatusOr<std::vector<CompletionOutcome>> Store::CompleteJobs(const std::ve
 
 absl::StatusOr<FailOutcome> Store::FailJob(const std::string& worker_id, const std::string& job_id, int attempt,
                                            const std::string& error, bool retryable, bool cancelled,
-                                           const std::string& checkpoint_uri, const RetryPolicy& policy, TimePoint now) {
+                                           const std::string& checkpoint_uri, const RetryPolicy& policy, TimePoint now,
+                                           bool interrupted) {
   return InTx<FailOutcome>(pool_, "fail job", [&](pqxx::work& tx) -> absl::StatusOr<FailOutcome> {
     if (!LockPipelineOfJob(tx, job_id)) return absl::NotFoundError(Cat("job '", job_id, "' not found"));
     auto row = LockJob(tx, job_id);
@@ -217,21 +218,25 @@ absl::StatusOr<FailOutcome> Store::FailJob(const std::string& worker_id, const s
     out.pipeline_id = row->pipeline_id;
     out.name = row->name;
     out.kind = row->kind;
+    // An interruption is not the job's fault: it is requeued whatever its budget, which it keeps.
+    const bool keep_budget = interrupted && retryable && !cancelled && !row->cancel_requested;
     if (cancelled || row->cancel_requested) {
       out.new_state = job_state::kCancelled;
-    } else if (retryable && row->attempt < row->max_attempts) {
+    } else if (keep_budget || (retryable && row->attempt < row->max_attempts)) {
       out.new_state = job_state::kRetryWait;
     } else {
       out.new_state = job_state::kFailed;
     }
-    const TimePoint ready_at = now + policy.BackoffAfter(row->attempt);
+    const TimePoint ready_at = keep_budget ? now : now + policy.BackoffAfter(row->attempt);
     tx.exec_params("UPDATE jobs SET state = $2, error = $3, lease_deadline = NULL, "
                    "checkpoint_uri = CASE WHEN $4 = '' THEN checkpoint_uri ELSE $4 END, "
                    "ready_at = CASE WHEN $2 = 'RETRY_WAIT' THEN " + Ts(5) + " ELSE ready_at END, "
+                   "max_attempts = max_attempts + $7, "
                    "finished_at = CASE WHEN $2 = 'RETRY_WAIT' THEN NULL ELSE " + Ts(6) + " END WHERE id = $1::uuid",
-                   job_id, out.new_state, error, checkpoint_uri, Micros(ready_at), Micros(now));
-    FinishAttempt(tx, job_id, attempt, cancelled ? "CANCELLED" : "FAILED", error, now);
+                   job_id, out.new_state, error, checkpoint_uri, Micros(ready_at), Micros(now), keep_budget ? 1 : 0);
+    FinishAttempt(tx, job_id, attempt, cancelled ? "CANCELLED" : keep_budget ? "INTERRUPTED" : "FAILED", error, now);
     json payload = {{"state", out.new_state}, {"attempt", attempt}, {"message", error}};
+    if (keep_budget) payload["interrupted"] = true;
     AddEvent(tx, row->pipeline_id, job_id, out.new_state == job_state::kRetryWait ? "job.retry_wait"
                                            : out.new_state == job_state::kCancelled ? "job.cancelled"
                                                                                     : "job.failed",

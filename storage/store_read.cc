@@ -109,7 +109,7 @@ const std::string kPipelineColumns =
     "p.id, p.name, p.state, p.spec::text, coalesce(p.idempotency_key, ''), p.error, coalesce(p.result::text, ''), "
     "p.cancel_requested, " + Us("p.created_at") + ", " + Us("p.updated_at") +
     ", (SELECT count(*) FROM jobs WHERE pipeline_id = p.id), "
-    "(SELECT count(*) FROM jobs WHERE pipeline_id = p.id AND state = 'SUCCEEDED')";
+    "(SELECT count(*) FROM jobs WHERE pipeline_id = p.id AND state = 'SUCCEEDED'), p.owner";
 
 PipelineRecord PipelineFromRow(const pqxx::row& r) {
   PipelineRecord p;
@@ -125,6 +125,7 @@ PipelineRecord PipelineFromRow(const pqxx::row& r) {
   p.updated_at = FromUnixMicros(r[9].as<int64_t>());
   p.jobs_total = r[10].as<int>();
   p.jobs_succeeded = r[11].as<int>();
+  p.owner = r[12].as<std::string>();
   return p;
 }
 
@@ -158,8 +159,9 @@ absl::StatusOr<PipelinePage> Store::ListPipelines(const PipelineFilter& f) {
     auto rows = tx.exec_params(
         "SELECT " + kPipelineColumns + ", " + Us("p.created_at") +
             " FROM pipelines p WHERE ($1 = '' OR p.state = $1) AND p.name LIKE $2 || '%' "
-            "AND ($3::int8 = 0 OR (p.created_at, p.id::text) < (" + Ts(3) + ", $4)) ORDER BY p.created_at DESC, p.id::text DESC LIMIT $5",
-        f.state, f.name_prefix, cursor_us, cursor_id, f.page_size + 1);
+            "AND ($3::int8 = 0 OR (p.created_at, p.id::text) < (" + Ts(3) + ", $4)) AND (NOT $6 OR p.owner = $7) "
+            "ORDER BY p.created_at DESC, p.id::text DESC LIMIT $5",
+        f.state, f.name_prefix, cursor_us, cursor_id, f.page_size + 1, f.owner.has_value(), f.owner.value_or(""));
     PipelinePage page;
     for (const auto& r : rows) {
       if (static_cast<int>(page.pipelines.size()) == f.page_size) {
@@ -174,13 +176,16 @@ absl::StatusOr<PipelinePage> Store::ListPipelines(const PipelineFilter& f) {
 }
 
 absl::StatusOr<std::vector<JobRecord>> Store::ListJobs(const std::string& pipeline_id, const std::string& state,
-                                                       int limit) {
+                                                       int limit, const std::optional<std::string>& owner) {
   return InTx<std::vector<JobRecord>>(pool_, "list jobs", [&](pqxx::work& tx) -> absl::StatusOr<std::vector<JobRecord>> {
     std::vector<JobRecord> out;
     for (const auto& r : tx.exec_params("SELECT " + kJobColumns +
                                             " FROM jobs j WHERE ($1 = '' OR j.pipeline_id = $4::uuid) AND "
-                                            "($2 = '' OR j.state = $2) ORDER BY j.created_at DESC, j.priority, j.name LIMIT $3",
-                                        pipeline_id, state, limit, UuidParam(pipeline_id))) {
+                                            "($2 = '' OR j.state = $2) AND (NOT $5 OR EXISTS (SELECT 1 FROM pipelines p "
+                                            "WHERE p.id = j.pipeline_id AND p.owner = $6)) "
+                                            "ORDER BY j.created_at DESC, j.priority, j.name LIMIT $3",
+                                        pipeline_id, state, limit, UuidParam(pipeline_id), owner.has_value(),
+                                        owner.value_or(""))) {
       out.push_back(JobFromRow(r));
     }
     return out;
@@ -233,15 +238,17 @@ absl::StatusOr<std::optional<WorkerSize>> Store::LargestWorker() {
   });
 }
 
-absl::StatusOr<std::vector<EventRecord>> Store::EventsAfter(const std::string& pipeline_id, int64_t after_id, int limit) {
+absl::StatusOr<std::vector<EventRecord>> Store::EventsAfter(const std::string& pipeline_id, int64_t after_id, int limit,
+                                                            const std::optional<std::string>& owner) {
   return InTx<std::vector<EventRecord>>(pool_, "events", [&](pqxx::work& tx) -> absl::StatusOr<std::vector<EventRecord>> {
     std::vector<EventRecord> out;
     for (const auto& r : tx.exec_params(
              "SELECT e.id, e.pipeline_id, coalesce(e.job_id::text, ''), coalesce(j.name, ''), e.type, e.payload::text, " +
                  Us("e.created_at") +
                  " FROM events e LEFT JOIN jobs j ON j.id = e.job_id WHERE ($1 = '' OR e.pipeline_id = $4::uuid) "
-                 "AND e.id > $2 ORDER BY e.id LIMIT $3",
-             pipeline_id, after_id, limit, UuidParam(pipeline_id))) {
+                 "AND e.id > $2 AND (NOT $5 OR EXISTS (SELECT 1 FROM pipelines p WHERE p.id = e.pipeline_id AND "
+                 "p.owner = $6)) ORDER BY e.id LIMIT $3",
+             pipeline_id, after_id, limit, UuidParam(pipeline_id), owner.has_value(), owner.value_or(""))) {
       EventRecord e;
       e.id = r[0].as<int64_t>();
       e.pipeline_id = r[1].as<std::string>();

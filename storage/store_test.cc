@@ -2,6 +2,7 @@
 #include "btx/storage/store.h"
 
 #include <nlohmann/json.hpp>
+#include <random>
 #include <set>
 #include <thread>
 
@@ -91,6 +92,42 @@ TEST_F(StoreTest, IdempotencyKeyReturnsSamePipeline) {
   EXPECT_FALSE(p2->second);
   EXPECT_EQ(p2->first.id, p1.id);
   EXPECT_EQ(store_.ListPipelines({})->pipelines.size(), 1u);
+}
+
+TEST_F(StoreTest, IdempotencyKeysAreScopedPerOwnerAndBoundToTheirSpec) {
+  NewPipeline alice{.name = "p", .spec_json = R"({"name": "p"})", .idempotency_key = "k", .owner = "alice"};
+  NewPipeline bob = alice;
+  bob.owner = "bob";
+  auto a = store_.CreatePipeline(alice, now_);
+  ASSERT_TRUE(a.ok()) << a.status();
+  EXPECT_EQ(a->first.owner, "alice");
+  // Bob's key is his own: a new pipeline, never Alice's.
+  auto b = store_.CreatePipeline(bob, now_);
+  ASSERT_TRUE(b.ok()) << b.status();
+  EXPECT_TRUE(b->second);
+  EXPECT_NE(b->first.id, a->first.id);
+  EXPECT_EQ(b->first.owner, "bob");
+  // Alice again, same spec: her pipeline; another spec: refused, naming the key.
+  auto again = store_.CreatePipeline(alice, now_);
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_FALSE(again->second);
+  EXPECT_EQ(again->first.id, a->first.id);
+  NewPipeline changed = alice;
+  changed.spec_json = R"({"name": "p", "seed": 2})";
+  auto refused = store_.CreatePipeline(changed, now_);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kAlreadyExists);
+  EXPECT_NE(refused.status().message().find("idempotency key 'k'"), std::string::npos) << refused.status();
+  // Listing by owner.
+  auto mine = store_.ListPipelines({.owner = "bob"});
+  ASSERT_TRUE(mine.ok()) << mine.status();
+  ASSERT_EQ(mine->pipelines.size(), 1u);
+  EXPECT_EQ(mine->pipelines[0].id, b->first.id);
+  EXPECT_EQ(store_.ListPipelines({})->pipelines.size(), 2u);
+  auto events = store_.EventsAfter("", 0, 100, std::string("bob"));
+  ASSERT_TRUE(events.ok()) << events.status();
+  ASSERT_FALSE(events->empty());
+  for (const auto& e : *events) EXPECT_EQ(e.pipeline_id, b->first.id);
 }
 
 TEST_F(StoreTest, ConcurrentSubmitsWithOneKeyCreateOnePipeline) {
@@ -545,6 +582,235 @@ TEST_F(StoreTest, ListPipelinesPages) {
 TEST_F(StoreTest, MalformedIdsAreNotFound) {
   EXPECT_EQ(store_.GetPipeline("not-a-uuid").status().code(), absl::StatusCode::kNotFound);
   EXPECT_EQ(store_.GetJob("00000000-0000-0000-0000-000000000000").status().code(), absl::StatusCode::kNotFound);
+}
+
+// A drain (or a claim handed straight back) is not the job's fault: the requeue keeps the job's
+// attempt budget, so a job with max_attempts 1 that is drained still gets to run to success. A
+// real failure afterwards still counts.
+TEST_F(StoreTest, InterruptedAttemptKeepsTheAttemptBudget) {
+  NewPipeline np{.name = "one", .spec_json = "{}"};
+  np.jobs = {{.name = "a", .kind = "branch", .max_attempts = 1}};
+  auto p = store_.CreatePipeline(np, now_);
+  ASSERT_TRUE(p.ok()) << p.status();
+  const std::string w = Worker("w");
+  auto c = Claim(w);
+  ASSERT_TRUE(c.has_value());
+  EXPECT_EQ(c->job.attempt, 1);
+  // Drained twice (SIGTERM: btx-train exits 75), then a claim cancelled as the drain began.
+  for (int i = 0; i < 2; ++i) {
+    auto f = store_.FailJob(w, c->job.id, c->job.attempt, "interrupted: the worker is draining (exit 75)",
+                            /*retryable=*/true, /*cancelled=*/false, "", policy_, now_, /*interrupted=*/true);
+    ASSERT_TRUE(f.ok()) << f.status();
+    EXPECT_EQ(f->new_state, "RETRY_WAIT");
+    EXPECT_FALSE(f->pipeline_failed);
+    // Requeued at once, under a new attempt number (fencing).
+    c = Claim(w);
+    ASSERT_TRUE(c.has_value());
+    EXPECT_EQ(c->job.attempt, i + 2);
+    // The old attempt is fenced off.
+    EXPECT_TRUE(absl::IsFailedPrecondition(store_.CompleteJob(w, c->job.id, i + 1, "", "", now_)));
+  }
+  ASSERT_TRUE(store_.CompleteJob(w, c->job.id, c->job.attempt, "file:///a", "", now_).ok());
+  EXPECT_EQ(store_.GetPipeline(p->first.id)->state, "SUCCEEDED");
+
+  // Budget kept, not grown: after an interruption, a real failure on the last attempt fails.
+  auto q = store_.CreatePipeline(NewPipeline{.name = "two", .spec_json = "{}", .jobs = {{.name = "a", .kind = "branch", .max_attempts = 1}}}, now_);
+  ASSERT_TRUE(q.ok()) << q.status();
+  c = Claim(w);
+  ASSERT_TRUE(c.has_value());
+  ASSERT_TRUE(store_.FailJob(w, c->job.id, c->job.attempt, "interrupted", true, false, "", policy_, now_, true).ok());
+  c = Claim(w);
+  ASSERT_TRUE(c.has_value());
+  auto f = store_.FailJob(w, c->job.id, c->job.attempt, "btx-train exited with code 1", true, false, "", policy_, now_);
+  ASSERT_TRUE(f.ok()) << f.status();
+  EXPECT_EQ(f->new_state, "FAILED");
+  EXPECT_TRUE(f->pipeline_failed);
+}
+
+// Cancel applied while the last job's completion is in flight: the completion lands after it
+// (both take the pipeline lock), so every job SUCCEEDED but the pipeline is CANCELLED. A retry has
+// nothing to requeue and must not leave the pipeline RUNNING with nothing to run.
+TEST_F(StoreTest, RetryAfterCancelRacedTheLastCompletionFinishesThePipeline) {
+  NewPipeline np{.name = "one", .spec_json = "{}"};
+  np.jobs = {{.name = "a", .kind = "branch", .max_attempts = 1}};
+  auto p = store_.CreatePipeline(np, now_);
+  ASSERT_TRUE(p.ok()) << p.status();
+  const std::string w = Worker("w");
+  auto c = Claim(w);
+  ASSERT_TRUE(c.has_value());
+  ASSERT_EQ(store_.CancelPipeline(p->first.id, "", now_)->state, "CANCELLED");
+  ASSERT_TRUE(store_.CompleteJob(w, c->job.id, c->job.attempt, "file:///a", "", now_).ok());
+  auto r = store_.RetryPipeline(p->first.id, now_);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->state, "SUCCEEDED");
+  EXPECT_FALSE(Claim(w).has_value());
+}
+
+// Seeded random interleavings of Submit/Cancel/Retry/Claim/Complete/Fail/reap over a few small
+// pipelines; after each sequence is driven to quiescence every pipeline must be terminal and
+// consistent with its jobs, and a RUNNING pipeline must never be left without a runnable job.
+TEST_F(StoreTest, RandomInterleavingsEndInConsistentTerminalStates) {
+  const std::vector<std::string> workers = {Worker("w1"), Worker("w2")};
+  uint64_t base_seed = 20261205;
+  if (const char* env = std::getenv("BTX_STORE_FUZZ_SEED")) base_seed = std::strtoull(env, nullptr, 10);
+  constexpr int kSequences = 300;
+  for (int seq = 0; seq < kSequences; ++seq) {
+    const uint64_t seed = base_seed + static_cast<uint64_t>(seq);
+    SCOPED_TRACE(Cat("seed ", seed, " (rerun with BTX_STORE_FUZZ_SEED=", seed, ")"));
+    std::mt19937_64 rng(seed);
+    auto pick = [&](int n) { return static_cast<int>(rng() % static_cast<uint64_t>(n)); };
+    std::vector<std::string> pipelines;
+    std::map<std::string, bool> cancelled;  // cancelled since submit or the last successful retry
+    std::vector<ClaimedJob> leased;         // what the test thinks it holds (may go stale)
+    auto submit = [&] {
+      NewPipeline np{.name = "fuzz", .spec_json = "{}"};
+      const int shape = pick(3);
+      const int ma = 1 + pick(2);
+      np.jobs = {{.name = "a", .kind = "branch", .max_attempts = ma}};
+      if (shape >= 1) np.jobs.push_back({.name = "b", .kind = "branch", .depends_on = {"a"}, .max_attempts = ma});
+      if (shape == 2) np.jobs.push_back({.name = "c", .kind = "merge", .depends_on = {"a"}, .max_attempts = ma});
+      auto r = store_.CreatePipeline(np, now_);
+      ASSERT_TRUE(r.ok()) << r.status();
+      pipelines.push_back(r->first.id);
+      cancelled[r->first.id] = false;
+    };
+    auto check_running_has_work = [&](const std::string& where) {
+      for (const auto& id : pipelines) {
+        auto p = store_.GetPipeline(id);
+        ASSERT_TRUE(p.ok()) << p.status();
+        if (p->state != "RUNNING") continue;
+        bool work = false;
+        for (const auto& j : p->jobs) work |= j.state == "READY" || j.state == "RETRY_WAIT" || j.state == "LEASED";
+        ASSERT_TRUE(work) << "after " << where << ": pipeline " << id << " is RUNNING with no runnable or running job";
+      }
+    };
+    auto claim = [&] {
+      auto c = store_.ClaimJob(workers[pick(2)], 0, 30s, now_);
+      EXPECT_TRUE(c.ok()) << c.status();
+      if (!c.ok() || !c->has_value()) return false;
+      leased.push_back(**c);
+      return true;
+    };
+    auto finish = [&](size_t i, bool succeed, bool retryable, bool interrupted) {
+      const ClaimedJob c = leased[i];
+      leased.erase(leased.begin() + static_cast<std::ptrdiff_t>(i));
+      if (succeed) {
+        auto s = store_.CompleteJob(c.job.worker_id, c.job.id, c.job.attempt, "file:///x", "", now_);
+        ASSERT_TRUE(s.ok() || absl::IsFailedPrecondition(s)) << s;
+      } else {
+        auto f = store_.FailJob(c.job.worker_id, c.job.id, c.job.attempt, "boom", retryable, false, "", policy_, now_,
+                                interrupted);
+        ASSERT_TRUE(f.ok() || absl::IsFailedPrecondition(f.status())) << f.status();
+      }
+    };
+    submit();
+    const int steps = 8 + pick(20);
+    for (int step = 0; step < steps && !HasFatalFailure(); ++step) {
+      const int op = pick(10);
+      std::string what;
+      if (op == 0 && pipelines.size() < 3) {
+        what = "submit";
+        submit();
+      } else if (op <= 2) {
+        what = "claim";
+        claim();
+      } else if (op == 3 && !leased.empty()) {
+        what = "complete";
+        finish(static_cast<size_t>(pick(static_cast<int>(leased.size()))), true, false, false);
+      } else if (op == 4 && !leased.empty()) {
+        what = "fail";
+        finish(static_cast<size_t>(pick(static_cast<int>(leased.size()))), false, pick(4) != 0, pick(2) == 0);
+      } else if (op == 5) {
+        what = "cancel";
+        const std::string& id = pipelines[static_cast<size_t>(pick(static_cast<int>(pipelines.size())))];
+        auto r = store_.CancelPipeline(id, "", now_);
+        ASSERT_TRUE(r.ok()) << r.status();
+        if (r->state == "CANCELLED") cancelled[id] = cancelled[id] || r->cancel_requested;
+      } else if (op == 6) {
+        what = "retry";
+        const std::string& id = pipelines[static_cast<size_t>(pick(static_cast<int>(pipelines.size())))];
+        auto r = store_.RetryPipeline(id, now_);
+        ASSERT_TRUE(r.ok() || absl::IsFailedPrecondition(r.status())) << r.status();
+        if (r.ok()) cancelled[id] = false;
+      } else if (op == 7) {
+        what = "reap";
+        now_ += std::chrono::seconds(pick(45));
+        auto r = store_.ReapExpiredLeases(policy_, now_);
+        ASSERT_TRUE(r.ok()) << r.status();
+      } else {
+        what = "tick";
+        now_ += std::chrono::seconds(pick(20));
+      }
+      check_running_has_work(what);
+    }
+    if (HasFatalFailure()) return;
+    // Quiescence: every lease the test holds ends (mostly in success), the rest expire and are
+    // reaped, and the queue is drained until nothing is claimable or leased.
+    auto drive = [&] {
+      for (int round = 0; round < 100; ++round) {
+        while (!leased.empty() && !HasFatalFailure()) finish(leased.size() - 1, pick(5) != 0, true, false);
+        now_ += 1h;  // past every backoff and lease
+        auto reaped = store_.ReapExpiredLeases(policy_, now_);
+        ASSERT_TRUE(reaped.ok()) << reaped.status();
+        while (claim()) {}
+        if (leased.empty() && reaped->empty()) return;
+      }
+      FAIL() << "no quiescence after 100 rounds";
+    };
+    drive();
+    if (HasFatalFailure()) return;
+    auto check_terminal = [&](bool after_retry) {
+      for (const auto& id : pipelines) {
+        auto p = store_.GetPipeline(id);
+        ASSERT_TRUE(p.ok()) << p.status();
+        int succeeded = 0, failed = 0, running = 0;
+        std::string jobs;
+        for (const auto& j : p->jobs) {
+          succeeded += j.state == "SUCCEEDED";
+          failed += j.state == "FAILED";
+          running += j.state == "LEASED";
+          jobs += Cat(" ", j.name, "=", j.state, "/", j.attempt, "of", j.max_attempts);
+        }
+        const bool all = succeeded == static_cast<int>(p->jobs.size());
+        SCOPED_TRACE(Cat("pipeline ", id, " ", p->state, ":", jobs));
+        ASSERT_EQ(running, 0);
+        ASSERT_NE(p->state, "RUNNING") << "a RUNNING pipeline at quiescence";
+        if (p->state == "SUCCEEDED") {
+          ASSERT_TRUE(all);
+        }
+        if (all && !cancelled[id]) {
+          ASSERT_EQ(p->state, "SUCCEEDED");
+        }
+        if (p->state == "FAILED") {
+          ASSERT_GT(failed, 0);
+        }
+        if (failed > 0 && !cancelled[id]) {
+          ASSERT_EQ(p->state, "FAILED");
+        }
+        if (p->state == "CANCELLED") {
+          ASSERT_TRUE(cancelled[id]);
+        }
+        if (after_retry) {
+          ASSERT_EQ(p->state, "SUCCEEDED");
+        }
+      }
+    };
+    check_terminal(false);
+    if (HasFatalFailure()) return;
+    // Whatever did not succeed is retried and then allowed to succeed.
+    for (const auto& id : pipelines) {
+      auto r = store_.RetryPipeline(id, now_);
+      ASSERT_TRUE(r.ok() || absl::IsFailedPrecondition(r.status())) << r.status();
+      if (r.ok()) cancelled[id] = false;
+    }
+    for (int round = 0; round < 20 && !HasFatalFailure(); ++round) {
+      while (claim()) {}
+      if (leased.empty()) break;
+      while (!leased.empty() && !HasFatalFailure()) finish(leased.size() - 1, true, false, false);
+    }
+    check_terminal(true);
+    if (HasFatalFailure()) return;
+  }
 }
 
 }  // namespace

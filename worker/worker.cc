@@ -17,6 +17,7 @@
 #include "btx/common/strings.h"
 #include "btx/common/uri.h"
 #include "btx/common/utf8.h"
+#include "btx/contract/job.h"
 #include "btx/metrics/metrics.h"
 #include "btx/v1/worker_service.grpc.pb.h"
 #include "device_allocator.h"
@@ -269,7 +270,8 @@ class Worker::Impl {
       if (!resp.has_job()) continue;
       if (draining) {
         // Claimed as the drain began: hand it straight back rather than start work we must stop.
-        SendFail(resp.job(), "the worker began draining before the job started", /*retryable=*/true, false, "");
+        SendFail(resp.job(), "the worker began draining before the job started", /*retryable=*/true, false, "",
+                 /*interrupted=*/true);
         return;
       }
       StartJob(slot, resp.job());
@@ -357,7 +359,12 @@ class Worker::Impl {
       if (o.kind == Outcome::kSucceeded) {
         SendComplete(*runner, o);
       } else {
-        SendFail(job, o.error, o.kind != Outcome::kInvalidInput, o.kind == Outcome::kCancelled, o.checkpoint_uri);
+        // Drained (btx-train stopped resumably, or never started): not the job's fault, so the retry
+        // keeps its attempt budget. A crash or any other exit while draining still counts.
+        const bool interrupted = o.kind == Outcome::kRetryable && runner->stop_reason() == StopReason::kDrain &&
+                                 (!child_ran || o.exit_code == contract::kExitInterrupted);
+        SendFail(job, o.error, o.kind != Outcome::kInvalidInput, o.kind == Outcome::kCancelled, o.checkpoint_uri,
+                 interrupted);
       }
     }
     std::lock_guard lock(mu_);
@@ -428,7 +435,7 @@ class Worker::Impl {
   }
 
   void SendFail(const v1::JobAssignment& job, const std::string& error, bool retryable, bool cancelled,
-                const std::string& checkpoint_uri) {
+                const std::string& checkpoint_uri, bool interrupted = false) {
     v1::FailRequest req;
     req.set_worker_id(worker_id());
     req.set_job_id(job.job_id());
@@ -438,6 +445,7 @@ class Worker::Impl {
     req.set_error(SanitizeUtf8(error));
     req.set_retryable(retryable);
     req.set_cancelled(cancelled);
+    req.set_interrupted(interrupted);
     req.set_checkpoint_uri(SanitizeUtf8(checkpoint_uri));
     v1::FailResponse resp;
     Deliver("Fail", job, [&](grpc::ClientContext& ctx) { return stub_->Fail(&ctx, req, &resp); });

@@ -430,6 +430,23 @@ TEST_F(WorkerTest, DrainInterruptsRunningJobSoItResumesElsewhere) {
   EXPECT_EQ(Job(id, "branch/code").attempt, 2);
 }
 
+// A drain is not the job's fault: on its only attempt (max_attempts 1) the job is requeued, not
+// failed, and a fresh worker finishes it.
+TEST_F(WorkerTest, DrainDoesNotUseUpTheLastAttempt) {
+  SetMode("wait");
+  const std::string id = Submit(Spec(1));
+  StartWorker();
+  ASSERT_TRUE(Eventually([&] { return json::parse(Job(id, "branch/code").progress_json).value("step", 0) == 1; }));
+  StopWorker();  // drains: SIGTERM, exit 75, reported as interrupted
+  const auto job = Job(id, "branch/code");
+  EXPECT_TRUE(job.state == "READY" || job.state == "RETRY_WAIT") << job.state << ": " << job.error;
+  EXPECT_EQ(store_.GetPipeline(id)->state, "RUNNING");
+  SetMode("ok");
+  StartWorker();
+  ASSERT_TRUE(Eventually([&] { return store_.GetPipeline(id)->state == "SUCCEEDED"; }));
+  EXPECT_EQ(Job(id, "branch/code").attempt, 2);
+}
+
 // A fake 4-GPU host with more slots than GPUs: four 1-GPU jobs and a CPU job run at once, each GPU job
 // on a device of its own; a fifth GPU job waits until a device is free, because the worker says it has
 // none (free_gpus counts devices, not slots).

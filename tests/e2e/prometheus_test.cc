@@ -80,7 +80,7 @@ TEST(PrometheusE2e, EveryDashboardQueryReturnsDataFromALiveScrape) {
   } pki_cleanup{pki};
   btx::testing::TestCa ca(pki, "btx");
   const btx::testing::IssuedCert server = ca.IssueServer("scheduler"), worker = ca.IssueClient("node");
-  std::ofstream(pki + "/tokens") << scheduler::TokenDigest("user-token") << " user e2e\n";
+  std::ofstream(pki + "/tokens") << scheduler::TokenDigest("user-token") << " user e2e\ncert:node worker node\n";
   Cluster cluster({.tls = ClusterTls{.ca_file = ca.cert_file(), .server_cert = server.cert_file,
                                      .server_key = server.key_file, .worker_cert = worker.cert_file,
                                      .worker_key = worker.key_file, .tokens_file = pki + "/tokens",

@@ -54,7 +54,9 @@ class TlsE2eTest : public ::testing::Test {
     server_ = ca_->IssueServer("scheduler");
     worker_ = ca_->IssueClient("node-1");
     tokens_file_ = dir_ + "/tokens";
-    std::ofstream(tokens_file_) << scheduler::TokenDigest("user-token") << " user e2e\n";
+    unlisted_ = ca_->IssueClient("node-9");
+    // Workers are listed: a certificate our CA signed is not one by itself.
+    std::ofstream(tokens_file_) << scheduler::TokenDigest("user-token") << " user e2e\ncert:node-1 worker node-1\n";
   }
   void TearDown() override { std::filesystem::remove_all(dir_); }
   ClusterTls Tls() const {
@@ -65,7 +67,7 @@ class TlsE2eTest : public ::testing::Test {
 
   std::string dir_, tokens_file_;
   std::unique_ptr<btx::testing::TestCa> ca_;
-  btx::testing::IssuedCert server_, worker_;
+  btx::testing::IssuedCert server_, worker_, unlisted_;
 };
 
 TEST_F(TlsE2eTest, TinyPipelineRunsOverMutualTls) {
@@ -87,6 +89,14 @@ TEST_F(TlsE2eTest, TinyPipelineRunsOverMutualTls) {
                                dir_);
   EXPECT_EQ(code, 1) << log;
   EXPECT_NE(log.find("registration refused: no credentials"), std::string::npos) << log;
+  // Nor is one whose certificate our CA signed but the identities file does not list.
+  std::tie(code, log) = RunToExit({Bin("btx-worker"), "--scheduler", cluster.scheduler_address(), "--tls-ca",
+                                   ca_->cert_file(), "--tls-cert", unlisted_.cert_file, "--tls-key",
+                                   unlisted_.key_file, "--name", "unlisted", "--work-dir", dir_ + "/unlisted",
+                                   "--metrics-listen", ""},
+                                  dir_);
+  EXPECT_EQ(code, 1) << log;
+  EXPECT_NE(log.find("'node-9' is not listed in the identities file"), std::string::npos) << log;
   auto workers = cluster.store().ListWorkers();
   ASSERT_TRUE(workers.ok());
   ASSERT_EQ(workers->size(), 1u);

@@ -1,17 +1,19 @@
 // Who may call what on the scheduler (docs/security.md).
 //
 // Authentication finds the caller's principal: a bearer token listed in the identities file
-// (--tokens-file), or else a client certificate verified against --tls-client-ca. Authorisation is
+// (--tokens-file), or else a client certificate verified against --tls-client-ca and listed there. Authorisation is
 // one table from method to the roles allowed to call it (Authorize). Both run in the TLS
 // credentials' metadata processor, before any handler, so a refused call changes nothing.
 // Without TLS there is no authentication at all, which CheckSecurity allows only on loopback.
 #pragma once
 
+#include <grpcpp/security/auth_context.h>
 #include <grpcpp/security/server_credentials.h>
 
 #include <array>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -34,8 +36,9 @@ struct Principal {
 
 // The identities file: one identity per line, "CREDENTIAL ROLE NAME", # starts a comment.
 //   sha256:<64 hex digits>  user    alice        a bearer token, stored as the SHA-256 of its text
-//   cert:<common name>      admin   ops-laptop   a client certificate that gets a role other than worker
-// Roles: user, worker, admin. A verified client certificate without a cert: line is a worker.
+//   cert:<common name>      worker  gpu-node-1   a client certificate, by its common name
+// Roles: user, worker, admin. A verified client certificate without a cert: line has no role at
+// all (UNAUTHENTICATED): workers are listed, never implied by the CA's signature.
 // Fields are separated by blanks, so a common name given here cannot contain one.
 struct TokenIdentity {
   std::array<unsigned char, 32> sha256{};
@@ -94,6 +97,11 @@ absl::Status Authorize(std::string_view method, const absl::StatusOr<Principal>&
 
 // Told of every call refused by Authorize, with its full method and code (for a metric).
 using RefusalObserver = std::function<void(std::string_view method, grpc::StatusCode code)>;
+
+// The principal of a call that passed Authenticate and Authorize (the metadata processor records
+// it in the call's AuthContext); none when the server authenticates no one (plaintext or TLS
+// without --tokens-file and --tls-client-ca), where every caller is the one anonymous admin.
+std::optional<Principal> PrincipalOf(const grpc::AuthContext* context);
 
 // Plaintext, TLS or mutual TLS server credentials; when `security.authenticates()`, every call
 // passes Authenticate and Authorize before it reaches a handler. Expects CheckSecurity to pass.

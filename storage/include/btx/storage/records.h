@@ -52,6 +52,7 @@ struct JobRecord {
 
 struct PipelineRecord {
   std::string id, name, state, spec_json, idempotency_key, error, result_json;
+  std::string owner;  // who submitted it; '' without authentication
   bool cancel_requested = false;
   TimePoint created_at, updated_at;
   int jobs_total = 0, jobs_succeeded = 0;
@@ -95,7 +96,8 @@ struct NewJob {
 struct NewPipeline {
   std::string name{};
   std::string spec_json{};
-  std::string idempotency_key{};  // empty = none
+  std::string idempotency_key{};  // empty = none; scoped per owner
+  std::string owner{};            // the submitting principal's name; '' without authentication
   std::vector<NewJob> jobs{};     // a DAG: every depends_on names an earlier-or-later job of this list
 };
 

@@ -19,6 +19,7 @@ struct PipelineFilter {
   std::string name_prefix{};
   int page_size = 50;
   std::string page_token{};   // opaque cursor from the previous page
+  std::optional<std::string> owner{};  // only this owner's pipelines; none = everyone's
 };
 
 struct PipelinePage {
@@ -59,15 +60,18 @@ class Store {
  public:
   explicit Store(ConnectionPool& pool) : pool_(pool) {}
 
-  // Creates the pipeline and its job DAG (roots READY). With an idempotency key that already exists,
-  // returns that pipeline and created=false.
+  // Creates the pipeline and its job DAG (roots READY). With an idempotency key that the same owner
+  // already used for the same spec, returns that pipeline and created=false; for another spec,
+  // ALREADY_EXISTS. Keys are scoped per owner: another owner's key is no match.
   absl::StatusOr<std::pair<PipelineRecord, bool>> CreatePipeline(const NewPipeline& p, TimePoint now);
   absl::StatusOr<PipelineRecord> GetPipeline(const std::string& id);
   absl::StatusOr<PipelinePage> ListPipelines(const PipelineFilter& filter);
   absl::StatusOr<PipelineRecord> CancelPipeline(const std::string& id, const std::string& reason, TimePoint now);
   absl::StatusOr<PipelineRecord> RetryPipeline(const std::string& id, TimePoint now);
 
-  absl::StatusOr<std::vector<JobRecord>> ListJobs(const std::string& pipeline_id, const std::string& state, int limit);
+  // `owner`: only jobs of that owner's pipelines; none = everyone's.
+  absl::StatusOr<std::vector<JobRecord>> ListJobs(const std::string& pipeline_id, const std::string& state, int limit,
+                                                  const std::optional<std::string>& owner = std::nullopt);
   absl::StatusOr<JobRecord> GetJob(const std::string& job_id);
 
   // Leases the first claimable job that fits free_gpus (FOR UPDATE SKIP LOCKED), bumping its attempt.
@@ -87,9 +91,14 @@ class Store {
   // CompleteJob for many jobs in one transaction. An error status means nothing was applied (e.g. a
   // result PostgreSQL rejects, or a deadlock): the caller then completes the entries one by one.
   absl::StatusOr<std::vector<CompletionOutcome>> CompleteJobs(const std::vector<Completion>& completions, TimePoint now);
+  // `interrupted`: the attempt stopped for a reason that is not the job's fault (its worker drained,
+  // or handed back a job it had just claimed). A retryable interruption is requeued at once and
+  // keeps the job's attempt budget: the next attempt still gets a new number (fencing), but
+  // max_attempts grows by one with it. A crash, a non-zero exit or an expired lease still count.
   absl::StatusOr<FailOutcome> FailJob(const std::string& worker_id, const std::string& job_id, int attempt,
                                       const std::string& error, bool retryable, bool cancelled,
-                                      const std::string& checkpoint_uri, const RetryPolicy& policy, TimePoint now);
+                                      const std::string& checkpoint_uri, const RetryPolicy& policy, TimePoint now,
+                                      bool interrupted = false);
   // Requeues (or fails, when out of attempts) every lease that expired before `now`.
   absl::StatusOr<std::vector<ExpiredLease>> ReapExpiredLeases(const RetryPolicy& policy, TimePoint now);
   // Workers not seen for `timeout` become LOST.
@@ -102,7 +111,9 @@ class Store {
   // The registered worker with the most GPUs (any state), or none when no worker ever registered.
   absl::StatusOr<std::optional<WorkerSize>> LargestWorker();
 
-  absl::StatusOr<std::vector<EventRecord>> EventsAfter(const std::string& pipeline_id, int64_t after_id, int limit);
+  // `owner`: only events of that owner's pipelines; none = everyone's.
+  absl::StatusOr<std::vector<EventRecord>> EventsAfter(const std::string& pipeline_id, int64_t after_id, int limit,
+                                                       const std::optional<std::string>& owner = std::nullopt);
   absl::StatusOr<std::vector<LogRecord>> LogsAfter(const std::string& job_id, int64_t after_id, int limit);
 
   // Counts for metrics: state -> count.
