@@ -158,7 +158,7 @@ absl::StatusOr<PipelinePage> Store::ListPipelines(const PipelineFilter& f) {
   return InTx<PipelinePage>(pool_, "list pipelines", [&](pqxx::work& tx) -> absl::StatusOr<PipelinePage> {
     auto rows = tx.exec_params(
         "SELECT " + kPipelineColumns + ", " + Us("p.created_at") +
-            " FROM pipelines p WHERE ($1 = '' OR p.state = $1) AND p.name LIKE $2 || '%' "
+            " FROM pipelines p WHERE ($1 = '' OR p.state = $1) AND starts_with(p.name, $2) "
             "AND ($3::int8 = 0 OR (p.created_at, p.id::text) < (" + Ts(3) + ", $4)) AND (NOT $6 OR p.owner = $7) "
             "ORDER BY p.created_at DESC, p.id::text DESC LIMIT $5",
         f.state, f.name_prefix, cursor_us, cursor_id, f.page_size + 1, f.owner.has_value(), f.owner.value_or(""));

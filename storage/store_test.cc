@@ -579,6 +579,27 @@ TEST_F(StoreTest, ListPipelinesPages) {
   EXPECT_EQ(store_.ListPipelines({.page_token = "garbage"}).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
+// A name prefix is a literal prefix: LIKE's wildcards in it ('_', '%') match only themselves.
+TEST_F(StoreTest, NamePrefixIsLiteralNotALikePattern) {
+  for (const char* name : {"a_b", "axb", "a%c", "abc"}) {
+    NewPipeline np{.name = name, .spec_json = "{}"};
+    np.jobs = {{.name = "j", .kind = "branch"}};
+    ASSERT_TRUE(store_.CreatePipeline(np, now_).ok());
+  }
+  auto names = [&](const std::string& prefix) {
+    std::set<std::string> out;
+    auto page = store_.ListPipelines({.name_prefix = prefix});
+    EXPECT_TRUE(page.ok()) << page.status();
+    if (page.ok()) {
+      for (const auto& p : page->pipelines) out.insert(p.name);
+    }
+    return out;
+  };
+  EXPECT_EQ(names("a_"), std::set<std::string>{"a_b"});
+  EXPECT_EQ(names("a%"), std::set<std::string>{"a%c"});
+  EXPECT_EQ(names("a").size(), 4u);
+}
+
 TEST_F(StoreTest, MalformedIdsAreNotFound) {
   EXPECT_EQ(store_.GetPipeline("not-a-uuid").status().code(), absl::StatusCode::kNotFound);
   EXPECT_EQ(store_.GetJob("00000000-0000-0000-0000-000000000000").status().code(), absl::StatusCode::kNotFound);
