@@ -276,6 +276,46 @@ TEST_F(ServiceTest, WatchStreamsEventsAndResumes) {
   EXPECT_EQ(n, events.size() - 1);
 }
 
+// A long reason (or a worker's error) is cut at a character boundary, never inside one: half a character would
+// be invalid UTF-8 in the database and in every later Get of the pipeline.
+TEST_F(ServiceTest, LongCancelReasonsAndErrorsAreCutBetweenCharacters) {
+  grpc::Status st;
+  auto sub = Submit(kDagSpec, "", &st);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  const std::string w = RegisterWorker("w1");
+  auto j = Acquire(w);
+  ASSERT_TRUE(j.has_job());
+  grpc::ClientContext fctx;
+  v1::FailRequest freq;
+  freq.set_worker_id(w);
+  freq.set_job_id(j.job().job_id());
+  freq.set_attempt(j.job().attempt());
+  freq.set_error(std::string(8191, 'e') + "\xc3\xa9 and more");  // 'é' straddles byte 8192
+  v1::FailResponse fresp;
+  ASSERT_TRUE(workers_->Fail(&fctx, freq, &fresp).ok());
+  grpc::ClientContext cctx;
+  v1::CancelRequest creq;
+  creq.set_id(sub.pipeline().id());
+  creq.set_reason(std::string(1023, 'r') + "\xc3\xa9");  // likewise at byte 1024
+  v1::Pipeline p;
+  grpc::Status cancelled = pipelines_->Cancel(&cctx, creq, &p);
+  ASSERT_TRUE(cancelled.ok()) << cancelled.error_message();
+  grpc::ClientContext gctx;
+  v1::GetPipelineRequest greq;
+  greq.set_id(sub.pipeline().id());
+  v1::Pipeline got;
+  grpc::Status read = pipelines_->Get(&gctx, greq, &got);
+  ASSERT_TRUE(read.ok()) << read.error_message();
+  // The job's error keeps every whole character that fits: 8191 bytes, without the half 'é'.
+  bool found = false;
+  for (const auto& job : got.jobs()) {
+    if (job.id() != j.job().job_id()) continue;
+    found = true;
+    EXPECT_EQ(job.error(), std::string(8191, 'e'));
+  }
+  EXPECT_TRUE(found);
+}
+
 TEST_F(ServiceTest, CancelReachesRunningJobThroughHeartbeat) {
   grpc::Status st;
   auto sub = Submit(kDagSpec, "", &st);

@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include "btx/common/strings.h"
+#include "btx/common/utf8.h"
 #include "btx/common/uri.h"
 #include "btx/rpc_status.h"
 #include "btx/scheduler/auth.h"
@@ -166,7 +167,9 @@ grpc::Status PipelineServiceImpl::Cancel(grpc::ServerContext* ctx, const v1::Can
   if (auto s = CheckId("id", req->id()); !s.ok()) return ToGrpcStatus(s);
   // Owners never change, so checking first and acting second cannot race.
   if (auto v = VisiblePipeline(store_, CallerOf(ctx), req->id()); !v.ok()) return ToGrpcStatus(v.status());
-  auto p = store_.CancelPipeline(req->id(), req->reason().substr(0, 1024), clock_.Now());
+  // Cut at a character boundary: half a character is invalid UTF-8, which neither PostgreSQL nor a proto
+  // string field (every later Get and Watch of the pipeline) accepts.
+  auto p = store_.CancelPipeline(req->id(), std::string(Utf8Prefix(req->reason(), 1024)), clock_.Now());
   if (!p.ok()) return ToGrpcStatus(p.status());
   ToProto(*p, resp);
   wakeups_.EventsChanged();
@@ -518,7 +521,7 @@ grpc::Status WorkerServiceImpl::Fail(grpc::ServerContext*, const v1::FailRequest
       return ToGrpcStatus(s);
     }
   }
-  auto out = store_.FailJob(req->worker_id(), req->job_id(), req->attempt(), req->error().substr(0, 8192),
+  auto out = store_.FailJob(req->worker_id(), req->job_id(), req->attempt(), std::string(Utf8Prefix(req->error(), 8192)),
                             req->retryable(), req->cancelled(), req->checkpoint_uri(), config_.retry, clock_.Now(),
                             req->interrupted());
   if (out.ok()) {
