@@ -1,5 +1,6 @@
 #include "client.h"
 
+#include <algorithm>
 #include <cctype>
 #include <chrono>
 #include <optional>
@@ -183,13 +184,21 @@ absl::StatusOr<v1::Pipeline> Client::Retry(const std::string& id) {
 }
 
 absl::StatusOr<std::vector<v1::Job>> Client::ListJobs(const std::string& pipeline_id, v1::JobState state, int limit) {
-  v1::ListJobsRequest req;
-  req.set_pipeline_id(pipeline_id);
-  req.set_state(state);
-  req.set_limit(limit);
-  v1::ListJobsResponse resp;
-  BTX_UNARY("list jobs", ListJobs, req, resp);
-  return std::vector<v1::Job>(resp.jobs().begin(), resp.jobs().end());
+  std::vector<v1::Job> out;
+  std::string token;
+  // The server pages at most 1000 jobs at a time; follow its pages up to `limit`.
+  do {
+    v1::ListJobsRequest req;
+    req.set_pipeline_id(pipeline_id);
+    req.set_state(state);
+    req.set_limit(std::min(1000, limit - static_cast<int>(out.size())));
+    req.set_page_token(token);
+    v1::ListJobsResponse resp;
+    BTX_UNARY("list jobs", ListJobs, req, resp);
+    out.insert(out.end(), resp.jobs().begin(), resp.jobs().end());
+    token = resp.next_page_token();
+  } while (!token.empty() && static_cast<int>(out.size()) < limit);
+  return out;
 }
 
 absl::StatusOr<std::vector<v1::Worker>> Client::ListWorkers() {

@@ -1,8 +1,13 @@
 #include "commands.h"
 
+#include <poll.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cerrno>
 #include <csignal>
+#include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <iostream>
 #include <iterator>
@@ -15,6 +20,7 @@
 #include "exit_codes.h"
 #include "follow.h"
 #include "signals.h"
+#include "terminal.h"
 
 namespace btx::cli {
 using json = nlohmann::json;
@@ -91,6 +97,25 @@ v1::SubmitRequest MakeRequest(const RewrittenSpec& spec, const SubmitArgs& args)
   req.set_idempotency_key(args.idempotency_key);
   req.set_dry_run(args.dry_run);
   return req;
+}
+
+// The unfinished pipeline of this state dir that was submitted with the same spec (as the scheduler
+// normalises it: a dry run says), if any: a `btxctl run` that was killed and is run again follows it
+// instead of training from zero beside it.
+absl::StatusOr<std::optional<v1::Pipeline>> FindUnfinished(Client& client, v1::SubmitRequest req) {
+  req.set_dry_run(true);
+  req.set_idempotency_key("");
+  auto planned = client.Submit(req);
+  if (!planned.ok()) return planned.status();
+  const json spec = json::parse(planned->pipeline().spec(), nullptr, false);
+  auto running = client.ListPipelines(v1::PIPELINE_STATE_RUNNING, planned->pipeline().name(), 50);
+  if (!running.ok()) return running.status();
+  for (const auto& r : *running) {
+    if (r.name() != planned->pipeline().name()) continue;
+    auto full = client.GetPipeline(r.id());
+    if (full.ok() && json::parse(full->spec(), nullptr, false) == spec) return std::optional<v1::Pipeline>(*full);
+  }
+  return std::optional<v1::Pipeline>();
 }
 
 // Submit's field violations name spec fields; say so, so that they read "spec: experts[0].steps: ...".
@@ -195,7 +220,13 @@ absl::StatusOr<int> Run(CommandEnv& env, const SubmitArgs& args, EmbeddedStack* 
     ::_exit(kExitInterrupted);
   });
   if (Signals::Interrupted()) return absl::CancelledError("interrupted");
-  if (stack != nullptr) {
+  std::optional<v1::Pipeline> unfinished;
+  if (stack != nullptr && args.idempotency_key.empty() && !args.fresh) {
+    auto found = FindUnfinished(*env.client, MakeRequest(*spec, args));
+    if (!found.ok()) return SpecError(found.status(), args.file);
+    unfinished = *found;
+  }
+  if (stack != nullptr && !unfinished) {
     // A btxctl that was killed (not interrupted) leaves its pipeline RUNNING; the local worker
     // picks such jobs up again, so say why the new pipeline may wait.
     auto running = env.client->ListPipelines(v1::PIPELINE_STATE_RUNNING, "", 20);
@@ -207,7 +238,16 @@ absl::StatusOr<int> Run(CommandEnv& env, const SubmitArgs& args, EmbeddedStack* 
                          "`btxctl cancel ID`.\n"));
     }
   }
-  auto resp = env.client->Submit(MakeRequest(*spec, args));
+  absl::StatusOr<v1::SubmitResponse> resp = v1::SubmitResponse();
+  if (unfinished) {
+    *resp->mutable_pipeline() = *unfinished;
+    resp->set_created(false);
+    Print(env.err, Cat("btxctl: re-attaching to unfinished pipeline ", unfinished->name(), " ", unfinished->id(),
+                       " of the same spec in ", stack->state_dir(),
+                       ": its jobs resume from their checkpoints (--fresh starts a new pipeline instead)\n"));
+  } else {
+    resp = env.client->Submit(MakeRequest(*spec, args));
+  }
   if (!resp.ok()) return SpecError(resp.status(), args.file);
   const auto& p = resp->pipeline();
   {
@@ -458,6 +498,65 @@ absl::StatusOr<int> Retry(CommandEnv& env, const std::string& ref) {
   return 0;
 }
 
+std::string DataPrepareBar(int64_t done, int64_t total, int width) {
+  const double frac = total > 0 ? std::clamp(static_cast<double>(done) / static_cast<double>(total), 0.0, 1.0) : 1.0;
+  char tail[64];
+  std::snprintf(tail, sizeof tail, " %3d%% %.1f/%.1f MB", static_cast<int>(frac * 100), done / 1e6, total / 1e6);
+  const int cells = std::max(10, std::min(40, width - 1 - static_cast<int>(std::strlen(tail)) - 13));
+  const int full = static_cast<int>(frac * cells);
+  std::string bar = "tokenizing [" + std::string(full, '#') + std::string(cells - full, '.') + "]" + tail;
+  if (static_cast<int>(bar.size()) > width - 1) bar.resize(std::max(0, width - 1));
+  return bar;
+}
+
+namespace {
+// Runs the tool, redrawing DataPrepareBar on stderr from the "progress DONE TOTAL" lines it writes to its fd 3.
+absl::StatusOr<RunResult> RunWithBar(ProcessSpec spec, std::FILE* bar_out) {
+  spec.capture_stdout = spec.capture_stderr = spec.progress_pipe = true;
+  spec.argv.insert(spec.argv.end(), {"--progress-fd", "3"});
+  PosixProcessLauncher launcher;
+  auto proc = launcher.Launch(spec);
+  if (!proc.ok()) return proc.status();
+  RunResult result;
+  std::string progress;
+  bool drawn = false;
+  pollfd fds[3] = {{(*proc)->stdout_fd(), POLLIN, 0}, {(*proc)->stderr_fd(), POLLIN, 0}, {(*proc)->progress_fd(), POLLIN, 0}};
+  int open_fds = 3;
+  char buf[4096];
+  while (open_fds > 0) {
+    if (::poll(fds, 3, -1) < 0) {
+      if (errno == EINTR) continue;
+      break;
+    }
+    for (int k = 0; k < 3; ++k) {
+      pollfd& p = fds[k];
+      if (p.fd < 0 || !(p.revents & (POLLIN | POLLHUP | POLLERR))) continue;
+      const ssize_t n = ::read(p.fd, buf, sizeof(buf));
+      if (n <= 0 && (n == 0 || errno != EINTR)) {
+        p.fd = -1;
+        --open_fds;
+        continue;
+      }
+      if (n <= 0) continue;
+      if (k < 2) {
+        result.output.append(buf, static_cast<size_t>(n));
+        continue;
+      }
+      progress.append(buf, static_cast<size_t>(n));
+      for (size_t nl; (nl = progress.find('\n')) != std::string::npos; progress.erase(0, nl + 1)) {
+        long long done = 0, total = 0;
+        if (std::sscanf(progress.c_str(), "progress %lld %lld", &done, &total) != 2) continue;
+        Print(bar_out, "\r" + DataPrepareBar(done, total, TerminalWidth(bar_out)));
+        drawn = true;
+      }
+    }
+  }
+  if (drawn) Print(bar_out, "\r\033[K");
+  result.exit_code = (*proc)->Wait();
+  return result;
+}
+}  // namespace
+
 absl::StatusOr<int> DataPrepare(CommandEnv& env, const DataPrepareArgs& args) {
   const std::string tool = SelfExeDir() + "/btx-model-tool";
   if (::access(tool.c_str(), X_OK) != 0) {
@@ -472,7 +571,9 @@ absl::StatusOr<int> DataPrepare(CommandEnv& env, const DataPrepareArgs& args) {
                                                               {"--tokenizer", &args.tokenizer},
                                                               {"--valid-fraction", &args.valid_fraction},
                                                               {"--shard-tokens", &args.shard_tokens},
-                                                              {"--seed", &args.seed}};
+                                                              {"--seed", &args.seed},
+                                                              {"--format", &args.format},
+                                                              {"--text-field", &args.text_field}};
   for (const auto& [flag, value_ptr] : flags) {
     const std::string& value = *value_ptr;
     if (value.empty()) continue;
@@ -482,7 +583,8 @@ absl::StatusOr<int> DataPrepare(CommandEnv& env, const DataPrepareArgs& args) {
   // Same process group: Ctrl-C at the terminal stops the tool too, and btxctl then reports 130.
   spec.new_session = false;
   PosixProcessLauncher launcher;
-  auto run = RunAndCapture(launcher, spec);
+  // The bar only on a terminal: piped output stays the one summary line.
+  auto run = IsTty(stderr) ? RunWithBar(spec, stderr) : RunAndCapture(launcher, spec);
   if (!run.ok()) return absl::InternalError(Cat("cannot run ", tool, ": ", run.status().message()));
   // The tool's last line is its summary, or its one-line error; sentencepiece training may log above it.
   std::string line = run->output;

@@ -3,6 +3,7 @@
 // main prints as one line and maps with ExitCodeFor.
 #pragma once
 
+#include <cstdint>
 #include <cstdio>
 #include <string>
 #include <vector>
@@ -29,6 +30,7 @@ struct SubmitArgs {
   std::string file;  // "-" = stdin
   std::string idempotency_key;
   bool dry_run = false;
+  bool fresh = false;  // run: never re-attach to an unfinished pipeline of the same spec
 };
 
 // Reads the spec file and makes its paths absolute. Errors name the file.
@@ -60,7 +62,10 @@ absl::StatusOr<int> Retry(CommandEnv& env, const std::string& ref);
 struct DataPrepareArgs {
   std::vector<std::string> inputs;
   std::string out, tokenizer, valid_fraction, shard_tokens, seed;  // empty = the tool's default
+  std::string format, text_field;                                   // empty = inferred per file / "text"
 };
+// The one-line bar `data prepare` redraws on a terminal: input bytes done of total, cut to `width` columns.
+std::string DataPrepareBar(int64_t done, int64_t total, int width);
 absl::StatusOr<int> DataPrepare(CommandEnv& env, const DataPrepareArgs& args);
 
 // "running" / "RUNNING" / "PIPELINE_STATE_RUNNING" -> the enum; errors list the valid names.

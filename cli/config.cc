@@ -123,8 +123,15 @@ absl::StatusOr<Connection> ResolveConnection(const Flags& flags, const EnvLookup
     }
     c.server = *normalized;
   }
-  if (flags.token) {
-    c.token = *flags.token;
+  if (flags.token_on_argv) {
+    return absl::InvalidArgumentError(
+        "--token: a token on the command line is visible to every user of this machine (ps, /proc/PID/cmdline); "
+        "use --token-file PATH, the BTX_TOKEN environment variable or token: in the config file");
+  }
+  if (flags.token_file) {
+    auto text = ReadFile(*flags.token_file, 64 << 10);
+    if (!text.ok()) return absl::InvalidArgumentError(Cat("--token-file ", *flags.token_file, ": ", text.status().message()));
+    c.token = *text;
   } else if (auto e = env("BTX_TOKEN"); e && !e->empty()) {
     c.token = *e;
   } else {
@@ -133,7 +140,7 @@ absl::StatusOr<Connection> ResolveConnection(const Flags& flags, const EnvLookup
   while (!c.token.empty() && (c.token.back() == '\n' || c.token.back() == '\r' || c.token.back() == ' ')) c.token.pop_back();
   for (char ch : c.token) {
     if (ch < 0x21 || ch > 0x7e) {
-      return absl::InvalidArgumentError("token: expected printable ASCII without spaces (check --token, BTX_TOKEN or the config file)");
+      return absl::InvalidArgumentError("token: expected printable ASCII without spaces (check --token-file, BTX_TOKEN or the config file)");
     }
   }
   if (c.embedded()) {

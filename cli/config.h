@@ -1,4 +1,4 @@
-// Where btxctl connects, with which token and TLS files. Precedence, highest first: flags,
+// Where btxctl connects, with which token and TLS files. Precedence, highest first: flags (--token-file),
 // environment (BTX_SERVER, BTX_TOKEN, BTX_TLS_CA, BTX_TLS_CERT, BTX_TLS_KEY, BTX_TLS_SERVER_NAME,
 // BTX_STATE_DIR), the config file (~/.config/btx/config.yaml), defaults. Pure functions over their
 // inputs so that the precedence is unit-tested.
@@ -39,7 +39,10 @@ absl::StatusOr<ConfigFile> LoadConfigFile(const std::string& path);
 struct Flags {
   // `{}` throughout: tests name only the flags they set (-Wmissing-field-initializers).
   std::optional<std::string> server{};  // --server
-  std::optional<std::string> token{};   // --token
+  // A token on argv is visible to every user of the machine (ps, /proc/PID/cmdline): --token is refused and
+  // --token-file names a file holding it.
+  bool token_on_argv = false;
+  std::optional<std::string> token_file{};  // --token-file
   std::optional<std::string> state_dir{};
   std::optional<std::string> tls_ca{}, tls_cert{}, tls_key{}, tls_server_name{};  // --tls-*
 };

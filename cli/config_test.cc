@@ -2,10 +2,22 @@
 
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
 #include <map>
 
 namespace btx::cli {
 namespace {
+
+// A file holding `token`, removed when the test's process ends.
+std::string TokenFile(const std::string& token) {
+  static int n = 0;
+  const auto path = std::filesystem::temp_directory_path() / ("btx-token-" + std::to_string(::getpid()) + "-" + std::to_string(n++));
+  std::ofstream(path) << token;
+  return path.string();
+}
 
 EnvLookup FakeEnv(std::map<std::string, std::string> vars) {
   return [vars](const std::string& name) -> std::optional<std::string> {
@@ -18,7 +30,7 @@ EnvLookup FakeEnv(std::map<std::string, std::string> vars) {
 TEST(ConfigTest, FlagBeatsEnvironmentBeatsFile) {
   ConfigFile file{.server = "file-host:1", .token = "file-token", .state_dir = "/file/state"};
   auto env = FakeEnv({{"BTX_SERVER", "env-host:2"}, {"BTX_TOKEN", "env-token"}, {"BTX_STATE_DIR", "/env/state"}});
-  Flags flags{.server = "flag-host:3", .token = "flag-token", .state_dir = "/flag/state"};
+  Flags flags{.server = "flag-host:3", .token_file = TokenFile("flag-token"), .state_dir = "/flag/state"};
   auto c = ResolveConnection(flags, env, file, "cfg.yaml");
   ASSERT_TRUE(c.ok()) << c.status();
   EXPECT_EQ(c->server, "flag-host:3");
@@ -77,10 +89,20 @@ TEST(ConfigTest, ServerGetsDefaultPortAndBadOnesAreRejected) {
 }
 
 TEST(ConfigTest, TokenTrailingNewlineIsDroppedAndSpacesRefused) {
-  auto c = ResolveConnection({.token = "abc\n"}, FakeEnv({}), {}, "");
+  auto c = ResolveConnection({.token_file = TokenFile("abc\n")}, FakeEnv({}), {}, "");
   ASSERT_TRUE(c.ok());
   EXPECT_EQ(c->token, "abc");
-  EXPECT_FALSE(ResolveConnection({.token = "a b"}, FakeEnv({}), {}, "").ok());
+  EXPECT_FALSE(ResolveConnection({.token_file = TokenFile("a b")}, FakeEnv({}), {}, "").ok());
+}
+
+TEST(ConfigTest, ATokenOnTheCommandLineIsRefusedAndAMissingTokenFileNamed) {
+  auto c = ResolveConnection({.token_on_argv = true}, FakeEnv({{"BTX_TOKEN", "t"}}), {}, "");
+  ASSERT_FALSE(c.ok());
+  EXPECT_NE(std::string(c.status().message()).find("visible to every user"), std::string::npos) << c.status();
+  EXPECT_NE(std::string(c.status().message()).find("--token-file"), std::string::npos) << c.status();
+  c = ResolveConnection({.token_file = "/nonexistent/btx-token"}, FakeEnv({}), {}, "");
+  ASSERT_FALSE(c.ok());
+  EXPECT_NE(std::string(c.status().message()).find("--token-file /nonexistent/btx-token"), std::string::npos) << c.status();
 }
 
 TEST(ConfigTest, ConfigFileParsing) {

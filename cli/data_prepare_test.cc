@@ -8,6 +8,7 @@
 #include <gtest/gtest.h>
 
 #include "cli_test_util.h"
+#include "commands.h"
 
 namespace btx::cli {
 namespace {
@@ -96,6 +97,74 @@ TEST_F(DataPrepare, BadInputsExitTwoNamingThePath) {
   EXPECT_EQ(r.exit_code, 2);
   EXPECT_NE(r.err.find("--out"), std::string::npos) << r.err;
   EXPECT_FALSE(fs::exists(dir_ + "/out"));
+}
+
+TEST_F(DataPrepare, ChatAndJsonlBecomeShardsWithTheLossOnAnswers) {
+  std::string chat;
+  for (int i = 0; i < 20; ++i)
+    chat += json{{"messages", {{{"role", "user"}, {"content", "question " + std::to_string(i)}},
+                              {{"role", "assistant"}, {"content", "answer " + std::to_string(i)}}}}}
+                .dump() +
+            "\n";
+  WriteFile(dir_ + "/chat.jsonl", chat);
+  WriteFile(dir_ + "/docs.jsonl", "{\"body\": \"first\"}\n{\"body\": \"second\"}\n");
+  auto r = RunBtxctl({"data", "prepare", "chat.jsonl", "--out", "chat-out", "--valid-fraction", "0"}, {}, dir_);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  auto m = json::parse(Slurp(dir_ + "/chat-out/manifest.json"));
+  const int64_t tokens = m["train"]["tokens"].get<int64_t>(), loss = m["train"]["loss_tokens"].get<int64_t>();
+  // Per conversation, "answer N" and its <|im_end|> (byte tokenizer: one token per byte) carry the loss.
+  int64_t want = 0;
+  for (int i = 0; i < 20; ++i) want += static_cast<int64_t>(("answer " + std::to_string(i) + "<|im_end|>").size());
+  EXPECT_EQ(loss, want);
+  EXPECT_LT(loss, tokens);
+  EXPECT_NE(r.out.find("loss on " + std::to_string(loss) + " tokens"), std::string::npos) << r.out;
+  const std::string shard = dir_ + "/chat-out/" + m["train"]["shards"][0].get<std::string>();
+  const std::string bytes = Slurp(shard);
+  ASSERT_GT(bytes.size(), 12u);
+  EXPECT_EQ(bytes[8], 2) << "a masked shard is version 2";
+
+  r = RunBtxctl({"data", "prepare", "docs.jsonl", "--out", "docs-out", "--text-field", "body", "--valid-fraction", "0"},
+                {}, dir_);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  m = json::parse(Slurp(dir_ + "/docs-out/manifest.json"));
+  EXPECT_EQ(m["train"]["tokens"].get<int64_t>(), 5 + 6 + 2 * 2);  // bos + text + eos per record
+  EXPECT_EQ(m["train"]["loss_tokens"], m["train"]["tokens"]);
+}
+
+TEST_F(DataPrepare, BadRecordsExitTwoNamingFileAndLine) {
+  const std::string good = R"({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})";
+  const std::pair<std::string, std::string> cases[] = {
+      {"{not json", "bad.jsonl:3: invalid JSON"},
+      {R"({"prompt": "x"})", "bad.jsonl:3: missing field \"messages\""},
+      {R"({"messages": [{"role": "robot", "content": "x"}]})", "bad.jsonl:3: messages[0].role: got \"robot\""},
+      {R"({"messages": [{"role": "user", "content": ["x"]}, {"role": "assistant", "content": "a"}]})",
+       "bad.jsonl:3: messages[0].content: got array"},
+      {R"({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]})",
+       "bad.jsonl:3: the conversation has no assistant message"},
+  };
+  for (const auto& [bad, want] : cases) {
+    WriteFile(dir_ + "/bad.jsonl", good + "\n\n" + bad + "\n" + good + "\n");
+    fs::remove_all(dir_ + "/out");
+    auto r = RunBtxctl({"data", "prepare", dir_ + "/bad.jsonl", "--out", dir_ + "/out", "--format", "chat"});
+    EXPECT_EQ(r.exit_code, 2) << bad;
+    EXPECT_NE(r.err.find(dir_ + "/" + want), std::string::npos) << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+    EXPECT_FALSE(fs::exists(dir_ + "/out"));
+  }
+  WriteFile(dir_ + "/docs.jsonl", "{\"text\": \"ok\"}\n{\"text\": 42}\n");
+  auto r = RunBtxctl({"data", "prepare", dir_ + "/docs.jsonl", "--out", dir_ + "/out"});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find(dir_ + "/docs.jsonl:2: field \"text\" is number; expected a string"), std::string::npos) << r.err;
+  r = RunBtxctl({"data", "prepare", dir_ + "/docs.jsonl", "--out", dir_ + "/out", "--format", "yaml"});
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find("--format yaml: expected text, jsonl or chat"), std::string::npos) << r.err;
+}
+
+TEST(DataPrepareBar, FitsTheWidthAndShowsTheShare) {
+  EXPECT_EQ(DataPrepareBar(5'000'000, 10'000'000, 80),
+            "tokenizing [####################....................]  50% 5.0/10.0 MB");
+  EXPECT_LE(DataPrepareBar(1, 3, 30).size(), 29u);
+  EXPECT_NE(DataPrepareBar(0, 0, 80).find("100%"), std::string::npos);
 }
 
 }  // namespace

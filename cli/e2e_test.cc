@@ -1,6 +1,7 @@
 // `btxctl run` on the embedded default (private PostgreSQL, in-process scheduler, local worker,
 // real btx-train) inside a real terminal (tmux): the progress display is redrawn in place while
 // jobs run, the run ends with the evaluation table, and the state is still there afterwards.
+#include <csignal>
 #include <cstdio>
 #include <filesystem>
 #include <nlohmann/json.hpp>
@@ -137,6 +138,68 @@ TEST(EmbeddedRunTest, MissingLocalFileIsABadSpecNamingTheField) {
   r = testing::RunBtxctl({"get", "pipelines", "-o", "json", "--state-dir", dir + "/state"});
   EXPECT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(json::parse(r.out), json::array());
+  std::filesystem::remove_all(dir);
+}
+
+// A `btxctl run` killed outright (a closed laptop, a lost terminal), then the same command again: the second
+// follows the first's pipeline from its checkpoints instead of training a second one from zero beside it, and
+// when it ends no PostgreSQL is left running in the state dir.
+TEST(EmbeddedRunTest, AKilledRunRunAgainReattachesAndLeavesNoServerBehind) {
+  const std::string dir = testing::MakeTestDir(), state = dir + "/state";
+  WriteCorpus(dir + "/code.txt", {"def", "return", "if", "else", "for", "int", "x", "y", "print", "class"}, 300, 5);
+  WriteCorpus(dir + "/math.txt", {"sum", "prime", "theorem", "proof", "lemma", "equals", "plus", "times"}, 300, 6);
+  testing::WriteFile(dir + "/tiny.yaml", R"(
+name: reattach
+seed:
+  init: {preset: tiny}
+  pretrain: {data: {train: [code.txt, math.txt]}, steps: 300}
+experts:
+  - {name: code, data: {train: code.txt}, steps: 3}
+  - {name: math, data: {train: math.txt}, steps: 3}
+train: {batch_tokens: 128, seq_len: 16, warmup: 1, checkpoint_every: 10, log_every: 1, valid_tokens: 128}
+finetune: {steps: 2}
+evaluate: {max_tokens: 128}
+)");
+  const std::vector<std::string> run = {"run", "tiny.yaml", "--state-dir", state, "--train-binary", BTX_TRAIN_PATH,
+                                        "--threads", "1", "-o", "json"};
+  auto checkpointed = [&] {
+    testing::CliResult r = testing::RunBtxctl({"get", "jobs", "-o", "json", "--state-dir", state});
+    if (r.exit_code != 0) return false;
+    const json jobs = json::parse(r.out, nullptr, false);
+    if (!jobs.is_array()) return false;
+    for (const auto& j : jobs) {
+      if (j.value("name", "") == "pretrain" && !j.value("checkpoint_uri", "").empty()) return true;
+    }
+    return false;
+  };
+  {
+    testing::Btxctl first(run, {}, dir);
+    ASSERT_TRUE(testing::WaitFor(checkpointed, 300)) << first.err();
+    first.Signal(SIGKILL);
+    first.Wait();
+  }
+  // The killed btxctl could not stop its server.
+  ASSERT_TRUE(std::filesystem::exists(state + "/pgdata/postmaster.pid"));
+
+  testing::CliResult second = testing::RunBtxctl(run, {}, dir, 600);
+  ASSERT_EQ(second.exit_code, 0) << second.err;
+  EXPECT_NE(second.err.find("re-attaching to unfinished pipeline reattach"), std::string::npos) << second.err;
+  EXPECT_FALSE(std::filesystem::exists(state + "/pgdata/postmaster.pid")) << "PostgreSQL left running";
+
+  testing::CliResult r = testing::RunBtxctl({"get", "pipelines", "-o", "json", "--state-dir", state});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const json pipelines = json::parse(r.out);
+  ASSERT_EQ(pipelines.size(), 1u) << r.out;
+  EXPECT_EQ(pipelines[0]["state"], "PIPELINE_STATE_SUCCEEDED");
+  r = testing::RunBtxctl({"get", "jobs", "-o", "json", "--state-dir", state});
+  for (const auto& j : json::parse(r.out)) {
+    // Interrupted and resumed: a second attempt, with the attempt budget of the first kept.
+    if (j["name"] == "pretrain") EXPECT_EQ(j.value("attempt", 0), 2) << j.dump();
+  }
+  // Run once more: a finished pipeline is never re-attached to.
+  second = testing::RunBtxctl(run, {}, dir, 600);
+  EXPECT_EQ(second.exit_code, 0) << second.err;
+  EXPECT_EQ(second.err.find("re-attaching"), std::string::npos) << second.err;
   std::filesystem::remove_all(dir);
 }
 

@@ -1,7 +1,10 @@
 #include "embedded.h"
 
+#include <fcntl.h>
+#include <sys/file.h>
 #include <unistd.h>
 
+#include <cstring>
 #include <filesystem>
 
 #include <grpcpp/grpcpp.h>
@@ -12,6 +15,8 @@
 #include "btx/common/strings.h"
 #include "btx/scheduler/server.h"
 #include "btx/storage/database.h"
+#include "btx/storage/local_postgres.h"
+#include "btx/storage/store.h"
 #include "btx/worker/worker.h"
 
 namespace btx::cli {
@@ -29,7 +34,54 @@ absl::StatusOr<std::string> FindTrainBinary(const std::string& configured) {
                                            "or pass --train-binary PATH"));
 }
 
+namespace {
+
+// The descriptor of `path` locked with `op` (LOCK_SH / LOCK_EX, maybe | LOCK_NB), or -1 with errno set.
+int Lock(const std::string& path, int op) {
+  const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+  if (fd < 0) return -1;
+  while (::flock(fd, op) != 0) {
+    if (errno == EINTR) continue;
+    const int saved = errno;
+    ::close(fd);
+    errno = saved;
+    return -1;
+  }
+  return fd;
+}
+
+std::string LocalWorkerName() {
+  char host[256] = {};
+  ::gethostname(host, sizeof(host) - 1);
+  return Cat("btxctl@", host);
+}
+
+}  // namespace
+
 EmbeddedStack::EmbeddedStack(EmbeddedConfig config) : config_(std::move(config)) {}
+
+// Holding `.worker.lock`, this process runs the only local worker of the state dir: jobs still leased to
+// that worker belong to a btxctl that was killed. They go back to the queue now, as interruptions (no
+// attempt spent), and resume from their checkpoints, instead of waiting out their leases.
+absl::Status EmbeddedStack::AdoptOrphanedLeases(const std::string& worker_name) {
+  storage::Store& store = *db_->store;
+  auto workers = store.ListWorkers();
+  if (!workers.ok()) return workers.status();
+  std::string id;
+  for (const auto& w : *workers) {
+    if (w.name == worker_name) id = w.id;
+  }
+  if (id.empty()) return absl::OkStatus();
+  auto leased = store.ListJobs("", "LEASED", 1000);
+  if (!leased.ok()) return leased.status();
+  for (const auto& j : *leased) {
+    if (j.worker_id != id) continue;
+    auto failed = store.FailJob(id, j.id, j.attempt, "the btxctl that ran this job ended without stopping it", true,
+                                false, "", storage::RetryPolicy{}, clock_.Now(), /*interrupted=*/true);
+    if (!failed.ok() && !absl::IsFailedPrecondition(failed.status())) return failed.status();
+  }
+  return absl::OkStatus();
+}
 
 absl::StatusOr<std::unique_ptr<EmbeddedStack>> EmbeddedStack::Start(EmbeddedConfig config) {
   std::error_code ec;
@@ -50,6 +102,19 @@ absl::StatusOr<std::unique_ptr<EmbeddedStack>> EmbeddedStack::Start(EmbeddedConf
   }
   fs::create_directories(cfg.state_dir, ec);
   if (ec) return absl::FailedPreconditionError(Cat("cannot create state dir ", cfg.state_dir, ": ", ec.message()));
+  // Blocks only while the last btxctl out is stopping PostgreSQL (it holds the lock exclusively).
+  s->db_lock_fd_ = Lock(cfg.state_dir + "/.db.lock", LOCK_SH);
+  if (s->db_lock_fd_ < 0) {
+    return absl::FailedPreconditionError(Cat("cannot lock ", cfg.state_dir, "/.db.lock: ", std::strerror(errno)));
+  }
+  if (cfg.workers) {
+    s->worker_lock_fd_ = Lock(cfg.state_dir + "/.worker.lock", LOCK_EX | LOCK_NB);
+    if (s->worker_lock_fd_ < 0) {
+      return absl::FailedPreconditionError(Cat(kStateDirBusy, cfg.state_dir,
+                                               "; follow its pipelines with `btxctl watch ID` (or `btxctl get pipelines`), "
+                                               "wait for it to end, or pass another --state-dir"));
+    }
+  }
 
   // The scheduler and workers log through spdlog; on the user's terminal that would tear the
   // progress display, so their log goes to a file in the state dir.
@@ -69,6 +134,11 @@ absl::StatusOr<std::unique_ptr<EmbeddedStack>> EmbeddedStack::Start(EmbeddedConf
   auto db = storage::OpenDatabase(std::move(db_options), s->launcher_);
   if (!db.ok()) return absl::UnavailableError(Cat("embedded database in ", cfg.state_dir, ": ", db.status().message()));
   s->db_ = std::move(*db);
+  if (cfg.workers) {
+    if (auto a = s->AdoptOrphanedLeases(LocalWorkerName()); !a.ok()) {
+      return absl::UnavailableError(Cat("embedded database in ", cfg.state_dir, ": ", a.message()));
+    }
+  }
 
   s->artifact_root_ = cfg.state_dir + "/artifacts";
   fs::create_directories(s->artifact_root_, ec);
@@ -91,9 +161,7 @@ absl::StatusOr<std::unique_ptr<EmbeddedStack>> EmbeddedStack::Start(EmbeddedConf
     // One worker with a slot per GPU: the worker gives slot i the device cuda:i, so GPUs never
     // collide the way separate single-slot workers (all on cuda:0) would.
     worker::WorkerConfig wc;
-    char host[256] = {};
-    ::gethostname(host, sizeof(host) - 1);
-    wc.name = Cat("btxctl@", host);
+    wc.name = LocalWorkerName();
     wc.train_binary = train_binary;
     wc.work_dir = cfg.state_dir + "/work";
     wc.slots = s->slots_;
@@ -129,7 +197,11 @@ EmbeddedStack::~EmbeddedStack() {
     scheduler_->Shutdown();
     scheduler_.reset();
   }
+  // The last btxctl using the database stops PostgreSQL, whoever started it; any other leaves it running.
+  if (db_ && db_->local) db_->local->set_stop_on_exit(db_lock_fd_ >= 0 && ::flock(db_lock_fd_, LOCK_EX | LOCK_NB) == 0);
   db_.reset();
+  if (worker_lock_fd_ >= 0) ::close(worker_lock_fd_);
+  if (db_lock_fd_ >= 0) ::close(db_lock_fd_);
   spdlog::default_logger()->flush();
 }
 

@@ -24,6 +24,9 @@ class Worker;
 
 namespace btx::cli {
 
+// `--state-dir` in use by another `btxctl run`'s local worker.
+inline constexpr char kStateDirBusy[] = "another btxctl run is running jobs in state dir ";
+
 struct EmbeddedConfig {
   std::string state_dir = ".btx";   // PostgreSQL in <dir>/pgdata, artifacts in <dir>/artifacts
   bool require_existing = false;    // read-only commands: refuse to create a fresh state dir
@@ -44,8 +47,8 @@ absl::StatusOr<std::string> FindTrainBinary(const std::string& configured);
 class EmbeddedStack {
  public:
   static absl::StatusOr<std::unique_ptr<EmbeddedStack>> Start(EmbeddedConfig config);
-  // Drains and joins the workers, stops the scheduler, and stops PostgreSQL if this process
-  // started it (another btxctl may be using it).
+  // Drains and joins the workers, stops the scheduler, and stops PostgreSQL unless another btxctl is
+  // still using it (whoever started it: a killed btxctl's server is not left running).
   ~EmbeddedStack();
 
   std::string target() const;  // "127.0.0.1:<port>"
@@ -75,6 +78,11 @@ class EmbeddedStack {
   std::unique_ptr<scheduler::Scheduler> scheduler_;
   std::unique_ptr<worker::Worker> worker_;
   std::thread worker_thread_;
+  // flock(2)s on files in the state dir, released by the kernel however btxctl ends:
+  // every btxctl holds `.db.lock` shared while it uses the database (the last one out stops PostgreSQL,
+  // holding it exclusively); the one running the local worker holds `.worker.lock` exclusively.
+  int db_lock_fd_ = -1, worker_lock_fd_ = -1;
+  absl::Status AdoptOrphanedLeases(const std::string& worker_name);
 };
 
 }  // namespace btx::cli

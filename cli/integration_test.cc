@@ -3,6 +3,8 @@
 #include <grpcpp/grpcpp.h>
 
 #include <csignal>
+#include <unistd.h>
+
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
@@ -383,6 +385,13 @@ TEST(CliTokenTest, TokenIsSentAsBearerMetadata) {
   ASSERT_GT(port, 0);
   const std::string target = "127.0.0.1:" + std::to_string(port);
   CliResult r = RunBtxctl({"--server", target, "--token", "right", "get", "workers"});
+  EXPECT_EQ(r.exit_code, 2) << r.err;
+  EXPECT_NE(r.err.find("visible to every user"), std::string::npos) << r.err;
+  EXPECT_EQ(service.seen, "");
+  const std::string file = std::filesystem::temp_directory_path() / ("btx-cli-token-" + std::to_string(::getpid()));
+  testing::WriteFile(file, "right\n");
+  r = RunBtxctl({"--server", target, "--token-file", file, "get", "workers"});
+  std::filesystem::remove(file);
   EXPECT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(service.seen, "Bearer right");
   r = RunBtxctl({"--server", target, "get", "workers"}, {{"BTX_TOKEN", "wrong"}});
@@ -426,8 +435,13 @@ class CliTlsTest : public ::testing::Test {
     args.insert(args.begin(), {"--server", server_});
     return RunBtxctl(args, env, dir_);
   }
+  std::string TokenFile(const std::string& token) {
+    const std::string path = dir_ + "/" + token + ".token";
+    testing::WriteFile(path, token);
+    return path;
+  }
   std::string Submit() {
-    CliResult r = Ctl({"--tls-ca", ca_->cert_file(), "--token", "user-token", "submit", "spec.yaml", "-o", "json"});
+    CliResult r = Ctl({"--tls-ca", ca_->cert_file(), "--token-file", TokenFile("user-token"), "submit", "spec.yaml", "-o", "json"});
     EXPECT_EQ(r.exit_code, 0) << r.err;
     return r.exit_code == 0 ? json::parse(r.out)["pipeline"]["id"].get<std::string>() : "";
   }
@@ -456,7 +470,7 @@ TEST_F(CliTlsTest, UserTokenOverTlsFromFlagsEnvironmentOrConfigFile) {
 TEST_F(CliTlsTest, ClearErrorsForMissingTlsBadTokensAndWrongRoles) {
   const std::string id = Submit();
   // Plaintext against the TLS port.
-  CliResult r = Ctl({"--token", "user-token", "get", "pipelines"});
+  CliResult r = Ctl({"--token-file", TokenFile("user-token"), "get", "pipelines"});
   EXPECT_EQ(r.exit_code, 3) << r.err;
   EXPECT_NE(r.err.find("if the scheduler serves TLS, pass --tls-ca"), std::string::npos) << r.err;
   // No token, a wrong one.
@@ -464,17 +478,17 @@ TEST_F(CliTlsTest, ClearErrorsForMissingTlsBadTokensAndWrongRoles) {
   EXPECT_EQ(r.exit_code, 5) << r.err;
   EXPECT_NE(r.err.find("no credentials"), std::string::npos) << r.err;
   EXPECT_NE(r.err.find("pass a valid --token"), std::string::npos) << r.err;
-  r = Ctl({"--tls-ca", ca_->cert_file(), "--token", "guess", "get", "pipelines"});
+  r = Ctl({"--tls-ca", ca_->cert_file(), "--token-file", TokenFile("guess"), "get", "pipelines"});
   EXPECT_EQ(r.exit_code, 5) << r.err;
   EXPECT_NE(r.err.find("invalid bearer token"), std::string::npos) << r.err;
   // A worker's token may not cancel.
-  r = Ctl({"--tls-ca", ca_->cert_file(), "--token", "worker-token", "cancel", id});
+  r = Ctl({"--tls-ca", ca_->cert_file(), "--token-file", TokenFile("worker-token"), "cancel", id});
   EXPECT_EQ(r.exit_code, 5) << r.err;
   EXPECT_NE(r.err.find("worker 'node' may not call /btx.v1.PipelineService/"), std::string::npos) << r.err;
   EXPECT_NE(store_->GetPipeline(id)->state, "CANCELLED");
   // A CA that did not sign the scheduler's certificate.
   btx::testing::TestCa other(dir_, "other");
-  r = Ctl({"--tls-ca", other.cert_file(), "--token", "user-token", "get", "pipelines"});
+  r = Ctl({"--tls-ca", other.cert_file(), "--token-file", TokenFile("user-token"), "get", "pipelines"});
   EXPECT_EQ(r.exit_code, 3) << r.err;
   EXPECT_NE(r.err.find("the TLS handshake failed"), std::string::npos) << r.err;
   // Unreadable TLS files stop btxctl before it connects.

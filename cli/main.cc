@@ -41,7 +41,11 @@ int Main(int argc, char** argv) {
   std::string tls_ca, tls_cert, tls_key, tls_server_name;
   int timeout_s = 30;
   auto* server_opt = app.add_option("--server", server, "scheduler HOST:PORT (env BTX_SERVER; 'local' = embedded)");
-  auto* token_opt = app.add_option("--token", token, "bearer token for the scheduler (env BTX_TOKEN)");
+  std::string token_file;
+  // Kept, hidden, only to refuse it with the reason (a token on argv is visible to every user).
+  auto* token_opt = app.add_option("--token", token)->group("");
+  auto* token_file_opt =
+      app.add_option("--token-file", token_file, "file holding the bearer token for the scheduler (or env BTX_TOKEN)");
   auto* tls_ca_opt =
       app.add_option("--tls-ca", tls_ca, "connect with TLS, trusting these PEM roots (env BTX_TLS_CA; config tls_ca)");
   auto* tls_cert_opt =
@@ -60,6 +64,9 @@ int Main(int argc, char** argv) {
   auto* run = app.add_subcommand("run", "submit a pipeline and follow it to the end (the embedded default without --server)");
   run->add_option("file", submit_args.file, "pipeline spec (YAML or JSON; - for stdin)")->required();
   run->add_option("--idempotency-key", submit_args.idempotency_key, "a repeat with the same key follows the same pipeline");
+  run->add_flag("--fresh", submit_args.fresh,
+                "embedded: start a new pipeline even if an unfinished one of the same spec is in the state dir "
+                "(by default a repeated run re-attaches to it)");
   run->add_option("--threads", embedded.threads_per_job, "embedded: CPU threads per job (0 = hardware threads / slots)")
       ->check(CLI::Range(0, 1024));
   run->add_option("--slots", embedded.slots, "embedded: jobs at once (0 = one per GPU, or 1)")->check(CLI::Range(0, 64));
@@ -113,10 +120,15 @@ int Main(int argc, char** argv) {
   DataPrepareArgs data_args;
   auto* data = app.add_subcommand("data", "prepare training data ahead of time");
   auto* prepare = data->add_subcommand(
-      "prepare", "tokenize text files or directories into train/valid token shards (*.btxtok) under --out");
-  prepare->add_option("inputs", data_args.inputs, "text files or directories (walked recursively)")->required();
+      "prepare", "tokenize text, JSONL or chat files into train/valid token shards (*.btxtok) under --out");
+  prepare->add_option("inputs", data_args.inputs,
+                      "text, JSONL or chat JSONL files, or directories (walked recursively)")->required();
+  prepare->add_option("--format", data_args.format,
+                      "text | jsonl | chat (default: from each file's extension; *.jsonl with \"messages\" is chat)");
+  prepare->add_option("--text-field", data_args.text_field, "jsonl: the field holding each record's text (default text)");
   prepare->add_option("--out", data_args.out, "output directory (must not exist; published atomically)")->required();
-  prepare->add_option("--tokenizer", data_args.tokenizer, "byte (default), PATH.model, or spm:VOCAB to train one");
+  prepare->add_option("--tokenizer", data_args.tokenizer,
+                      "byte (default), PATH.model, a model DIR (its tokenizer and chat template), or spm:VOCAB to train one");
   prepare->add_option("--valid-fraction", data_args.valid_fraction, "share of input bytes for valid/ (default 0.01)");
   prepare->add_option("--shard-tokens", data_args.shard_tokens, "tokens per shard (default 16777216)");
   prepare->add_option("--seed", data_args.seed, "seed of the document order (default 0)");
@@ -156,7 +168,8 @@ int Main(int argc, char** argv) {
   }
   Flags flags;
   if (server_opt->count() > 0) flags.server = server;
-  if (token_opt->count() > 0) flags.token = token;
+  flags.token_on_argv = token_opt->count() > 0;
+  if (token_file_opt->count() > 0) flags.token_file = token_file;
   if (state_opt->count() > 0) flags.state_dir = state_dir;
   if (tls_ca_opt->count() > 0) flags.tls_ca = tls_ca;
   if (tls_cert_opt->count() > 0) flags.tls_cert = tls_cert;

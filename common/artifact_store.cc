@@ -87,6 +87,13 @@ absl::StatusOr<std::string> FileArtifactStore::Fetch(std::string_view uri) {
   if (!path.ok()) return path.status();
   std::error_code ec;
   if (!fs::is_directory(*path, ec)) return absl::NotFoundError(Cat("artifact ", uri, " does not exist"));
+  // A symlinked directory (or parent) inside the root may lead anywhere: what counts is where reading goes.
+  const fs::path real = fs::weakly_canonical(*path, ec), real_root = fs::weakly_canonical(root_, ec);
+  if (ec) return absl::UnavailableError(Cat("artifact ", uri, ": ", ec.message()));
+  const fs::path rel = real.lexically_relative(real_root);
+  if (rel.empty() || *rel.begin() == "..") {
+    return absl::InvalidArgumentError(Cat("artifact ", uri, " resolves to ", real.string(), ", outside the artifact root ", root_));
+  }
   if (auto s = ToAbsl(VerifyManifest(*path)); !s.ok()) return s;
   return *path;
 }

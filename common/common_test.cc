@@ -13,7 +13,10 @@
 
 #include <gtest/gtest.h>
 
+#include "btx/common/artifact_store.h"
 #include "btx/common/clock.h"
+#include "btx/common/status.h"
+#include "btx/contract/files.h"
 #include "btx/common/fs.h"
 #include "btx/common/process.h"
 #include "btx/common/secrets.h"
@@ -45,6 +48,22 @@ TEST(Uri, JoinUnderRejectsUnsafeComponents) {
   EXPECT_EQ(SanitizeComponent("branch/code"), "branch-code");
   EXPECT_TRUE(IsSafeComponent("step-00000050"));
   EXPECT_FALSE(IsSafeComponent(".."));
+}
+
+TEST(ArtifactStore, FetchRefusesASymlinkLeadingOutOfTheRoot) {
+  const std::string dir = *MakeTempDir("btx-artifacts-");
+  std::filesystem::create_directories(dir + "/root/p/job/model");
+  std::filesystem::create_directories(dir + "/outside");
+  ASSERT_TRUE(ToAbsl(WriteManifest(dir + "/root/p/job/model")).ok());
+  ASSERT_TRUE(ToAbsl(WriteManifest(dir + "/outside")).ok());
+  std::filesystem::create_directory_symlink(dir + "/outside", dir + "/root/p/evil");
+  FileArtifactStore store(dir + "/root");
+  EXPECT_TRUE(store.Fetch(PathToFileUri(dir + "/root/p/job/model")).ok());
+  auto evil = store.Fetch(PathToFileUri(dir + "/root/p/evil"));
+  ASSERT_FALSE(evil.ok());
+  EXPECT_EQ(evil.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(std::string(evil.status().message()).find("outside the artifact root"), std::string::npos) << evil.status();
+  std::filesystem::remove_all(dir);
 }
 
 TEST(Clock, ManualClockAdvances) {

@@ -9,7 +9,7 @@ constexpr Range kPositive{0, 10, true, false};
 const std::vector<std::string> kTrainKeys = {
     "batch_tokens", "seq_len", "lr",    "min_lr_ratio", "warmup",    "schedule",     "weight_decay",     "grad_clip",
     "grad_accum",   "seed",    "beta1", "beta2",        "eps",       "log_every",    "checkpoint_every", "valid_tokens",
-    "keep_checkpoints", "threads"};
+    "keep_checkpoints", "threads", "zero", "precision", "attention", "activation_checkpointing", "loss_chunk_tokens"};
 
 // Names users bring from other tools, mapped to the Hugging Face config names `seed.init` takes.
 const std::vector<std::pair<std::string, std::string>> kInitHints = {
@@ -63,6 +63,11 @@ TrainConfig ParseTrain(Reader& r, const json& v, const std::string& path) {
   c.valid_tokens = r.Int(v, path, "valid_tokens", c.valid_tokens, 1, int64_t{1} << 40);
   c.keep_checkpoints = r.Int(v, path, "keep_checkpoints", c.keep_checkpoints, 1, 1000);
   c.threads = r.Int(v, path, "threads", c.threads, 0, 1024);
+  c.zero = r.Int(v, path, "zero", c.zero, 0, 1);
+  c.precision = r.Enum(v, path, "precision", c.precision, {"fp32", "bf16"});
+  c.attention = r.Enum(v, path, "attention", c.attention, {"auto", "naive", "chunked"});
+  c.activation_checkpointing = r.Bool(v, path, "activation_checkpointing", c.activation_checkpointing);
+  c.loss_chunk_tokens = r.Int(v, path, "loss_chunk_tokens", c.loss_chunk_tokens, 0, int64_t{1} << 24);
   return c;
 }
 
@@ -75,7 +80,10 @@ json ToJson(const TrainConfig& c) {
           {"beta1", c.beta1},               {"beta2", c.beta2},
           {"eps", c.eps},                   {"log_every", c.log_every},
           {"checkpoint_every", c.checkpoint_every}, {"valid_tokens", c.valid_tokens},
-          {"keep_checkpoints", c.keep_checkpoints}, {"threads", c.threads}};
+          {"keep_checkpoints", c.keep_checkpoints}, {"threads", c.threads},
+          {"zero", c.zero}, {"precision", c.precision},
+          {"attention", c.attention}, {"activation_checkpointing", c.activation_checkpointing},
+          {"loss_chunk_tokens", c.loss_chunk_tokens}};
 }
 
 TokenizerSpec ParseTokenizer(Reader& r, const json& v, const std::string& path, bool allow_train) {
@@ -202,15 +210,28 @@ json ToJson(const ModelInit& m) {
 
 DataSpec ParseData(Reader& r, const json& v, const std::string& path, size_t max_paths) {
   DataSpec d;
-  if (!r.Object(path, v, {"train", "valid"})) return d;
+  if (!r.Object(path, v, {"train", "valid", "format", "text_field"})) return d;
   d.train = r.Paths(v.contains("train") ? v["train"] : json(), JoinPath(path, "train"), max_paths);
   if (v.contains("valid") && !v["valid"].is_null()) d.valid = r.Paths(v["valid"], JoinPath(path, "valid"), max_paths);
+  ParseDataFormat(r, v, path, d);
   return d;
+}
+
+void ParseDataFormat(Reader& r, const json& v, const std::string& path, DataSpec& d) {
+  if (v.contains("format") && !v["format"].is_null()) d.format = r.Enum(v, path, "format", "", kDataFormats);
+  if (v.contains("text_field") && !v["text_field"].is_null()) {
+    d.text_field = r.String(v, path, "text_field", 256);
+    // A text field read from anything but JSON records would be silently ignored.
+    if (!d.format.empty() && d.format != "jsonl")
+      r.Fail(JoinPath(path, "text_field"), v["text_field"], "no text_field with format " + d.format + " (only jsonl has one)");
+  }
 }
 
 json ToJson(const DataSpec& d) {
   json j = {{"train", d.train}};
   if (!d.valid.empty()) j["valid"] = d.valid;
+  if (!d.format.empty()) j["format"] = d.format;
+  if (d.text_field != "text") j["text_field"] = d.text_field;
   return j;
 }
 
@@ -336,12 +357,13 @@ FinetuneSpec ParseFinetune(Reader& r, const json& v, const std::string& path) {
   }
   for (size_t i = 0; i < mix.size(); ++i) {
     const std::string p = IndexPath(mix_path, i);
-    if (!r.Object(p, mix[i], {"name", "weight", "train", "valid"})) continue;
+    if (!r.Object(p, mix[i], {"name", "weight", "train", "valid", "format", "text_field"})) continue;
     MixtureEntry e;
     e.name = r.Name(mix[i], p, "name");
     e.weight = r.Num(mix[i], p, "weight", 1.0, {0, 1e6, true, false});
     json data = {{"train", mix[i].contains("train") ? mix[i]["train"] : json()}};
-    if (mix[i].contains("valid")) data["valid"] = mix[i]["valid"];
+    for (const char* k : {"valid", "format", "text_field"})
+      if (mix[i].contains(k)) data[k] = mix[i][k];
     e.data = ParseData(r, data, p);
     s.mixture.push_back(std::move(e));
   }

@@ -43,6 +43,46 @@ TEST(ParseTrain, ZeroLearningRateAndUnknownKeysAreRefusedWithTheirPath) {
   EXPECT_EQ(errors[0].path, "train.grad_accum");
 }
 
+TEST(ParseTrain, MemoryOptionsHaveDefaultsAndRanges) {
+  FieldErrors errors;
+  Reader r(errors);
+  TrainConfig c = ParseTrain(r, json::object(), "train");
+  EXPECT_EQ(c.attention, "auto");
+  EXPECT_FALSE(c.activation_checkpointing);
+  EXPECT_EQ(c.loss_chunk_tokens, 0);
+  c = ParseTrain(r, json{{"attention", "chunked"}, {"activation_checkpointing", true}, {"loss_chunk_tokens", 4096}},
+                 "train");
+  EXPECT_TRUE(errors.empty());
+  EXPECT_EQ(c.attention, "chunked");
+  EXPECT_TRUE(c.activation_checkpointing);
+  EXPECT_EQ(c.loss_chunk_tokens, 4096);
+  EXPECT_EQ(ToJson(ParseTrain(r, ToJson(c), "train")), ToJson(c));
+  auto bad = Errors([](Reader& r) {
+    ParseTrain(r, json{{"attention", "flash"}, {"activation_checkpointing", 1}, {"loss_chunk_tokens", -1}}, "spec.train");
+  });
+  ASSERT_EQ(bad.size(), 3u);
+  EXPECT_EQ(bad[0].path, "spec.train.attention");
+  EXPECT_EQ(bad[1].path, "spec.train.activation_checkpointing");
+  EXPECT_EQ(bad[2].path, "spec.train.loss_chunk_tokens");
+}
+
+TEST(ParseTrain, ZeroAndPrecisionHaveDefaultsAndRanges) {
+  FieldErrors errors;
+  Reader r(errors);
+  TrainConfig c = ParseTrain(r, json::object(), "train");
+  EXPECT_EQ(c.zero, 1);
+  EXPECT_EQ(c.precision, "fp32");
+  c = ParseTrain(r, json{{"zero", 0}, {"precision", "bf16"}}, "train");
+  EXPECT_TRUE(errors.empty());
+  EXPECT_EQ(c.zero, 0);
+  EXPECT_EQ(c.precision, "bf16");
+  EXPECT_EQ(ToJson(ParseTrain(r, ToJson(c), "train")), ToJson(c));
+  auto bad = Errors([](Reader& r) { ParseTrain(r, json{{"zero", 3}, {"precision", "fp16"}}, "spec.train"); });
+  ASSERT_EQ(bad.size(), 2u);
+  EXPECT_EQ(bad[0].path, "spec.train.zero");
+  EXPECT_EQ(bad[1].path, "spec.train.precision");
+}
+
 TEST(ParseModelInit, HuggingFaceNamesOverrideThePresetAndOtherNamesAreRefused) {
   FieldErrors errors;
   Reader r(errors);
@@ -126,6 +166,42 @@ TEST(ParseFinetune, MixtureAndFreezeAreChecked) {
   ASSERT_EQ(bad.size(), 2u);
   EXPECT_EQ(bad[0].path, "spec.freeze[0]");
   EXPECT_EQ(bad[1].path, "spec.mixture[0].weight");
+}
+
+TEST(ParseData, FormatAndTextFieldAreCheckedAndRoundTrip) {
+  FieldErrors errors;
+  Reader r(errors);
+  DataSpec d = ParseData(r, json{{"train", "a.jsonl"}, {"format", "jsonl"}, {"text_field", "body"}}, "data");
+  EXPECT_TRUE(errors.empty()) << Describe(errors);
+  EXPECT_EQ(d.format, "jsonl");
+  EXPECT_EQ(d.text_field, "body");
+  EXPECT_EQ(ToJson(d), (json{{"train", {"a.jsonl"}}, {"format", "jsonl"}, {"text_field", "body"}}));
+  // Unset: inferred per file, and nothing extra written back.
+  d = ParseData(r, json{{"train", "a.txt"}}, "data");
+  EXPECT_EQ(d.format, "");
+  EXPECT_EQ(d.text_field, "text");
+  EXPECT_EQ(ToJson(d), (json{{"train", {"a.txt"}}}));
+
+  errors = Errors([](Reader& r) { ParseData(r, json{{"train", "a"}, {"format", "parquet"}}, "experts[0].data"); });
+  ASSERT_EQ(errors.size(), 1u);
+  EXPECT_EQ(errors[0].path, "experts[0].data.format");
+  EXPECT_NE(errors[0].message.find("chat"), std::string::npos) << errors[0].message;
+  errors = Errors([](Reader& r) { ParseData(r, json{{"train", "a"}, {"format", "chat"}, {"text_field", "x"}}, "data"); });
+  ASSERT_EQ(errors.size(), 1u);
+  EXPECT_EQ(errors[0].path, "data.text_field");
+  EXPECT_NE(errors[0].message.find("only jsonl"), std::string::npos) << errors[0].message;
+  errors = Errors([](Reader& r) { ParseData(r, json{{"train", "a"}, {"text_field", 3}}, "data"); });
+  ASSERT_EQ(errors.size(), 1u);
+  EXPECT_EQ(errors[0].path, "data.text_field");
+
+  // A finetune mixture entry takes them too.
+  errors.clear();
+  FinetuneSpec f = ParseFinetune(
+      r, json{{"model", "m"}, {"steps", 1}, {"mixture", {{{"name", "c"}, {"train", "c.jsonl"}, {"format", "chat"}}}}},
+      "spec");
+  EXPECT_TRUE(errors.empty()) << Describe(errors);
+  ASSERT_EQ(f.mixture.size(), 1u);
+  EXPECT_EQ(f.mixture[0].data.format, "chat");
 }
 
 TEST(ParseEval, ModelsNeedExactlyOneOfModelAndEnsemble) {

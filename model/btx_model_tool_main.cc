@@ -4,13 +4,18 @@
 //   btx-model-tool init OUT_DIR CONFIG.json SEED                random model from an HF config.json, published
 //   btx-model-tool report EVAL.json OUT_DIR                     eval.txt, routing.svg, routing.png of an eval
 //                                                               job's eval.json (as the eval job writes them)
-//   btx-model-tool data-prepare INPUT... --out DIR [--tokenizer byte|PATH.model|spm:VOCAB] [--valid-fraction F]
-//                  [--shard-tokens N] [--seed S]                text -> train/valid *.btxtok shards (btxctl data
-//                                                               prepare). Exit 65 on bad arguments or inputs.
+//   btx-model-tool data-prepare INPUT... --out DIR [--tokenizer byte|PATH.model|DIR|spm:VOCAB] [--format F]
+//                  [--text-field NAME] [--valid-fraction F] [--shard-tokens N] [--seed S] [--progress-fd N]
+//                                                               text, JSONL or chat -> train/valid *.btxtok shards
+//                                                               (btxctl data prepare). Exit 65 on bad arguments or
+//                                                               inputs.
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
 #include <ATen/CPUGeneratorImpl.h>
 
+#include <unistd.h>
+
+#include <cstdlib>
 #include <filesystem>
 #include <iostream>
 #include <nlohmann/json.hpp>
@@ -34,7 +39,21 @@ int Fail(const std::string& m) {
 int main(int argc, char** argv) {
   std::vector<std::string> a(argv + 1, argv + argc);
   if (!a.empty() && a[0] == "data-prepare") {
-    auto opts = btx::model::ParseDataPrepareArgs({a.begin() + 1, a.end()});
+    // --progress-fd N (btxctl's progress bar): "progress DONE TOTAL" input bytes after each file.
+    int progress_fd = -1;
+    std::vector<std::string> args;
+    for (size_t i = 1; i < a.size(); ++i) {
+      if (a[i] == "--progress-fd" && i + 1 < a.size()) progress_fd = std::atoi(a[++i].c_str());
+      else args.push_back(a[i]);
+    }
+    auto opts = btx::model::ParseDataPrepareArgs(args);
+    if (opts.ok() && progress_fd >= 0) {
+      opts->progress = [progress_fd](int64_t done, int64_t total) {
+        const std::string line = "progress " + std::to_string(done) + " " + std::to_string(total) + "\n";
+        if (::write(progress_fd, line.data(), line.size()) < 0) {
+        }  // a reader that went away only loses the bar
+      };
+    }
     auto r = opts.ok() ? btx::model::PrepareData(*opts) : btx::StatusOr<btx::model::DataPrepareResult>(opts.status());
     if (!r.ok()) {
       // 65 (EX_DATAERR, as btx-train uses it) separates "the user's arguments or data are wrong" from
@@ -48,7 +67,9 @@ int main(int argc, char** argv) {
     }
     std::cout << "prepared " << r->out << ": " << r->files << " files, " << r->bytes << " bytes; tokens train "
               << r->train_tokens << " / valid " << r->valid_tokens << "; shards train " << r->train_shards
-              << " / valid " << r->valid_shards << "\n";
+              << " / valid " << r->valid_shards;
+    if (r->loss_tokens != r->train_tokens + r->valid_tokens) std::cout << "; loss on " << r->loss_tokens << " tokens";
+    std::cout << "\n";
     return 0;
   }
   if (a.size() >= 4 && a[0] == "logits") {

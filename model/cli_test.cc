@@ -160,6 +160,28 @@ TEST_F(Cli, EveryKindEndToEnd) {
   EXPECT_NE(again.log.find("already published"), std::string::npos) << again.log;
 }
 
+// In the scheduler's layout (<root>/<pipeline>/<job>/model) a parent's output without its manifest is refused,
+// never loaded unchecked as if it were a user's seed.
+TEST_F(Cli, AParentOutputWithItsManifestDeletedIsRefused) {
+  auto pre = RunJob(dir.path(), "seed",
+                    Job("pretrain", "p/seed/model",
+                        {{"init", {{"preset", "tiny"}, {"hidden_size", 32}, {"intermediate_size", 48}}},
+                         {"data", {{"train", dir / "code/train.txt"}}}, {"train", TrainSpec()}, {"steps", 2}},
+                        false));
+  ASSERT_EQ(pre.code, 0) << pre.log;
+  const json branch = {{"seed", dir / "p/seed/model"}, {"data", {{"train", dir / "code/train.txt"}}},
+                       {"train", TrainSpec()}, {"steps", 1}};
+  std::filesystem::remove(dir / (std::string("p/seed/model/") + kManifestName));
+  auto refused = RunJob(dir.path(), "branch", Job("branch", "p/branch/model", branch, false));
+  EXPECT_EQ(refused.code, 1) << refused.log;
+  EXPECT_NE(refused.log.find("seed: " + (dir / "p/seed/model") + " is a parent job's output without its manifest.sha256"),
+            std::string::npos)
+      << refused.log;
+  ASSERT_TRUE(WriteManifest(dir / "p/seed/model").ok());
+  auto ok = RunJob(dir.path(), "branch", Job("branch", "p/branch/model", branch, false));
+  EXPECT_EQ(ok.code, 0) << ok.log;
+}
+
 TEST_F(Cli, InvalidJobsExit65NamingTheField) {
   struct Case {
     json job;

@@ -132,8 +132,15 @@ TEST(DataPrepare, ParsesArguments) {
   EXPECT_NE(msg({"a", "--out", "d", "--shard-tokens", "0"}).find("--shard-tokens 0"), std::string::npos);
   EXPECT_EQ(msg({"a", "--out", "d", "--bogus"}), "unknown argument --bogus");
   EXPECT_EQ(msg({"a"}), "--out DIR is required");
-  EXPECT_EQ(msg({"--out", "d"}), "no INPUT given (text files or directories)");
+  EXPECT_EQ(msg({"--out", "d"}), "no INPUT given (text or JSONL files, or directories)");
   EXPECT_EQ(msg({"a", "--out"}), "--out needs a value");
+  EXPECT_EQ(msg({"a", "--out", "d", "--format", "csv"}), "--format csv: expected text, jsonl or chat");
+  EXPECT_EQ(msg({"a", "--out", "d", "--format", "chat", "--text-field", "body"}),
+            "--text-field body: only --format jsonl has a text field, not chat");
+  auto chat = ParseDataPrepareArgs({"a", "--out", "d", "--format=jsonl", "--text-field", "body"});
+  ASSERT_TRUE(chat.ok()) << chat.status().message();
+  EXPECT_EQ(chat->format.format, DataFormat::kJsonl);
+  EXPECT_EQ(chat->format.text_field, "body");
 }
 
 TEST(DataPrepare, TrainsSentencePieceIntoTheOutputDir) {

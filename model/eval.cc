@@ -124,7 +124,7 @@ std::string TokenText(const Tokenizer& tok, int32_t id) {
 }
 
 double EnsembleLoss(const std::vector<const LlamaModel*>& models, const std::vector<int32_t>& tokens, int64_t seq_len,
-                    const EvalOptions& opts, RoutingStats* routing) {
+                    const EvalOptions& opts, RoutingStats* routing, const std::vector<uint8_t>* loss) {
   at::NoGradGuard ng;
   const int64_t n = static_cast<int64_t>(tokens.size());
   const bool route = routing && models.size() == 1 && models.front()->config().is_moe();
@@ -146,7 +146,15 @@ double EnsembleLoss(const std::vector<const LlamaModel*>& models, const std::vec
     }
     // log(mean_m p_m) computed stably in log space.
     at::Tensor mixed = at::logsumexp(at::stack(logp), 0) - std::log(static_cast<double>(models.size()));
-    total -= mixed.gather(1, target).sum().item<double>();
+    at::Tensor nll = -mixed.gather(1, target).reshape({len});
+    if (loss) {
+      at::Tensor counted = at::empty({len}, at::kDouble);
+      for (int64_t i = 0; i < len; ++i) counted.data_ptr<double>()[i] = (*loss)[start + 1 + i];
+      total += (nll * counted.to(nll.device())).sum().item<double>();
+      count += static_cast<int64_t>(counted.sum().item<double>());
+      continue;
+    }
+    total += nll.sum().item<double>();
     count += len;
   }
   return count ? total / static_cast<double>(count) : 0.0;
@@ -210,10 +218,12 @@ StatusOr<json> Evaluate(const std::vector<EvalModelSpec>& models, const std::vec
   BTX_ASSIGN_OR_RETURN(auto tok, LoadTokenizer(first));
   BTX_ASSIGN_OR_RETURN(ModelConfig first_cfg, LoadConfig(first));
   std::map<std::string, TokenStream> data;
+  std::map<std::string, LossMask> masks;  // chat domains: only assistant tokens count
   for (const auto& d : domains) {
-    auto t = LoadTokens(d.valid, *tok, opts.max_tokens + 1, first_cfg.vocab_size);
+    auto t = LoadData(d.valid, *tok, DataFormatOptions{}, opts.max_tokens + 1, first_cfg.vocab_size);
     if (!t.ok()) return t.status().With("domain '" + d.name + "'");
-    data[d.name] = *t;
+    data[d.name] = t->tokens;
+    masks[d.name] = t->loss;
   }
   json out = {{"models", json::object()}, {"domains", json::array()}};
   for (const auto& d : domains) out["domains"].push_back(d.name);
@@ -245,7 +255,7 @@ StatusOr<json> Evaluate(const std::vector<EvalModelSpec>& models, const std::vec
     for (const auto& d : domains) {
       if (stop && stop->load()) return Cancelled("evaluation interrupted");
       RoutingStats routing;
-      const double loss = EnsembleLoss(ptrs, *data[d.name], opts.seq_len, opts, moe ? &routing : nullptr);
+      const double loss = EnsembleLoss(ptrs, *data[d.name], opts.seq_len, opts, moe ? &routing : nullptr, masks[d.name].get());
       res["domains"][d.name] = {{"loss", loss}, {"ppl", std::exp(loss)},
                                 {"tokens", static_cast<int64_t>(data[d.name]->size()) - 1}};
       if (!routing.expert_counts.empty()) {

@@ -27,26 +27,75 @@ std::string ExpertName(const std::string& stacked, int64_t e) {
 }
 }  // namespace
 
+namespace {
+bool Qwen2Moe(const ModelConfig& c) { return c.is_moe() && c.hf_model_type() == "qwen2_moe"; }
+void Replace(std::string& s, const std::string& from, const std::string& to) {
+  if (auto p = s.find(from); p != std::string::npos) s.replace(p, from.size(), to);
+}
+// Qwen2-MoE's zero shared expert of layer prefix p ("model.layers.N."), as HF names and shapes.
+std::vector<std::pair<std::string, std::vector<int64_t>>> SharedExpert(const ModelConfig& c, const std::string& p) {
+  const int64_t D = c.hidden_size, W = kQwen2MoeSharedWidth;
+  return {{p + "mlp.shared_expert.gate_proj.weight", {W, D}},
+          {p + "mlp.shared_expert.up_proj.weight", {W, D}},
+          {p + "mlp.shared_expert.down_proj.weight", {D, W}},
+          {p + "mlp.shared_expert_gate.weight", {1, D}}};
+}
+// The layer prefix of an internal stacked w2 name, after which the layer's extra tensors are written.
+std::string LayerPrefix(const std::string& stacked) { return stacked.substr(0, stacked.rfind("block_sparse_moe.")); }
+}  // namespace
+
+std::string HfMoeName(const ModelConfig& cfg, const std::string& name) {
+  if (!Qwen2Moe(cfg) || name.find(".block_sparse_moe.") == std::string::npos) return name;
+  std::string n = name;
+  Replace(n, ".block_sparse_moe.", ".mlp.");
+  if (n.find(".mlp.experts.") != std::string::npos) {
+    Replace(n, ".w1.weight", ".gate_proj.weight");
+    Replace(n, ".w3.weight", ".up_proj.weight");
+    Replace(n, ".w2.weight", ".down_proj.weight");
+  }
+  return n;
+}
+
+std::string MixtralStyleName(const ModelConfig& cfg, const std::string& hf_name) {
+  if (!Qwen2Moe(cfg)) return hf_name;
+  if (hf_name.find(".mlp.shared_expert") != std::string::npos) return "";
+  std::string n = hf_name;
+  if (n.find(".mlp.experts.") != std::string::npos) {
+    Replace(n, ".gate_proj.weight", ".w1.weight");
+    Replace(n, ".up_proj.weight", ".w3.weight");
+    Replace(n, ".down_proj.weight", ".w2.weight");
+    Replace(n, ".mlp.", ".block_sparse_moe.");
+  } else if (n.ends_with(".mlp.gate.weight")) {
+    Replace(n, ".mlp.", ".block_sparse_moe.");
+  }
+  return n;
+}
+
 std::vector<st::TensorSpec> HfSpecs(const ModelConfig& cfg, st::DType dtype) {
   std::vector<st::TensorSpec> out;
   for (auto& [name, shape] : LlamaModel::Layout(cfg)) {
     if (IsStacked(name)) {
       for (int64_t e = 0; e < shape[0]; ++e)
-        out.push_back({ExpertName(name, e), dtype, std::vector<int64_t>(shape.begin() + 1, shape.end())});
+        out.push_back({HfMoeName(cfg, ExpertName(name, e)), dtype, std::vector<int64_t>(shape.begin() + 1, shape.end())});
+      if (Qwen2Moe(cfg) && name.ends_with(".w2"))
+        for (auto& [n, s] : SharedExpert(cfg, LayerPrefix(name))) out.push_back({n, dtype, s});
     } else {
-      out.push_back({name, dtype, shape});
+      out.push_back({HfMoeName(cfg, name), dtype, shape});
     }
   }
   return out;
 }
 
 std::vector<std::pair<std::string, at::Tensor>> ToHfTensors(const LlamaModel& m) {
+  const ModelConfig& cfg = m.config();
   std::vector<std::pair<std::string, at::Tensor>> out;
   for (const auto& [name, t] : m.params()) {
     if (IsStacked(name)) {
-      for (int64_t e = 0; e < t.size(0); ++e) out.emplace_back(ExpertName(name, e), t[e]);
+      for (int64_t e = 0; e < t.size(0); ++e) out.emplace_back(HfMoeName(cfg, ExpertName(name, e)), t[e]);
+      if (Qwen2Moe(cfg) && name.ends_with(".w2"))
+        for (auto& [n, s] : SharedExpert(cfg, LayerPrefix(name))) out.emplace_back(n, at::zeros(s, at::kFloat));
     } else {
-      out.emplace_back(name, t);
+      out.emplace_back(HfMoeName(cfg, name), t);
     }
   }
   return out;
@@ -180,29 +229,35 @@ StatusOr<LlamaModel> LoadModelDir(const std::string& dir) {
   BTX_ASSIGN_OR_RETURN(HfTensorSource src, HfTensorSource::Open(dir));
   const ModelConfig& cfg = src.config();
   std::vector<std::pair<std::string, at::Tensor>> t;
-  size_t used = 0;
   for (auto& [name, shape] : LlamaModel::Layout(cfg)) {
     if (IsStacked(name)) {
       std::vector<at::Tensor> parts;
       for (int64_t e = 0; e < shape[0]; ++e) {
-        BTX_ASSIGN_OR_RETURN(at::Tensor x, src.Load(ExpertName(name, e)));
+        BTX_ASSIGN_OR_RETURN(at::Tensor x, src.Load(HfMoeName(cfg, ExpertName(name, e))));
         parts.push_back(x);
-        ++used;
       }
       t.emplace_back(name, at::stack(parts));
     } else {
-      BTX_ASSIGN_OR_RETURN(at::Tensor x, src.Load(name));
+      BTX_ASSIGN_OR_RETURN(at::Tensor x, src.Load(HfMoeName(cfg, name)));
       t.emplace_back(name, x);
-      ++used;
     }
   }
+  std::vector<std::string> expected;
+  for (const auto& spec : HfSpecs(cfg)) expected.push_back(spec.name);
+  std::sort(expected.begin(), expected.end());
   for (const auto& n : src.Names()) {
-    bool known = std::any_of(t.begin(), t.end(), [&](auto& p) { return p.first == n; }) || n.find(kExperts) != std::string::npos;
+    const bool known = std::binary_search(expected.begin(), expected.end(), n);
     // Older transformers saved the RoPE buffer; a tied model may still carry lm_head.
     if (!known && n.find("rotary_emb.inv_freq") == std::string::npos && !(cfg.tie_word_embeddings && n == "lm_head.weight"))
       return InvalidArgument(dir + ": unexpected tensor '" + n + "' for this config");
+    if (known && MixtralStyleName(cfg, n).empty()) {
+      // A Qwen2-MoE shared expert: btx's MoE has none, so only the all-zero one it writes is accepted.
+      BTX_ASSIGN_OR_RETURN(at::Tensor x, src.Load(n));
+      if (x.ne(0).any().item<bool>())
+        return InvalidArgument(dir + ": tensor '" + n + "' is not zero: btx's MoE has no shared expert (a Qwen2-MoE " +
+                               "with a trained shared expert is not supported)");
+    }
   }
-  (void)used;
   auto m = LlamaModel::FromTensors(cfg, std::move(t));
   if (!m.ok()) return m.status().With(dir);
   return m;

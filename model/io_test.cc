@@ -222,8 +222,151 @@ TEST(HfConfig, LlamaAndMixtralRoundTrip) {
     EXPECT_EQ(again->CheckSeqLen(65).code(), StatusCode::kInvalidArgument);
   }
   j = ConfigToHfJson(testing::TinyConfig());
-  j["model_type"] = "gemma";
-  EXPECT_NE(ConfigFromHfJson(j).status().message().find("gemma"), std::string::npos);
+  j["model_type"] = "gemma2";
+  EXPECT_NE(ConfigFromHfJson(j).status().message().find("soft-capping"), std::string::npos);
+  j["model_type"] = "phi3";
+  EXPECT_NE(ConfigFromHfJson(j).status().message().find("'phi3'"), std::string::npos);
+  j = ConfigToHfJson(testing::TinyConfig());
+  j["hidden_act"] = "gelu";
+  EXPECT_NE(ConfigFromHfJson(j).status().message().find("hidden_act"), std::string::npos);
+}
+
+ModelConfig TinyGemma(int64_t experts = 0) {
+  ModelConfig c = testing::TinyConfig(experts);
+  c.model_type = "gemma";
+  c.hidden_act = "gelu_pytorch_tanh";
+  c.explicit_head_dim = 12;
+  c.tie_word_embeddings = true;
+  c.rms_norm_eps = 1e-6;
+  return c;
+}
+
+ModelConfig TinyQwen2(int64_t experts = 0) {
+  ModelConfig c = testing::TinyConfig(experts);
+  c.model_type = "qwen2";
+  c.qkv_bias = true;
+  c.tie_word_embeddings = true;
+  return c;
+}
+
+TEST(HfConfig, GemmaAndEachFamilysMoeLayoutRoundTrip) {
+  // Gemma: its activation, head_dim and tied embeddings; its fields' defaults are GemmaConfig's.
+  nlohmann::json g = ConfigToHfJson(TinyGemma());
+  EXPECT_EQ(g["model_type"], "gemma");
+  EXPECT_EQ(g["architectures"][0], "GemmaForCausalLM");
+  EXPECT_EQ(g["hidden_activation"], "gelu_pytorch_tanh");
+  auto back = ConfigFromHfJson(g);
+  ASSERT_TRUE(back.ok()) << back.status().message();
+  EXPECT_EQ(ConfigToHfJson(*back), g);
+  EXPECT_TRUE(back->is_gemma());
+  g.erase("tie_word_embeddings");
+  g.erase("hidden_activation");
+  g["hidden_act"] = "gelu";  // what Gemma's own config.json says; transformers uses the tanh GELU all the same
+  back = ConfigFromHfJson(g);
+  ASSERT_TRUE(back.ok()) << back.status().message();
+  EXPECT_TRUE(back->tie_word_embeddings);
+  EXPECT_EQ(back->hidden_act, "gelu_pytorch_tanh");
+  g["hidden_activation"] = "relu";
+  EXPECT_NE(ConfigFromHfJson(g).status().message().find("hidden_activation 'relu'"), std::string::npos);
+
+  // MoE layouts: Mixtral for Llama, Qwen2-MoE for Qwen2, btx_gemma_moe for Gemma; each reads back as its family.
+  const std::vector<std::pair<ModelConfig, std::string>> moes = {
+      {testing::TinyConfig(3), "mixtral"}, {TinyQwen2(3), "qwen2_moe"}, {TinyGemma(3), "btx_gemma_moe"}};
+  for (const auto& [c, type] : moes) {
+    nlohmann::json j = ConfigToHfJson(c);
+    EXPECT_EQ(j["model_type"], type);
+    auto again = ConfigFromHfJson(j);
+    ASSERT_TRUE(again.ok()) << type << ": " << again.status().message();
+    // A Mixtral may come from Llama or Mistral: it reads back as "mixtral", which writes the same.
+    EXPECT_EQ(again->model_type, type == "mixtral" ? "mixtral" : c.model_type);
+    EXPECT_EQ(again->num_local_experts, 3);
+    EXPECT_EQ(ConfigToHfJson(*again), j) << type;
+  }
+  nlohmann::json q = ConfigToHfJson(TinyQwen2(3));
+  EXPECT_EQ(q["num_experts"], 3);
+  EXPECT_EQ(q["moe_intermediate_size"], 48);
+  EXPECT_EQ(q["norm_topk_prob"], true);  // btx renormalises the top-k gates
+  EXPECT_EQ(q["decoder_sparse_step"], 1);
+  EXPECT_EQ(q["shared_expert_intermediate_size"], kQwen2MoeSharedWidth);
+  q["norm_topk_prob"] = false;
+  EXPECT_NE(ConfigFromHfJson(q).status().message().find("norm_topk_prob"), std::string::npos);
+  q["norm_topk_prob"] = true;
+  q["decoder_sparse_step"] = 2;
+  EXPECT_NE(ConfigFromHfJson(q).status().message().find("decoder_sparse_step"), std::string::npos);
+  // What a layout cannot hold is refused naming the feature.
+  ModelConfig biased = testing::TinyConfig(2);
+  biased.qkv_bias = biased.o_bias = true;
+  EXPECT_NE(biased.Validate().message().find("attention biases"), std::string::npos);
+  ModelConfig nemo = testing::TinyConfig(2);
+  nemo.explicit_head_dim = 16;
+  EXPECT_NE(nemo.Validate().message().find("head_dim"), std::string::npos);
+  EXPECT_TRUE(TinyGemma(2).Validate().ok());  // btx_gemma_moe keeps Gemma's head_dim
+}
+
+TEST(HfDir, Qwen2MoeNamesAndItsZeroSharedExpert) {
+  TempDir dir;
+  auto m = LlamaModel::Init(TinyQwen2(2), 5);
+  ASSERT_TRUE(m.ok());
+  fs::create_directories(dir / "moe");
+  ASSERT_TRUE(WriteModelFiles(*m, dir / "moe").ok());
+  auto src = HfTensorSource::Open(dir / "moe");
+  ASSERT_TRUE(src.ok()) << src.status().message();
+  EXPECT_TRUE(src->Has("model.layers.1.mlp.experts.1.gate_proj.weight"));
+  EXPECT_TRUE(src->Has("model.layers.0.mlp.gate.weight"));
+  EXPECT_TRUE(src->Has("model.layers.0.mlp.shared_expert.down_proj.weight"));
+  EXPECT_TRUE(src->Has("model.layers.0.mlp.shared_expert_gate.weight"));
+  EXPECT_FALSE(src->Has("model.layers.0.block_sparse_moe.gate.weight"));
+  auto back = LoadModelDir(dir / "moe");
+  ASSERT_TRUE(back.ok()) << back.status().message();
+  for (size_t i = 0; i < m->params().size(); ++i)
+    EXPECT_TRUE(at::equal(back->params()[i].second, m->params()[i].second)) << m->params()[i].first;
+  // A trained (non-zero) shared expert is something btx cannot compute: refused by name, not dropped.
+  const auto specs = HfSpecs(m->config());
+  const auto tensors = ToHfTensors(*m);
+  ASSERT_EQ(specs.size(), tensors.size());
+  fs::create_directories(dir / "shared");
+  ASSERT_TRUE(WriteFileDurable(dir / "shared/config.json", ConfigToHfJson(m->config()).dump()).ok());
+  ASSERT_TRUE(WriteHfWeights(dir / "shared", specs, [&](size_t i) -> StatusOr<at::Tensor> {
+                return specs[i].name == "model.layers.1.mlp.shared_expert.up_proj.weight" ? tensors[i].second + 1
+                                                                                          : tensors[i].second;
+              }, 0).ok());
+  auto refused = LoadModelDir(dir / "shared");
+  ASSERT_FALSE(refused.ok());
+  EXPECT_NE(refused.status().message().find("model.layers.1.mlp.shared_expert.up_proj.weight' is not zero"),
+            std::string::npos) << refused.status().message();
+}
+
+TEST(Gemma, ScaledEmbeddingsAndOnePlusWeightNorms) {
+  // With every layer's projections zero the residual stream is the scaled embedding, so the logits are
+  // GemmaNorm(embedding * sqrt(D)) against the tied embedding: the scale and the (1 + w) norm, checked in float64.
+  // RMSNorm would cancel the scale but for eps: a large eps makes it show.
+  ModelConfig c = TinyGemma();
+  c.rms_norm_eps = 1e-2;
+  auto m = LlamaModel::Init(c, 3);
+  ASSERT_TRUE(m.ok());
+  for (auto& [name, t] : m->params()) {
+    if (name.find("model.layers.") == 0) t.zero_();
+  }
+  at::Tensor w = at::randn({c.hidden_size}, at::kDouble) * 0.5;
+  for (auto& [name, t] : m->params())
+    if (name == "model.norm.weight") t.copy_(w);
+  at::Tensor tokens = at::tensor({1, 7, 200, 3}, at::kLong).reshape({1, 4});
+  at::Tensor logits = m->Forward(tokens).logits[0].to(at::kDouble);
+  at::Tensor emb = m->param("model.embed_tokens.weight").to(at::kDouble);
+  at::Tensor x = emb.index_select(0, tokens[0]) * std::sqrt(static_cast<double>(c.hidden_size));
+  at::Tensor normed = x * at::rsqrt(x.pow(2).mean(-1, true) + c.rms_norm_eps) * (1 + w);
+  at::Tensor want = at::matmul(normed, emb.t());
+  EXPECT_LT((logits - want).abs().max().item<double>(), 1e-4 * want.abs().max().item<double>());
+  // Gemma's norms start at zero (they scale by 1 + w); Llama's at one.
+  EXPECT_EQ(LlamaModel::Init(c, 1)->param("model.norm.weight").abs().sum().item<double>(), 0.0);
+  // A Llama with the same weights (norm 1 + w, no embedding scale) differs: the test can fail.
+  ModelConfig l = c;
+  l.model_type = "llama";
+  std::vector<std::pair<std::string, at::Tensor>> same;
+  for (auto& [name, t] : m->params()) same.emplace_back(name, name.ends_with("norm.weight") ? t + 1 : t);
+  auto llama = LlamaModel::FromTensors(l, same);
+  ASSERT_TRUE(llama.ok());
+  EXPECT_GT((llama->Forward(tokens).logits[0].to(at::kDouble) - want).abs().max().item<double>(), 1e-2);
 }
 
 TEST(HfDir, ShardedRoundTripAndManifestCheck) {

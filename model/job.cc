@@ -9,11 +9,13 @@
 #include <nlohmann/json.hpp>
 
 #include "btx/contract/files.h"
+#include "btx/contract/inputs.h"
 #include "btx/model/data.h"
 #include "btx/model/eval.h"
 #include "btx/model/hf_io.h"
 #include "btx/model/merge.h"
 #include "btx/model/tokenizer.h"
+#include "btx/model/memory_model.h"
 #include "btx/model/trainer.h"
 
 namespace btx::model {
@@ -110,13 +112,18 @@ StatusOr<DomainData> LoadDomain(const std::string& field, const std::string& nam
   DomainData out;
   out.name = name;
   out.weight = weight;
-  auto train = LoadTokens(d.train, tok, 0, vocab);
+  DataFormatOptions format;
+  BTX_ASSIGN_OR_RETURN(format.format, ParseDataFormat(d.format));
+  format.text_field = d.text_field;
+  auto train = LoadData(d.train, tok, format, 0, vocab);
   if (!train.ok()) return train.status().With(field + ".train");
-  out.train = *train;
+  out.train = train->tokens;
+  out.train_loss = train->loss;
   if (!d.valid.empty()) {
-    auto valid = LoadTokens(d.valid, tok, valid_tokens + 1, vocab);
+    auto valid = LoadData(d.valid, tok, format, valid_tokens + 1, vocab);
     if (!valid.ok()) return valid.status().With(field + ".valid");
-    out.valid = *valid;
+    out.valid = valid->tokens;
+    out.valid_loss = valid->loss;
   }
   return out;
 }
@@ -137,8 +144,11 @@ StatusOr<int> TrainAndPublish(Job& job, TrainRun& run) {
   std::cerr << "btx-train: " << contract::JobKindName(job.file.kind) << " " << job.file.name << " attempt "
             << job.file.attempt << " on " << job.device << ", " << at::get_num_threads() << " CPU threads, tokenizer "
             << tok->kind() << " (" << tok->vocab_size() << " tokens)\n";
+  std::cerr << "btx-train: "
+            << DescribeTrainingMemory(run.model, run.train, job.dp ? job.dp->world_size() : 1, job.device) << "\n";
   BTX_RETURN_IF_ERROR(trainer.ResumeFromLatest());
   BTX_ASSIGN_OR_RETURN(TrainOutcome outcome, trainer.Run());
+  std::cerr << "btx-train: " << DescribeMeasuredPeak(c10::Device(job.device)) << "\n";
   if (outcome == TrainOutcome::kInterrupted) {
     std::cerr << "btx: interrupted at step " << trainer.step() << ", checkpoint " << trainer.last_checkpoint() << "\n";
     return kExitInterrupted;
@@ -314,8 +324,37 @@ Status ApplyResources(Job& job) {
       return InvalidArgument("kind: " + std::string(contract::JobKindName(kind)) + " runs as one rank, not " +
                              std::to_string(dist.world_size));
     }
+    // CUDA ranks (one device each) sum over NCCL when this build has it, Gloo otherwise (distributed.h).
+    dist.device = job.device;
     BTX_ASSIGN_OR_RETURN(job.dp, DataParallel::Join(dist));
+    std::cerr << "btx-train: rank " << dist.rank << " of " << dist.world_size << " over " << job.dp->backend() << "\n";
     if (job.follower()) job.progress_fd = -1;  // progress comes from rank 0
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+namespace {
+
+// A parent's output always carries a manifest. The scheduler lays a pipeline's outputs out as
+// <artifact root>/<pipeline>/<job>/model, so a model dir of that shape beside this job's own output is a
+// parent's; one without its manifest was damaged or tampered with and must not pass for a user's seed,
+// which the loaders accept unchecked (they verify any manifest they find: only its presence is checked here).
+Status CheckParentManifests(const Job& job) {
+  const fs::path output = fs::path(job.output_dir()).lexically_normal();
+  if (output.filename() != "model") return Status::Ok();
+  const fs::path pipeline_dir = output.parent_path().parent_path();
+  if (pipeline_dir.empty() || pipeline_dir == pipeline_dir.root_path()) return Status::Ok();
+  for (const contract::Input& in : contract::InputsOf(job.file.parsed)) {
+    if (in.kind != contract::InputKind::kModelDir) continue;
+    const fs::path input = fs::path(in.path).lexically_normal();
+    if (input.filename() != "model" || input.parent_path().parent_path() != pipeline_dir) continue;
+    std::error_code ec;
+    if (!fs::exists(fs::path(in.path) / kManifestName, ec)) {
+      return DataLoss(in.field + ": " + in.path + " is a parent job's output without its " + kManifestName +
+                      " (deleted or never published): refusing to load it unchecked");
+    }
   }
   return Status::Ok();
 }
@@ -352,7 +391,8 @@ int RunJobFile(const std::string& job_path, int progress_fd, const std::atomic<b
   }
   StatusOr<int> rc = 0;
   try {
-    Status resources = ApplyResources(job);
+    Status resources = CheckParentManifests(job);
+    if (resources.ok()) resources = ApplyResources(job);
     rc = resources.ok() ? RunKind(job) : StatusOr<int>(resources);
   } catch (const std::exception& e) {
     std::cerr << "btx-train: " << kind << " failed: " << e.what() << "\n";

@@ -57,6 +57,9 @@ Status SameShape(const ModelConfig& a, const ModelConfig& b, const std::string& 
       a.head_dim() != b.head_dim() || a.qkv_bias != b.qkv_bias || a.o_bias != b.o_bias || !(a.rope_scaling == b.rope_scaling) ||
       a.rope_theta != b.rope_theta)
     return InvalidArgument(what + " has a different architecture than the first model");
+  if (a.model_type != b.model_type || a.hidden_act != b.hidden_act || a.rms_norm_eps != b.rms_norm_eps)
+    return InvalidArgument(what + " is a " + b.model_type + " (" + b.hidden_act + ") model, the first a " + a.model_type +
+                           " (" + a.hidden_act + ") one");
   if (a.is_moe() || b.is_moe()) return InvalidArgument(what + " is not a dense Llama model");
   return Status::Ok();
 }
@@ -301,14 +304,16 @@ Status MergeUnverified(const MergeSpec& s, const std::string& dir, const std::at
     for (auto& e : experts) averaged.push_back(e.get()), expert_src.push_back(e.get());
     if (s.method == "btx" && s.keep_seed_expert) averaged.push_back(seed.get()), expert_src.push_back(seed.get());
   }
-  // The MoE is written as Mixtral, whose attention has no biases: a Qwen2 seed needs Qwen2-MoE, not built yet.
-  if (s.method != "btm" && (base.qkv_bias || base.o_bias)) {
-    return InvalidArgument("a " + base.model_type + " model with attention biases cannot be mixed into a Mixtral MoE; " +
-                           "only method btm (a dense average) supports it for now");
+  // Each family's MoE layout (Mixtral, Qwen2-MoE, btx_gemma_moe) says what it can hold; out.Validate() below
+  // refuses the rest (e.g. Llama's attention_bias, Mistral-Nemo's head_dim in a Mixtral), naming the feature.
+  if (s.method != "btm" && (base.qkv_bias || base.o_bias) && base.model_type != "qwen2" && base.model_type != "gemma") {
+    return InvalidArgument("a " + base.model_type + " model with attention biases cannot be mixed into a Mixtral MoE " +
+                           "(no attention biases); only method btm (a dense average) supports it");
   }
-  if (s.method != "btm" && base.explicit_head_dim > 0) {
+  if (s.method != "btm" && base.explicit_head_dim > 0 && base.model_type != "gemma") {
     return InvalidArgument("head_dim " + std::to_string(base.head_dim()) + " differs from hidden_size / num_attention_heads, " +
-                           "which Mixtral (as transformers 4.46 loads it) cannot express; only method btm supports it for now");
+                           "which " + (base.model_type == "qwen2" ? "Qwen2-MoE" : "Mixtral") +
+                           " (as transformers 4.46 loads it) cannot express; only method btm supports it");
   }
   ModelConfig out = base;
   if (s.method != "btm") {
@@ -355,15 +360,16 @@ Status MergeUnverified(const MergeSpec& s, const std::string& dir, const std::at
   const auto specs = HfSpecs(out, StorageDType(out));
   // What each output tensor is: a copy of one input's tensor, a router, or the mean over `averaged`.
   std::vector<ExpertRef> refs(specs.size());
-  std::vector<int> kind(specs.size(), 2);  // 0 expert copy, 1 router, 2 mean
+  std::vector<int> kind(specs.size(), 2);  // 0 expert copy, 1 router, 2 mean, 3 zeros (Qwen2-MoE's shared expert)
   std::vector<uint64_t> bytes(specs.size(), sizeof(float));
   for (size_t i = 0; i < specs.size(); ++i) {
     for (int64_t d : specs[i].shape) bytes[i] *= static_cast<uint64_t>(d);
     int layer = -1;
-    if (ParseExpertName(specs[i].name, &refs[i])) kind[i] = 0;
+    const std::string name = MixtralStyleName(out, specs[i].name);  // the layouts differ in names only
+    if (name.empty()) kind[i] = 3;
+    else if (ParseExpertName(name, &refs[i])) kind[i] = 0;
     // sscanf stops matching silently after %d, so the suffix is checked separately.
-    else if (specs[i].name.ends_with(".block_sparse_moe.gate.weight") &&
-             std::sscanf(specs[i].name.c_str(), "model.layers.%d.", &layer) == 1)
+    else if (name.ends_with(".block_sparse_moe.gate.weight") && std::sscanf(name.c_str(), "model.layers.%d.", &layer) == 1)
       kind[i] = 1, refs[i].layer = layer;
   }
   auto mean = [&](size_t i) -> StatusOr<at::Tensor> {
@@ -423,6 +429,7 @@ Status MergeUnverified(const MergeSpec& s, const std::string& dir, const std::at
     if (!ahead) launch_after(i);
     if (kind[i] == 0) return expert_src.at(refs[i].expert)->Get(refs[i].dense);
     if (kind[i] == 1) return routers.at(refs[i].layer);
+    if (kind[i] == 3) return at::zeros(specs[i].shape, at::kFloat);
     return mean(i);  // only a mean that nothing computed ahead: the first one
   };
   nlohmann::json config = ConfigToHfJson(out);

@@ -98,6 +98,80 @@ TEST(Merge, BtxPlacesExpertsAndAveragesTheRest) {
   EXPECT_EQ(config["btx_expert_names"], nlohmann::json({"a", "b", "seed"}));
 }
 
+// Each family's MoE layout: Qwen2 experts become a Qwen2-MoE (its names, biases averaged, a zero shared expert),
+// Gemma experts a btx_gemma_moe whose upcycled form computes the dense Gemma; Llama with attention_bias is refused.
+TEST(Merge, EachFamilyGetsItsMoeLayout) {
+  TempDir dir;
+  auto family = [](const std::string& type) {
+    ModelConfig c = testing::TinyConfig();
+    c.model_type = type;
+    if (type == "qwen2") c.qkv_bias = true;
+    if (type == "gemma") c.hidden_act = "gelu_pytorch_tanh", c.explicit_head_dim = 12, c.tie_word_embeddings = true;
+    if (type == "llama") c.qkv_bias = c.o_bias = true;
+    return c;
+  };
+  auto merge = [&](const MergeSpec& s, const std::string& name) {
+    auto staged = StagedDir::Create(dir / name);
+    Status st = MergeToDir(s, staged->path());
+    if (st.ok()) {
+      EXPECT_TRUE(staged->Publish().ok());
+    }
+    return st;
+  };
+  for (const std::string type : {"qwen2", "gemma", "llama"}) {
+    const ModelConfig c = family(type);
+    const std::string a = SaveModel(*LlamaModel::Init(c, 2), dir / (type + "-a"));
+    const std::string b = SaveModel(*LlamaModel::Init(c, 3), dir / (type + "-b"));
+    MergeSpec s;
+    s.experts = {{"a", a}, {"b", b}};
+    Status st = merge(s, type + "-moe");
+    if (type == "llama") {
+      EXPECT_NE(st.message().find("attention biases"), std::string::npos) << st.message();
+      continue;
+    }
+    ASSERT_TRUE(st.ok()) << type << ": " << st.message();
+    const std::string out = dir / (type + "-moe");
+    auto j = nlohmann::json::parse(*ReadFile(out + "/config.json"));
+    EXPECT_EQ(j["model_type"], type == "qwen2" ? "qwen2_moe" : "btx_gemma_moe");
+    const std::string p = "model.layers.1.";
+    const std::string expert = type == "qwen2" ? p + "mlp.experts.1.down_proj.weight" : p + "block_sparse_moe.experts.1.w2.weight";
+    EXPECT_TRUE(at::equal(Get(out, expert), Get(b, p + "mlp.down_proj.weight"))) << type;
+    const std::string q_bias = p + "self_attn.q_proj.bias";
+    if (type == "qwen2") {
+      EXPECT_TRUE(at::allclose(Get(out, q_bias), (Get(a, q_bias) + Get(b, q_bias)) / 2));
+      EXPECT_EQ(Get(out, p + "mlp.shared_expert.up_proj.weight").abs().sum().item<double>(), 0.0);
+      EXPECT_EQ(Get(out, p + "mlp.shared_expert_gate.weight").abs().sum().item<double>(), 0.0);
+    }
+    auto moe = LoadModelDir(out);
+    ASSERT_TRUE(moe.ok()) << moe.status().message();
+    EXPECT_EQ(moe->config().model_type, type);
+    // Upcycled: every expert is the dense FFN and the gates sum to one, so the MoE computes the dense model.
+    MergeSpec up;
+    up.method = "upcycle";
+    up.seed = a;
+    up.num_experts = 3;
+    ASSERT_TRUE(merge(up, type + "-up").ok());
+    auto upcycled = LoadModelDir(dir / (type + "-up"));
+    ASSERT_TRUE(upcycled.ok()) << upcycled.status().message();
+    auto dense = LoadModelDir(a);
+    at::Tensor tokens = at::arange(0, 24, at::kLong).reshape({2, 12}) * 9;
+    for (auto backend : {MoeBackend::kKernels, MoeBackend::kReference}) {
+      ForwardOptions fo;
+      fo.backend = backend;
+      EXPECT_TRUE(at::allclose(upcycled->Forward(tokens, fo).logits, dense->Forward(tokens).logits, 1e-4, 1e-5)) << type;
+    }
+  }
+  // Experts of different families do not mix, even with the same shapes.
+  ModelConfig llama_shaped = family("gemma");
+  llama_shaped.model_type = "llama";
+  llama_shaped.hidden_act = "silu";
+  MergeSpec mixed;
+  mixed.method = "btm";
+  mixed.experts = {{"g", dir / "gemma-a"}, {"l", SaveModel(*LlamaModel::Init(llama_shaped, 4), dir / "plain")}};
+  Status st = merge(mixed, "mixed");
+  EXPECT_NE(st.message().find("is a llama (silu) model, the first a gemma"), std::string::npos) << st.message();
+}
+
 TEST(Merge, UpcycleCopiesSeedAndReproducesDenseLogits) {
   Fixture f;
   MergeSpec s;

@@ -201,6 +201,41 @@ class HfDirTokenizer final : public Tokenizer {
   int32_t bos_id() const override { return bos_; }
   int32_t eos_id() const override { return eos_; }
   std::string kind() const override { return "huggingface"; }
+  // transformers' order: chat_template.jinja beside the config wins over the config's chat_template, which is a
+  // string or a list of {name, template} (the one named "default" is apply_chat_template's).
+  StatusOr<ChatTemplateSource> chat_template() const override {
+    ChatTemplateSource out;
+    const std::string config_path = dir_ + "/tokenizer_config.json";
+    nlohmann::json config = nlohmann::json::object();
+    if (auto text = ReadFile(config_path); text.ok()) {
+      config = nlohmann::json::parse(*text, nullptr, false);
+      if (!config.is_object()) return InvalidArgument(config_path + ": not a JSON object");
+    }
+    auto token = [&](const char* key) {
+      const nlohmann::json v = config.value(key, nlohmann::json());
+      return v.is_string() ? v.get<std::string>() : v.is_object() ? v.value("content", std::string()) : std::string();
+    };
+    out.bos_token = token("bos_token");
+    out.eos_token = token("eos_token");
+    if (auto jinja = ReadFile(dir_ + "/chat_template.jinja"); jinja.ok()) {
+      out.source = *jinja;
+      out.origin = dir_ + "/chat_template.jinja";
+      return out;
+    }
+    const nlohmann::json t = config.value("chat_template", nlohmann::json());
+    out.origin = config_path + " chat_template";
+    if (t.is_string()) {
+      out.source = t.get<std::string>();
+    } else if (t.is_array()) {
+      for (const auto& e : t)
+        if (e.is_object() && e.value("name", "") == "default" && e.contains("template") && e["template"].is_string())
+          out.source = e["template"].get<std::string>();
+      if (out.source.empty()) return InvalidArgument(out.origin + ": a list without a template named \"default\"");
+    } else if (!t.is_null()) {
+      return InvalidArgument(out.origin + ": expected a string or a list of {name, template}");
+    }
+    return out;
+  }
   Status SaveTo(const std::string& dir) const override {
     for (const char* f : kFiles) {
       const std::string from = dir_ + "/" + f;

@@ -4,11 +4,14 @@
 #include <ATen/autocast_mode.h>
 
 #include "btx/kernels/autocast.h"
+#include "btx/kernels/chunked_loss.h"
 #include <ATen/CPUGeneratorImpl.h>
 
 #include <chrono>
 #include <cmath>
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <iostream>
 #include <mutex>
@@ -16,11 +19,51 @@
 
 #include "btx/contract/files.h"
 #include "btx/model/hf_io.h"
+#include "btx/model/memory_model.h"
 #include "btx/model/safetensors.h"
 
 namespace btx::model {
 namespace fs = std::filesystem;
 using nlohmann::json;
+
+namespace {
+// bf16 autocast of the forward pass on CPU for one scope (`train.precision: bf16`); weights stay float32 and the
+// cast cache is dropped at the end, so that weights the optimizer updated are cast afresh.
+class CpuAutocastScope {
+ public:
+  explicit CpuAutocastScope(bool enable) : enabled_(enable) {
+    if (!enabled_) return;
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
+    was_ = at::autocast::is_autocast_enabled(at::kCPU);
+    old_ = at::autocast::get_autocast_dtype(at::kCPU);
+    at::autocast::set_autocast_enabled(at::kCPU, true);
+    at::autocast::set_autocast_dtype(at::kCPU, at::kBFloat16);
+#else
+    was_ = at::autocast::is_cpu_enabled();
+    old_ = at::autocast::get_autocast_cpu_dtype();
+    at::autocast::set_cpu_enabled(true);
+    at::autocast::set_autocast_cpu_dtype(at::kBFloat16);
+#endif
+  }
+  ~CpuAutocastScope() {
+    if (!enabled_) return;
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
+    at::autocast::set_autocast_enabled(at::kCPU, was_);
+    at::autocast::set_autocast_dtype(at::kCPU, old_);
+#else
+    at::autocast::set_cpu_enabled(was_);
+    at::autocast::set_autocast_cpu_dtype(old_);
+#endif
+    if (!was_) at::autocast::clear_cache();
+  }
+  CpuAutocastScope(const CpuAutocastScope&) = delete;
+  CpuAutocastScope& operator=(const CpuAutocastScope&) = delete;
+
+ private:
+  bool enabled_, was_ = false;
+  at::ScalarType old_ = at::kBFloat16;
+};
+}  // namespace
 
 
 double LearningRate(const TrainConfig& c, int64_t step, int64_t total) {
@@ -63,7 +106,7 @@ Status Trainer::Init() {
   std::vector<WindowSampler> samplers;
   std::vector<double> weights;
   for (size_t d = 0; d < data_.size(); ++d) {
-    auto s = WindowSampler::Create(data_[d].train, cfg_.seq_len, SplitMix64(cfg_.seed + d));
+    auto s = WindowSampler::Create(data_[d].train, cfg_.seq_len, SplitMix64(cfg_.seed + d), data_[d].train_loss);
     if (!s.ok()) return s.status().With("data '" + data_[d].name + "'");
     samplers.push_back(std::move(*s));
     if (!(data_[d].weight > 0)) return InvalidArgument("mixture weight of '" + data_[d].name + "' must be > 0");
@@ -80,12 +123,36 @@ Status Trainer::Init() {
     const bool train = !IsFrozen(params[i].first, opts_.freeze);
     params[i].second.requires_grad_(train);
     if (train) {
+      // The optimizer updates flat views of the parameters: they must be dense.
+      if (!params[i].second.is_contiguous()) return Internal("parameter " + params[i].first + " is not contiguous");
       trainable_.push_back(i);
-      exp_avg_.push_back(at::zeros_like(params[i].second));
-      exp_avg_sq_.push_back(at::zeros_like(params[i].second));
+      flat_offsets_.push_back(flat_numel_);
+      flat_numel_ += params[i].second.numel();
     }
   }
   if (trainable_.empty()) return InvalidArgument("freeze: every parameter is frozen");
+  // ZeRO-1: rank r owns elements [r·S, (r+1)·S) of the flat trainable parameters, S = ceil(N / R) (the last
+  // shards may be short or empty); equal strides let the all-gather exchange equal-sized buffers.
+  const int world = opts_.dp ? opts_.dp->world_size() : 1;
+  zero_ = world > 1 && cfg_.zero == 1;
+  shard_size_ = zero_ ? (flat_numel_ + world - 1) / world : flat_numel_;
+  const int rank = opts_.dp ? opts_.dp->rank() : 0;
+  shard_begin_ = zero_ ? std::min(flat_numel_, rank * shard_size_) : 0;
+  shard_end_ = std::min(flat_numel_, shard_begin_ + shard_size_);
+  segments_ = SegmentsOf(shard_begin_, shard_end_);
+  if (zero_) {
+    for (int r = 0; r < world; ++r)
+      rank_segments_.push_back(SegmentsOf(std::min(flat_numel_, r * shard_size_), std::min(flat_numel_, (r + 1) * shard_size_)));
+  }
+  const auto state_opts = params[trainable_.front()].second.options().dtype(at::kFloat).requires_grad(false);
+  exp_avg_ = at::zeros({shard_end_ - shard_begin_}, state_opts);
+  exp_avg_sq_ = at::zeros({shard_end_ - shard_begin_}, state_opts);
+  if (opts_.dp) {
+    std::vector<at::Tensor> tp;
+    for (size_t i : trainable_) tp.push_back(params[i].second);
+    const DistConfig& dc = opts_.dp->config();
+    reducer_ = std::make_unique<GradReducer>(opts_.dp, std::move(tp), dc.bucket_bytes, dc.overlap);
+  }
   // Randomised ops (SparseMixer sampling, jitter) draw from the default generator; its state is checkpointed.
   auto gen = at::detail::getDefaultCPUGenerator();
   std::lock_guard<std::mutex> lock(gen.mutex());
@@ -103,72 +170,130 @@ StatusOr<double> Trainer::TrainStep() {
     // Every rank draws the whole micro-batch (the sampler is deterministic) and computes its slice of the rows,
     // so that R ranks see exactly the samples one rank would; the slice's loss is weighted by its share of the
     // rows and the gradients summed over ranks, which gives the one-rank mean.
-    at::Tensor batch = sampler_->Next(micro, cfg_.seq_len);
+    // Targets are kIgnoreIndex (-100) where the loss does not count (chat: all but assistant tokens); the CE is the
+    // mean over the counted ones, so a rank's share is its slice's share of the micro-batch's counted targets.
+    MixtureSampler::Batch drawn = sampler_->NextBatch(micro, cfg_.seq_len);
+    at::Tensor batch = drawn.tokens, targets = drawn.targets;
     double share = 1.0, aux_share = 1.0;
     if (opts_.dp) {
       const auto [begin, end] = opts_.dp->Slice(micro);
       batch = batch.narrow(0, begin, end - begin);
-      share = static_cast<double>(end - begin) / static_cast<double>(micro);
+      targets = targets.narrow(0, begin, end - begin);
+      share = CountedShare(drawn.targets, begin, end);
       aux_share = 1.0 / opts_.dp->world_size();
       if (end == begin) continue;
     }
     batch = batch.to(dev);
-    at::Tensor input = batch.narrow(1, 0, cfg_.seq_len), target = batch.narrow(1, 1, cfg_.seq_len);
+    at::Tensor input = batch.narrow(1, 0, cfg_.seq_len), target = targets.to(dev);
     ForwardOutput out;
     at::Tensor ce;
     {
-      kernels::CudaAutocastScope amp(cuda);  // bf16 forward on GPUs; the backward runs outside autocast
+      // bf16 forward with `train.precision: bf16`; the backward runs outside autocast
+      kernels::CudaAutocastScope amp(cuda && cfg_.precision == "bf16");
+      CpuAutocastScope cpu_amp(!cuda && cfg_.precision == "bf16");
       ForwardOptions fo;
       fo.training = true;
       fo.backend = opts_.backend;
       fo.top_k = opts_.top_k;
+      ApplyMemoryOptions(cfg_, fo);
       out = model_->Forward(input, fo);
-      at::Tensor logits = out.logits.to(at::kFloat);
-      ce = at::nll_loss(at::log_softmax(logits.reshape({-1, logits.size(-1)}), -1), target.reshape({-1}));
+      if (cfg_.loss_chunk_tokens > 0) {
+        // Same mean over the tokens whose target is not -100, without the [tokens, vocab] logits.
+        ce = kernels::chunked_cross_entropy(out.hidden.reshape({-1, out.hidden.size(-1)}), model_->lm_head(),
+                                            target.reshape({-1}), cfg_.loss_chunk_tokens)
+                 .loss;
+      } else {
+        at::Tensor logits = out.logits.to(at::kFloat);
+        ce = at::nll_loss(at::log_softmax(logits.reshape({-1, logits.size(-1)}), -1), target.reshape({-1}));
+      }
     }
     at::Tensor loss = (ce * share + out.aux_loss * aux_share) / static_cast<double>(cfg_.grad_accum);
+    // The last micro-batch's backward feeds the gradient buckets as it goes (overlap; distributed.h).
+    if (reducer_ && a + 1 == cfg_.grad_accum) reducer_->Arm();
     loss.backward();
     loss_sum += ce.item<double>() * share;
   }
   at::NoGradGuard ng;
   if (opts_.dp) {
-    std::vector<at::Tensor> grads;
-    for (size_t i : trainable_) {
-      at::Tensor& p = params[i].second;
-      if (!p.grad().defined()) p.mutable_grad() = at::zeros_like(p);  // a rank with no rows still takes part
-      grads.push_back(p.grad());
+    // Every rank ends with the summed gradient of every parameter (Gloo has no reduce-scatter in LibTorch 1.13;
+    // ZeRO-1 then reads only its shard of it).
+    BTX_RETURN_IF_ERROR(reducer_->Finish());
+    if (step_ == 0) {
+      std::cerr << "btx: rank " << opts_.dp->rank() << ": " << reducer_->num_buckets() << " gradient buckets, "
+                << reducer_->launched_during_backward() << " all-reduced during the backward pass; optimizer "
+                << (zero_ ? "sharded (ZeRO-1): " : "replicated: ") << shard_end_ - shard_begin_ << " of "
+                << flat_numel_ << " elements\n";
     }
-    BTX_RETURN_IF_ERROR(opts_.dp->AllReduceGradients(grads));
     BTX_ASSIGN_OR_RETURN(loss_sum, opts_.dp->Sum(loss_sum));
   }
   const double lr = LearningRate(cfg_, step_, opts_.steps);
   if (cfg_.grad_clip > 0) {
+    // The global norm: over this rank's shard, summed over the ranks with ZeRO-1 (each element counted once).
     std::vector<at::Tensor> norms;
-    for (size_t i : trainable_)
-      if (params[i].second.grad().defined()) norms.push_back(params[i].second.grad().pow(2).sum());
-    const double total = std::sqrt(at::stack(norms).sum().item<double>());
+    for (const Segment& s : segments_) {
+      const at::Tensor& g = params[trainable_[s.k]].second.grad();
+      if (g.defined()) norms.push_back(g.reshape({-1}).narrow(0, s.param_off, s.len).pow(2).sum());
+    }
+    double sq = norms.empty() ? 0.0 : at::stack(norms).sum().item<double>();
+    if (zero_) {
+      BTX_ASSIGN_OR_RETURN(sq, opts_.dp->Sum(sq));
+    }
+    const double total = std::sqrt(sq);
     if (total > cfg_.grad_clip) {
       const double scale = cfg_.grad_clip / (total + 1e-6);
-      for (size_t i : trainable_)
-        if (params[i].second.grad().defined()) params[i].second.mutable_grad().mul_(scale);
+      for (const Segment& s : segments_) {
+        at::Tensor& p = params[trainable_[s.k]].second;
+        if (p.grad().defined()) p.mutable_grad().mul_(scale);  // a parameter has at most one segment per shard
+      }
     }
   }
   const double t = static_cast<double>(step_ + 1);
   const double bc1 = 1 - std::pow(cfg_.beta1, t), bc2 = 1 - std::pow(cfg_.beta2, t);
-  for (size_t k = 0; k < trainable_.size(); ++k) {
-    at::Tensor& p = params[trainable_[k]].second;
+  for (const Segment& s : segments_) {
+    at::Tensor& p = params[trainable_[s.k]].second;
     if (!p.grad().defined()) continue;
-    at::Tensor g = p.grad();
+    at::Tensor g = p.grad().reshape({-1}).narrow(0, s.param_off, s.len);
+    at::Tensor w = p.view({-1}).narrow(0, s.param_off, s.len);
+    at::Tensor m = exp_avg_.narrow(0, s.state_off, s.len), v = exp_avg_sq_.narrow(0, s.state_off, s.len);
     // Decoupled weight decay (AdamW) on matrices only; norms and other vectors are not decayed.
-    if (cfg_.weight_decay > 0 && p.dim() >= 2) p.mul_(1.0 - lr * cfg_.weight_decay);
-    exp_avg_[k].mul_(cfg_.beta1).add_(g, 1.0 - cfg_.beta1);
-    exp_avg_sq_[k].mul_(cfg_.beta2).addcmul_(g, g, 1.0 - cfg_.beta2);
-    at::Tensor denom = (exp_avg_sq_[k].sqrt() / std::sqrt(bc2)).add_(cfg_.eps);
-    p.addcdiv_(exp_avg_[k], denom, -lr / bc1);
-    p.mutable_grad().reset();
+    if (cfg_.weight_decay > 0 && p.dim() >= 2) w.mul_(1.0 - lr * cfg_.weight_decay);
+    m.mul_(cfg_.beta1).add_(g, 1.0 - cfg_.beta1);
+    v.mul_(cfg_.beta2).addcmul_(g, g, 1.0 - cfg_.beta2);
+    at::Tensor denom = (v.sqrt() / std::sqrt(bc2)).add_(cfg_.eps);
+    w.addcdiv_(m, denom, -lr / bc1);
   }
+  for (size_t i : trainable_) params[i].second.mutable_grad().reset();
+  if (zero_) BTX_RETURN_IF_ERROR(GatherParams());
   ++step_;
   return loss_sum / static_cast<double>(cfg_.grad_accum);
+}
+
+std::vector<Trainer::Segment> Trainer::SegmentsOf(int64_t begin, int64_t end) const {
+  std::vector<Segment> out;
+  const auto& params = model_->params();
+  for (size_t k = 0; k < trainable_.size(); ++k) {
+    const int64_t lo = std::max(begin, flat_offsets_[k]);
+    const int64_t hi = std::min(end, flat_offsets_[k] + params[trainable_[k]].second.numel());
+    if (lo < hi) out.push_back({k, lo - flat_offsets_[k], lo - begin, hi - lo});
+  }
+  return out;
+}
+
+Status Trainer::GatherParams() {
+  auto& params = model_->params();
+  const auto o = params[trainable_.front()].second.options().requires_grad(false);
+  at::Tensor mine = at::zeros({shard_size_}, o);  // padded to the common stride
+  for (const Segment& s : segments_)
+    mine.narrow(0, s.state_off, s.len).copy_(params[trainable_[s.k]].second.view({-1}).narrow(0, s.param_off, s.len));
+  std::vector<at::Tensor> all;
+  for (size_t r = 0; r < rank_segments_.size(); ++r) all.push_back(at::empty({shard_size_}, o));
+  BTX_RETURN_IF_ERROR(opts_.dp->AllGatherInto(mine, all));
+  for (size_t r = 0; r < rank_segments_.size(); ++r) {
+    if (static_cast<int>(r) == opts_.dp->rank()) continue;
+    for (const Segment& s : rank_segments_[r])
+      params[trainable_[s.k]].second.view({-1}).narrow(0, s.param_off, s.len).copy_(all[r].narrow(0, s.state_off, s.len));
+  }
+  return Status::Ok();
 }
 
 StatusOr<TrainOutcome> Trainer::Run() {
@@ -188,7 +313,12 @@ StatusOr<TrainOutcome> Trainer::Run() {
       window_start = clock::now();
       window_tokens = 0;
     }
-    const bool stop = hooks_.stop && hooks_.stop->load();
+    bool stop = hooks_.stop && hooks_.stop->load();
+    if (opts_.dp) {
+      // SIGTERM may reach the ranks at different steps: they stop together, after the same step.
+      BTX_ASSIGN_OR_RETURN(const double stopping, opts_.dp->Sum(stop ? 1.0 : 0.0));
+      stop = stopping > 0;
+    }
     const bool periodic = cfg_.checkpoint_every > 0 && step_ % cfg_.checkpoint_every == 0;
     if (!opts_.checkpoint_dir.empty() && (periodic || stop || step_ == opts_.steps))
       BTX_RETURN_IF_ERROR(SaveCheckpoint());
@@ -222,13 +352,71 @@ at::Tensor Unhex(const std::string& s) {
 }
 }  // namespace
 
+namespace {
+std::string ShardFileName(int shard, int shards) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "optimizer-%05d-of-%05d.safetensors", shard, shards);
+  return buf;
+}
+at::Tensor CpuRngState() {
+  auto gen = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  return gen.get_state();
+}
+}  // namespace
+
+Status Trainer::WriteOptimizerShard(const std::string& path, std::string* sha256) const {
+  const std::map<std::string, std::string> meta = {
+      {"begin", std::to_string(shard_begin_)}, {"end", std::to_string(shard_end_)}, {"numel", std::to_string(flat_numel_)}};
+  return st::Write(path, {{"exp_avg", exp_avg_.cpu()}, {"exp_avg_sq", exp_avg_sq_.cpu()}}, meta, sha256);
+}
+
+// With several ranks every step of this is collective, so that all ranks agree on the outcome: ranks other than 0
+// write their optimizer shard next to the checkpoints (".step-N.optimizer-r-of-R.safetensors.partial", written
+// and fsynced); rank 0 stages the checkpoint dir, writes the model, its shard and the trainer state, moves the
+// other shards in and publishes it (manifest, fsync, rename, fsync of the parent). checkpoint_dir is shared.
 Status Trainer::SaveCheckpoint() {
-  if (opts_.dp && opts_.dp->rank() != 0) return Status::Ok();  // every rank holds the same state
+  const int rank = opts_.dp ? opts_.dp->rank() : 0;
+  const int world = opts_.dp ? opts_.dp->world_size() : 1;
   const std::string final_dir = opts_.checkpoint_dir + "/" + StepDirName(step_);
-  if (fs::exists(final_dir)) {
+  // Rank 0 fails the others when it fails, and vice versa (a Sum of failure flags).
+  auto agree = [&](const Status& mine, const std::string& what) -> Status {
+    if (!opts_.dp) return mine;
+    BTX_ASSIGN_OR_RETURN(const double failed, opts_.dp->Sum(mine.ok() ? 0.0 : 1.0));
+    if (!mine.ok()) return mine;
+    if (failed > 0) return Internal(what + " failed on another rank (see its log)");
+    return Status::Ok();
+  };
+  bool exists = fs::exists(final_dir);
+  if (opts_.dp) {
+    BTX_ASSIGN_OR_RETURN(const double n, opts_.dp->Sum(exists ? 1.0 : 0.0));
+    exists = n > 0;
+  }
+  if (exists) {
     last_checkpoint_ = final_dir;
     return Status::Ok();
   }
+  std::vector<at::Tensor> rngs = {CpuRngState()};
+  if (opts_.dp) {
+    BTX_ASSIGN_OR_RETURN(rngs, opts_.dp->AllGather(rngs[0]));
+  }
+  const int shards = zero_ ? world : 1;
+  auto partial = [&](int r) {
+    return opts_.checkpoint_dir + "/." + StepDirName(step_) + "." + ShardFileName(r, shards) + ".partial";
+  };
+  if (rank != 0) {
+    Status mine = Status::Ok();
+    if (zero_) {
+      std::error_code ec;
+      fs::create_directories(opts_.checkpoint_dir, ec);
+      mine = WriteOptimizerShard(partial(rank), nullptr);
+    }
+    BTX_RETURN_IF_ERROR(agree(mine, "writing optimizer shards").With("writing checkpoint " + final_dir));
+    BTX_RETURN_IF_ERROR(agree(Status::Ok(), "publishing the checkpoint").With("writing checkpoint " + final_dir));
+    last_checkpoint_ = final_dir;
+    return Status::Ok();
+  }
+  BTX_RETURN_IF_ERROR(agree(Status::Ok(), "writing optimizer shards").With("writing checkpoint " + final_dir));
   // On any error `staged` removes its temp dir on the way out, so a failed checkpoint (a full
   // disk) gives its space back and leaves the previous checkpoints as they were.
   auto write = [&]() -> Status {
@@ -238,36 +426,39 @@ Status Trainer::SaveCheckpoint() {
     SaveOptions exact;
     exact.dtype = st::DType::kF32;
     BTX_RETURN_IF_ERROR(WriteModelFiles(*model_, staged.path(), exact, &digests));
-    std::vector<std::pair<std::string, at::Tensor>> opt;
+    // Twice the (shard of the) model's size (Adam's two moments): hashed as written too.
+    const std::string own = ShardFileName(0, shards);
+    BTX_RETURN_IF_ERROR(WriteOptimizerShard(staged.path() + "/" + own, &digests[own]));
+    json layout = {{"numel", flat_numel_}, {"zero", zero_ ? 1 : 0}, {"world_size", world}};
     const auto& params = model_->params();
-    for (size_t k = 0; k < trainable_.size(); ++k) {
-      opt.emplace_back("exp_avg/" + params[trainable_[k]].first, exp_avg_[k]);
-      opt.emplace_back("exp_avg_sq/" + params[trainable_[k]].first, exp_avg_sq_[k]);
+    for (size_t i : trainable_) layout["params"].push_back({params[i].first, params[i].second.numel()});
+    for (int r = 0; r < shards; ++r) {
+      const int64_t b = std::min(flat_numel_, r * shard_size_), e = std::min(flat_numel_, (r + 1) * shard_size_);
+      layout["shards"].push_back({{"file", ShardFileName(r, shards)}, {"begin", b}, {"end", e}});
+      // The other ranks' shards: hashed by the manifest (they were written by other processes).
+      if (r > 0 && ::rename(partial(r).c_str(), (staged.path() + "/" + ShardFileName(r, shards)).c_str()) != 0)
+        return Internal("moving " + partial(r) + " into the checkpoint: " + std::strerror(errno));
     }
-    // Twice the model's size (Adam's two moments): hashed as written too.
-    BTX_RETURN_IF_ERROR(st::Write(staged.path() + "/optimizer.safetensors", opt, {}, &digests["optimizer.safetensors"]));
-    at::Tensor rng;
-    {
-      auto gen = at::detail::getDefaultCPUGenerator();
-      std::lock_guard<std::mutex> lock(gen.mutex());
-      rng = gen.get_state();
-    }
+    json rng_states = json::array();
+    for (const auto& t : rngs) rng_states.push_back(Hex(t));
     json state = {{"step", step_}, {"total_steps", opts_.steps}, {"samples_drawn", sampler_->drawn()},
-                  {"cursors", sampler_->cursors()}, {"rng_state", Hex(rng)}, {"seed", cfg_.seed},
-                  {"last_loss", last_loss_}};
+                  {"cursors", sampler_->cursors()}, {"rng_state", Hex(rngs[0])}, {"rng_states", rng_states},
+                  {"seed", cfg_.seed}, {"last_loss", last_loss_}, {"optimizer", layout}};
     BTX_RETURN_IF_ERROR(WriteFileDurable(staged.path() + "/trainer_state.json", state.dump(2)));
     if (hooks_.extra_files) BTX_RETURN_IF_ERROR(hooks_.extra_files(staged.path()));
     return staged.Publish(digests);
   };
-  if (Status s = write(); !s.ok()) {
+  Status s = write();
+  if (!s.ok()) {
+    for (int r = 1; r < shards; ++r) {
+      std::error_code ec;
+      fs::remove(partial(r), ec);
+    }
     // Attempts of one job share the checkpoint dir, and a stale attempt (its worker lost the lease
     // but has not killed it yet) may publish the same step first. Its checkpoint is as good as ours.
-    if (fs::exists(final_dir) && VerifyManifest(final_dir).ok()) {
-      last_checkpoint_ = final_dir;
-      return Status::Ok();
-    }
-    return s.With("writing checkpoint " + final_dir);
+    if (fs::exists(final_dir) && VerifyManifest(final_dir).ok()) s = Status::Ok();
   }
+  BTX_RETURN_IF_ERROR(agree(s, "publishing the checkpoint").With("writing checkpoint " + final_dir));
   last_checkpoint_ = final_dir;
   Emit({{"event", "checkpoint"}, {"step", step_}, {"path", final_dir}});
   // Keep the newest few; older ones are only disk.
@@ -299,35 +490,84 @@ Status Trainer::ResumeFromLatest() {
   return Status::Ok();
 }
 
+// Reassembles this rank's shard of the optimizer state from the checkpoint's shards, whatever the world size and
+// ZeRO setting it was written with; checkpoints from before sharding hold one "optimizer.safetensors" by name.
+Status Trainer::LoadOptimizerState(const std::string& dir, const json& state) {
+  const auto& params = model_->params();
+  if (!state.contains("optimizer")) {
+    BTX_ASSIGN_OR_RETURN(auto opt, st::File::Open(dir + "/optimizer.safetensors"));
+    at::NoGradGuard ng;
+    for (const Segment& s : segments_) {
+      const std::string& name = params[trainable_[s.k]].first;
+      BTX_ASSIGN_OR_RETURN(at::Tensor m, opt->Load("exp_avg/" + name));
+      BTX_ASSIGN_OR_RETURN(at::Tensor v, opt->Load("exp_avg_sq/" + name));
+      if (m.numel() != params[trainable_[s.k]].second.numel() || v.numel() != m.numel())
+        return FailedPrecondition(dir + ": optimizer state of " + name + " does not match the model");
+      exp_avg_.narrow(0, s.state_off, s.len).copy_(m.reshape({-1}).narrow(0, s.param_off, s.len));
+      exp_avg_sq_.narrow(0, s.state_off, s.len).copy_(v.reshape({-1}).narrow(0, s.param_off, s.len));
+    }
+    return Status::Ok();
+  }
+  const json& layout = state.at("optimizer");
+  const auto& saved = layout.at("params");
+  if (layout.at("numel").get<int64_t>() != flat_numel_ || saved.size() != trainable_.size())
+    return FailedPrecondition(dir + ": the checkpoint's trainable parameters differ from this job's (freeze?)");
+  for (size_t k = 0; k < trainable_.size(); ++k) {
+    if (saved[k].at(0).get<std::string>() != params[trainable_[k]].first ||
+        saved[k].at(1).get<int64_t>() != params[trainable_[k]].second.numel())
+      return FailedPrecondition(dir + ": optimizer state of " + params[trainable_[k]].first + " does not match the model");
+  }
+  at::NoGradGuard ng;
+  int64_t covered = 0;
+  for (const auto& sh : layout.at("shards")) {
+    const int64_t b = sh.at("begin").get<int64_t>(), e = sh.at("end").get<int64_t>();
+    const int64_t lo = std::max(b, shard_begin_), hi = std::min(e, shard_end_);
+    if (lo >= hi) continue;
+    const std::string file = sh.at("file").get<std::string>();
+    if (file.find('/') != std::string::npos) return DataLoss(dir + ": bad optimizer shard name " + file);
+    BTX_ASSIGN_OR_RETURN(auto opt, st::File::Open(dir + "/" + file));
+    BTX_ASSIGN_OR_RETURN(at::Tensor m, opt->Load("exp_avg"));
+    BTX_ASSIGN_OR_RETURN(at::Tensor v, opt->Load("exp_avg_sq"));
+    if (m.dim() != 1 || m.numel() != e - b || v.numel() != e - b)
+      return DataLoss(dir + "/" + file + ": holds " + std::to_string(m.numel()) + " elements, expected " + std::to_string(e - b));
+    exp_avg_.narrow(0, lo - shard_begin_, hi - lo).copy_(m.narrow(0, lo - b, hi - lo));
+    exp_avg_sq_.narrow(0, lo - shard_begin_, hi - lo).copy_(v.narrow(0, lo - b, hi - lo));
+    covered += hi - lo;
+  }
+  if (covered != shard_end_ - shard_begin_) return DataLoss(dir + ": the optimizer shards do not cover the parameters");
+  return Status::Ok();
+}
+
 Status Trainer::ResumeFrom(const std::string& dir) {
   BTX_ASSIGN_OR_RETURN(LlamaModel saved, LoadModelDir(dir));
   auto& params = model_->params();
   if (saved.params().size() != params.size()) return FailedPrecondition(dir + ": checkpoint does not match the model");
-  at::NoGradGuard ng;
-  for (size_t i = 0; i < params.size(); ++i) {
-    if (saved.params()[i].first != params[i].first || !saved.params()[i].second.sizes().equals(params[i].second.sizes()))
-      return FailedPrecondition(dir + ": checkpoint tensor " + saved.params()[i].first + " does not match the model");
-    params[i].second.copy_(saved.params()[i].second);
-  }
-  BTX_ASSIGN_OR_RETURN(auto opt, st::File::Open(dir + "/optimizer.safetensors"));
-  for (size_t k = 0; k < trainable_.size(); ++k) {
-    const std::string& name = params[trainable_[k]].first;
-    BTX_ASSIGN_OR_RETURN(at::Tensor m, opt->Load("exp_avg/" + name));
-    BTX_ASSIGN_OR_RETURN(at::Tensor v, opt->Load("exp_avg_sq/" + name));
-    exp_avg_[k].copy_(m);
-    exp_avg_sq_[k].copy_(v);
+  {
+    at::NoGradGuard ng;
+    for (size_t i = 0; i < params.size(); ++i) {
+      if (saved.params()[i].first != params[i].first || !saved.params()[i].second.sizes().equals(params[i].second.sizes()))
+        return FailedPrecondition(dir + ": checkpoint tensor " + saved.params()[i].first + " does not match the model");
+      params[i].second.copy_(saved.params()[i].second);
+    }
   }
   BTX_ASSIGN_OR_RETURN(std::string text, ReadFile(dir + "/trainer_state.json"));
   try {
     json s = json::parse(text);
+    BTX_RETURN_IF_ERROR(LoadOptimizerState(dir, s));
     step_ = s.at("step").get<int64_t>();
     last_loss_ = s.value("last_loss", 0.0);
     auto cursors = s.at("cursors").get<std::vector<uint64_t>>();
     if (cursors.size() != data_.size()) return FailedPrecondition(dir + ": checkpoint has a different number of domains");
     sampler_->Restore(s.at("samples_drawn").get<uint64_t>(), cursors);
+    // Each rank's own generator when the world size is the same (ranks draw different amounts for their rows);
+    // rank 0's otherwise.
+    const int rank = opts_.dp ? opts_.dp->rank() : 0, world = opts_.dp ? opts_.dp->world_size() : 1;
+    std::string rng = s.at("rng_state").get<std::string>();
+    if (s.contains("rng_states") && s["rng_states"].size() == static_cast<size_t>(world))
+      rng = s["rng_states"][rank].get<std::string>();
     auto gen = at::detail::getDefaultCPUGenerator();
     std::lock_guard<std::mutex> lock(gen.mutex());
-    gen.set_state(Unhex(s.at("rng_state").get<std::string>()));
+    gen.set_state(Unhex(rng));
   } catch (const std::exception& e) {
     return DataLoss(dir + "/trainer_state.json: " + e.what());
   }
@@ -348,15 +588,19 @@ std::map<std::string, double> Trainer::Validate() {
       const int64_t len = std::min(cfg_.seq_len, n - 1 - start);
       at::Tensor seq = at::empty({1, len + 1}, at::kLong);
       for (int64_t i = 0; i <= len; ++i) seq.data_ptr<int64_t>()[i] = (*d.valid)[start + i];
+      at::Tensor target = seq.narrow(1, 1, len).clone();  // kIgnoreIndex where chat data's loss does not count
+      int64_t counted = len;
+      for (int64_t i = 0; d.valid_loss && i < len; ++i)
+        if (!(*d.valid_loss)[start + 1 + i]) target.data_ptr<int64_t>()[i] = kIgnoreIndex, --counted;
       seq = seq.to(model_->params().front().second.device());
       ForwardOptions fo;
       fo.backend = opts_.backend;
       fo.top_k = opts_.top_k;
       at::Tensor logits = model_->Forward(seq.narrow(1, 0, len), fo).logits.to(at::kFloat);
-      at::Tensor nll = at::nll_loss(at::log_softmax(logits.reshape({len, -1}), -1), seq.narrow(1, 1, len).reshape({len}),
-                                    {}, at::Reduction::Sum);
+      at::Tensor nll = at::nll_loss(at::log_softmax(logits.reshape({len, -1}), -1),
+                                    target.to(seq.device()).reshape({len}), {}, at::Reduction::Sum, kIgnoreIndex);
       total += nll.item<double>();
-      count += len;
+      count += counted;
     }
     if (count > 0) out[d.name] = total / static_cast<double>(count);
   }

@@ -57,8 +57,6 @@ bool StartsWithNoCase(std::string_view s, std::string_view prefix) {
 }
 
 // Where the metadata processor leaves the authenticated principal for the handlers.
-constexpr char kPrincipalNameProperty[] = "btx_principal_name";
-constexpr char kPrincipalRoleProperty[] = "btx_principal_role";
 
 struct Rule {
   std::string_view prefix;  // of the full method name
@@ -113,13 +111,10 @@ class AuthProcessor final : public grpc::AuthMetadataProcessor {
     }
     const absl::StatusOr<Principal> who = authenticator_.Authenticate(authorization, CertName(*context));
     const absl::Status allowed = Authorize(method, who);
-    if (allowed.ok() && who.ok()) {
-      // For the handlers: pipelines belong to whoever submitted them (PrincipalOf).
-      context->AddProperty(kPrincipalNameProperty, who->name);
-      context->AddProperty(kPrincipalRoleProperty, RoleName(who->role));
-    }
-    // Handlers never see the secret.
-    for (auto v : authorization) consumed->emplace("authorization", std::string(v));
+    // Nothing is recorded in `context`: gRPC shares it between every call of the connection. Handlers that
+    // need the caller authenticate the call's own metadata again (CallerOf in services.cc), so the
+    // authorization header is left to them.
+    (void)consumed;
     grpc::Status status = ToGrpcStatus(allowed);
     if (!status.ok() && on_refused_) on_refused_(method, status.error_code());
     return status;
@@ -296,15 +291,7 @@ absl::Status Authorize(std::string_view method, const absl::StatusOr<Principal>&
                                          AllowedRoles(*rule), ")"));
 }
 
-std::optional<Principal> PrincipalOf(const grpc::AuthContext* context) {
-  if (context == nullptr) return std::nullopt;
-  const auto names = context->FindPropertyValues(kPrincipalNameProperty);
-  const auto roles = context->FindPropertyValues(kPrincipalRoleProperty);
-  if (names.size() != 1 || roles.size() != 1) return std::nullopt;
-  Principal p{Role::kUser, std::string(names.front().data(), names.front().size())};
-  if (!ParseRole(std::string_view(roles.front().data(), roles.front().size()), p.role)) return std::nullopt;
-  return p;
-}
+std::string CertNameOf(const grpc::AuthContext* context) { return context == nullptr ? "" : CertName(*context); }
 
 std::shared_ptr<grpc::ServerCredentials> MakeServerCredentials(const SecurityConfig& security,
                                                                RefusalObserver on_refused) {

@@ -535,6 +535,30 @@ TEST_F(AuthServiceTest, PipelinesBelongToWhoeverSubmittedThem) {
   EXPECT_EQ(PipelineState(b), "CANCELLED");
 }
 
+// gRPC shares one auth context between the calls of a connection: who calls must come from each call's
+// own credentials. Alice and Bob on one channel (a proxy multiplexing users does this), each call with its
+// own token: neither sees the other's pipeline, and no call passes for the anonymous admin.
+TEST_F(AuthServiceTest, CallsOfSeveralUsersOnOneConnectionAreEachTheirCallersOwn) {
+  auto shared = Channel();
+  std::string a, b;
+  ASSERT_EQ(Submit(shared, "user-token", &a).error_code(), grpc::StatusCode::OK);
+  ASSERT_EQ(Submit(shared, "bob-token", &b).error_code(), grpc::StatusCode::OK);
+  EXPECT_EQ(store_.GetPipeline(a)->owner, "alice");
+  EXPECT_EQ(store_.GetPipeline(b)->owner, "bob");
+  for (int round = 0; round < 3; ++round) {
+    for (const auto& [token, mine, theirs] : {std::tuple{"user-token", a, b}, std::tuple{"bob-token", b, a}}) {
+      grpc::ClientContext ctx;
+      Prepare(ctx, token);
+      v1::ListPipelinesResponse resp;
+      ASSERT_TRUE(v1::PipelineService::NewStub(shared)->List(&ctx, v1::ListPipelinesRequest(), &resp).ok());
+      std::set<std::string> seen;
+      for (const auto& p : resp.pipelines()) seen.insert(p.id());
+      EXPECT_EQ(seen, std::set<std::string>{mine}) << token << " round " << round;
+      EXPECT_CODE(Cancel(shared, token, theirs), NOT_FOUND);
+    }
+  }
+}
+
 TEST_F(AuthServiceTest, AdminsByTokenOrCertificateMayDoBoth) {
   const std::string id = UserSubmits();
   auto ch = Channel();

@@ -122,6 +122,13 @@ TEST_F(BadInputTest, EachBadCallGetsItsStatusAndFieldAndChangesNothing) {
          return Call<v1::ListJobsRequest, v1::ListJobsResponse>(p, &PS::ListJobs, r);
        },
        grpc::StatusCode::INVALID_ARGUMENT, "limit"},
+      {"job page token that no page gave",
+       [&] {
+         v1::ListJobsRequest r;
+         r.set_page_token("'; --");
+         return Call<v1::ListJobsRequest, v1::ListJobsResponse>(p, &PS::ListJobs, r);
+       },
+       grpc::StatusCode::INVALID_ARGUMENT, "page_token"},
       {"unknown job state",
        [&] {
          v1::ListJobsRequest r;
@@ -145,8 +152,15 @@ TEST_F(BadInputTest, EachBadCallGetsItsStatusAndFieldAndChangesNothing) {
                        "experts: [{name: a, data: {train: /x}}]\n", "");
        },
        grpc::StatusCode::INVALID_ARGUMENT, "seed.init.num_layers"},
-      {"a job on two GPUs", [&] { return submit(Cat(kDagSpec, "resources: {gpus_per_job: 2}\n"), ""); },
+      {"a job on more GPUs than a rank group may have",
+       [&] { return submit(Cat(kDagSpec, "resources: {gpus_per_job: 65}\n"), ""); },
        grpc::StatusCode::INVALID_ARGUMENT, "resources.gpus_per_job"},
+      {"CPU ranks and GPUs both given, differently",
+       [&] { return submit(Cat(kDagSpec, "resources: {gpus_per_job: 2, ranks_per_job: 3}\n"), ""); },
+       grpc::StatusCode::INVALID_ARGUMENT, "resources.ranks_per_job"},
+      {"CPU ranks when no registered worker has the CPU threads",
+       [&] { return submit(Cat(kDagSpec, "resources: {ranks_per_job: 2}\n"), ""); },
+       grpc::StatusCode::FAILED_PRECONDITION, ""},
       {"GPU jobs when no registered worker has a GPU",
        [&] { return submit(Cat(kDagSpec, "resources: {gpus_per_job: 1}\n"), ""); },
        grpc::StatusCode::FAILED_PRECONDITION, ""},
@@ -200,6 +214,16 @@ TEST_F(BadInputTest, EachBadCallGetsItsStatusAndFieldAndChangesNothing) {
          return complete([](v1::CompleteRequest& r) { r.set_artifact_uri("file:///tmp/btx-test-artifacts/../x"); });
        },
        grpc::StatusCode::INVALID_ARGUMENT, "artifact_uri"},
+      {"the output of another job, inside the artifact root",
+       [&] {
+         return complete([&](v1::CompleteRequest& r) { r.set_artifact_uri(job.output_uri() + "/../../another-job/model"); });
+       },
+       grpc::StatusCode::INVALID_ARGUMENT, "artifact_uri"},
+      {"a checkpoint outside the job's checkpoint dir",
+       [&] {
+         return heartbeat([&](v1::JobReport& r) { r.set_checkpoint_uri(job.output_uri() + "/../../another-job/checkpoints/x"); });
+       },
+       grpc::StatusCode::INVALID_ARGUMENT, "jobs[0].checkpoint_uri"},
       {"result that is not a JSON object",
        [&] { return complete([](v1::CompleteRequest& r) { r.set_result_json("[1, 2]"); }); },
        grpc::StatusCode::INVALID_ARGUMENT, "result_json"},

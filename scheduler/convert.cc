@@ -70,6 +70,7 @@ void ToProto(const storage::JobRecord& j, btx::v1::Job* out) {
   out->set_spec_json(j.spec_json);
   out->set_result_json(j.result_json);
   out->mutable_resources()->set_gpus(j.gpus);
+  out->mutable_resources()->set_ranks(j.ranks);
   out->set_cancel_requested(j.cancel_requested);
   SetTime(j.created_at, out->mutable_created_at());
   if (j.started_at) SetTime(*j.started_at, out->mutable_started_at());

@@ -16,7 +16,9 @@
 #include "btx/metrics/metrics.h"
 #include "btx/scheduler/auth.h"
 #include "btx/scheduler/server.h"
+#include "input_check.h"
 #include "btx/storage/database.h"
+#include "btx/storage/db_clock.h"
 
 namespace {
 btx::scheduler::Scheduler* g_scheduler = nullptr;
@@ -73,6 +75,7 @@ int main(int argc, char** argv) {
   std::string metrics_listen = "127.0.0.1:9090", metrics_port_file;
   int64_t lease_s = 30, heartbeat_s = 5;
   int db_connections = 16;
+  int64_t progress_event_s = 10, retain_finished_days = 30, retention_interval_s = 300;
   SecurityFlags security;
   app.add_option("--listen", cfg.listen, "gRPC address")->capture_default_str();
   app.add_option("--database-url", database_url, "libpq connection string (or env BTX_DATABASE_URL)")->envname("BTX_DATABASE_URL");
@@ -80,6 +83,9 @@ int main(int argc, char** argv) {
   app.add_option("--artifact-root", artifact_root, "file:// URI of the shared artifact directory")->capture_default_str();
   app.add_option("--lease-seconds", lease_s, "job lease duration")->check(CLI::Range(1, 3600))->capture_default_str();
   app.add_option("--heartbeat-seconds", heartbeat_s, "worker heartbeat interval")->check(CLI::Range(1, 600))->capture_default_str();
+  std::vector<std::string> data_roots;
+  app.add_option("--data-root", data_roots,
+                 "a directory under which pipelines may name seeds, tokenizers and data (repeatable; none: any path)");
   app.add_option("--port-file", port_file, "write the bound port here (for --listen host:0)");
   auto* metrics_opt = app.add_option("--metrics-listen", metrics_listen,
                                      "host:port serving Prometheus /metrics (port 0: any free port; 'off': none)")
@@ -87,6 +93,38 @@ int main(int argc, char** argv) {
   app.add_option("--metrics-port-file", metrics_port_file, "write the bound metrics port here");
   app.add_option("--db-connections", db_connections, "database connection pool size")
       ->check(CLI::Range(1, 1000))
+      ->capture_default_str();
+  app.add_option("--max-streams-per-user", cfg.max_streams_per_user,
+                 "Watch/Logs streams one caller may hold open on this replica (more: RESOURCE_EXHAUSTED)")
+      ->check(CLI::Range(1, 1000000))
+      ->capture_default_str();
+  app.add_option("--max-streams", cfg.max_streams, "Watch/Logs streams open on this replica, all callers together")
+      ->check(CLI::Range(1, 1000000))
+      ->capture_default_str();
+  app.add_option("--follower-db-connections", cfg.follower_db_connections,
+                 "database connections for Watch/Logs streams, beside --db-connections (never shared with heartbeats)")
+      ->check(CLI::Range(1, 1000))
+      ->capture_default_str();
+  // Logs and events stay bounded (docs/reliability.md): defaults as in SchedulerConfig and RetentionPolicy.
+  app.add_option("--progress-event-seconds", progress_event_s,
+                 "write a job.progress event (what watch streams) at most this often per job; the latest "
+                 "progress is always kept on the job (0: twice --heartbeat-seconds)")
+      ->check(CLI::Range(0, 3600))
+      ->capture_default_str();
+  app.add_option("--retain-finished-days", retain_finished_days,
+                 "delete the log lines and job events of pipelines finished this many days ago (0: keep them)")
+      ->check(CLI::Range(0, 36500))
+      ->capture_default_str();
+  app.add_option("--max-log-lines-per-pipeline", cfg.retention.max_log_lines_per_pipeline,
+                 "keep at most this many log lines per pipeline, running or not, the oldest deleted first (0: no cap)")
+      ->check(CLI::Range(int64_t{0}, int64_t{1} << 40))
+      ->capture_default_str();
+  app.add_option("--max-events-per-pipeline", cfg.retention.max_events_per_pipeline,
+                 "keep at most this many job events per pipeline, the oldest deleted first (0: no cap)")
+      ->check(CLI::Range(int64_t{0}, int64_t{1} << 40))
+      ->capture_default_str();
+  app.add_option("--retention-interval-seconds", retention_interval_s, "how often the reaper applies the retention policy")
+      ->check(CLI::Range(1, 86400))
       ->capture_default_str();
   app.add_option("--tls-cert", security.cert, "serve TLS with this PEM certificate (chain)");
   app.add_option("--tls-key", security.key, "the PEM private key of --tls-cert");
@@ -124,8 +162,21 @@ int main(int argc, char** argv) {
     return 2;
   }
   cfg.artifact_root = artifact_root.substr(7);
+  auto roots = btx::scheduler::NormaliseDataRoots(data_roots);
+  if (!roots.ok()) {
+    std::cerr << "btx-scheduler: " << roots.status().message() << "\n";
+    return 2;
+  }
+  cfg.data_roots = std::move(*roots);
+  if (cfg.data_roots.empty() && !cfg.security.identities.tokens.empty()) {
+    spdlog::warn("no --data-root: users may name any file this host's workers can read (their keys included) in a "
+                 "pipeline; set --data-root on a shared cluster");
+  }
   cfg.lease = std::chrono::seconds(lease_s);
   cfg.heartbeat_interval = std::chrono::seconds(heartbeat_s);
+  cfg.progress_event_interval = std::chrono::seconds(progress_event_s);
+  cfg.retention.finished_age = std::chrono::hours(24 * retain_finished_days);
+  cfg.retention_interval = std::chrono::seconds(retention_interval_s);
 
   if (database_url.empty() && state_dir.empty()) {
     std::cerr << "btx-scheduler: give --database-url (or BTX_DATABASE_URL) or --state-dir\n";
@@ -143,7 +194,16 @@ int main(int argc, char** argv) {
   }
   spdlog::info("database schema at version {}", (*db)->schema_version);
   std::filesystem::create_directories(cfg.artifact_root);
-  btx::SystemClock clock;
+  btx::SystemClock host_clock;
+  // Leases are compared across replicas: every replica keeps the database's time, not its host's.
+  btx::storage::DatabaseClock clock(host_clock, *(*db)->pool);
+  if (auto s = clock.Sync(); !s.ok()) {
+    std::cerr << "btx-scheduler: " << s.message() << "\n";
+    return 1;
+  }
+  if (std::chrono::abs(clock.offset()) > std::chrono::seconds(1)) {
+    spdlog::warn("this host's clock is {} ms off the database's; leases use the database's time", clock.offset().count());
+  }
   // Declared before the scheduler and the exposer, which both read it until they are gone.
   btx::metrics::Registry registry;
   std::unique_ptr<btx::metrics::Exposer> exposer;
@@ -182,10 +242,20 @@ int main(int argc, char** argv) {
   }
   spdlog::info("btx-scheduler listening on port {}", *port);
   if (!port_file.empty()) WritePortFile(port_file, *port);
+  std::atomic<bool> resync_stop{false};
+  // Clocks drift; a failed re-sync keeps the last offset (the next one retries).
+  std::thread resync([&] {
+    for (int i = 0; !resync_stop.load(); ++i) {
+      std::this_thread::sleep_for(std::chrono::seconds(1));
+      if (i % 60 == 59) (void)clock.Sync();
+    }
+  });
   g_scheduler = &scheduler;
   std::signal(SIGTERM, OnSignal);
   std::signal(SIGINT, OnSignal);
   scheduler.Wait();
   scheduler.Shutdown();
+  resync_stop = true;
+  resync.join();
   return 0;
 }

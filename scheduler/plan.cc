@@ -19,7 +19,7 @@ json Artifact(const std::string& job) { return {{"$artifact", job}}; }
 // Collects the jobs of one pipeline and checks each one's spec with the trainer's parser as it is added.
 class Planner {
  public:
-  Planner(int gpus, int attempts) : gpus_(gpus), attempts_(attempts) {}
+  Planner(int gpus, int ranks, int attempts) : gpus_(gpus), ranks_(ranks), attempts_(attempts) {}
 
   void Add(const std::string& name, JobKind kind, const json& spec, std::vector<std::string> deps, int priority) {
     // Every artifact a job reads must come from a dependency, or it cannot be resolved at lease time.
@@ -39,8 +39,16 @@ class Planner {
     (void)contract::ParseJobSpec(reader, kind, spec, "spec");
     for (const auto& e : errors) violations_.push_back({Cat("jobs[", name, "].", e.path), e.message});
 
-    jobs_.push_back({name, std::string(contract::JobKindName(kind)), spec.dump(), std::move(deps), attempts_, gpus_,
-                     priority});
+    // Only training is data parallel: merge and eval run as one rank, on one device when GPUs are used.
+    const bool ranked = kind == JobKind::kPretrain || kind == JobKind::kBranch || kind == JobKind::kFinetune;
+    jobs_.push_back({.name = name,
+                     .kind = std::string(contract::JobKindName(kind)),
+                     .spec_json = spec.dump(),
+                     .depends_on = std::move(deps),
+                     .max_attempts = attempts_,
+                     .gpus = ranked ? gpus_ : std::min(gpus_, 1),
+                     .ranks = ranked ? ranks_ : 1,
+                     .priority = priority});
   }
 
   absl::StatusOr<std::vector<storage::NewJob>> Finish() && {
@@ -49,7 +57,7 @@ class Planner {
   }
 
  private:
-  int gpus_, attempts_;
+  int gpus_, ranks_, attempts_;
   std::vector<storage::NewJob> jobs_;
   std::vector<FieldViolation> violations_;
 };
@@ -57,7 +65,9 @@ class Planner {
 }  // namespace
 
 absl::StatusOr<std::vector<storage::NewJob>> PlanJobs(const json& spec) {
-  Planner plan(spec["resources"]["gpus_per_job"].get<int>(), spec["resources"]["max_attempts"].get<int>());
+  const json& res = spec["resources"];
+  // A stored spec from before rank groups has no ranks_per_job: one rank.
+  Planner plan(res["gpus_per_job"].get<int>(), res.value("ranks_per_job", 1), res["max_attempts"].get<int>());
   const json& train = spec["train"];
   json seed_ref;
   std::vector<std::string> seed_deps;
@@ -85,6 +95,8 @@ absl::StatusOr<std::vector<storage::NewJob>> PlanJobs(const json& spec) {
     const json valid = data.contains("valid") ? data["valid"] : data["train"];
     domains.push_back({{"name", name}, {"valid", valid}});
     mixture.push_back({{"name", name}, {"weight", ft["mixture"].value(name, 1.0)}, {"train", data["train"]}, {"valid", valid}});
+    for (const char* k : {"format", "text_field"})  // the finetune reads the expert's data as its branch did
+      if (data.contains(k)) mixture.back()[k] = data[k];
     prompts.push_back({{"name", name}, {"train", data["train"]}, {"valid", valid}});
     if (method == "upcycle") continue;  // upcycling copies the seed FFN: nothing to train
     json branch = {{"seed", seed_ref}, {"name", name}, {"data", data}, {"train", train}, {"steps", e["steps"]}};

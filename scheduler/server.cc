@@ -3,12 +3,14 @@
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/health_check_service_interface.h>
 
+#include <optional>
 #include <utility>
 #include <vector>
 
 #include "btx/common/strings.h"
 #include "btx/metrics/metrics.h"
 #include "btx/storage/notify.h"
+#include "follow.h"
 #include "metrics.h"
 #include "services.h"
 
@@ -89,7 +91,10 @@ Scheduler::~Scheduler() { Shutdown(); }
 
 absl::StatusOr<int> Scheduler::Start() {
   if (auto s = CheckSecurity(config_.listen, config_.security); !s.ok()) return s;
-  pipelines_ = std::make_unique<PipelineServiceImpl>(store_, clock_, wakeups_, stopping_);
+  followers_ = std::make_unique<Followers>(config_, conninfo_, wakeups_, stopping_);
+  pipelines_ = std::make_unique<PipelineServiceImpl>(store_, clock_, wakeups_, stopping_, *followers_, config_.data_roots,
+      config_.security.authenticates() ? std::optional<Authenticator>(Authenticator(config_.security.identities))
+                                       : std::nullopt);
   workers_ = std::make_unique<WorkerServiceImpl>(config_, store_, clock_, wakeups_, metrics_.get(), stopping_);
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
@@ -124,6 +129,7 @@ absl::StatusOr<int> Scheduler::Start() {
   }
   server_ = builder.BuildAndStart();
   if (!server_ || port == 0) return absl::UnavailableError(Cat("cannot listen on ", config_.listen));
+  followers_->Start();
   reaper_ = std::thread([this] { ReaperLoop(); });
   listener_ = std::thread([this] { ListenLoop(); });
   pump_ = std::thread([this] { PumpLoop(); });
@@ -143,6 +149,8 @@ void Scheduler::ShutdownOnce() {
   }
   stop_cv_.notify_all();
   wakeups_.Stop();
+  // Before the server's shutdown, which waits for the streams to end.
+  if (followers_) followers_->Stop();
   if (server_) server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   if (reaper_.joinable()) reaper_.join();
   if (listener_.joinable()) listener_.join();
@@ -172,11 +180,21 @@ absl::Status Scheduler::ReapOnce() {
   return lost.status();
 }
 
+absl::StatusOr<storage::RetentionResult> Scheduler::ApplyRetention() {
+  return store_.ApplyRetention(config_.retention, clock_.Now());
+}
+
 void Scheduler::ReaperLoop() {
   // Leases expire with time, not with commits, so the reaper runs on a timer; waking it on every
   // notification would double the database load of a busy scheduler.
+  std::optional<TimePoint> retention_due;  // the first pass applies it
   do {
     (void)ReapOnce();  // a database outage is retried on the next pass
+    if (const TimePoint now = clock_.Now(); !retention_due || now >= *retention_due) {
+      auto r = ApplyRetention();
+      // A pass cut short by its row budget goes on at the next reap; an error waits for the next interval.
+      retention_due = r.ok() && r->more ? now : now + config_.retention_interval;
+    }
   } while (SleepUnlessStopping(config_.reap_interval));
 }
 

@@ -89,7 +89,7 @@ TEST_F(ServiceTest, SubmitRefusesWhatTheTrainerWouldRefuse) {
       {base + "seed: {model: /m}\ntrain: {lr: 0}", "train.lr"},
       {base + "seed: {init: {preset: tiny, num_layers: 4, hidden_size: 96}, pretrain: {data: {train: /p}}}",
        "seed.init.num_layers"},
-      {base + "seed: {model: /m}\nresources: {gpus_per_job: 2}", "resources.gpus_per_job"},
+      {base + "seed: {model: /m}\nresources: {gpus_per_job: 65}", "resources.gpus_per_job"},
   };
   for (const auto& [spec, field] : cases) {
     grpc::Status st;
@@ -110,15 +110,40 @@ TEST_F(ServiceTest, SubmitRefusesWhatTheTrainerWouldRefuse) {
   EXPECT_EQ(nlohmann::json::parse(pretrain->spec_json())["init"]["num_hidden_layers"], 4);
 }
 
-TEST_F(ServiceTest, MultiGpuJobsAreRefusedNotRunOnOneDevice) {
-  RegisterWorker("big", 1, 8);
+// A rank group runs on one worker: a pipeline whose training jobs need more GPUs, or more CPU ranks
+// (one CPU thread each), than the largest registered worker has is refused naming that worker; once
+// one is big enough it is accepted, and its jobs carry their ranks to the worker.
+TEST_F(ServiceTest, MultiRankJobsNeedAWorkerWithThatManyGpusOrCpuThreads) {
+  auto register_worker = [&](const std::string& name, int gpus, int cpu_threads) {
+    grpc::ClientContext ctx;
+    v1::RegisterRequest req;
+    req.set_name(name);
+    req.mutable_capabilities()->set_slots(1);
+    req.mutable_capabilities()->set_gpus(gpus);
+    req.mutable_capabilities()->set_cpu_threads(cpu_threads);
+    v1::RegisterResponse resp;
+    EXPECT_TRUE(workers_->Register(&ctx, req, &resp).ok());
+    return resp.worker_id();
+  };
+  register_worker("one-gpu", 1, 2);
+  register_worker("wide-cpu", 0, 3);
   grpc::Status st;
   Submit(std::string(kDagSpec) + "resources: {gpus_per_job: 2}\n", "", &st);
-  ASSERT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
-  const auto v = FieldViolationsOf(st);
-  ASSERT_EQ(v.size(), 1u);
-  EXPECT_EQ(v[0].field, "resources.gpus_per_job");
-  EXPECT_NE(v[0].description.find("multi-GPU jobs are not supported yet"), std::string::npos) << v[0].description;
+  ASSERT_EQ(st.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << st.error_message();
+  EXPECT_NE(st.error_message().find("'one-gpu', has 1 GPU"), std::string::npos) << st.error_message();
+  Submit(std::string(kDagSpec) + "resources: {ranks_per_job: 4}\n", "", &st);
+  ASSERT_EQ(st.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << st.error_message();
+  EXPECT_NE(st.error_message().find("4 CPU ranks each (resources.ranks_per_job)"), std::string::npos) << st.error_message();
+  EXPECT_NE(st.error_message().find("'wide-cpu', has 3 CPU threads"), std::string::npos) << st.error_message();
+
+  const std::string big = register_worker("big-cpu", 0, 4);
+  const auto accepted = Submit(std::string(kDagSpec) + "resources: {ranks_per_job: 4}\n", "", &st);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  const auto leased = Acquire(big);
+  ASSERT_TRUE(leased.has_job());
+  EXPECT_EQ(leased.job().resources().gpus(), 0);
+  EXPECT_EQ(leased.job().resources().ranks(), leased.job().kind() == v1::JOB_KIND_BRANCH ? 4 : 1)
+      << leased.job().name();
 }
 
 // A pipeline whose jobs no registered worker has the GPUs for would wait forever: refused, naming the
@@ -250,6 +275,29 @@ TEST_F(ServiceTest, LongPollWakesWhenAJobBecomesReady) {
   EXPECT_TRUE(resp.has_job());
   // Woken by the submit, not by the 20 s timeout.
   EXPECT_LT(std::chrono::steady_clock::now() - start, 15s);
+}
+
+// A long poll the worker cancelled must not take a job with it: it would stay leased to nobody until its
+// lease expired, and cost an attempt. (Without the check the cancelled poll and the live one race for it.)
+TEST_F(ServiceTest, ACancelledLongPollLeavesTheJobToOthersWithItsAttemptBudget) {
+  const std::string gone = RegisterWorker("gone"), live = RegisterWorker("live");
+  grpc::ClientContext ctx;
+  v1::AcquireJobRequest req;
+  req.set_worker_id(gone);
+  req.set_wait_timeout_ms(20000);
+  v1::AcquireJobResponse ignored;
+  std::promise<grpc::Status> cancelled;
+  std::thread poller([&] { cancelled.set_value(workers_->AcquireJob(&ctx, req, &ignored)); });
+  ctx.TryCancel();
+  EXPECT_EQ(cancelled.get_future().get().error_code(), grpc::StatusCode::CANCELLED);
+  poller.join();
+  Submit(kDagSpec);
+  const auto got = Acquire(live, 20000);
+  ASSERT_TRUE(got.has_job());
+  EXPECT_EQ(QueryText(conninfo_, "SELECT worker_id::text FROM jobs WHERE id = '" + got.job().job_id() + "'"), live);
+  // Handed back as an interruption, if claimed at all: the budget is whole.
+  EXPECT_EQ(testing::QueryInt(conninfo_, "SELECT count(*) FROM jobs WHERE max_attempts - attempt < 2 AND attempt > 0 "
+                                         "AND id = '" + got.job().job_id() + "'"), 0);
 }
 
 TEST_F(ServiceTest, WatchStreamsEventsAndResumes) {

@@ -2,6 +2,7 @@
 #include "services.h"
 
 #include <algorithm>
+#include <filesystem>
 #include <nlohmann/json.hpp>
 
 #include "btx/common/strings.h"
@@ -12,6 +13,8 @@
 #include "btx/scheduler/plan.h"
 #include "btx/scheduler/spec.h"
 #include "convert.h"
+#include "follow.h"
+#include "input_check.h"
 
 namespace btx::scheduler {
 using json = nlohmann::json;
@@ -59,6 +62,23 @@ absl::Status CheckKey(const std::string& key) {
   return absl::OkStatus();
 }
 
+// A CPU job of R ranks needs a worker with at least R CPU threads (one per rank; docs/architecture.md).
+absl::Status CheckSomeWorkerFitsRanks(storage::Store& store, const std::vector<storage::NewJob>& jobs) {
+  int needed = 1;
+  for (const auto& j : jobs) {
+    if (j.gpus == 0) needed = std::max(needed, j.ranks);
+  }
+  if (needed <= 1) return absl::OkStatus();
+  auto largest = store.LargestWorker(storage::WorkerResource::kCpuThreads);
+  if (!largest.ok()) return largest.status();
+  if (!largest->has_value() || (*largest)->cpu_threads >= needed) return absl::OkStatus();
+  return absl::FailedPreconditionError(
+      Cat("no registered worker can run this pipeline: its jobs run ", needed,
+          " CPU ranks each (resources.ranks_per_job), one CPU thread per rank at least, and the largest registered "
+          "worker, '", (*largest)->name, "', has ", (*largest)->cpu_threads, " CPU thread",
+          (*largest)->cpu_threads == 1 ? "" : "s"));
+}
+
 // A job that needs more GPUs than any worker has would wait forever: refuse the pipeline while its
 // owner can still change it. Every registered worker counts, in any state (Store::LargestWorker). With
 // none registered yet, the pipeline is accepted and waits: a fleet may well start after its first
@@ -66,10 +86,10 @@ absl::Status CheckKey(const std::string& key) {
 absl::Status CheckSomeWorkerFits(storage::Store& store, const std::vector<storage::NewJob>& jobs) {
   int needed = 0;
   for (const auto& j : jobs) needed = std::max(needed, j.gpus);
-  if (needed == 0) return absl::OkStatus();
+  if (needed == 0) return CheckSomeWorkerFitsRanks(store, jobs);
   auto largest = store.LargestWorker();
   if (!largest.ok()) return largest.status();
-  if (!largest->has_value() || (*largest)->gpus >= needed) return absl::OkStatus();
+  if (!largest->has_value() || (*largest)->gpus >= needed) return CheckSomeWorkerFitsRanks(store, jobs);
   return absl::FailedPreconditionError(
       Cat("no registered worker can run this pipeline: its jobs need ", needed, " GPU", needed == 1 ? "" : "s",
           " each (resources.gpus_per_job), and the largest registered worker, '", (*largest)->name, "', has ",
@@ -77,16 +97,29 @@ absl::Status CheckSomeWorkerFits(storage::Store& store, const std::vector<storag
 }
 
 // Tenancy (docs/security.md): who calls, whose pipelines the call may see.
+// An owner no identity can have (names in the identities file are printable, without control characters).
+constexpr char kNobody[] = "\x01nobody";
+
 struct Caller {
   std::string owner;                // recorded on the pipelines it submits
   std::optional<std::string> only;  // sees only this owner's pipelines; none: every pipeline
 };
 
-Caller CallerOf(const grpc::ServerContextBase* ctx) {
-  const auto auth = ctx->auth_context();
-  const std::optional<Principal> who = PrincipalOf(auth.get());
+// The principal is taken from this call's own credentials, never from the connection's auth context:
+// gRPC shares that context between all calls of a connection, so what one call recorded there would be
+// seen by the next (another user's, through a proxy that multiplexes them).
+Caller CallerOf(const grpc::ServerContextBase* ctx, const std::optional<Authenticator>& authenticator) {
   // No authentication (plaintext loopback dev mode): one anonymous owner who sees everything.
-  if (!who) return {"", std::nullopt};
+  if (!authenticator) return {"", std::nullopt};
+  std::vector<std::string_view> authorization;
+  const auto& md = ctx->client_metadata();
+  for (auto [it, end] = md.equal_range("authorization"); it != end; ++it) {
+    authorization.emplace_back(it->second.data(), it->second.size());
+  }
+  const auto auth = ctx->auth_context();
+  const absl::StatusOr<Principal> who = authenticator->Authenticate(authorization, CertNameOf(auth.get()));
+  // The transport's check let the call through, so this holds; if it ever did not, see nothing (fail closed).
+  if (!who.ok()) return {kNobody, kNobody};
   if (who->role == Role::kAdmin) return {who->name, std::nullopt};
   return {who->name, who->name};
 }
@@ -101,6 +134,14 @@ absl::StatusOr<storage::PipelineRecord> VisiblePipeline(storage::Store& store, c
   return p;
 }
 
+// Where a job's attempts write: its output (`model`) and checkpoints, stable across attempts.
+std::string JobDir(const std::string& root, const std::string& pipeline_id, const std::string& name) {
+  // Normalised as FileArtifactStore::PathOf normalises what workers send back, so the two compare.
+  std::string r = std::filesystem::path(root).lexically_normal().string();
+  while (r.size() > 1 && r.back() == '/') r.pop_back();
+  return Cat(r, "/", pipeline_id, "/", SanitizeComponent(name));
+}
+
 }  // namespace
 
 grpc::Status PipelineServiceImpl::Submit(grpc::ServerContext* ctx, const v1::SubmitRequest* req,
@@ -111,8 +152,9 @@ grpc::Status PipelineServiceImpl::Submit(grpc::ServerContext* ctx, const v1::Sub
   auto jobs = PlanJobs(*spec);
   if (!jobs.ok()) return ToGrpcStatus(jobs.status());
   if (auto s = CheckSomeWorkerFits(store_, *jobs); !s.ok()) return ToGrpcStatus(s);
+  if (auto s = CheckJobInputs(*jobs, data_roots_); !s.ok()) return ToGrpcStatus(s);
   storage::NewPipeline p{.name = (*spec)["name"], .spec_json = spec->dump(), .idempotency_key = req->idempotency_key(),
-                         .owner = CallerOf(ctx).owner, .jobs = *std::move(jobs)};
+                         .owner = CallerOf(ctx, authenticator_).owner, .jobs = *std::move(jobs)};
   if (req->dry_run()) {
     auto* out = resp->mutable_pipeline();
     out->set_name(p.name);
@@ -139,7 +181,7 @@ grpc::Status PipelineServiceImpl::Submit(grpc::ServerContext* ctx, const v1::Sub
 
 grpc::Status PipelineServiceImpl::Get(grpc::ServerContext* ctx, const v1::GetPipelineRequest* req, v1::Pipeline* resp) {
   if (auto s = CheckId("id", req->id()); !s.ok()) return ToGrpcStatus(s);
-  auto p = VisiblePipeline(store_, CallerOf(ctx), req->id());
+  auto p = VisiblePipeline(store_, CallerOf(ctx, authenticator_), req->id());
   if (!p.ok()) return ToGrpcStatus(p.status());
   ToProto(*p, resp);
   return grpc::Status::OK;
@@ -155,7 +197,7 @@ grpc::Status PipelineServiceImpl::List(grpc::ServerContext* ctx, const v1::ListP
   }
   storage::PipelineFilter f{.state = PipelineStateToString(req->state()), .name_prefix = req->name_prefix(),
                             .page_size = req->page_size() == 0 ? 50 : req->page_size(), .page_token = req->page_token(),
-                            .owner = CallerOf(ctx).only};
+                            .owner = CallerOf(ctx, authenticator_).only};
   auto page = store_.ListPipelines(f);
   if (!page.ok()) return ToGrpcStatus(page.status());
   for (const auto& p : page->pipelines) ToProto(p, resp->add_pipelines());
@@ -166,7 +208,7 @@ grpc::Status PipelineServiceImpl::List(grpc::ServerContext* ctx, const v1::ListP
 grpc::Status PipelineServiceImpl::Cancel(grpc::ServerContext* ctx, const v1::CancelRequest* req, v1::Pipeline* resp) {
   if (auto s = CheckId("id", req->id()); !s.ok()) return ToGrpcStatus(s);
   // Owners never change, so checking first and acting second cannot race.
-  if (auto v = VisiblePipeline(store_, CallerOf(ctx), req->id()); !v.ok()) return ToGrpcStatus(v.status());
+  if (auto v = VisiblePipeline(store_, CallerOf(ctx, authenticator_), req->id()); !v.ok()) return ToGrpcStatus(v.status());
   // Cut at a character boundary: half a character is invalid UTF-8, which neither PostgreSQL nor a proto
   // string field (every later Get and Watch of the pipeline) accepts.
   auto p = store_.CancelPipeline(req->id(), std::string(Utf8Prefix(req->reason(), 1024)), clock_.Now());
@@ -178,7 +220,7 @@ grpc::Status PipelineServiceImpl::Cancel(grpc::ServerContext* ctx, const v1::Can
 
 grpc::Status PipelineServiceImpl::Retry(grpc::ServerContext* ctx, const v1::RetryRequest* req, v1::Pipeline* resp) {
   if (auto s = CheckId("id", req->id()); !s.ok()) return ToGrpcStatus(s);
-  if (auto v = VisiblePipeline(store_, CallerOf(ctx), req->id()); !v.ok()) return ToGrpcStatus(v.status());
+  if (auto v = VisiblePipeline(store_, CallerOf(ctx, authenticator_), req->id()); !v.ok()) return ToGrpcStatus(v.status());
   auto p = store_.RetryPipeline(req->id(), clock_.Now());
   if (!p.ok()) return ToGrpcStatus(p.status());
   ToProto(*p, resp);
@@ -187,45 +229,142 @@ grpc::Status PipelineServiceImpl::Retry(grpc::ServerContext* ctx, const v1::Retr
   return grpc::Status::OK;
 }
 
+namespace {
+
+enum class Sent { kMore, kEnd, kGone };
+
+// How one stream reads and writes its rows; Follow does the rest.
+template <typename Row>
+struct FollowOps {
+  size_t page = 0;
+  // The stream's own read of a page after a cursor, on the followers' pool: its catch-up.
+  std::function<absl::StatusOr<std::vector<Row>>(int64_t after)> read;
+  // Whether the last own read that returned less than a page saw the end (a job that had ended).
+  std::function<bool()> read_saw_end = [] { return false; };
+  // Writes one row (skipping those at or below the cursor): kEnd once the stream has reached its end.
+  std::function<Sent(const Row&)> send;
+  std::function<Followers::Membership<Row>(int64_t after)> join;
+};
+
+// Streams a follower's rows from `after` on: its own reads until it has caught up (or whenever it
+// falls behind the shared feed's window), then the shared feed, which one reader fills for every
+// follower of the same pipeline or job. Ends when `send` or the feed says so, the client goes away,
+// or the scheduler stops.
+template <typename Row>
+grpc::Status Follow(grpc::ServerContext* ctx, const Followers& followers, bool follow, int64_t& after,
+                    const FollowOps<Row>& ops) {
+  const grpc::Status kDone = grpc::Status::OK;
+  // A status: the stream is over.
+  auto catch_up = [&]() -> std::optional<grpc::Status> {
+    bool ended = false;
+    while (true) {
+      auto rows = ops.read(after);
+      if (!rows.ok()) return ToGrpcStatus(rows.status());
+      for (const auto& r : *rows) {
+        const Sent sent = ops.send(r);
+        if (sent == Sent::kGone) return kDone;
+        ended |= sent == Sent::kEnd;
+      }
+      if (ended) return kDone;  // the rest of that page went out too, as it always has
+      if (rows->size() < ops.page) break;
+    }
+    if (ops.read_saw_end()) return kDone;
+    return std::nullopt;
+  };
+  if (auto over = catch_up()) return *over;
+  if (!follow) return kDone;
+  auto feed = ops.join(after);
+  constexpr uint64_t kLook = ~uint64_t{0};  // a version no feed has: look without waiting
+  uint64_t seen = kLook;
+  std::vector<Row> batch;
+  while (true) {
+    if (ctx->IsCancelled()) return grpc::Status(grpc::StatusCode::CANCELLED, "client went away");
+    if (followers.stopped()) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "scheduler shutting down; reconnect");
+    bool behind = false, feed_ended = false;
+    batch.clear();
+    {
+      std::unique_lock lock(feed->mu);
+      // Bounded: a client that went away is only noticed by looking.
+      feed->cv.wait_for(lock, std::chrono::seconds(1), [&] { return feed->version != seen || followers.stopped(); });
+      seen = feed->version;
+      if (!feed->error.ok()) return ToGrpcStatus(feed->error);
+      if (after < feed->base) {
+        behind = true;
+      } else {
+        auto from = std::upper_bound(feed->rows.begin(), feed->rows.end(), after,
+                                     [](int64_t a, const Row& r) { return a < r.id; });
+        batch.assign(from, feed->rows.end());
+        feed_ended = feed->ended;
+      }
+    }
+    if (behind) {
+      if (auto over = catch_up()) return *over;
+      seen = kLook;
+      continue;
+    }
+    bool ended = feed_ended;
+    for (const auto& r : batch) {
+      const Sent sent = ops.send(r);
+      if (sent == Sent::kGone) return kDone;
+      ended |= sent == Sent::kEnd;
+    }
+    if (ended) return kDone;
+  }
+}
+
+bool PipelineEnded(const std::string& event_type) {
+  return event_type == "pipeline.succeeded" || event_type == "pipeline.failed" || event_type == "pipeline.cancelled";
+}
+
+}  // namespace
+
+// Watch and Logs share the followers' caps, database pool and feeds (follow.h): nothing a follower
+// does takes a connection from heartbeats and claims.
 grpc::Status PipelineServiceImpl::Watch(grpc::ServerContext* ctx, const v1::WatchRequest* req,
                                         grpc::ServerWriter<v1::Event>* writer) {
-  const Caller caller = CallerOf(ctx);
-  if (!req->pipeline_id().empty()) {
-    if (auto s = CheckId("pipeline_id", req->pipeline_id()); !s.ok()) return ToGrpcStatus(s);
-    if (auto p = VisiblePipeline(store_, caller, req->pipeline_id()); !p.ok()) return ToGrpcStatus(p.status());
+  const Caller caller = CallerOf(ctx, authenticator_);
+  const std::string& pipeline_id = req->pipeline_id();
+  if (!pipeline_id.empty()) {
+    if (auto s = CheckId("pipeline_id", pipeline_id); !s.ok()) return ToGrpcStatus(s);
   }
+  auto slot = followers_.Open(caller.owner);
+  if (!slot.ok()) return ToGrpcStatus(slot.status());
+  if (!pipeline_id.empty()) {
+    auto p = followers_.GetPipeline(pipeline_id);
+    // Another owner's answers exactly as a missing one (VisiblePipeline).
+    if (p.ok() && !Sees(caller, p->owner)) return ToGrpcStatus(absl::NotFoundError(Cat("pipeline '", pipeline_id, "' not found")));
+    if (!p.ok()) return ToGrpcStatus(p.status());
+  }
+  // One pipeline was checked above (owners never change); all pipelines are filtered by owner in the query.
+  const std::optional<std::string> owner = pipeline_id.empty() ? caller.only : std::nullopt;
   int64_t after = req->after_event_id();
-  while (!ctx->IsCancelled()) {
-    if (stopping_) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "scheduler shutting down; reconnect");
-    const uint64_t gen = wakeups_.events().generation();
-    auto events = store_.EventsAfter(req->pipeline_id(), after, 500, caller.only);
-    if (!events.ok()) return ToGrpcStatus(events.status());
-    bool terminal = false;
-    for (const auto& e : *events) {
-      v1::Event out;
-      ToProto(e, &out);
-      if (!writer->Write(out)) return grpc::Status::OK;
-      after = e.id;
-      terminal |= !req->pipeline_id().empty() &&
-                  (e.type == "pipeline.succeeded" || e.type == "pipeline.failed" || e.type == "pipeline.cancelled");
-    }
-    if (events->size() == 500) continue;
-    if (!req->follow() || terminal) return grpc::Status::OK;
-    // Another replica's commits arrive through LISTEN/NOTIFY; the bounded wait is a safety net.
-    wakeups_.events().WaitFor(gen, std::chrono::seconds(1));
-  }
-  return grpc::Status(grpc::StatusCode::CANCELLED, "client went away");
+  FollowOps<storage::EventRecord> ops;
+  ops.page = Followers::kEventPage;
+  ops.read = [&](int64_t from) { return followers_.EventsAfter(pipeline_id, from, Followers::kEventPage, owner); };
+  ops.send = [&](const storage::EventRecord& e) {
+    if (e.id <= after) return Sent::kMore;
+    v1::Event out;
+    ToProto(e, &out);
+    if (!writer->Write(out)) return Sent::kGone;
+    after = e.id;
+    return !pipeline_id.empty() && PipelineEnded(e.type) ? Sent::kEnd : Sent::kMore;
+  };
+  ops.join = [&](int64_t from) { return followers_.JoinEvents(pipeline_id, owner, from); };
+  if (stopping_) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "scheduler shutting down; reconnect");
+  return Follow(ctx, followers_, req->follow(), after, ops);
 }
 
 grpc::Status PipelineServiceImpl::Logs(grpc::ServerContext* ctx, const v1::LogsRequest* req,
                                        grpc::ServerWriter<v1::LogLine>* writer) {
   if (auto s = CheckId("job_id", req->job_id()); !s.ok()) return ToGrpcStatus(s);
+  const Caller caller = CallerOf(ctx, authenticator_);
+  auto slot = followers_.Open(caller.owner);
+  if (!slot.ok()) return ToGrpcStatus(slot.status());
   {
-    const Caller caller = CallerOf(ctx);
-    auto job = store_.GetJob(req->job_id());
+    auto job = followers_.GetJob(req->job_id());
     if (!job.ok()) return ToGrpcStatus(job.status());
     if (caller.only) {
-      auto p = store_.GetPipeline(job->pipeline_id);
+      auto p = followers_.GetPipeline(job->pipeline_id);
       if (!p.ok() && !absl::IsNotFound(p.status())) return ToGrpcStatus(p.status());
       if (!p.ok() || !Sees(caller, p->owner)) {
         return ToGrpcStatus(absl::NotFoundError(Cat("job '", req->job_id(), "' not found")));
@@ -233,34 +372,37 @@ grpc::Status PipelineServiceImpl::Logs(grpc::ServerContext* ctx, const v1::LogsR
     }
   }
   int64_t after = req->after_seq();
-  while (!ctx->IsCancelled()) {
-    if (stopping_) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "scheduler shutting down; reconnect");
-    const uint64_t gen = wakeups_.events().generation();
-    auto job = store_.GetJob(req->job_id());
-    if (!job.ok()) return ToGrpcStatus(job.status());
-    auto lines = store_.LogsAfter(req->job_id(), after, 1000);
-    if (!lines.ok()) return ToGrpcStatus(lines.status());
-    for (const auto& l : *lines) {
-      v1::LogLine out;
-      out.set_seq(l.id);
-      out.set_attempt(l.attempt);
-      out.set_stream(l.stream);
-      out.set_text(l.line);
-      SetTime(l.created_at, out.mutable_time());
-      if (!writer->Write(out)) return grpc::Status::OK;
-      after = l.id;
-    }
-    if (lines->size() == 1000) continue;
-    const bool terminal = job->state == "SUCCEEDED" || job->state == "FAILED" || job->state == "CANCELLED";
-    if (!req->follow() || terminal) return grpc::Status::OK;
-    wakeups_.events().WaitFor(gen, std::chrono::seconds(1));
-  }
-  return grpc::Status(grpc::StatusCode::CANCELLED, "client went away");
+  bool job_ended = false;
+  FollowOps<storage::LogRecord> ops;
+  ops.page = Followers::kLogPage;
+  ops.read = [&](int64_t from) -> absl::StatusOr<std::vector<storage::LogRecord>> {
+    // The state first: lines read after seeing the job ended are all its lines.
+    auto job = followers_.GetJob(req->job_id());
+    if (!job.ok()) return job.status();
+    job_ended = job->state == "SUCCEEDED" || job->state == "FAILED" || job->state == "CANCELLED";
+    return followers_.LogsAfter(req->job_id(), from, Followers::kLogPage);
+  };
+  ops.read_saw_end = [&] { return job_ended; };
+  ops.send = [&](const storage::LogRecord& l) {
+    if (l.id <= after) return Sent::kMore;
+    v1::LogLine out;
+    out.set_seq(l.id);
+    out.set_attempt(l.attempt);
+    out.set_stream(l.stream);
+    out.set_text(l.line);
+    SetTime(l.created_at, out.mutable_time());
+    if (!writer->Write(out)) return Sent::kGone;
+    after = l.id;
+    return Sent::kMore;
+  };
+  ops.join = [&](int64_t from) { return followers_.JoinLogs(req->job_id(), from); };
+  if (stopping_) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "scheduler shutting down; reconnect");
+  return Follow(ctx, followers_, req->follow(), after, ops);
 }
 
 grpc::Status PipelineServiceImpl::ListJobs(grpc::ServerContext* ctx, const v1::ListJobsRequest* req,
                                            v1::ListJobsResponse* resp) {
-  const Caller caller = CallerOf(ctx);
+  const Caller caller = CallerOf(ctx, authenticator_);
   if (!req->pipeline_id().empty()) {
     if (auto s = CheckId("pipeline_id", req->pipeline_id()); !s.ok()) return ToGrpcStatus(s);
     if (caller.only) {
@@ -273,10 +415,15 @@ grpc::Status PipelineServiceImpl::ListJobs(grpc::ServerContext* ctx, const v1::L
   if (!v1::JobState_IsValid(req->state())) {
     return ToGrpcStatus(InvalidFields({{"state", Cat("got ", static_cast<int>(req->state()), "; expected a JobState")}}));
   }
+  if (!req->page_token().empty() && !IsUuid(req->page_token())) {
+    return ToGrpcStatus(InvalidFields({{"page_token", "not a next_page_token of an earlier ListJobs"}}));
+  }
+  std::string next;
   auto jobs = store_.ListJobs(req->pipeline_id(), JobStateToString(req->state()), req->limit() == 0 ? 200 : req->limit(),
-                              caller.only);
+                              caller.only, req->page_token(), &next);
   if (!jobs.ok()) return ToGrpcStatus(jobs.status());
   for (const auto& j : *jobs) ToProto(j, resp->add_jobs());
+  resp->set_next_page_token(next);
   return grpc::Status::OK;
 }
 
@@ -338,6 +485,8 @@ grpc::Status WorkerServiceImpl::AcquireJobBlocking(grpc::ServerContextBase* ctx,
   const auto wait = std::min<Duration>(Duration(req->wait_timeout_ms()), config_.max_poll);
   const auto give_up = arrived + wait;
   while (true) {
+    // A worker that gave up on this call would never learn of a job claimed for it.
+    if (ctx->IsCancelled()) return grpc::Status(grpc::StatusCode::CANCELLED, "the call was cancelled");
     const uint64_t gen = wakeups_.jobs().generation();
     const auto started = clock_.Now();
     const uint64_t mark = metrics_ ? metrics_->Mark() : 0;
@@ -372,12 +521,22 @@ grpc::Status WorkerServiceImpl::AcquireJobBlocking(grpc::ServerContextBase* ctx,
       job->set_name(c.job.name);
       job->set_kind(JobKindFromString(c.job.kind));
       job->set_spec_json(spec->dump());
-      const std::string dir = Cat(config_.artifact_root, "/", c.job.pipeline_id, "/", SanitizeComponent(c.job.name));
+      const std::string dir = JobDir(config_.artifact_root, c.job.pipeline_id, c.job.name);
       job->set_output_uri(PathToFileUri(dir + "/model"));
       job->set_checkpoint_uri(PathToFileUri(dir + "/checkpoints"));
       job->set_resume_from_uri(c.job.checkpoint_uri);
       if (c.job.lease_deadline) SetTime(*c.job.lease_deadline, job->mutable_lease_deadline());
       job->mutable_resources()->set_gpus(c.job.gpus);
+      job->mutable_resources()->set_ranks(c.job.ranks);
+      if (ctx->IsCancelled()) {
+        // Cancelled while the claim was at the database: hand the job back at once, as an interruption
+        // (no attempt spent), instead of letting its lease expire as a failure of an attempt that never ran.
+        auto back = store_.FailJob(req->worker_id(), c.job.id, c.job.attempt,
+                                   "the worker's AcquireJob call was cancelled before the job reached it", true, false,
+                                   "", config_.retry, clock_.Now(), /*interrupted=*/true);
+        if (back.ok()) wakeups_.JobsChanged();
+        return grpc::Status(grpc::StatusCode::CANCELLED, "the call was cancelled");
+      }
       if (metrics_) {
         metrics_->OnClaim(c, started, std::chrono::duration<double>(std::chrono::steady_clock::now() - arrived).count(), mark);
       }
@@ -404,7 +563,9 @@ grpc::Status WorkerServiceImpl::Heartbeat(grpc::ServerContext*, const v1::Heartb
     if (r.logs_size() > 2000) return ToGrpcStatus(InvalidFields({{Cat("jobs[", i, "].logs"), "more than 2000 lines"}}));
     storage::JobReportRow row{.job_id = r.job_id(), .attempt = r.attempt(), .checkpoint_uri = r.checkpoint_uri()};
     if (!r.checkpoint_uri().empty()) {
-      if (auto s = CheckStoreUri(Cat("jobs[", i, "].checkpoint_uri"), r.checkpoint_uri()); !s.ok()) {
+      if (auto s = CheckAssignedUri(Cat("jobs[", i, "].checkpoint_uri"), r.job_id(), r.attempt(), r.checkpoint_uri(),
+                                  Assigned::kCheckpoint);
+          !s.ok()) {
         return ToGrpcStatus(s);
       }
     }
@@ -420,14 +581,15 @@ grpc::Status WorkerServiceImpl::Heartbeat(grpc::ServerContext*, const v1::Heartb
                               .dump();
     }
     for (const auto& l : r.logs()) {
-      storage::LogRecord rec{0, r.attempt(), l.stream().substr(0, 16), l.text().substr(0, 8192), clock_.Now()};
+      storage::LogRecord rec{0, r.attempt(), l.stream().substr(0, 16), l.text().substr(0, 8192), clock_.Now(), l.seq()};
       row.logs.push_back(std::move(rec));
     }
     rows.push_back(std::move(row));
   }
   const uint64_t mark = metrics_ ? metrics_->Mark() : 0;
   const TimePoint now = clock_.Now();
-  auto directives = store_.Heartbeat(req->worker_id(), rows, req->draining(), config_.lease, now);
+  auto directives =
+      store_.Heartbeat(req->worker_id(), rows, req->draining(), config_.lease, now, config_.ProgressEventInterval());
   if (!directives.ok()) return ToGrpcStatus(directives.status());
   if (metrics_) {
     for (size_t i = 0; i < directives->size() && static_cast<int>(i) < req->jobs_size(); ++i) {
@@ -453,17 +615,30 @@ grpc::Status WorkerServiceImpl::Heartbeat(grpc::ServerContext*, const v1::Heartb
   return grpc::Status::OK;
 }
 
-// A worker may not point a job's dependents (or a retry's resume) at any file outside the artifact store.
-absl::Status WorkerServiceImpl::CheckStoreUri(const std::string& field, const std::string& uri) const {
+// A worker may not point a job's dependents (or a retry's resume) at any file outside what the job was given.
+absl::Status WorkerServiceImpl::CheckAssignedUri(const std::string& field, const std::string& job_id, int attempt,
+                                                  const std::string& uri, Assigned what) {
   auto path = artifacts_.PathOf(uri);
   if (!path.ok()) return InvalidFields({{field, std::string(path.status().message())}});
-  return absl::OkStatus();
+  auto job = store_.GetJob(job_id);
+  // An unknown job or another attempt is the store's to refuse (the fence), with the status every stale call gets.
+  if (absl::IsNotFound(job.status())) return absl::OkStatus();
+  if (!job.ok()) return job.status();
+  if (job->attempt != attempt) return absl::OkStatus();
+  const std::string dir = JobDir(config_.artifact_root, job->pipeline_id, job->name);
+  if (what == Assigned::kOutput) {
+    if (*path == dir + "/model") return absl::OkStatus();
+    return InvalidFields({{field, Cat("'", uri, "' is not the output assigned to job ", job_id, " (", PathToFileUri(dir + "/model"), ")")}});
+  }
+  if (path->rfind(dir + "/checkpoints/", 0) == 0) return absl::OkStatus();
+  return InvalidFields({{field, Cat("'", uri, "' is not below the checkpoint dir assigned to job ", job_id, " (",
+                                    PathToFileUri(dir + "/checkpoints"), ")")}});
 }
 
 grpc::Status WorkerServiceImpl::CompleteBlocking(const v1::CompleteRequest* req) {
   if (auto s = CheckId("worker_id", req->worker_id()); !s.ok()) return ToGrpcStatus(s);
   if (auto s = CheckId("job_id", req->job_id()); !s.ok()) return ToGrpcStatus(s);
-  if (auto s = CheckStoreUri("artifact_uri", req->artifact_uri()); !s.ok()) {
+  if (auto s = CheckAssignedUri("artifact_uri", req->job_id(), req->attempt(), req->artifact_uri(), Assigned::kOutput); !s.ok()) {
     return ToGrpcStatus(s);
   }
   if (!req->result_json().empty()) {
@@ -517,7 +692,8 @@ grpc::Status WorkerServiceImpl::Fail(grpc::ServerContext*, const v1::FailRequest
   if (auto s = CheckId("worker_id", req->worker_id()); !s.ok()) return ToGrpcStatus(s);
   if (auto s = CheckId("job_id", req->job_id()); !s.ok()) return ToGrpcStatus(s);
   if (!req->checkpoint_uri().empty()) {
-    if (auto s = CheckStoreUri("checkpoint_uri", req->checkpoint_uri()); !s.ok()) {
+    if (auto s = CheckAssignedUri("checkpoint_uri", req->job_id(), req->attempt(), req->checkpoint_uri(),
+                                    Assigned::kCheckpoint); !s.ok()) {
       return ToGrpcStatus(s);
     }
   }

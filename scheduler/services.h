@@ -13,10 +13,21 @@
 
 namespace btx::scheduler {
 
+class Followers;
+
 class PipelineServiceImpl final : public btx::v1::PipelineService::Service {
  public:
-  PipelineServiceImpl(storage::Store& store, const Clock& clock, WakeUps& wakeups, const std::atomic<bool>& stopping)
-      : store_(store), clock_(clock), wakeups_(wakeups), stopping_(stopping) {}
+  // Watch and Logs run on `followers` (follow.h): its caps, its own database pool, its shared feeds.
+  PipelineServiceImpl(storage::Store& store, const Clock& clock, WakeUps& wakeups, const std::atomic<bool>& stopping,
+                      Followers& followers, std::vector<std::string> data_roots = {},
+                      std::optional<Authenticator> authenticator = std::nullopt)
+      : store_(store),
+        clock_(clock),
+        wakeups_(wakeups),
+        stopping_(stopping),
+        followers_(followers),
+        data_roots_(std::move(data_roots)),
+        authenticator_(std::move(authenticator)) {}
   grpc::Status Submit(grpc::ServerContext*, const btx::v1::SubmitRequest*, btx::v1::SubmitResponse*) override;
   grpc::Status Get(grpc::ServerContext*, const btx::v1::GetPipelineRequest*, btx::v1::Pipeline*) override;
   grpc::Status List(grpc::ServerContext*, const btx::v1::ListPipelinesRequest*, btx::v1::ListPipelinesResponse*) override;
@@ -32,6 +43,10 @@ class PipelineServiceImpl final : public btx::v1::PipelineService::Service {
   const Clock& clock_;
   WakeUps& wakeups_;
   const std::atomic<bool>& stopping_;
+  Followers& followers_;
+  const std::vector<std::string> data_roots_;
+  // Who calls, from the call's own credentials; none: no authentication (loopback dev mode).
+  const std::optional<Authenticator> authenticator_;
 };
 
 // AcquireJob and Complete, the calls every job makes, use gRPC's callback API and run on a
@@ -70,7 +85,11 @@ class WorkerServiceImpl final : public WorkerServiceBase {
   grpc::ServerUnaryReactor* OnHandlerPool(grpc::CallbackServerContext* ctx, std::function<grpc::Status()> body);
   grpc::Status AcquireJobBlocking(grpc::ServerContextBase*, const btx::v1::AcquireJobRequest*, btx::v1::AcquireJobResponse*);
   grpc::Status CompleteBlocking(const btx::v1::CompleteRequest*);
-  absl::Status CheckStoreUri(const std::string& field, const std::string& uri) const;
+  // `uri` must be what this job's attempts were assigned: its output (exact) or a checkpoint below its
+  // checkpoint dir. Another job's output would otherwise become this job's result, and its dependents' input.
+  enum class Assigned { kOutput, kCheckpoint };
+  absl::Status CheckAssignedUri(const std::string& field, const std::string& job_id, int attempt, const std::string& uri,
+                                Assigned what);
   struct ClaimCall {
     std::string worker_id;
     int free_gpus = 0;

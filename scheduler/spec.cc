@@ -17,6 +17,10 @@ namespace {
 // and up to five other models, and its parser takes at most 1024.
 constexpr int kContractMaxExperts = static_cast<int>(contract::kMaxListEntries) - 24;
 
+// Ranks (processes) of one job: one worker runs them all, and c10d's Gloo group over loopback is meant
+// for a machine's worth of them.
+constexpr int64_t kMaxRanks = 64;
+
 // An operator's limits only ever tighten the contract's: a looser one would let through jobs that
 // btx-train refuses.
 SpecLimits Effective(const SpecLimits& limits) {
@@ -182,18 +186,22 @@ absl::StatusOr<json> ParseSpec(const std::string& text, const SpecLimits& operat
   }
   out["evaluate"] = std::move(evaluate);
 
-  int64_t gpus = 0, attempts = 3;
+  // Training jobs run as a rank group: gpus_per_job ranks of one GPU each, or (CPU) ranks_per_job CPU
+  // ranks; merge and eval run as one rank (docs/architecture.md, "Resources").
+  int64_t gpus = 0, ranks = 1, attempts = 3;
   if (const json& res = Field(in, "resources");
-      !res.is_null() && r.Object("resources", res, {"gpus_per_job", "max_attempts"})) {
-    gpus = r.Int(res, "resources", "gpus_per_job", 0, 0, 64);
-    // btx-train refuses to run on more than one device rather than silently use one of them, so
-    // such a pipeline could never run: refuse it here, where the user can still change it.
-    if (gpus > 1) {
-      r.Fail("resources.gpus_per_job", gpus, "0 or 1: multi-GPU jobs are not supported yet (one device per job)");
+      !res.is_null() && r.Object("resources", res, {"gpus_per_job", "ranks_per_job", "max_attempts"})) {
+    gpus = r.Int(res, "resources", "gpus_per_job", 0, 0, kMaxRanks);
+    ranks = r.Int(res, "resources", "ranks_per_job", 1, 1, kMaxRanks);
+    // Said twice it could disagree: a GPU job's ranks are its GPUs, one device per rank.
+    if (gpus > 0 && res.contains("ranks_per_job") && ranks != gpus) {
+      r.Fail("resources.ranks_per_job", res["ranks_per_job"],
+             Cat("none, or gpus_per_job (", gpus, "): a GPU job runs one rank per GPU"));
     }
     attempts = r.Int(res, "resources", "max_attempts", attempts, 1, limits.max_attempts);
   }
-  out["resources"] = {{"gpus_per_job", gpus}, {"max_attempts", attempts}};
+  if (gpus > 0) ranks = gpus;
+  out["resources"] = {{"gpus_per_job", gpus}, {"ranks_per_job", ranks}, {"max_attempts", attempts}};
 
   if (!r.ok()) return Violations(errors);
   return out;

@@ -114,7 +114,10 @@ TEST(Spec, TableOfMalformedSpecs) {
       {"name: x\nseed: {model: /m}\nexperts: [{name: a, data: {train: [/x]}}]\nfinetune: {steps: 0}", "finetune.steps"},
       {"name: x\nseed: {model: /m}\nexperts: [{name: a, data: {train: [/x]}}]\nfinetune: {mixture: {a: 0}}", "finetune.mixture.a"},
       {"name: x\nseed: {model: /m}\nexperts: [{name: a, data: {train: [/x]}}]\nfinetune: {freeze: [router]}", "finetune.freeze[0]"},
-      {"name: x\nseed: {model: /m}\nexperts: [{name: a, data: {train: [/x]}}]\nresources: {gpus_per_job: 2}", "resources.gpus_per_job"},
+      {"name: x\nseed: {model: /m}\nexperts: [{name: a, data: {train: [/x]}}]\nresources: {gpus_per_job: 65}", "resources.gpus_per_job"},
+      {"name: x\nseed: {model: /m}\nexperts: [{name: a, data: {train: [/x]}}]\nresources: {ranks_per_job: 0}", "resources.ranks_per_job"},
+      {"name: x\nseed: {model: /m}\nexperts: [{name: a, data: {train: [/x]}}]\nresources: {gpus_per_job: 2, ranks_per_job: 4}",
+       "resources.ranks_per_job"},
       {"name: x\nseed: {model: /m}\nexperts: [{name: a, data: {train: [/x]}}]\ntokenizer: {type: sentencepiece, vocab_size: 512}",
        "tokenizer"},
       {"name: x\nseed: {model: /m}\nexperts: [{name: a, data: {train: [/x]}}]\ntokenizer: {sentencepiece: /t.model, vocab_size: 9}",
@@ -239,16 +242,35 @@ TEST(Spec, TokenizerFormsAreTheContracts) {
   EXPECT_EQ((*trained)["tokenizer"], json({{"type", "sentencepiece"}, {"vocab_size", 512}}));
 }
 
-TEST(Spec, MultiGpuJobsAreRefusedWithTheReason) {
-  auto v = Violations("name: x\nseed: {model: /m}\nexperts: [{name: a, data: {train: [/x]}}]\nresources: {gpus_per_job: 2}");
+// Training jobs run as a rank group (one rank per GPU, or ranks_per_job CPU ranks); merge and eval
+// run as one rank, on one device when the pipeline uses GPUs.
+TEST(Plan, RanksGoToTrainingJobsWhileMergeAndEvalRunAsOne) {
+  const std::string base = "name: x\nseed: {init: {preset: tiny}, pretrain: {data: {train: /p}, steps: 2}}\n"
+                           "experts: [{name: a, data: {train: [/x]}}]\n";
+  struct Case {
+    std::string resources;
+    int train_gpus, train_ranks, other_gpus;
+  };
+  for (const Case& c : {Case{"resources: {gpus_per_job: 4}\n", 4, 4, 1}, Case{"resources: {ranks_per_job: 3}\n", 0, 3, 0},
+                        Case{"resources: {gpus_per_job: 2, ranks_per_job: 2}\n", 2, 2, 1}, Case{"", 0, 1, 0}}) {
+    auto spec = ParseSpec(base + c.resources);
+    ASSERT_TRUE(spec.ok()) << c.resources << spec.status();
+    EXPECT_EQ((*spec)["resources"]["ranks_per_job"], c.train_ranks) << c.resources;
+    auto jobs = PlanJobs(*spec);
+    ASSERT_TRUE(jobs.ok()) << jobs.status();
+    std::set<std::string> kinds;
+    for (const auto& j : *jobs) {
+      kinds.insert(j.kind);
+      const bool training = j.kind == "pretrain" || j.kind == "branch" || j.kind == "finetune";
+      EXPECT_EQ(j.gpus, training ? c.train_gpus : c.other_gpus) << c.resources << j.name;
+      EXPECT_EQ(j.ranks, training ? c.train_ranks : 1) << c.resources << j.name;
+    }
+    EXPECT_EQ(kinds, (std::set<std::string>{"pretrain", "branch", "merge", "finetune", "eval"})) << c.resources;
+  }
+  auto v = Violations(base + "resources: {gpus_per_job: 2, ranks_per_job: 3}");
   ASSERT_EQ(v.size(), 1u);
-  EXPECT_EQ(v[0].field, "resources.gpus_per_job");
-  EXPECT_NE(v[0].description.find("multi-GPU jobs are not supported yet"), std::string::npos) << v[0].description;
-  auto one = ParseSpec("name: x\nseed: {model: /m}\nexperts: [{name: a, data: {train: [/x]}}]\nresources: {gpus_per_job: 1}");
-  ASSERT_TRUE(one.ok()) << one.status();
-  auto jobs = PlanJobs(*one);
-  ASSERT_TRUE(jobs.ok()) << jobs.status();
-  for (const auto& j : *jobs) EXPECT_EQ(j.gpus, 1) << j.name;
+  EXPECT_EQ(v[0].field, "resources.ranks_per_job");
+  EXPECT_NE(v[0].description.find("one rank per GPU"), std::string::npos) << v[0].description;
 }
 
 TEST(Plan, TinyBtxDag) {

@@ -94,8 +94,9 @@ struct SchedulerStack {
 
 class SchedulerFixture : public ::testing::Test {
  protected:
-  explicit SchedulerFixture(bool with_metrics = false)
-      : conninfo_(btx::testing::NewMigratedDatabase()), stack_(conninfo_, 8, clock_, TestConfig(), with_metrics) {
+  explicit SchedulerFixture(bool with_metrics = false) : SchedulerFixture(TestConfig(), with_metrics) {}
+  SchedulerFixture(SchedulerConfig config, bool with_metrics)
+      : conninfo_(btx::testing::NewMigratedDatabase()), stack_(conninfo_, 8, clock_, std::move(config), with_metrics) {
     auto port = scheduler_.Start();
     EXPECT_TRUE(port.ok()) << port.status();
     channel_ = grpc::CreateChannel("127.0.0.1:" + std::to_string(port.ok() ? *port : 0),

@@ -16,17 +16,58 @@ struct LeaseRow {
   std::string pipeline_id, name, kind, state, worker_id;
   int attempt = 0, max_attempts = 0;
   bool cancel_requested = false;
+  // When, and for which attempt, the job's last job.progress event was written (none yet: nullopt).
+  std::optional<TimePoint> progress_event_at{};
+  std::optional<int> progress_event_attempt{};
 };
 
 absl::StatusOr<LeaseRow> LockJob(pqxx::work& tx, const std::string& job_id) {
   auto r = tx.exec_params(
-      "SELECT pipeline_id, name, kind, state, coalesce(worker_id::text, ''), attempt, max_attempts, cancel_requested "
-      "FROM jobs WHERE id = $1::uuid FOR UPDATE",
+      "SELECT pipeline_id, name, kind, state, coalesce(worker_id::text, ''), attempt, max_attempts, cancel_requested, " +
+          Us("progress_event_at") + ", progress_event_attempt FROM jobs WHERE id = $1::uuid FOR UPDATE",
       UuidParam(job_id));
   if (r.empty()) return absl::NotFoundError(Cat("job '", job_id, "' not found"));
-  return LeaseRow{r[0][0].as<std::string>(), r[0][1].as<std::string>(), r[0][2].as<std::string>(),
-                  r[0][3].as<std::string>(), r[0][4].as<std::string>(), r[0][5].as<int>(), r[0][6].as<int>(),
-                  r[0][7].as<bool>()};
+  LeaseRow row{r[0][0].as<std::string>(), r[0][1].as<std::string>(), r[0][2].as<std::string>(),
+               r[0][3].as<std::string>(), r[0][4].as<std::string>(), r[0][5].as<int>(), r[0][6].as<int>(),
+               r[0][7].as<bool>()};
+  row.progress_event_at = OptTime(r[0][8]);
+  if (!r[0][9].is_null()) row.progress_event_attempt = r[0][9].as<int>();
+  return row;
+}
+
+// A chatty trainer reports progress with every heartbeat; followers need it every few seconds, not
+// every report. The first progress of an attempt always gets its event (a follower sees the retry
+// start); a clock that went back (a re-synced database clock) counts as due.
+bool ProgressEventDue(const LeaseRow& row, int attempt, Duration every, TimePoint now) {
+  if (!row.progress_event_at || row.progress_event_attempt != attempt) return true;
+  return now - *row.progress_event_at >= every || now < *row.progress_event_at;
+}
+
+// A heartbeat's log lines for one job in one statement; a line whose (attempt, seq) is stored
+// already is skipped by the unique index job_logs_attempt_seq (migration 0007). Ids follow the
+// lines' order.
+void InsertLogLines(pqxx::work& tx, const std::string& job_id, int attempt, const std::vector<LogRecord>& logs) {
+  if (logs.empty()) return;
+  static const std::string kSql =
+      "INSERT INTO job_logs (job_id, attempt, seq, stream, line, created_at) "
+      "SELECT $1::uuid, $2::int, u.seq, u.stream, u.line, timestamptz 'epoch' + u.us * interval '1 microsecond' "
+      "FROM unnest($3::int8[], $4::text[], $5::text[], $6::int8[]) WITH ORDINALITY AS u(seq, stream, line, us, n) "
+      "ORDER BY u.n ON CONFLICT DO NOTHING";
+  // PostgreSQL text cannot hold NUL, and one inside the array literal would cut it short and fail the
+  // whole heartbeat: a NUL from a client becomes a blank, as the worker does with control characters.
+  auto text = [](std::string s) {
+    std::replace(s.begin(), s.end(), '\0', ' ');
+    return s;
+  };
+  std::vector<std::string> seqs, streams, lines, micros;
+  for (const auto& l : logs) {
+    seqs.push_back(std::to_string(std::max<int64_t>(0, l.seq)));
+    streams.push_back(text(l.stream));
+    lines.push_back(text(l.line));
+    micros.push_back(std::to_string(Micros(l.created_at)));
+  }
+  ExecPrepared(tx, "btx_insert_logs", kSql, UuidParam(job_id), attempt, ArrayLiteral(seqs), ArrayLiteral(streams),
+               ArrayLiteral(lines), ArrayLiteral(micros));
 }
 
 absl::Status CheckFence(const LeaseRow& row, const std::string& job_id, int attempt, const std::string& worker_id) {
@@ -94,8 +135,8 @@ absl::StatusOr<std::vector<ClaimOutcome>> Store::ClaimJobs(const std::vector<std
           // The job's columns start at 3, in kJobColumnsWithoutDeps' order, then the three extras.
           ClaimedJob c;
           c.job = JobFromRow(row.slice(3, row.size()));
-          c.pipeline_name = row[25].as<std::string>();
-          const json parents = json::parse(row[26].as<std::string>(), nullptr, false);
+          c.pipeline_name = row[26].as<std::string>();
+          const json parents = json::parse(row[27].as<std::string>(), nullptr, false);
           if (parents.is_object()) {
             for (const auto& [name, uri] : parents.items()) c.parent_artifacts[name] = uri.is_string() ? uri.get<std::string>() : "";
           }
@@ -107,7 +148,7 @@ absl::StatusOr<std::vector<ClaimOutcome>> Store::ClaimJobs(const std::vector<std
 
 absl::StatusOr<std::vector<JobDirectiveRow>> Store::Heartbeat(const std::string& worker_id,
                                                               const std::vector<JobReportRow>& reports, bool draining,
-                                                              Duration lease, TimePoint now) {
+                                                              Duration lease, TimePoint now, Duration progress_event_every) {
   return InTx<std::vector<JobDirectiveRow>>(
       pool_, "heartbeat", [&](pqxx::work& tx) -> absl::StatusOr<std::vector<JobDirectiveRow>> {
         auto w = tx.exec_params("UPDATE workers SET last_seen = " + Ts(2) + ", state = $3 WHERE id = $1::uuid RETURNING id",
@@ -129,17 +170,23 @@ absl::StatusOr<std::vector<JobDirectiveRow>> Store::Heartbeat(const std::string&
           d.kind = row->kind;
           if (!CheckFence(*row, rep.job_id, rep.attempt, worker_id).ok()) continue;
           const TimePoint deadline = now + lease;
+          const bool progress_event =
+              !rep.progress_json.empty() && ProgressEventDue(*row, rep.attempt, progress_event_every, now);
           tx.exec_params("UPDATE jobs SET lease_deadline = " + Ts(2) +
                              ", progress = CASE WHEN $3 = '' THEN progress ELSE $3::jsonb END, "
-                             "checkpoint_uri = CASE WHEN $4 = '' THEN checkpoint_uri ELSE $4 END WHERE id = $1::uuid",
-                         rep.job_id, Micros(deadline), rep.progress_json, rep.checkpoint_uri);
+                             "checkpoint_uri = CASE WHEN $4 = '' THEN checkpoint_uri ELSE $4 END, "
+                             "progress_event_at = CASE WHEN $5 THEN " + Ts(6) + " ELSE progress_event_at END, "
+                             "progress_event_attempt = CASE WHEN $5 THEN $7 ELSE progress_event_attempt END "
+                             "WHERE id = $1::uuid",
+                         rep.job_id, Micros(deadline), rep.progress_json, rep.checkpoint_uri, progress_event,
+                         Micros(now), rep.attempt);
           if (rep.step >= 0) {
             tx.exec_params("INSERT INTO job_metrics (job_id, attempt, step, loss, tokens_per_second, learning_rate, created_at) "
                            "VALUES ($1::uuid, $2, $3, $4, $5, $6, " + Ts(7) + ") ON CONFLICT DO NOTHING",
                            rep.job_id, rep.attempt, rep.step, rep.loss, rep.tokens_per_second, rep.learning_rate,
                            Micros(now));
           }
-          if (!rep.progress_json.empty()) {
+          if (progress_event) {
             AddEvent(tx, row->pipeline_id, rep.job_id, "job.progress",
                      json{{"state", "LEASED"}, {"attempt", rep.attempt}, {"progress", json::parse(rep.progress_json, nullptr, false)}}
                          .dump(),
@@ -149,11 +196,7 @@ absl::StatusOr<std::vector<JobDirectiveRow>> Store::Heartbeat(const std::string&
             AddEvent(tx, row->pipeline_id, rep.job_id, "job.checkpoint",
                      json{{"state", "LEASED"}, {"attempt", rep.attempt}, {"message", rep.checkpoint_uri}}.dump(), now);
           }
-          for (const auto& l : rep.logs) {
-            tx.exec_params("INSERT INTO job_logs (job_id, attempt, stream, line, created_at) VALUES ($1::uuid, $2, $3, $4, " +
-                               Ts(5) + ")",
-                           rep.job_id, rep.attempt, l.stream, l.line, Micros(l.created_at));
-          }
+          InsertLogLines(tx, rep.job_id, rep.attempt, rep.logs);
           d.directive = row->cancel_requested ? Directive::kCancel : Directive::kContinue;
           d.lease_deadline = deadline;
         }

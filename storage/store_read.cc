@@ -70,7 +70,7 @@ const std::string kJobColumnsWithoutDeps =
     "coalesce(j.worker_id::text, ''), " + Us("j.lease_deadline") + ", " + Us("j.ready_at") + ", " +
     Us("j.started_at") + ", " + Us("j.finished_at") + ", " + Us("j.created_at") +
     ", j.progress::text, j.checkpoint_uri, j.artifact_uri, j.error, j.spec::text, coalesce(j.result::text, ''), "
-    "j.gpus, j.cancel_requested";
+    "j.gpus, j.cancel_requested, j.ranks";
 
 const std::string kJobColumns =
     kJobColumnsWithoutDeps +
@@ -100,7 +100,8 @@ JobRecord JobFromRow(const pqxx::row& r) {
   j.result_json = r[18].as<std::string>();
   j.gpus = r[19].as<int>();
   j.cancel_requested = r[20].as<bool>();
-  std::string deps = r[21].as<std::string>();
+  j.ranks = r[21].as<int>();
+  std::string deps = r[22].as<std::string>();
   if (!deps.empty()) j.depends_on = Split(deps, ',');
   return j;
 }
@@ -176,16 +177,31 @@ absl::StatusOr<PipelinePage> Store::ListPipelines(const PipelineFilter& f) {
 }
 
 absl::StatusOr<std::vector<JobRecord>> Store::ListJobs(const std::string& pipeline_id, const std::string& state,
-                                                       int limit, const std::optional<std::string>& owner) {
+                                                       int limit, const std::optional<std::string>& owner,
+                                                       const std::string& page_token, std::string* next_page_token) {
+  if (!page_token.empty() && !IsUuid(page_token)) {
+    return absl::InvalidArgumentError(Cat("page_token '", page_token, "': not a token from a previous page"));
+  }
   return InTx<std::vector<JobRecord>>(pool_, "list jobs", [&](pqxx::work& tx) -> absl::StatusOr<std::vector<JobRecord>> {
+    // Keyset pagination over the order shown, made total by the id: rows inserted meanwhile never shift a page.
+    if (!page_token.empty() && tx.exec_params("SELECT 1 FROM jobs WHERE id = $1::uuid", page_token).empty()) {
+      return absl::InvalidArgumentError(Cat("page_token '", page_token, "': no such job (deleted since?)"));
+    }
     std::vector<JobRecord> out;
-    for (const auto& r : tx.exec_params("SELECT " + kJobColumns +
-                                            " FROM jobs j WHERE ($1 = '' OR j.pipeline_id = $4::uuid) AND "
-                                            "($2 = '' OR j.state = $2) AND (NOT $5 OR EXISTS (SELECT 1 FROM pipelines p "
-                                            "WHERE p.id = j.pipeline_id AND p.owner = $6)) "
-                                            "ORDER BY j.created_at DESC, j.priority, j.name LIMIT $3",
-                                        pipeline_id, state, limit, UuidParam(pipeline_id), owner.has_value(),
-                                        owner.value_or(""))) {
+    for (const auto& r : tx.exec_params(
+             "SELECT " + kJobColumns +
+                 " FROM jobs j WHERE ($1 = '' OR j.pipeline_id = $4::uuid) AND "
+                 "($2 = '' OR j.state = $2) AND (NOT $5 OR EXISTS (SELECT 1 FROM pipelines p "
+                 "WHERE p.id = j.pipeline_id AND p.owner = $6)) AND ($7 = '' OR EXISTS (SELECT 1 FROM jobs c "
+                 "WHERE c.id = $8::uuid AND (j.created_at < c.created_at OR (j.created_at = c.created_at AND "
+                 "(j.priority, j.name, j.id::text) > (c.priority, c.name, c.id::text))))) "
+                 "ORDER BY j.created_at DESC, j.priority, j.name, j.id::text LIMIT $3",
+             pipeline_id, state, limit + 1, UuidParam(pipeline_id), owner.has_value(), owner.value_or(""), page_token,
+             UuidParam(page_token))) {
+      if (static_cast<int>(out.size()) == limit) {
+        if (next_page_token != nullptr) *next_page_token = out.back().id;
+        break;
+      }
       out.push_back(JobFromRow(r));
     }
     return out;
@@ -225,16 +241,20 @@ absl::StatusOr<std::vector<WorkerRecord>> Store::ListWorkers() {
   });
 }
 
-absl::StatusOr<std::optional<WorkerSize>> Store::LargestWorker() {
+absl::StatusOr<std::optional<WorkerSize>> Store::LargestWorker(WorkerResource by) {
   return InTx<std::optional<WorkerSize>>(pool_, "largest worker", [&](pqxx::work& tx) -> absl::StatusOr<std::optional<WorkerSize>> {
     // Every registered worker counts, whatever its state: a LOST or DRAINING one is a machine of the
-    // fleet that may come back (it re-registers under its name, replacing its row).
-    auto r = tx.exec(
-        "SELECT name, CASE WHEN jsonb_typeof(capabilities->'gpus') = 'number' "
-        "THEN least(greatest((capabilities->>'gpus')::numeric, 0), 2147483647)::integer ELSE 0 END AS gpus "
-        "FROM workers ORDER BY gpus DESC, name LIMIT 1");
+    // fleet that may come back (it re-registers under its name, replacing its row). Capabilities are
+    // what the worker said: anything but a number counts as 0.
+    auto field = [](const char* key) {
+      return Cat("CASE WHEN jsonb_typeof(capabilities->'", key, "') = 'number' THEN least(greatest((capabilities->>'",
+                 key, "')::numeric, 0), 2147483647)::integer ELSE 0 END");
+    };
+    auto r = tx.exec(Cat("SELECT name, ", field("gpus"), " AS gpus, ", field("cpu_threads"),
+                         " AS cpu_threads FROM workers ORDER BY ",
+                         by == WorkerResource::kGpus ? "gpus" : "cpu_threads", " DESC, name LIMIT 1"));
     if (r.empty()) return std::optional<WorkerSize>();
-    return std::optional<WorkerSize>(WorkerSize{r[0][0].as<std::string>(), r[0][1].as<int>()});
+    return std::optional<WorkerSize>(WorkerSize{r[0][0].as<std::string>(), r[0][1].as<int>(), r[0][2].as<int>()});
   });
 }
 

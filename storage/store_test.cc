@@ -60,6 +60,11 @@ TEST_F(StoreTest, LargestWorkerIsTheOneWithTheMostGpusWhateverItsState) {
   ASSERT_TRUE(largest.ok() && largest->has_value()) << largest.status();
   EXPECT_EQ((*largest)->name, "two");
   EXPECT_EQ((*largest)->gpus, 2);
+  // CPU ranks are sized against CPU threads, the other ranking.
+  auto widest = store_.LargestWorker(WorkerResource::kCpuThreads);
+  ASSERT_TRUE(widest.ok() && widest->has_value()) << widest.status();
+  EXPECT_EQ((*widest)->name, "cpu");
+  EXPECT_EQ((*widest)->cpu_threads, 8);
   // A lost worker is still a machine of the fleet: it comes back under its name.
   ASSERT_EQ(*store_.MarkLostWorkers(1s, now_ + 1h), 4);
   largest = store_.LargestWorker();
@@ -577,6 +582,34 @@ TEST_F(StoreTest, ListPipelinesPages) {
   EXPECT_EQ(seen.size(), 5u);
   EXPECT_EQ(pages, 3);
   EXPECT_EQ(store_.ListPipelines({.page_token = "garbage"}).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// Jobs of pipelines submitted in the same instant too: the id makes the order total, so pages neither
+// repeat nor skip a job, and give the same order as one big page.
+TEST_F(StoreTest, ListJobsPagesWithoutRepeatsOrGaps) {
+  for (int i = 0; i < 3; ++i) Submit();
+  now_ += 1s;
+  Submit();
+  auto all = store_.ListJobs("", "", 1000);
+  ASSERT_TRUE(all.ok()) << all.status();
+  ASSERT_GE(all->size(), 8u);
+  std::vector<std::string> paged;
+  std::string token;
+  int pages = 0;
+  do {
+    std::string next;
+    auto page = store_.ListJobs("", "", 3, std::nullopt, token, &next);
+    ASSERT_TRUE(page.ok()) << page.status();
+    ASSERT_LE(page->size(), 3u);
+    for (const auto& j : *page) paged.push_back(j.id);
+    token = next;
+    ++pages;
+  } while (!token.empty() && pages < 100);
+  std::vector<std::string> expected;
+  for (const auto& j : *all) expected.push_back(j.id);
+  EXPECT_EQ(paged, expected);
+  EXPECT_EQ(pages, static_cast<int>((expected.size() + 2) / 3));
+  EXPECT_EQ(store_.ListJobs("", "", 3, std::nullopt, "garbage").status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 // A name prefix is a literal prefix: LIKE's wildcards in it ('_', '%') match only themselves.

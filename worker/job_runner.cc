@@ -104,32 +104,140 @@ absl::Status JobRunner::Start() {
   job_file.kind = kind->kind;
   job_file.output_dir = *output_dir;
   job_file.checkpoint_dir = *checkpoint_dir;
-  job_file.threads = config_.threads;
+  ranks_ = std::max(1, config_.ranks);
+  if (ranks_ > 1 && !config_.gpus.empty() && static_cast<int>(config_.gpus.size()) != ranks_) {
+    return absl::InvalidArgumentError(Cat("job ", job_.job_id(), " has ", ranks_, " ranks and ", config_.gpus.size(),
+                                          " GPUs: a GPU job runs one rank per GPU"));
+  }
+  // The job's threads are the slot's, shared by its ranks: each gets an even share, at least one.
+  job_file.threads = config_.threads > 0 ? std::max(1, config_.threads / ranks_) : config_.threads;
   // "cuda" is every device CUDA_VISIBLE_DEVICES shows the child, and that is exactly the job's own.
   job_file.device = config_.gpus.empty() ? "cpu" : "cuda";
   const std::string job_path = config_.attempt_dir + "/JOB.json";
   if (auto s = WriteFileAtomic(job_path, contract::ToJson(job_file).dump(2)); !s.ok()) return s;
   log_fd_ = ::open((config_.attempt_dir + "/log.txt").c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
 
-  ProcessSpec ps;
-  ps.argv = {config_.train_binary, "--job", job_path, "--progress-fd", "3"};
-  ps.capture_stdout = ps.capture_stderr = ps.progress_pipe = true;
-  ps.kill_with_parent = true;
-  ps.working_dir = config_.attempt_dir;
-  // Set even when empty: a CPU job must not see (and initialise a context on) any GPU, and a GPU job
-  // must not see another job's.
-  const std::string visible = absl::StrJoin(config_.gpus, ",");
-  ps.env = {{"CUDA_VISIBLE_DEVICES", visible}};
-  // The job runs whatever its spec says: it must not get the worker's credentials (docs/security.md).
-  ps.unset_env = CredentialEnvironmentVariables();
-  auto child = launcher_.Launch(ps);
-  if (!child.ok()) return child.status();
-  child_ = std::move(*child);
-  AddLog("worker", Cat("started ", config_.train_binary, " (pid ", child_->pid(), ") for ", job_.name(), " attempt ",
-                       job_.attempt(), " on ", config_.gpus.empty() ? "cpu" : Cat("cuda (CUDA_VISIBLE_DEVICES=", visible, ")"),
-                       " with ", config_.threads, " threads"));
+  std::string described;
+  if (auto s = LaunchGroup(job_path, &described); !s.ok()) {
+    KillLaunched();
+    return s;
+  }
+  AddLog("worker", Cat("started ", config_.train_binary, " ", described, " for ", job_.name(), " attempt ",
+                       job_.attempt(), " with ", job_file.threads, " threads", ranks_ > 1 ? " per rank" : ""));
   reader_ = std::thread([this] { ReadLoop(); });
   return absl::OkStatus();
+}
+
+// One rank: btx-train as the protocol's single process. Several: the rendezvous store first (its port
+// is every rank's BTX_RENDEZVOUS), then each rank with its own device (GPU jobs) and only rank 0 with
+// the progress pipe: rank 0 alone emits events (docs/btx-train-protocol.md).
+absl::Status JobRunner::LaunchGroup(const std::string& job_path, std::string* described) {
+  auto base_spec = [&] {
+    ProcessSpec ps;
+    ps.capture_stdout = ps.capture_stderr = true;
+    ps.kill_with_parent = true;
+    ps.working_dir = config_.attempt_dir;
+    // The job runs whatever its spec says: it must not get the worker's credentials (docs/security.md).
+    ps.unset_env = CredentialEnvironmentVariables();
+    return ps;
+  };
+  members_.reserve(static_cast<size_t>(ranks_) + 1);
+  if (ranks_ == 1) {
+    ProcessSpec ps = base_spec();
+    ps.argv = {config_.train_binary, "--job", job_path, "--progress-fd", "3"};
+    ps.progress_pipe = true;
+    // Set even when empty: a CPU job must not see (and initialise a context on) any GPU, and a GPU job
+    // must not see another job's.
+    const std::string visible = absl::StrJoin(config_.gpus, ",");
+    ps.env = {{"CUDA_VISIBLE_DEVICES", visible}};
+    auto child = launcher_.Launch(ps);
+    if (!child.ok()) return child.status();
+    members_.push_back({.rank = 0, .proc = std::move(*child)});
+    *described = Cat("(pid ", members_[0].proc->pid(), ") on ",
+                     config_.gpus.empty() ? "cpu" : Cat("cuda (CUDA_VISIBLE_DEVICES=", visible, ")"));
+    return absl::OkStatus();
+  }
+  ProcessSpec store_spec = base_spec();
+  store_spec.argv = {config_.train_binary, "--store-server", "0"};
+  store_spec.env = {{"CUDA_VISIBLE_DEVICES", ""}};
+  auto store_proc = launcher_.Launch(store_spec);
+  if (!store_proc.ok()) return store_proc.status();
+  Member store{.rank = -1, .proc = std::move(*store_proc), .prefix = "[rendezvous] "};
+  const pid_t store_pid = store.proc->pid();
+  auto port = WaitForStorePort(store);
+  if (!port.ok()) {
+    store.proc->Signal(SIGKILL);
+    store.proc->Wait();
+    return port.status();
+  }
+  const std::string rendezvous = Cat("127.0.0.1:", *port);
+  std::vector<std::string> pids, devices;
+  for (int r = 0; r < ranks_; ++r) {
+    ProcessSpec ps = base_spec();
+    ps.argv = {config_.train_binary, "--job", job_path, "--progress-fd", r == 0 ? "3" : "-1"};
+    ps.progress_pipe = r == 0;
+    const std::string visible = config_.gpus.empty() ? "" : config_.gpus[static_cast<size_t>(r)];
+    ps.env = {{"CUDA_VISIBLE_DEVICES", visible},
+              {"BTX_RANK", std::to_string(r)},
+              {"BTX_WORLD_SIZE", std::to_string(ranks_)},
+              {"BTX_RENDEZVOUS", rendezvous}};
+    if (config_.dist_timeout.count() > 0) ps.env.emplace_back("BTX_DIST_TIMEOUT_S", std::to_string(config_.dist_timeout.count()));
+    auto child = launcher_.Launch(ps);
+    if (!child.ok()) {
+      members_.push_back(std::move(store));  // so that KillLaunched ends it too
+      return absl::Status(child.status().code(), Cat("rank ", r, " of ", ranks_, ": ", child.status().message()));
+    }
+    members_.push_back({.rank = r, .proc = std::move(*child), .prefix = r == 0 ? "" : Cat("[rank ", r, "] ")});
+    pids.push_back(std::to_string(members_.back().proc->pid()));
+    if (!visible.empty()) devices.push_back(Cat("rank ", r, ": CUDA_VISIBLE_DEVICES=", visible));
+  }
+  members_.push_back(std::move(store));
+  *described = Cat("as ", ranks_, " ranks (pids ", absl::StrJoin(pids, ", "), "; rendezvous store ", rendezvous, ", pid ",
+                   store_pid, ") on ", devices.empty() ? "cpu" : Cat("cuda (", absl::StrJoin(devices, "; "), ")"));
+  return absl::OkStatus();
+}
+
+// The store prints `port N` once it listens. Until then nothing else runs; a stop request, the store's
+// exit or the deadline ends the wait.
+absl::StatusOr<int> JobRunner::WaitForStorePort(Member& store) {
+  const TimePoint deadline = clock_.Now() + config_.rendezvous_timeout;
+  std::string out;
+  char buf[4096];
+  bool eof = false;
+  for (;;) {
+    if (const size_t nl = out.find('\n'); nl != std::string::npos) {
+      const std::string line = out.substr(0, nl);
+      store_stdout_rest_ = out.substr(nl + 1);
+      int port = 0;
+      if (std::sscanf(line.c_str(), "port %d", &port) == 1 && port > 0 && port <= 65535) return port;
+      return absl::UnavailableError(Cat("the rendezvous store (", config_.train_binary,
+                                        " --store-server 0) printed '", CleanLine(line), "'; expected 'port N'"));
+    }
+    if (stop_reason_.load() != StopReason::kNone) return absl::AbortedError("stopped before btx-train started");
+    if (auto code = store.proc->Poll()) {
+      return absl::UnavailableError(Cat("the rendezvous store exited with code ", *code, " before it listened"));
+    }
+    if (clock_.Now() >= deadline) {
+      return absl::UnavailableError(Cat("the rendezvous store did not print its port within ",
+                                        Seconds(config_.rendezvous_timeout)));
+    }
+    pollfd pfd{eof ? -1 : store.proc->stdout_fd(), POLLIN, 0};  // -1: just wait (for the exit)
+    if (::poll(&pfd, 1, 100) <= 0 || eof) continue;
+    const ssize_t n = ::read(pfd.fd, buf, sizeof buf);
+    if (n > 0) {
+      out.append(buf, static_cast<size_t>(n));
+      if (out.size() > 65536) return absl::UnavailableError("the rendezvous store printed no port line");
+    } else if (n == 0) {
+      eof = true;
+    }
+  }
+}
+
+// A start that failed half way leaves nothing behind.
+void JobRunner::KillLaunched() {
+  for (auto& m : members_) m.proc->Signal(SIGKILL);
+  for (auto& m : members_) m.proc->Wait();
+  members_.clear();
 }
 
 // An output dir that exists but does not verify is a torn publish by an earlier attempt (or tampering):
@@ -164,38 +272,128 @@ void JobRunner::RequestStop(StopReason reason) {
   }
 }
 
-// All signalling happens on the reader thread, the only one touching child_ after Start.
+void JobRunner::SignalRanks(int sig) {
+  for (auto& m : members_) {
+    if (m.rank >= 0 && !m.exit_code) m.proc->Signal(sig);
+  }
+}
+
+// All signalling happens on the reader thread, the only one touching the processes after Start. The
+// ranks are one unit: a stop the worker asks for, or one rank failing on its own, sends SIGTERM to every
+// rank (each checkpoints if it can) and SIGKILL to those still alive after the grace; a hard stop kills
+// at once. The store serves until no rank is left.
 void JobRunner::EscalateIfOverdue() {
   const StopReason reason = stop_reason_.load();
-  if (reason == StopReason::kNone) return;
-  std::lock_guard lock(mu_);
   const TimePoint now = clock_.Now();
+  Member* store = members_.back().rank < 0 ? &members_.back() : nullptr;
   if (reason == StopReason::kLeaseLost || reason == StopReason::kKill) {
-    if (!kill_at_ || *kill_at_ > now) {
-      child_->Signal(SIGKILL);
-      kill_at_ = now;
-    }
+    if (!ranks_killed_) SignalRanks(SIGKILL);
+    if (store != nullptr && !store_killed_) store->proc->Signal(SIGKILL);
+    ranks_killed_ = store_killed_ = true;
     return;
   }
-  if (!kill_at_) {
-    child_->Signal(SIGTERM);
+  bool ranks_alive = false;
+  for (const auto& m : members_) ranks_alive |= m.rank >= 0 && !m.exit_code;
+  if ((reason != StopReason::kNone || first_failed_rank_) && !ranks_termed_) {
+    SignalRanks(SIGTERM);
+    ranks_termed_ = true;
     kill_at_ = now + config_.stop_grace;
-  } else if (now >= *kill_at_) {
-    child_->Signal(SIGKILL);
-    kill_at_ = TimePoint::max();
   }
+  // Rank 0 ended well: the others are past their last step and get the grace to exit on their own.
+  if (!kill_at_ && members_[0].exit_code == 0 && ranks_alive) kill_at_ = now + config_.stop_grace;
+  if (kill_at_ && now >= *kill_at_ && ranks_alive && !ranks_killed_) {
+    if (ranks_ > 1) AddLog("worker", Cat("ranks still running ", Seconds(config_.stop_grace), " after the group was told to end: SIGKILL"));
+    SignalRanks(SIGKILL);
+    ranks_killed_ = true;
+  }
+  if (store != nullptr && !store->exit_code && !ranks_alive) {
+    if (!store_termed_) {
+      store->proc->Signal(SIGTERM);
+      store_termed_ = true;
+      store_kill_at_ = now + config_.stop_grace;
+    } else if (now >= *store_kill_at_ && !store_killed_) {
+      store->proc->Signal(SIGKILL);
+      store_killed_ = true;
+    }
+  }
+}
+
+// Reaps whatever has exited. The first rank to fail while no stop was asked for decides the group's
+// outcome and stops the others; of ranks seen failing in the same round, one killed by a signal is the
+// likelier cause (the others' collectives then fail because it is gone).
+void JobRunner::CheckExits() {
+  std::vector<Member*> failed_now;
+  for (auto& m : members_) {
+    if (m.exit_code) continue;
+    m.exit_code = m.proc->Poll();
+    if (!m.exit_code) continue;
+    if (m.rank < 0) {
+      if (!store_termed_) AddLog("worker", Cat("the rendezvous store exited with code ", *m.exit_code, " while ranks ran"));
+      continue;
+    }
+    if (ranks_ > 1) AddLog("worker", Cat("rank ", m.rank, " of ", ranks_, " exited with code ", *m.exit_code));
+    if (*m.exit_code != 0 && stop_reason_.load() == StopReason::kNone && !first_failed_rank_) failed_now.push_back(&m);
+  }
+  if (failed_now.empty()) return;
+  Member* first = failed_now.front();
+  for (Member* m : failed_now) {
+    if (*m->exit_code > 128 && *first->exit_code <= 128) first = m;
+  }
+  first_failed_rank_ = first->rank;
+  if (ranks_ > 1) {
+    bool others = false;
+    for (const auto& m : members_) others |= m.rank >= 0 && !m.exit_code;
+    if (others) AddLog("worker", Cat("rank ", first->rank, " of ", ranks_, " failed: stopping the group (SIGTERM, SIGKILL after ",
+                                     Seconds(config_.stop_grace), ")"));
+  }
+}
+
+// Which exit speaks for the group: the first rank that failed on its own; else (the worker stopped the
+// group, or it ended) rank 0's, except that a rank that stopped resumably (75) under a requested stop
+// makes the group interrupted, and a group is a success only when every rank exited 0.
+void JobRunner::SettleGroupExit() {
+  const Member* decided = &members_[0];
+  if (first_failed_rank_) {
+    decided = &members_[static_cast<size_t>(*first_failed_rank_)];
+  } else {
+    if (stop_reason_.load() != StopReason::kNone && decided->exit_code != contract::kExitInterrupted) {
+      for (const auto& m : members_) {
+        if (m.rank >= 0 && m.exit_code == contract::kExitInterrupted) {
+          decided = &m;
+          break;
+        }
+      }
+    }
+    if (decided->exit_code == 0) {
+      for (const auto& m : members_) {
+        if (m.rank >= 0 && m.exit_code != 0) {
+          decided = &m;
+          break;
+        }
+      }
+    }
+  }
+  std::lock_guard lock(mu_);
+  exit_code_ = decided->exit_code.value_or(-1);
+  last_stderr_line_ = decided->last_stderr_line;
+  if (ranks_ > 1) who_ = Cat("btx-train rank ", decided->rank, " of ", ranks_);
 }
 
 void JobRunner::ReadLoop() {
   struct Stream {
+    Member* member;
     int fd;
     std::string name, partial;
   };
-  std::vector<Stream> streams = {{child_->stdout_fd(), "stdout", ""},
-                                 {child_->stderr_fd(), "stderr", ""},
-                                 {child_->progress_fd(), "progress", ""}};
+  std::vector<Stream> streams;
+  for (auto& m : members_) {
+    streams.push_back({&m, m.proc->stdout_fd(), "stdout", m.rank < 0 ? store_stdout_rest_ : ""});
+    streams.push_back({&m, m.proc->stderr_fd(), "stderr", ""});
+    if (m.rank == 0) streams.push_back({&m, m.proc->progress_fd(), "progress", ""});
+  }
   char buf[65536];
   for (;;) {
+    CheckExits();
     EscalateIfOverdue();
     std::vector<pollfd> pfds;
     std::vector<Stream*> live;
@@ -205,16 +403,26 @@ void JobRunner::ReadLoop() {
         live.push_back(&s);
       }
     }
-    if (pfds.empty()) break;
+    if (pfds.empty()) {
+      bool all_exited = true;
+      for (const auto& m : members_) all_exited &= m.exit_code.has_value();
+      if (all_exited) break;
+      // Pipes closed; a process may still be exiting (or have handed its pipes to nobody and kept running).
+      ::poll(nullptr, 0, 20);
+      continue;
+    }
     const int r = ::poll(pfds.data(), pfds.size(), 100);
-    if (r < 0 && errno != EINTR) break;
+    if (r < 0 && errno != EINTR) {
+      for (auto& s : streams) s.fd = -1;  // cannot read them; still reap (and, when told, stop) every process
+      continue;
+    }
     for (size_t i = 0; r > 0 && i < pfds.size(); ++i) {
       if (!(pfds[i].revents & (POLLIN | POLLHUP | POLLERR))) continue;
       Stream& s = *live[i];
       const ssize_t n = ::read(s.fd, buf, sizeof(buf));
       if (n < 0 && errno == EINTR) continue;
       if (n <= 0) {
-        if (!s.partial.empty()) OnLine(s.name, s.partial);
+        if (!s.partial.empty()) OnLine(*s.member, s.name, s.partial);
         s.partial.clear();
         s.fd = -1;  // owned (and closed) by the Process
         continue;
@@ -222,33 +430,26 @@ void JobRunner::ReadLoop() {
       s.partial.append(buf, static_cast<size_t>(n));
       size_t start = 0;
       for (size_t nl; (nl = s.partial.find('\n', start)) != std::string::npos; start = nl + 1) {
-        OnLine(s.name, s.partial.substr(start, nl - start));
+        OnLine(*s.member, s.name, s.partial.substr(start, nl - start));
       }
       s.partial.erase(0, start);
     }
   }
-  // Pipes closed; the child may still be exiting (or have handed its pipes to nobody and kept running).
-  std::optional<int> code;
-  while (!(code = child_->Poll())) {
-    EscalateIfOverdue();
-    ::poll(nullptr, 0, 20);
-  }
-  {
-    std::lock_guard lock(mu_);
-    exit_code_ = *code;
-  }
+  SettleGroupExit();
   finished_.store(true);
 }
 
-void JobRunner::OnLine(const std::string& stream, const std::string& text) {
+// Progress comes from rank 0 alone (the only rank with the pipe). Log lines from every process, the
+// others' prefixed with their rank, so one job log tells them apart.
+void JobRunner::OnLine(Member& m, const std::string& stream, const std::string& text) {
   if (stream == "progress") {
     OnProgressEvent(text);
     return;
   }
   std::string line = CleanLine(text);
+  if (stream == "stderr" && !line.empty()) m.last_stderr_line = line;
   std::lock_guard lock(mu_);
-  if (stream == "stderr" && !line.empty()) last_stderr_line_ = line;
-  AddLogLocked(stream, std::move(line));
+  AddLogLocked(stream, m.prefix + line);
 }
 
 void JobRunner::AddLog(const std::string& stream, const std::string& text) {
@@ -436,12 +637,12 @@ Outcome JobRunner::Classify() {
   }
   if (reason == StopReason::kCancel) {
     o.kind = Outcome::kCancelled;
-    o.error = Cat("cancelled (btx-train exit code ", exit_code, ")");
+    o.error = Cat("cancelled (", who_, " exit code ", exit_code, ")");
     return o;
   }
   if (exit_code == contract::kExitInvalidJob) {
     o.kind = Outcome::kInvalidInput;
-    o.error = last_stderr_line_.empty() ? Cat("btx-train: invalid job (exit ", exit_code, ")") : last_stderr_line_;
+    o.error = last_stderr_line_.empty() ? Cat(who_, ": invalid job (exit ", exit_code, ")") : last_stderr_line_;
     return o;
   }
   o.kind = Outcome::kRetryable;
@@ -449,11 +650,11 @@ Outcome JobRunner::Classify() {
     o.error = reason == StopReason::kDrain ? Cat("interrupted: the worker is draining (exit ", exit_code, ")")
                                            : Cat("interrupted (exit ", exit_code, ")", tail);
   } else if (exit_code == contract::kExitOk) {
-    o.error = "btx-train exited 0 without a done event";
+    o.error = Cat(who_, " exited 0 without a done event");
   } else if (exit_code > 128) {
-    o.error = Cat("btx-train killed by signal ", exit_code - 128, tail);
+    o.error = Cat(who_, " killed by signal ", exit_code - 128, tail);
   } else {
-    o.error = Cat("btx-train exited with code ", exit_code, tail);
+    o.error = Cat(who_, " exited with code ", exit_code, tail);
   }
   return o;
 }

@@ -1,5 +1,6 @@
-// Supervises one attempt of one job: a `btx-train` child, its log and progress pipes, and the
-// translation of how it ended into what the scheduler must be told (docs/btx-train-protocol.md).
+// Supervises one attempt of one job: its `btx-train` child, or its rank group (a rendezvous store and
+// one btx-train per rank, supervised as one: docs/btx-train-protocol.md, "Several ranks"), their log and
+// progress pipes, and the translation of how it ended into what the scheduler must be told.
 #pragma once
 
 #include <atomic>
@@ -25,6 +26,14 @@ struct JobRunnerConfig {
   // The job's GPUs as CUDA_VISIBLE_DEVICES names them, all of them its own; empty: a CPU job, which is shown
   // no GPU at all.
   std::vector<std::string> gpus;
+  // Processes of the job's rank group (resources.ranks). With more than one, `threads` is split evenly
+  // across them (at least 1 each), and a GPU job must have one GPU per rank: rank r sees gpus[r] only.
+  int ranks = 1;
+  // BTX_DIST_TIMEOUT_S for the ranks: how long a collective waits on a dead or stuck peer before the
+  // rank exits 1 (and the group is stopped). 0: btx-train's default.
+  std::chrono::seconds dist_timeout{0};
+  // How long the rendezvous store may take to print its port before the attempt fails (retryable).
+  Duration rendezvous_timeout = std::chrono::seconds(60);
   Duration stop_grace = std::chrono::seconds(60);
   size_t max_pending_log_lines = 20000;  // kept while the scheduler is unreachable; oldest dropped
   // The manifest check of an output directory; empty = the contract's VerifyManifest.
@@ -51,8 +60,9 @@ class JobRunner {
   JobRunner& operator=(const JobRunner&) = delete;
 
   // Checks an output dir left by an earlier attempt (removed only when it is positively corrupt; one that
-  // cannot be read fails the start, Unavailable), writes JOB.json, launches the child and the pipe reader.
-  // On error nothing is running. A stop requested before the child is launched ends it here (Aborted).
+  // cannot be read fails the start, Unavailable), writes JOB.json, launches the child (a rank group: the
+  // store, then every rank) and the pipe reader. On error nothing is running. A stop requested before the
+  // children are launched ends it here (Aborted).
   // Runs on the supervisor thread, with the job in heartbeats: the check may take as long as hashing
   // the output does.
   absl::Status Start();
@@ -63,7 +73,7 @@ class JobRunner {
   void RequestStop(StopReason reason);
   StopReason stop_reason() const { return stop_reason_.load(); }
   bool finished() const { return finished_.load(); }
-  // Blocks until the child has exited and its pipes are drained, then verifies the output it reported
+  // Blocks until every child has exited and its pipes are drained, then verifies the output it reported
   // (without holding the lock TakeReport needs: heartbeats go on meanwhile).
   Outcome Wait();
   // The outcome of an attempt whose child never ran, Start having returned `why`.
@@ -74,12 +84,28 @@ class JobRunner {
   void set_lease_deadline(TimePoint t);
 
  private:
+  // One process of the attempt: a rank, or the group's rendezvous store. Touched by the thread that
+  // launches it (Start) and then by the reader thread only.
+  struct Member {
+    int rank = -1;  // -1: the rendezvous store
+    std::unique_ptr<Process> proc{};
+    std::string prefix{};  // put before each of its log lines: "" for rank 0, "[rank 1] ", "[rendezvous] "
+    std::optional<int> exit_code{};
+    std::string last_stderr_line{};
+  };
+
+  absl::Status LaunchGroup(const std::string& job_path, std::string* described);
+  absl::StatusOr<int> WaitForStorePort(Member& store);
+  void KillLaunched();
   void ReadLoop();
-  void OnLine(const std::string& stream, const std::string& text);
+  void CheckExits();
+  void OnLine(Member& m, const std::string& stream, const std::string& text);
   void OnProgressEvent(const std::string& line);
   void AddLog(const std::string& stream, const std::string& text);
   void AddLogLocked(const std::string& stream, std::string text);
+  void SignalRanks(int sig);
   void EscalateIfOverdue();
+  void SettleGroupExit();
   absl::Status CheckLeftoverOutput(const std::string& output_dir);
   Outcome Classify();
 
@@ -87,17 +113,24 @@ class JobRunner {
   JobRunnerConfig config_;
   ProcessLauncher& launcher_;
   const Clock& clock_;
-  std::unique_ptr<Process> child_;
+  int ranks_ = 1;
+  std::vector<Member> members_;  // ranks 0..ranks_-1 in order, then the store when there is one
+  std::string store_stdout_rest_;  // what the store printed after its port line, before the reader began
+  // Reader-thread state of the group's end: the first rank that failed on its own (not after a stop
+  // the worker asked for), whether the ranks were told to stop (SIGTERM) or killed, and the deadlines.
+  std::optional<int> first_failed_rank_;
+  bool ranks_termed_ = false, ranks_killed_ = false, store_termed_ = false, store_killed_ = false;
+  std::optional<TimePoint> kill_at_, store_kill_at_;  // SIGKILL what is still alive then
+  std::string who_ = "btx-train";  // how errors name the process whose exit decided the outcome
   std::thread reader_;
   std::atomic<bool> finished_{false};
   std::atomic<StopReason> stop_reason_{StopReason::kNone};
 
   // Guards what the reader thread and the heartbeat thread share. exit_code_, done_artifact_,
-  // done_metrics_json_, last_stderr_line_ and checkpoint_uri_ are written by the reader thread only: once it
-  // has been joined (Wait), they are read without the lock.
+  // done_metrics_json_, last_stderr_line_, who_ and checkpoint_uri_ are written by the reader thread only:
+  // once it has been joined (Wait), they are read without the lock.
   mutable std::mutex mu_;
   TimePoint lease_deadline_;
-  std::optional<TimePoint> kill_at_;  // SIGKILL if still alive then
   v1::Progress progress_;
   std::optional<std::pair<TimePoint, int64_t>> first_progress_;  // for the ETA
   std::string checkpoint_uri_, reported_checkpoint_uri_;

@@ -56,7 +56,7 @@ int main(int argc, char** argv) {
   cfg.discover_capabilities = btx::worker::DiscoverCapabilities;
   // /metrics is plain HTTP without authentication: this machine only, unless an address is given.
   std::string scheduler = "127.0.0.1:50051", metrics_listen = "127.0.0.1:9091", port_file;
-  int64_t stop_grace_s = 60, poll_s = 20;
+  int64_t stop_grace_s = 60, poll_s = 20, dist_timeout_s = 0;
   app.add_option("--scheduler", scheduler, "scheduler gRPC address (or env BTX_SCHEDULER)")
       ->envname("BTX_SCHEDULER")
       ->capture_default_str();
@@ -68,6 +68,10 @@ int main(int argc, char** argv) {
   app.add_option("--train-binary", cfg.train_binary, "btx-train executable (default: next to btx-worker)");
   app.add_option("--stop-grace-seconds", stop_grace_s, "SIGTERM → SIGKILL grace for a child told to stop")
       ->check(CLI::Range(1, 3600))
+      ->capture_default_str();
+  app.add_option("--dist-timeout-seconds", dist_timeout_s,
+                 "multi-rank jobs: how long a rank waits on a dead or stuck peer (0 = btx-train's default)")
+      ->check(CLI::Range(0, 86400))
       ->capture_default_str();
   app.add_option("--poll-seconds", poll_s, "AcquireJob long-poll timeout")->check(CLI::Range(1, 60))->capture_default_str();
   app.add_option("--metrics-listen", metrics_listen,
@@ -113,6 +117,7 @@ int main(int argc, char** argv) {
     cfg.bearer_token = *std::move(env_token);
   }
   cfg.stop_grace = std::chrono::seconds(stop_grace_s);
+  cfg.dist_timeout = std::chrono::seconds(dist_timeout_s);
   cfg.poll_wait = std::chrono::seconds(poll_s);
 
   grpc::ChannelArguments args;

@@ -302,11 +302,15 @@ class Worker::Impl {
     rc.attempt_dir = Cat(cfg_.work_dir, "/", SanitizeComponent(job.job_id()), "-attempt-", job.attempt());
     rc.threads = threads_;
     rc.gpus = CudaDeviceIds(*gpus, caps_.gpu_cuda_ids);
+    // A CPU job's ranks share its slot (and its threads); a GPU job's are one per device.
+    rc.ranks = std::max(1, job.resources().ranks());
+    rc.dist_timeout = cfg_.dist_timeout;
     rc.stop_grace = cfg_.stop_grace;
     rc.verify_artifact = cfg_.verify_artifact;
     auto runner = std::make_shared<JobRunner>(job, rc, launcher_, clock_);
-    spdlog::info("worker {}: starting {} ({}) attempt {} of pipeline {} on {}", cfg_.name, job.name(), job.job_id(),
-                 job.attempt(), job.pipeline_name(), rc.gpus.empty() ? "cpu" : Cat(rc.gpus.size(), " GPUs"));
+    spdlog::info("worker {}: starting {} ({}) attempt {} of pipeline {} on {}{}", cfg_.name, job.name(), job.job_id(),
+                 job.attempt(), job.pipeline_name(), rc.gpus.empty() ? "cpu" : Cat(rc.gpus.size(), " GPUs"),
+                 rc.ranks > 1 ? Cat(" as ", rc.ranks, " ranks") : "");
     // From here the job is in heartbeats (its lease renewed) until its supervisor has reported it: the
     // start checks a leftover output, and the end verifies the new one, each as long as hashing it takes.
     std::lock_guard lock(mu_);

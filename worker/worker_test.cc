@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <condition_variable>
+#include <cerrno>
 #include <csignal>
 #include <cstring>
 #include <filesystem>
@@ -48,18 +49,51 @@ using json = nlohmann::json;
 
 // Modes, read from a file beside the script so one test can switch behaviour between attempts.
 constexpr char kFakeTrain[] = R"SH(#!/bin/bash
-job=$2
 here=$(dirname "$0")
+if [ "$1" = --store-server ]; then
+  # A rank group's rendezvous store: says its port, serves until SIGTERM.
+  mkdir -p "$here/seen"
+  echo $$ > "$here/seen/store.pid"
+  echo "store starting" >&2
+  echo "port 4242"
+  trap 'echo "store stopping"; exit 0' TERM
+  while true; do sleep 0.05; done
+fi
+job=$2
 mode=$(cat "$here/mode")
+rank=${BTX_RANK:-0}
 out=$(sed -n 's/^ *"output_dir": "\(.*\)",\{0,1\}$/\1/p' "$job")
 name=$(sed -n 's/^ *"name": "\(.*\)",\{0,1\}$/\1/p' "$job" | head -n1)
 echo "training $name in mode $mode"
 echo "a warning on stderr" >&2
-echo '{"event":"progress","step":1,"total_steps":4,"loss":3.5,"lr":0.001,"tokens_per_s":100,"tokens":10}' >&3
-ck="$(dirname "$out")/checkpoints/step-00000001"
-mkdir -p "$ck"
-echo "{\"event\":\"checkpoint\",\"step\":1,\"path\":\"$ck\"}" >&3
+if [ "$rank" = 0 ]; then
+  echo '{"event":"progress","step":1,"total_steps":4,"loss":3.5,"lr":0.001,"tokens_per_s":100,"tokens":10}' >&3
+  ck="$(dirname "$out")/checkpoints/step-00000001"
+  mkdir -p "$ck"
+  echo "{\"event\":\"checkpoint\",\"step\":1,\"path\":\"$ck\"}" >&3
+fi
 case "$mode" in
+  group)
+    # Every rank records what it was given; rank 0 then publishes, the others end after their "last step".
+    mkdir -p "$here/seen"
+    printf 'rank=%s world=%s rendezvous=%s timeout=%s cuda=%s' "$BTX_RANK" "$BTX_WORLD_SIZE" "$BTX_RENDEZVOUS" \
+      "${BTX_DIST_TIMEOUT_S-unset}" "${CUDA_VISIBLE_DEVICES-unset}" > "$here/seen/$name.rank$rank.tmp"
+    mv "$here/seen/$name.rank$rank.tmp" "$here/seen/$name.rank$rank"
+    cp "$job" "$here/seen/$name.json.$rank.tmp" && mv "$here/seen/$name.json.$rank.tmp" "$here/seen/$name.json"
+    [ "$rank" = 0 ] || exit 0 ;;
+  rankfail|rankhang)
+    # rankfail: rank 1 fails once every rank is up; the others wait in a "collective" and exit 1 on
+    # SIGTERM. rankhang: rank 0 fails once rank 1 is up, and rank 1 ignores SIGTERM (a stuck rank).
+    mkdir -p "$here/seen"
+    if [ "$mode" = rankhang ] && [ "$rank" = 1 ]; then trap '' TERM; else trap 'echo "rank $rank got SIGTERM"; exit 1' TERM; fi
+    echo $$ > "$here/seen/rank$rank.pid.tmp" && mv "$here/seen/rank$rank.pid.tmp" "$here/seen/rank$rank.pid"
+    failing=1; [ "$mode" = rankhang ] && failing=0
+    if [ "$rank" = "$failing" ]; then
+      for r in $(seq 0 $((BTX_WORLD_SIZE - 1))); do while [ ! -e "$here/seen/rank$r.pid" ]; do sleep 0.02; done; done
+      echo "rank $rank lost its device" >&2
+      exit 3
+    fi
+    while true; do sleep 0.05; done ;;
   hold)
     # Records what this child was given, then runs until the test creates $here/release: every job
     # started before that is running at once.
@@ -196,6 +230,7 @@ struct GpuJob {
   std::string name;
   int gpus = 0;
   int priority = 0;  // claimed lowest first
+  int ranks = 1;
 };
 
 class WorkerTest : public ::testing::Test {
@@ -263,7 +298,7 @@ class WorkerTest : public ::testing::Test {
     p.spec_json = "{}";
     for (const auto& j : jobs) {
       p.jobs.push_back({.name = j.name, .kind = "branch", .spec_json = kBranchSpec, .depends_on = {},
-                        .max_attempts = max_attempts, .gpus = j.gpus, .priority = j.priority});
+                        .max_attempts = max_attempts, .gpus = j.gpus, .ranks = j.ranks, .priority = j.priority});
     }
     auto created = store_.CreatePipeline(p, clock_.Now());
     EXPECT_TRUE(created.ok()) << created.status();
@@ -546,6 +581,136 @@ TEST_F(WorkerTest, AssignmentNeedingMoreGpusThanFreeIsFailedBackNotRunOnFewer) {
       << job.error;
   EXPECT_FALSE(Started("pair"));
   EXPECT_EQ(recorder.sent().front(), 1);
+}
+
+// Rank groups (docs/btx-train-protocol.md, "Several ranks"): the fake trainer plays the rendezvous
+// store (`--store-server 0` prints `port 4242`) and every rank records what it was given.
+bool Gone(const std::string& pid_file) {
+  auto text = ReadFile(pid_file);
+  if (!text.ok()) return false;
+  const pid_t pid = static_cast<pid_t>(std::stol(*text));
+  return ::kill(pid, 0) != 0 && errno == ESRCH;
+}
+
+// A CPU job of 3 ranks shares its slot's 6 threads (2 each); a 2-GPU job runs 2 ranks of one device
+// each. Every rank gets the rendezvous and its rank; rank 0 alone reports progress and publishes; every
+// rank's lines reach the job's log, the others' prefixed with their rank; the store is stopped at the end.
+TEST_F(WorkerTest, RankGroupGivesEachRankItsDeviceAndThreadsAndLogsEveryRank) {
+  SetMode("group");
+  const std::string id = CreatePipeline({{.name = "grp", .gpus = 0, .priority = 0, .ranks = 3},
+                                         {.name = "gpair", .gpus = 2, .priority = 1, .ranks = 2}});
+  StartWorker([](WorkerConfig& wc) {
+    wc.discover_capabilities = [] { return FakeGpuHost(4); };
+    wc.slots = 2;
+    wc.threads_per_job = 6;
+    wc.dist_timeout = 7s;
+  });
+  ASSERT_TRUE(Eventually([&] { return store_.GetPipeline(id)->state == "SUCCEEDED"; }))
+      << store_.GetPipeline(id)->state << " " << store_.GetPipeline(id)->error << "\n" << Logs(Job(id, "grp").id);
+  for (int r = 0; r < 3; ++r) {
+    EXPECT_EQ(ReadFile(Cat(dir_, "/seen/grp.rank", r)).value_or(""),
+              Cat("rank=", r, " world=3 rendezvous=127.0.0.1:4242 timeout=7 cuda="));
+  }
+  EXPECT_EQ(json::parse(SeenJob("grp"))["threads"], 2);
+  EXPECT_EQ(json::parse(SeenJob("grp"))["device"], "cpu");
+  std::set<std::string> devices;
+  for (int r = 0; r < 2; ++r) {
+    const std::string seen = ReadFile(Cat(dir_, "/seen/gpair.rank", r)).value_or("");
+    const std::string cuda = seen.substr(seen.find("cuda=") + 5);
+    EXPECT_TRUE(cuda == "0" || cuda == "1" || cuda == "2" || cuda == "3") << seen;
+    devices.insert(cuda);
+  }
+  EXPECT_EQ(devices.size(), 2u) << "two ranks share a GPU";
+  EXPECT_EQ(json::parse(SeenJob("gpair"))["threads"], 3);
+  EXPECT_EQ(json::parse(SeenJob("gpair"))["device"], "cuda");
+
+  const auto job = Job(id, "grp");
+  EXPECT_EQ(job.attempt, 1);
+  EXPECT_EQ(json::parse(job.progress_json).value("total_steps", 0), 4) << job.progress_json;
+  EXPECT_TRUE(VerifyManifest(*FileUriToPath(job.artifact_uri)).ok());
+  const std::string logs = Logs(job.id);
+  for (const std::string line :
+       {"[stdout] training grp in mode group", "[stdout] [rank 1] training grp in mode group",
+        "[stderr] [rank 2] a warning on stderr", "[stderr] [rendezvous] store starting",
+        "[stdout] [rendezvous] store stopping", "as 3 ranks", "with 2 threads per rank"}) {
+    EXPECT_NE(logs.find(line), std::string::npos) << line << "\n" << logs;
+  }
+}
+
+// One rank failing fails the attempt as a group: the others are stopped (SIGTERM), the store too, and
+// the job is reported once, with the failing rank's own error.
+TEST_F(WorkerTest, RankFailureStopsTheWholeGroupAndReportsThatRanksError) {
+  SetMode("rankfail");
+  const std::string id = CreatePipeline({{.name = "grp", .gpus = 0, .priority = 0, .ranks = 3}});
+  StartWorker();
+  ASSERT_TRUE(Eventually([&] { return store_.GetPipeline(id)->state == "FAILED"; }));
+  const auto job = Job(id, "grp");
+  EXPECT_EQ(job.attempt, 1);
+  EXPECT_NE(job.error.find("btx-train rank 1 of 3 exited with code 3: rank 1 lost its device"), std::string::npos)
+      << job.error;
+  const std::string logs = Logs(job.id);
+  for (const std::string line : {"[stderr] [rank 1] rank 1 lost its device", "[stdout] rank 0 got SIGTERM",
+                                 "[stdout] [rank 2] rank 2 got SIGTERM", "[worker] rank 1 of 3 failed: stopping the group",
+                                 "[stdout] [rendezvous] store stopping"}) {
+    EXPECT_NE(logs.find(line), std::string::npos) << line << "\n" << logs;
+  }
+  for (const std::string f : {"rank0.pid", "rank1.pid", "rank2.pid", "store.pid"}) {
+    EXPECT_TRUE(Gone(dir_ + "/seen/" + f)) << f << " still running";
+  }
+  EXPECT_EQ(worker_->running_jobs(), 0);
+}
+
+// A rank that does not stop (stuck outside a collective, SIGTERM ignored) is killed after the grace.
+TEST_F(WorkerTest, StuckRankIsKilledAfterTheGraceWhenItsGroupFails) {
+  SetMode("rankhang");
+  const std::string id = CreatePipeline({{.name = "grp", .gpus = 0, .priority = 0, .ranks = 2}});
+  StartWorker([](WorkerConfig& wc) { wc.stop_grace = 200ms; });
+  ASSERT_TRUE(Eventually([&] { return store_.GetPipeline(id)->state == "FAILED"; }));
+  const auto job = Job(id, "grp");
+  EXPECT_NE(job.error.find("btx-train rank 0 of 2 exited with code 3: rank 0 lost its device"), std::string::npos)
+      << job.error;
+  EXPECT_NE(Logs(job.id).find("after the group was told to end: SIGKILL"), std::string::npos) << Logs(job.id);
+  EXPECT_NE(Logs(job.id).find("[worker] rank 1 of 2 exited with code 137"), std::string::npos) << Logs(job.id);
+  for (const std::string f : {"rank0.pid", "rank1.pid", "store.pid"}) EXPECT_TRUE(Gone(dir_ + "/seen/" + f)) << f;
+}
+
+// A cancel reaches every rank of the group, not only rank 0.
+TEST_F(WorkerTest, CancelStopsEveryRankOfTheGroup) {
+  SetMode("wait");
+  const std::string id = CreatePipeline({{.name = "grp", .gpus = 0, .priority = 0, .ranks = 2}});
+  StartWorker();
+  ASSERT_TRUE(Eventually([&] { return json::parse(Job(id, "grp").progress_json).value("step", 0) == 1; }));
+  grpc::ClientContext ctx;
+  v1::CancelRequest req;
+  req.set_id(id);
+  v1::Pipeline resp;
+  ASSERT_TRUE(pipelines_->Cancel(&ctx, req, &resp).ok());
+  ASSERT_TRUE(Eventually([&] { return Job(id, "grp").state == "CANCELLED"; }));
+  EXPECT_TRUE(Eventually([&] { return worker_->running_jobs() == 0; }));
+  const std::string logs = Logs(Job(id, "grp").id);
+  EXPECT_NE(logs.find("[stdout] got SIGTERM, checkpointing"), std::string::npos) << logs;
+  EXPECT_NE(logs.find("[stdout] [rank 1] got SIGTERM, checkpointing"), std::string::npos) << logs;
+  EXPECT_NE(logs.find("[stdout] [rendezvous] store stopping"), std::string::npos) << logs;
+}
+
+// A drain stops every rank (each checkpoints and exits 75): the attempt is interrupted, not failed, and
+// the next worker runs the group again.
+TEST_F(WorkerTest, DrainStopsEveryRankAndTheGroupRunsAgainElsewhere) {
+  SetMode("wait");
+  const std::string id = CreatePipeline({{.name = "grp", .gpus = 0, .priority = 0, .ranks = 2}});
+  StartWorker();
+  ASSERT_TRUE(Eventually([&] { return json::parse(Job(id, "grp").progress_json).value("step", 0) == 1; }));
+  StopWorker();
+  auto job = Job(id, "grp");
+  EXPECT_TRUE(job.state == "READY" || job.state == "RETRY_WAIT") << job.state << ": " << job.error;
+  EXPECT_NE(job.error.find("draining"), std::string::npos) << job.error;
+  const std::string logs = Logs(job.id);
+  EXPECT_NE(logs.find("[stdout] got SIGTERM, checkpointing"), std::string::npos) << logs;
+  EXPECT_NE(logs.find("[stdout] [rank 1] got SIGTERM, checkpointing"), std::string::npos) << logs;
+  SetMode("group");
+  StartWorker();
+  ASSERT_TRUE(Eventually([&] { return store_.GetPipeline(id)->state == "SUCCEEDED"; }));
+  EXPECT_EQ(Job(id, "grp").attempt, 2);
 }
 
 // btx-train's output is bytes, protobuf string fields must be UTF-8: a line that is not, or a 4096-byte

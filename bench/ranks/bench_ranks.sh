@@ -4,11 +4,15 @@
 # The machine's speed drifts, so one rank and R ranks alternate for ROUNDS rounds and the median ratio is reported.
 #   usage: bench/ranks/bench_ranks.sh [BTX_TRAIN (default build/bin/btx-train)] [RANKS (default 2)] [STEPS (default 40)]
 #          [ROUNDS (default 3)]
+#   environment: ZERO (train.zero of the job, default 1: ZeRO-1), and what btx-train reads itself, e.g.
+#   BTX_DIST_OVERLAP (default 1) and BTX_DIST_BUCKET_BYTES (default 25 MiB: one bucket for the tiny model, so
+#   nothing to overlap; 65536 gives it 6).
 set -euo pipefail
 train=$(realpath "${1:-build/bin/btx-train}")
 ranks=${2:-2}
 steps=${3:-40}
 rounds=${4:-3}
+zero=${ZERO:-1}
 dir=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$dir"' EXIT
 python3 - "$dir" <<'PY'
@@ -22,7 +26,7 @@ job() {  # name world
 {"kind": "pretrain", "name": "$1", "output_dir": "$dir/$1", "threads": 1,
  "spec": {"init": {"preset": "tiny"}, "data": {"train": "$dir/train.txt"},
           "train": {"batch_tokens": 8192, "seq_len": 128, "lr": 1e-3, "warmup": 2, "log_every": $steps,
-                    "checkpoint_every": 0, "valid_tokens": 128}, "steps": $steps}}
+                    "checkpoint_every": 0, "valid_tokens": 128, "zero": $zero}, "steps": $steps}}
 JSON
 }
 rate() { python3 -c "import json,sys; print([json.loads(l) for l in open(sys.argv[1]) if '\"progress\"' in l][-1]['tokens_per_s'])" "$1"; }

@@ -18,7 +18,7 @@ errors = []
 # (docs/security.md), so the TLS and identity flags are required too.
 REQUIRED_FLAGS = {
     "btx-scheduler": ["--listen=0.0.0.0:50051", "--metrics-listen=0.0.0.0:9090",
-                      "--database-url=", "--artifact-root=", "--tls-cert=", "--tls-key=",
+                      "--database-url=", "--artifact-root=", "--data-root=", "--tls-cert=", "--tls-key=",
                       "--tls-client-ca=", "--tokens-file="],
     "btx-worker": ["--scheduler=scheduler:50051", "--metrics-listen=0.0.0.0:9091",
                    "--slots=0", "--tls-ca=", "--tls-cert=", "--tls-key="],

@@ -119,6 +119,7 @@ absl::Status Cluster::StartWorker(int index) {
     const ClusterTls& t = *options_.tls;
     ps.argv.insert(ps.argv.end(), {"--tls-ca", t.ca_file, "--tls-cert", t.worker_cert, "--tls-key", t.worker_key});
   }
+  ps.argv.insert(ps.argv.end(), options_.worker_args.begin(), options_.worker_args.end());
   ps.stdout_path = ps.stderr_path = Cat(dir_, "/worker-", index, ".log");
   auto proc = launcher_.Launch(ps);
   if (!proc.ok()) return proc.status();

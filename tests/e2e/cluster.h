@@ -41,6 +41,7 @@ struct ClusterOptions {
   int heartbeat_seconds = 1;
   int threads_per_job = 1;
   std::optional<ClusterTls> tls{};  // plaintext on loopback without
+  std::vector<std::string> worker_args{};  // more btx-worker flags
 };
 
 class Cluster {

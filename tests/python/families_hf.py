@@ -6,6 +6,8 @@ For each family, with its features switched on (random weights made by transform
     (dynamic past max_position_embeddings, where the NTK base grows); Llama with attention_bias;
   - Mistral: sliding_window (sequences within it), head_dim given explicitly and != hidden/heads;
   - Qwen2/2.5: q/k/v bias, tied embeddings, rope_theta 1e6;
+  - Gemma: GeGLU with tanh-approximated GELU, embeddings scaled by sqrt(hidden_size), RMSNorm scaling by
+    (1 + weight) in float32, head_dim != hidden/heads, tied embeddings;
   - a seed stored in bf16, whose trained output stays bf16.
 checks
   1. btx loads transformers' checkpoint: same logits;
@@ -14,9 +16,13 @@ checks
      trained output, same logits as btx;
   4. Llama/Mistral experts merged by btx-train become a Mixtral that MixtralForCausalLM loads with the same
      logits (rope scaling kept in config.json; transformers 4.46's Mixtral ignores it, so the check gives its
-     rotary embedding the frequencies transformers' own rope_scaling code computes); Qwen2 (attention biases)
-     and Mistral-Nemo-style head_dim seeds are refused for MoE methods with a clear message, and their BTM
-     average loads in transformers;
+     rotary embedding the frequencies transformers' own rope_scaling code computes); Qwen2 experts become a
+     Qwen2-MoE that Qwen2MoeForCausalLM loads with the same logits (its shared expert all zeros); Gemma experts
+     become btx's own btx_gemma_moe layout (no transformers class), checked expert by expert: the MoE with every
+     expert replaced by expert e (any routing then picks e) computes transformers' GemmaForCausalLM of expert e's
+     dense model, and the MoE with its real routers equals transformers' Gemma layers around transformers'
+     MixtralSparseMoeBlock (GeGLU experts); Mistral-Nemo-style head_dim seeds and Llama with attention_bias are
+     refused for MoE methods with a clear message, and their BTM average loads in transformers;
   5. a Mistral job whose seq_len exceeds sliding_window is refused (exit 65), never run with the wrong mask;
   6. a Llama 3-style seed that carries only a Hugging Face tokenizer.json (byte-level BPE with Llama 3's
      pre-tokenizer regex, trained here with the `tokenizers` library, vocabulary padded past the tokenizer's
@@ -34,8 +40,10 @@ import sys
 import torch
 from safetensors.torch import load_file
 import transformers
-from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, MixtralForCausalLM,
-                          Qwen2Config, Qwen2ForCausalLM)
+from transformers import (GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM, MixtralConfig, MixtralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                          Qwen2MoeForCausalLM)
+from safetensors.torch import save_file
 
 from hf_common import compare, randomize_vectors, run_job
 
@@ -74,11 +82,15 @@ FAMILIES = {
     "mistral": (MistralConfig, MistralForCausalLM, dict(sliding_window=48, rope_theta=1e6)),
     "mistral-nemo": (MistralConfig, MistralForCausalLM, dict(sliding_window=48, head_dim=24, rope_theta=1e6)),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(tie_word_embeddings=True, rope_theta=1e6, use_sliding_window=False)),
+    # head_dim 24 != 64 / 4; transformers' Gemma still wants hidden_size divisible by the heads.
+    "gemma": (GemmaConfig, GemmaForCausalLM, dict(head_dim=24, hidden_activation="gelu_pytorch_tanh",
+                                                  tie_word_embeddings=True, rms_norm_eps=1e-6)),
     # Seeds as they ship: bf16 weights (outputs keep the dtype).
     "llama-bf16": (LlamaConfig, LlamaForCausalLM, dict(torch_dtype="bfloat16")),
 }
 # What btx's MoE methods do with each family's experts: a Mixtral transformers loads, or a clear refusal.
-MOE = {"llama3.1": "mixtral", "mistral": "mixtral", "mistral-nemo": "head_dim", "qwen2": "attention biases"}
+MOE = {"llama3.1": "mixtral", "mistral": "mixtral", "mistral-nemo": "head_dim", "llama-bias": "attention biases",
+       "qwen2": "qwen2_moe", "gemma": "btx_gemma_moe"}
 
 
 def use_scaled_rope(mx):
@@ -93,6 +105,80 @@ def use_scaled_rope(mx):
         rope = layer.self_attn.rotary_emb
         rope.inv_freq = inv_freq
         rope._set_cos_sin_cache(rope.max_position_embeddings, inv_freq.device, torch.get_default_dtype())
+
+
+def gemma_moe_reference(moe_dir):
+    """btx_gemma_moe as transformers' own parts compute it: GemmaForCausalLM's layers, with each FFN replaced by
+    transformers' MixtralSparseMoeBlock (softmax over all experts, top-k, renormalised) whose experts use Gemma's
+    activation. Weights are loaded by the layout's documented names."""
+    cfg_json = json.load(open(os.path.join(moe_dir, "config.json")))
+    dense = {k: v for k, v in cfg_json.items() if k not in ("architectures", "model_type")}
+    gcfg = GemmaConfig(**dense, attn_implementation="eager")
+    model = GemmaForCausalLM(gcfg)
+    mcfg = MixtralConfig(hidden_size=gcfg.hidden_size, intermediate_size=gcfg.intermediate_size,
+                         num_local_experts=cfg_json["num_local_experts"],
+                         num_experts_per_tok=cfg_json["num_experts_per_tok"],
+                         hidden_act=cfg_json["hidden_activation"], router_jitter_noise=0.0)
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block_sparse_moe = MixtralSparseMoeBlock(mcfg)
+
+        def forward(self, h):
+            return self.block_sparse_moe(h)[0]
+
+    for layer in model.model.layers:
+        layer.mlp = Block()
+    weights = load_file(os.path.join(moe_dir, "model.safetensors"))
+    state = {k.replace(".block_sparse_moe.", ".mlp.block_sparse_moe."): v.float() for k, v in weights.items()}
+    if gcfg.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and not [m for m in missing if "rotary" not in m], (missing, unexpected)
+    return model
+
+
+def check_gemma_moe(args, moe, toks):
+    """Expert by expert: the MoE whose every expert is expert e computes expert e's dense Gemma, whatever the
+    router picks (top-k gates sum to one); then the real routing against the transformers-built reference."""
+    ok = True
+    cfg_json = json.load(open(os.path.join(moe, "config.json")))
+    ok &= cfg_json["model_type"] == "btx_gemma_moe" and cfg_json["architectures"] == ["BtxGemmaMoeForCausalLM"]
+    weights = load_file(os.path.join(moe, "model.safetensors"))
+    E, L = cfg_json["num_local_experts"], cfg_json["num_hidden_layers"]
+    dense_cfg = {k: v for k, v in cfg_json.items() if k not in ("architectures", "model_type")}
+    for e in range(E):
+        forced = {}
+        dense = {}
+        for k, v in weights.items():
+            if ".block_sparse_moe.experts." in k:
+                pre, rest = k.split(".block_sparse_moe.experts.")
+                w = rest.split(".", 1)[1]  # "w1.weight"
+                forced[k] = weights[f"{pre}.block_sparse_moe.experts.{e}.{w}"].clone()
+                if rest.startswith(f"{e}."):
+                    proj = {"w1.weight": "gate_proj.weight", "w3.weight": "up_proj.weight", "w2.weight": "down_proj.weight"}[w]
+                    dense[f"{pre}.mlp.{proj}"] = v
+            elif ".block_sparse_moe.gate." not in k:
+                forced[k] = v
+                dense[k] = v
+            else:
+                forced[k] = v
+        fdir = os.path.join(args.workdir, f"gemma-moe-forced{e}")
+        os.makedirs(fdir, exist_ok=True)
+        save_file(forced, os.path.join(fdir, "model.safetensors"), metadata={"format": "pt"})
+        json.dump(cfg_json, open(os.path.join(fdir, "config.json"), "w"))
+        hf = GemmaForCausalLM(GemmaConfig(**dense_cfg, attn_implementation="eager"))
+        state = {k: t.float() for k, t in dense.items()}
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        missing, unexpected = hf.load_state_dict(state, strict=False)
+        assert not unexpected and not [m for m in missing if "rotary" not in m], (missing, unexpected)
+        ok &= compare(f"gemma MoE forced to expert {e} ({cfg_json['btx_expert_names'][e]}) vs transformers' "
+                      f"GemmaForCausalLM of that expert", btx_logits(args.tool, fdir, toks), hf_logits(hf, toks))
+    ok &= compare("gemma MoE (real routers) vs transformers' Gemma layers with MixtralSparseMoeBlock",
+                  btx_logits(args.tool, moe, toks), hf_logits(gemma_moe_reference(moe), toks))
+    return ok
 
 
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
@@ -152,6 +238,7 @@ def main():
     ap.add_argument("--tool", required=True)
     ap.add_argument("--train", required=True)
     ap.add_argument("--workdir", required=True)
+    ap.add_argument("--family", action="append", help="only these families (default: all)")
     args = ap.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
     print("transformers", transformers.__version__, "torch", torch.__version__)
@@ -160,6 +247,8 @@ def main():
         f.write("".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(300)))
     ok = True
     for i, (name, (cfg_cls, model_cls, extra)) in enumerate(FAMILIES.items()):
+        if args.family and name not in args.family:
+            continue
         kw = dict(BASE)
         kw.update(extra)
         cfg = cfg_cls(**kw)
@@ -214,11 +303,32 @@ def main():
                           hf_logits(trained, toks))
         if len(branches) == 2:
             experts = [{"name": f"d{e}", "model": b} for e, b in enumerate(branches)]
-            if MOE[name] == "mixtral":
+            if MOE[name] in ("mixtral", "qwen2_moe", "btx_gemma_moe"):
                 moe, _ = run_job(args.train, args.workdir, f"{name}-moe", "merge",
                                  {"method": "btx", "seed": src, "keep_seed_expert": True, "experts": experts})
+                written = moe and json.load(open(os.path.join(moe, "config.json")))["model_type"]
+                if written != MOE[name]:
+                    print(f"{name}: the MoE was written as {written}, expected {MOE[name]} (MISMATCH)")
+                    ok = False
                 if moe is None:
                     ok = False
+                elif MOE[name] == "btx_gemma_moe":
+                    ok &= check_gemma_moe(args, moe, toks)
+                elif MOE[name] == "qwen2_moe":
+                    qm = Qwen2MoeForCausalLM.from_pretrained(moe, torch_dtype=torch.float32, attn_implementation="eager")
+                    zero = all(p.abs().max().item() == 0 for n, p in qm.named_parameters() if "shared_expert" in n)
+                    print(f"{name}: Qwen2-MoE's shared expert is all zeros ({'ok' if zero else 'MISMATCH'})")
+                    ok &= zero
+                    ok &= compare(f"{name}: merged MoE in Qwen2MoeForCausalLM", btx_logits(args.tool, moe, toks),
+                                  hf_logits(qm, toks))
+                    # Sharp routers (any difference in routing semantics shows), saved by transformers, read by btx.
+                    with torch.no_grad():
+                        for layer in qm.model.layers:
+                            layer.mlp.gate.weight.mul_(25.0)
+                    sharp = os.path.join(args.workdir, f"{name}-moe-sharp")
+                    qm.save_pretrained(sharp, safe_serialization=True)
+                    ok &= compare(f"{name}: Qwen2-MoE with sharp routers saved by transformers, in btx",
+                                  btx_logits(args.tool, sharp, toks), hf_logits(qm, toks))
                 else:
                     mx = MixtralForCausalLM.from_pretrained(moe, torch_dtype=torch.float32, attn_implementation="eager")
                     if extra.get("rope_scaling"):
@@ -249,7 +359,8 @@ def main():
             refused = "sliding_window" in err and err.count("\n") == 1
             print(f"mistral: seq_len past sliding_window refused ({'ok' if refused else 'MISMATCH'}): {err.strip()}")
             ok &= refused
-    ok &= check_tokenizer_json_seed(args, text)
+    if not args.family:
+        ok &= check_tokenizer_json_seed(args, text)
     print("families: all checks passed" if ok else "families: FAILED")
     return 0 if ok else 1
 

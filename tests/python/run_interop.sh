@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# ctest driver for the transformers checks (interop_hf.py, families_hf.py). Needs Debian's python3-torch (1.13)
+# ctest driver for the transformers checks (interop_hf.py, families_hf.py, chat_hf.py). Needs Debian's python3-torch (1.13)
 # and, in a venv that sees it, transformers + safetensors from PyPI (4.46.x: the last to run on torch 1.13,
 # and it knows Llama 3.x rope scaling, Mistral, Qwen2 and Gemma). Exits 77 (ctest SKIP_RETURN_CODE) only when
 # PyPI is unreachable.
@@ -15,8 +15,9 @@ fi
 if [ ! -x "$venv/bin/python" ]; then
   /usr/bin/python3 -m venv --system-site-packages "$venv"
 fi
-if ! "$venv/bin/python" -c "import transformers, safetensors; assert transformers.__version__ == '$transformers_version'" 2>/dev/null; then
-  if ! "$venv/bin/pip" install -q --disable-pip-version-check "transformers==$transformers_version" "safetensors>=0.4,<0.5"; then
+# jinja2: apply_chat_template (chat_hf.py) renders chat templates with it.
+if ! "$venv/bin/python" -c "import transformers, safetensors, jinja2; assert transformers.__version__ == '$transformers_version'" 2>/dev/null; then
+  if ! "$venv/bin/pip" install -q --disable-pip-version-check "transformers==$transformers_version" "safetensors>=0.4,<0.5" "jinja2>=3.1,<3.2"; then
     if ! "$venv/bin/python" - <<'PY' 2>/dev/null
 import urllib.request
 urllib.request.urlopen("https://pypi.org/simple/", timeout=10)

@@ -40,6 +40,14 @@ struct TrainConfig {
   int64_t valid_tokens = 65536;  // validation budget per domain at the end
   int64_t keep_checkpoints = 2;
   int64_t threads = 0;  // CPU threads of the trainer; 0 = what the worker gives the job
+  // Memory at long sequences / large vocabularies (docs/btx-train-protocol.md): the attention kernel
+  // (auto | naive | chunked), per-layer activation recomputation, and the cross-entropy over chunks of this many
+  // tokens without the full [tokens, vocab] logits (0: off).
+  std::string attention = "auto";
+  bool activation_checkpointing = false;
+  int64_t loss_chunk_tokens = 0;
+  int64_t zero = 1;                   // with several ranks: 1 shards the optimizer state (ZeRO-1), 0 replicates it
+  std::string precision = "fp32";     // fp32 | bf16 (autocast forward, fp32 weights and optimizer state)
 
   int64_t sequences_per_step() const { return std::max<int64_t>(1, batch_tokens / seq_len); }
   int64_t micro_batch() const { return (sequences_per_step() + grad_accum - 1) / grad_accum; }
@@ -83,8 +91,14 @@ nlohmann::json ToJson(const ModelInit& m);
 struct DataSpec {
   std::vector<std::string> train;
   std::vector<std::string> valid;  // may be empty
+  // text | jsonl | chat; empty: each file's from its extension (*.jsonl: chat when records have "messages").
+  std::string format;
+  std::string text_field = "text";  // format jsonl: the field holding each record's text
 };
+inline const std::vector<std::string> kDataFormats = {"text", "jsonl", "chat"};
 DataSpec ParseData(Reader& r, const nlohmann::json& v, const std::string& path, size_t max_paths = kMaxPaths);
+// `format` and `text_field` of an object that passed Object() with them allowed (a data entry, a mixture entry).
+void ParseDataFormat(Reader& r, const nlohmann::json& v, const std::string& path, DataSpec& d);
 nlohmann::json ToJson(const DataSpec& d);
 
 struct PretrainSpec {

@@ -1,4 +1,6 @@
-// Model hyper-parameters, mapped one-to-one onto HF LlamaConfig / MistralConfig / Qwen2Config / MixtralConfig fields.
+// Model hyper-parameters, mapped one-to-one onto HF LlamaConfig / MistralConfig / Qwen2Config / GemmaConfig fields and
+// their MoE forms: MixtralConfig (Llama, Mistral), Qwen2MoeConfig (Qwen2) and btx's own "btx_gemma_moe" (Gemma;
+// transformers has no Gemma MoE class: the layout is documented in docs/architecture.md).
 #pragma once
 
 #include <cstdint>
@@ -24,7 +26,8 @@ struct RopeScaling {
 };
 
 struct ModelConfig {
-  // The dense family (llama | mistral | qwen2); MoE models are written as Mixtral whatever their seed was.
+  // The dense family (llama | mistral | qwen2 | gemma), also for MoE models: it decides their layout (Mixtral for
+  // llama and mistral, Qwen2-MoE for qwen2, btx_gemma_moe for gemma).
   std::string model_type = "llama";
   int64_t vocab_size = 259;  // byte tokenizer: 256 bytes + bos, eos, pad
   int64_t hidden_size = 64;
@@ -40,6 +43,8 @@ struct ModelConfig {
   bool qkv_bias = false;          // Qwen2, and Llama's attention_bias
   bool o_bias = false;            // Llama's attention_bias only
   int64_t sliding_window = 0;     // Mistral (and Qwen2 with use_sliding_window): 0 = full causal attention
+  // The gated FFN's activation: silu (SwiGLU) | gelu_pytorch_tanh (Gemma's GeGLU) | gelu (exact erf GELU).
+  std::string hidden_act = "silu";
   // How the weights are stored (float32 | bfloat16 | float16): outputs keep their seed's. Training itself runs in
   // float32 (bf16 autocast on GPUs) whatever this says.
   std::string torch_dtype = "float32";
@@ -57,14 +62,23 @@ struct ModelConfig {
   std::vector<std::string> expert_names;
 
   bool is_moe() const { return num_local_experts > 0; }
+  // Gemma's differences from Llama: RMSNorm scales by (1 + weight), embeddings are multiplied by sqrt(hidden_size).
+  bool is_gemma() const { return model_type == "gemma"; }
+  // The model_type written to config.json: the family, or its MoE form.
+  std::string hf_model_type() const;
   int64_t head_dim() const { return explicit_head_dim > 0 ? explicit_head_dim : hidden_size / num_attention_heads; }
   // Sequences longer than the sliding window would need its mask, which btx does not implement: refused.
   Status CheckSeqLen(int64_t seq_len) const;
   Status Validate() const;
 };
 
+// Width of the shared expert btx writes into Qwen2-MoE checkpoints (all zeros: btx's MoE has none, and
+// transformers' Qwen2MoeSparseMoeBlock always builds one).
+extern const int64_t kQwen2MoeSharedWidth;
+
 nlohmann::json ConfigToHfJson(const ModelConfig& c);
-// Accepts HF llama / mixtral config.json; unknown fields are ignored, unsupported features rejected.
+// Accepts HF llama / mistral / qwen2 / gemma config.json and the MoE forms btx writes (mixtral, qwen2_moe,
+// btx_gemma_moe); unknown fields are ignored, unsupported features (and families, e.g. gemma2) refused by name.
 StatusOr<ModelConfig> ConfigFromHfJson(const nlohmann::json& j);
 // A model initialised from scratch as a pretrain job's `init` says (sizes resolved by the contract's parser);
 // vocabulary and special tokens come from the tokenizer when `init.vocab_size` is 0.

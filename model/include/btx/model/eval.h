@@ -34,9 +34,10 @@ struct RoutingStats {
 };
 
 // Mean next-token NLL (nats) of tokens under the models' averaged probabilities, over non-overlapping windows.
-// For a single MoE model, `routing` (when given) accumulates its routing over these tokens.
+// For a single MoE model, `routing` (when given) accumulates its routing over these tokens. With `loss` (chat data:
+// one flag per token), only the tokens it flags count.
 double EnsembleLoss(const std::vector<const LlamaModel*>& models, const std::vector<int32_t>& tokens, int64_t seq_len,
-                    const EvalOptions& opts, RoutingStats* routing = nullptr);
+                    const EvalOptions& opts, RoutingStats* routing = nullptr, const std::vector<uint8_t>* loss = nullptr);
 
 // Token-ID specialization of one layer from RoutingStats::token_expert[l] and token_count. For each token id
 // with at least min_count occurrences, its top expert is the one most of its occurrences chose and its

@@ -20,6 +20,14 @@ struct SaveOptions {
 // The safetensors dtype of a config's torch_dtype.
 st::DType StorageDType(const ModelConfig& cfg);
 
+// The HF name of a btx name (Mixtral-style: "...block_sparse_moe.experts.E.w1.weight", "...block_sparse_moe.gate.weight")
+// in the config's MoE layout: unchanged for Mixtral and btx_gemma_moe, "...mlp.experts.E.gate_proj.weight" and
+// "...mlp.gate.weight" for Qwen2-MoE. Dense tensors keep their names.
+std::string HfMoeName(const ModelConfig& cfg, const std::string& name);
+// The inverse: the Mixtral-style name of an HF tensor of the config's layout, or "" for a tensor btx does not hold
+// and writes as zeros (Qwen2-MoE's shared expert and its gate).
+std::string MixtralStyleName(const ModelConfig& cfg, const std::string& hf_name);
+
 // HF tensor names and shapes for a config (experts unstacked: ...experts.E.w1.weight), canonical order.
 std::vector<st::TensorSpec> HfSpecs(const ModelConfig& cfg, st::DType dtype = st::DType::kF32);
 // HF-named views of a model's tensors (expert tensors are slices of the stacked ones).

@@ -1,4 +1,5 @@
-// Llama-family decoder with a dense SwiGLU or a Mixtral-style MoE FFN, held as a flat name->tensor map.
+// Llama-family decoder (Llama, Mistral, Qwen2, Gemma) with a dense gated FFN or a Mixtral-style MoE FFN, held as a
+// flat name->tensor map.
 // Names are HF names, except MoE experts, which are stacked per layer for the grouped kernels:
 //   model.layers.N.block_sparse_moe.experts.w1 / w3: [E, F, D], .w2: [E, D, F]
 // (see hf_io.h for the conversion to per-expert HF tensors).
@@ -23,16 +24,26 @@ enum class MoeBackend {
 };
 bool KernelsAvailable();
 
+// Attention kernel (btx::kernels): kAuto = SDPA where LibTorch has it (>= 2.0), else chunked from 4096 tokens on,
+// else naive. kNaive materialises the T x T scores; kChunked keeps O(T) (flash-attention style backward).
+enum class AttentionKind { kAuto, kNaive, kChunked };
+
 struct ForwardOptions {
   bool training = false;
   MoeBackend backend = MoeBackend::kKernels;
   bool collect_ffn_inputs = false;  // record each layer's normalised FFN input (router "hidden" init)
   // MoE only: overrides config.num_experts_per_tok / router when >= 1 / non-empty.
   int64_t top_k = 0;
+  AttentionKind attention = AttentionKind::kAuto;
+  // Keep only each layer's input for the backward and recompute the rest there (with gradients enabled).
+  bool activation_checkpointing = false;
+  // Leave `logits` undefined and return the final normed hidden state in `hidden` (chunked cross-entropy).
+  bool return_hidden = false;
 };
 
 struct ForwardOutput {
   at::Tensor logits;                  // [B, T, V]
+  at::Tensor hidden;                  // [B, T, D] after the final norm, when return_hidden
   at::Tensor aux_loss;                // scalar: sum over layers of coef_lb * lb + coef_z * z (0 for dense)
   at::Tensor load_balance_loss;       // scalar, unscaled, mean over layers (undefined for dense)
   at::Tensor z_loss;                  // scalar, unscaled, mean over layers (undefined for dense)
@@ -55,6 +66,10 @@ class LlamaModel {
   std::vector<std::pair<std::string, at::Tensor>>& params() { return params_; }
   const std::vector<std::pair<std::string, at::Tensor>>& params() const { return params_; }
   const at::Tensor& param(const std::string& name) const;
+  // The output projection [V, D]: lm_head.weight, or the embeddings when tied.
+  const at::Tensor& lm_head() const {
+    return param(cfg_.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight");
+  }
 
   // tokens: [B, T] int64. Causal LM logits.
   ForwardOutput Forward(const at::Tensor& tokens, const ForwardOptions& opts = {}) const;
@@ -70,6 +85,10 @@ class LlamaModel {
 
 // Building blocks, exposed for the float64 reference tests.
 at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps);
+// Gemma's: x / rms(x) * (1 + weight), computed in float32.
+at::Tensor GemmaRmsNorm(const at::Tensor& x, const at::Tensor& weight, double eps);
+// The gated FFN activation named by ModelConfig::hidden_act (silu, gelu_pytorch_tanh, gelu).
+at::Tensor Activation(const at::Tensor& x, const std::string& act);
 // cos/sin tables [T, head_dim] (HF "rotate_half" layout: frequencies repeated over both halves).
 std::pair<at::Tensor, at::Tensor> RopeTables(int64_t seq_len, int64_t head_dim, double theta, c10::Device device);
 // The same with the config's rope_scaling (max_position_embeddings: where dynamic scaling starts).
@@ -84,6 +103,9 @@ struct ReferenceMoeOut {
   at::Tensor y, probs, expert_index;
 };
 ReferenceMoeOut ReferenceMoe(const at::Tensor& x, const at::Tensor& logits, int64_t top_k, const at::Tensor& w1,
-                             const at::Tensor& w3, const at::Tensor& w2);
+                             const at::Tensor& w3, const at::Tensor& w2, const std::string& act = "silu");
+// The experts alone for a given routing (expert_index, gates: [T, k]): y[t] = sum_s gates * W2 (act(W1 x) * W3 x).
+at::Tensor ReferenceExperts(const at::Tensor& x, const at::Tensor& expert_index, const at::Tensor& gates,
+                            const at::Tensor& w1, const at::Tensor& w3, const at::Tensor& w2, const std::string& act);
 
 }  // namespace btx::model

@@ -12,6 +12,12 @@
 
 namespace btx::model {
 
+// A model dir's chat template (tokenizer_config.json `chat_template`, or chat_template.jinja) and the special
+// tokens it refers to by name. `source` empty: the tokenizer carries none.
+struct ChatTemplateSource {
+  std::string source, origin, bos_token, eos_token;
+};
+
 class Tokenizer {
  public:
   virtual ~Tokenizer() = default;
@@ -23,6 +29,7 @@ class Tokenizer {
   virtual std::string kind() const = 0;  // "byte" | "huggingface" | "sentencepiece"
   // Writes the files that let LoadTokenizer(dir) rebuild this tokenizer from a model directory.
   virtual Status SaveTo(const std::string& dir) const = 0;
+  virtual StatusOr<ChatTemplateSource> chat_template() const { return ChatTemplateSource{}; }
 };
 
 inline constexpr int32_t kByteBos = 256, kByteEos = 257, kBytePad = 258, kByteVocab = 259;

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <memory>
 #include <nlohmann/json_fwd.hpp>
 #include <string>
 #include <vector>
@@ -25,6 +26,7 @@ struct DomainData {
   std::string name;
   double weight = 1.0;
   TokenStream train, valid;
+  LossMask train_loss{}, valid_loss{};  // chat data: which targets count (null: all)
 };
 
 struct TrainOptions {
@@ -34,8 +36,8 @@ struct TrainOptions {
   int64_t top_k = 0;                   // MoE override, 0 = config
   MoeBackend backend = MoeBackend::kKernels;
   std::string device = "cpu";
-  // Data parallel over several ranks (distributed.h); null: one process. Rank 0 alone emits events and writes
-  // checkpoints (every rank holds the same state).
+  // Data parallel over several ranks (distributed.h); null: one process. Rank 0 alone emits events; with
+  // `train.zero` 1 each rank holds and checkpoints its shard of the optimizer state, rank 0 the rest.
   DataParallel* dp = nullptr;
 };
 
@@ -65,6 +67,16 @@ class Trainer {
  private:
   StatusOr<double> TrainStep();
   void Emit(const nlohmann::json& j);
+  // A piece of one trainable parameter inside an optimizer shard: elements [param_off, param_off + len) of
+  // trainable parameter k (flattened) are elements [state_off, state_off + len) of the shard.
+  struct Segment {
+    size_t k;
+    int64_t param_off, state_off, len;
+  };
+  std::vector<Segment> SegmentsOf(int64_t begin, int64_t end) const;
+  Status GatherParams();  // ZeRO-1: every rank's updated shard to every rank
+  Status WriteOptimizerShard(const std::string& path, std::string* sha256) const;
+  Status LoadOptimizerState(const std::string& dir, const nlohmann::json& state);
 
   LlamaModel* model_;
   TrainConfig cfg_;
@@ -73,7 +85,15 @@ class Trainer {
   TrainHooks hooks_;
   std::unique_ptr<MixtureSampler> sampler_;
   std::vector<size_t> trainable_;  // indices into model params
-  std::vector<at::Tensor> exp_avg_, exp_avg_sq_;
+  // AdamW's moments over this rank's shard [shard_begin_, shard_end_) of the trainable parameters flattened in
+  // model order (the whole of them unless ZeRO-1), float32 whatever the precision.
+  std::vector<int64_t> flat_offsets_;
+  int64_t flat_numel_ = 0, shard_size_ = 0, shard_begin_ = 0, shard_end_ = 0;
+  bool zero_ = false;
+  std::vector<Segment> segments_;
+  std::vector<std::vector<Segment>> rank_segments_;  // ZeRO-1: every rank's, for the all-gather
+  at::Tensor exp_avg_, exp_avg_sq_;
+  std::unique_ptr<GradReducer> reducer_;
   int64_t step_ = 0;
   double last_loss_ = 0;
   std::string last_checkpoint_;

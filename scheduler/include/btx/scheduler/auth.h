@@ -98,10 +98,9 @@ absl::Status Authorize(std::string_view method, const absl::StatusOr<Principal>&
 // Told of every call refused by Authorize, with its full method and code (for a metric).
 using RefusalObserver = std::function<void(std::string_view method, grpc::StatusCode code)>;
 
-// The principal of a call that passed Authenticate and Authorize (the metadata processor records
-// it in the call's AuthContext); none when the server authenticates no one (plaintext or TLS
-// without --tokens-file and --tls-client-ca), where every caller is the one anonymous admin.
-std::optional<Principal> PrincipalOf(const grpc::AuthContext* context);
+// The name of the client certificate the handshake verified (common name, else first SAN); empty without.
+// With a call's "authorization" values it is what Authenticator::Authenticate takes.
+std::string CertNameOf(const grpc::AuthContext* context);
 
 // Plaintext, TLS or mutual TLS server credentials; when `security.authenticates()`, every call
 // passes Authenticate and Authorize before it reaches a handler. Expects CheckSecurity to pass.

@@ -22,14 +22,29 @@ class Registry;
 namespace btx::scheduler {
 
 class SchedulerMetrics;
+class Followers;
 
 struct SchedulerConfig {
   std::string listen = "127.0.0.1:0";
   std::string artifact_root = "/tmp/btx-artifacts";  // absolute path; published as file:// URIs
+  // Every path a pipeline names must lie under one of these (absolute, normalised: NormaliseDataRoots);
+  // empty: any path (a single-user machine). docs/security.md.
+  std::vector<std::string> data_roots{};
   Duration lease = std::chrono::seconds(30);
   Duration heartbeat_interval = std::chrono::seconds(5);
   Duration max_poll = std::chrono::seconds(30);
   Duration reap_interval = std::chrono::seconds(2);
+  // A job's progress is kept in place with every heartbeat; a job.progress event (what Watch
+  // streams) is written at most once per this interval per job. 0: two heartbeat intervals (10 s
+  // with the default; a stack that beats often for a live display gets livelier events).
+  Duration progress_event_interval{0};
+  Duration ProgressEventInterval() const {
+    return progress_event_interval.count() > 0 ? progress_event_interval : 2 * heartbeat_interval;
+  }
+  // How old and how many log lines and events are kept (storage/retention.h); the reaper applies it
+  // every retention_interval of the clock.
+  storage::RetentionPolicy retention{};
+  Duration retention_interval = std::chrono::minutes(5);
   // gRPC handler threads kept waiting for calls instead of exiting (see Start()).
   int max_idle_threads = 256;
   // Threads running AcquireJob and Complete (long polls hold one each); more calls than this wait.
@@ -45,6 +60,14 @@ struct SchedulerConfig {
   // as one call of at most max_batch; at most batches_in_flight such calls run at once per kind.
   int max_batch = 64;
   int batches_in_flight = 4;
+  // Watch and Logs streams (docs/reliability.md, "Followers"): open at once per caller (by name;
+  // without authentication every caller is the one anonymous caller) and on this replica; more are
+  // refused with RESOURCE_EXHAUSTED.
+  int max_streams_per_user = 64;
+  int max_streams = 4096;
+  // The followers' own database connections, beside the pool heartbeats and claims use: followers
+  // never wait for, nor hold, one of those.
+  int follower_db_connections = 2;
   // TLS, client certificates and tokens; the default (plaintext, no authentication) is for
   // loopback only, and Start() refuses it elsewhere (auth.h).
   SecurityConfig security;
@@ -103,11 +126,15 @@ class Scheduler {
   void Wait();
   // One reaper pass (the background loop calls this; tests call it directly with a manual clock).
   absl::Status ReapOnce();
+  // One pass of config.retention (the reaper runs it every retention_interval; tests call it).
+  absl::StatusOr<storage::RetentionResult> ApplyRetention();
   // Re-reads the fleet-wide gauges from the database (the background loop calls this every
   // metrics_refresh; tests call it before a scrape). A no-op without a registry.
   absl::Status RefreshMetrics();
   // Long polls wait on this one.
   Notifier& notifier() { return wakeups_.jobs(); }
+  // Watch and Logs streams: caps, pool and shared feeds (scheduler/follow.h); null before Start().
+  Followers* followers() { return followers_.get(); }
 
  private:
   void ReaperLoop();
@@ -125,6 +152,7 @@ class Scheduler {
   WakeUps wakeups_;
   metrics::Registry* registry_;
   std::unique_ptr<SchedulerMetrics> metrics_;
+  std::unique_ptr<Followers> followers_;
   std::unique_ptr<grpc::Service> pipelines_, workers_;
   std::unique_ptr<grpc::Server> server_;
   std::atomic<bool> stopping_{false};

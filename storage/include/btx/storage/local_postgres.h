@@ -26,6 +26,9 @@ class LocalPostgres {
   ~LocalPostgres();  // stops the server if this object started it
 
   absl::Status Stop();
+  // Whether Stop() and the destructor stop the server: by default only one this object started. A server
+  // reused from a process that is gone (a killed btxctl) is adopted with `true`, so it is not left behind.
+  void set_stop_on_exit(bool stop) { started_by_us_ = stop; }
   // Stops without waiting for clients (a crash-like "immediate" shutdown), for fault tests.
   absl::Status StopImmediate();
   absl::Status Restart();

@@ -47,6 +47,7 @@ struct JobRecord {
   std::string spec_json = "{}";
   std::string result_json;  // empty when none
   int gpus = 0;
+  int ranks = 1;  // btx-train processes of the job's rank group (a GPU job: one per GPU)
   bool cancel_requested = false;
 };
 
@@ -69,6 +70,7 @@ struct WorkerRecord {
 struct WorkerSize {
   std::string name;
   int gpus = 0;
+  int cpu_threads = 0;  // the most CPU ranks its jobs may have (docs/architecture.md, "Resources")
 };
 
 struct EventRecord {
@@ -82,6 +84,9 @@ struct LogRecord {
   int attempt = 0;
   std::string stream, line;
   TimePoint created_at;
+  // The worker's number for the line (1, 2, ... per attempt): a re-sent line is stored once. 0: not
+  // deduplicated (a worker's "lines dropped" notice).
+  int64_t seq = 0;
 };
 
 struct NewJob {
@@ -90,6 +95,7 @@ struct NewJob {
   std::vector<std::string> depends_on{};  // names of jobs in the same pipeline
   int max_attempts = 3;
   int gpus = 0;
+  int ranks = 1;     // a GPU job's ranks equal its gpus; a CPU job's are CPU ranks
   int priority = 0;  // lower first
 };
 

@@ -11,6 +11,7 @@
 #include "btx/storage/notify.h"
 #include "btx/storage/pool.h"
 #include "btx/storage/records.h"
+#include "btx/storage/retention.h"
 
 namespace btx::storage {
 
@@ -21,6 +22,9 @@ struct PipelineFilter {
   std::string page_token{};   // opaque cursor from the previous page
   std::optional<std::string> owner{};  // only this owner's pipelines; none = everyone's
 };
+
+// What LargestWorker ranks workers by.
+enum class WorkerResource { kGpus, kCpuThreads };
 
 struct PipelinePage {
   std::vector<PipelineRecord> pipelines;
@@ -69,9 +73,11 @@ class Store {
   absl::StatusOr<PipelineRecord> CancelPipeline(const std::string& id, const std::string& reason, TimePoint now);
   absl::StatusOr<PipelineRecord> RetryPipeline(const std::string& id, TimePoint now);
 
-  // `owner`: only jobs of that owner's pipelines; none = everyone's.
+  // `owner`: only jobs of that owner's pipelines; none = everyone's. Newest pipelines first, a pipeline's jobs
+  // in plan order. `page_token`: a previous call's `next_page_token` (the last job's id), set when more follow.
   absl::StatusOr<std::vector<JobRecord>> ListJobs(const std::string& pipeline_id, const std::string& state, int limit,
-                                                  const std::optional<std::string>& owner = std::nullopt);
+                                                  const std::optional<std::string>& owner = std::nullopt,
+                                                  const std::string& page_token = "", std::string* next_page_token = nullptr);
   absl::StatusOr<JobRecord> GetJob(const std::string& job_id);
 
   // Leases the first claimable job that fits free_gpus (FOR UPDATE SKIP LOCKED), bumping its attempt.
@@ -80,9 +86,14 @@ class Store {
   // worker may appear more than once, once per free slot). Jobs go to entries in array order.
   absl::StatusOr<std::vector<ClaimOutcome>> ClaimJobs(const std::vector<std::string>& worker_ids, int free_gpus,
                                                       Duration lease, TimePoint now);
+  // Renews the leases and stores what the reports carry: the latest progress in place on the job, a
+  // job.progress event at most once per `progress_event_every` per job (and for each new attempt's
+  // first progress), the log lines in one statement per job, a line whose (attempt, seq) is stored
+  // already (a re-sent heartbeat) not again.
   absl::StatusOr<std::vector<JobDirectiveRow>> Heartbeat(const std::string& worker_id,
                                                          const std::vector<JobReportRow>& reports, bool draining,
-                                                         Duration lease, TimePoint now);
+                                                         Duration lease, TimePoint now,
+                                                         Duration progress_event_every = std::chrono::seconds(10));
   // FAILED_PRECONDITION when (job_id, attempt) is not the current lease of worker_id. `readied`
   // (optional) receives how many dependents became READY.
   absl::Status CompleteJob(const std::string& worker_id, const std::string& job_id, int attempt,
@@ -108,13 +119,18 @@ class Store {
                                              const std::string& capabilities_json, const std::string& version,
                                              TimePoint now);
   absl::StatusOr<std::vector<WorkerRecord>> ListWorkers();
-  // The registered worker with the most GPUs (any state), or none when no worker ever registered.
-  absl::StatusOr<std::optional<WorkerSize>> LargestWorker();
+  // The registered worker with the most GPUs (or CPU threads), in any state, or none when no worker
+  // ever registered.
+  absl::StatusOr<std::optional<WorkerSize>> LargestWorker(WorkerResource by = WorkerResource::kGpus);
 
   // `owner`: only events of that owner's pipelines; none = everyone's.
   absl::StatusOr<std::vector<EventRecord>> EventsAfter(const std::string& pipeline_id, int64_t after_id, int limit,
                                                        const std::optional<std::string>& owner = std::nullopt);
   absl::StatusOr<std::vector<LogRecord>> LogsAfter(const std::string& job_id, int64_t after_id, int limit);
+
+  // One pass of the retention policy (retention.h) in bounded batches. One replica at a time: while
+  // another one's pass runs, this returns skipped.
+  absl::StatusOr<RetentionResult> ApplyRetention(const RetentionPolicy& policy, TimePoint now);
 
   // Counts for metrics: state -> count.
   absl::StatusOr<std::vector<std::tuple<std::string, std::string, int64_t>>> CountJobsByStateAndKind();

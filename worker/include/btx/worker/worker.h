@@ -42,11 +42,15 @@ struct WorkerConfig {
   std::string train_binary;       // default: btx-train next to this executable, else on PATH
   std::string work_dir;           // JOB.json files and per-attempt logs; default $TMPDIR/btx-worker-<name>
   // Concurrent jobs; 0 = one per GPU, or 1 without GPUs. A GPU job also needs its GPUs free: each job
-  // holds exactly resources.gpus devices of its own, and a CPU job none.
+  // holds exactly resources.gpus devices of its own, and a CPU job none. A job of several ranks holds one
+  // slot: a GPU job one rank per device, a CPU job its resources.ranks ranks sharing the slot's threads.
   int slots = 0;
   int threads_per_job = 0;        // CPU threads given to each child; 0 = cpu_threads / slots
   Duration poll_wait = std::chrono::seconds(20);    // AcquireJob long-poll timeout
-  Duration stop_grace = std::chrono::seconds(60);   // SIGTERM → SIGKILL for a child told to stop
+  Duration stop_grace = std::chrono::seconds(60);   // SIGTERM → SIGKILL for a child (or rank group) told to stop
+  // BTX_DIST_TIMEOUT_S for multi-rank jobs: how long a rank waits in a collective for a dead or stuck
+  // peer before it exits (and its group is stopped); 0 = btx-train's default (300 s).
+  std::chrono::seconds dist_timeout{0};
   Duration backoff_min = std::chrono::milliseconds(100);  // reconnect backoff (doubles, capped)
   Duration backoff_max = std::chrono::seconds(5);
   Duration rpc_timeout = std::chrono::seconds(10);  // per unary call (AcquireJob adds poll_wait)
