@@ -102,6 +102,16 @@ absl::StatusOr<std::unique_ptr<EmbeddedStack>> EmbeddedStack::Start(EmbeddedConf
   }
   fs::create_directories(cfg.state_dir, ec);
   if (ec) return absl::FailedPreconditionError(Cat("cannot create state dir ", cfg.state_dir, ": ", ec.message()));
+  // One btxctl at a time initialises, starts and migrates the database of a state dir (two at once would
+  // race on initdb, pg_ctl start and CREATE DATABASE); released once the database is open.
+  const int start_fd = Lock(cfg.state_dir + "/.start.lock", LOCK_EX);
+  if (start_fd < 0) {
+    return absl::FailedPreconditionError(Cat("cannot lock ", cfg.state_dir, "/.start.lock: ", std::strerror(errno)));
+  }
+  struct CloseOnExit {
+    int fd;
+    ~CloseOnExit() { ::close(fd); }
+  } start_lock{start_fd};
   // Blocks only while the last btxctl out is stopping PostgreSQL (it holds the lock exclusively).
   s->db_lock_fd_ = Lock(cfg.state_dir + "/.db.lock", LOCK_SH);
   if (s->db_lock_fd_ < 0) {

@@ -27,42 +27,6 @@ namespace fs = std::filesystem;
 using nlohmann::json;
 
 namespace {
-// bf16 autocast of the forward pass on CPU for one scope (`train.precision: bf16`); weights stay float32 and the
-// cast cache is dropped at the end, so that weights the optimizer updated are cast afresh.
-class CpuAutocastScope {
- public:
-  explicit CpuAutocastScope(bool enable) : enabled_(enable) {
-    if (!enabled_) return;
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
-    was_ = at::autocast::is_autocast_enabled(at::kCPU);
-    old_ = at::autocast::get_autocast_dtype(at::kCPU);
-    at::autocast::set_autocast_enabled(at::kCPU, true);
-    at::autocast::set_autocast_dtype(at::kCPU, at::kBFloat16);
-#else
-    was_ = at::autocast::is_cpu_enabled();
-    old_ = at::autocast::get_autocast_cpu_dtype();
-    at::autocast::set_cpu_enabled(true);
-    at::autocast::set_autocast_cpu_dtype(at::kBFloat16);
-#endif
-  }
-  ~CpuAutocastScope() {
-    if (!enabled_) return;
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
-    at::autocast::set_autocast_enabled(at::kCPU, was_);
-    at::autocast::set_autocast_dtype(at::kCPU, old_);
-#else
-    at::autocast::set_cpu_enabled(was_);
-    at::autocast::set_autocast_cpu_dtype(old_);
-#endif
-    if (!was_) at::autocast::clear_cache();
-  }
-  CpuAutocastScope(const CpuAutocastScope&) = delete;
-  CpuAutocastScope& operator=(const CpuAutocastScope&) = delete;
-
- private:
-  bool enabled_, was_ = false;
-  at::ScalarType old_ = at::kBFloat16;
-};
 }  // namespace
 
 
@@ -190,7 +154,8 @@ StatusOr<double> Trainer::TrainStep() {
     {
       // bf16 forward with `train.precision: bf16`; the backward runs outside autocast
       kernels::CudaAutocastScope amp(cuda && cfg_.precision == "bf16");
-      CpuAutocastScope cpu_amp(!cuda && cfg_.precision == "bf16");
+      // The forward in bf16; weights stay float32 and the cast cache is dropped after (autocast.h).
+      kernels::CpuAutocastScope cpu_amp(!cuda && cfg_.precision == "bf16");
       ForwardOptions fo;
       fo.training = true;
       fo.backend = opts_.backend;

@@ -173,6 +173,10 @@ absl::Status LocalPostgres::CreateDatabase(const std::string& name) {
     auto r = tx.exec_params("SELECT 1 FROM pg_database WHERE datname = $1", name);
     if (r.empty()) tx.exec("CREATE DATABASE " + tx.quote_name(name));
     return absl::OkStatus();
+  } catch (const pqxx::sql_error& e) {
+    // Another process created it between the check and ours (two clients starting on one state dir).
+    if (e.sqlstate() == "42P04" || e.sqlstate() == "23505") return absl::OkStatus();
+    return absl::InternalError(Cat("create database ", name, ": ", e.what()));
   } catch (const std::exception& e) {
     return absl::InternalError(Cat("create database ", name, ": ", e.what()));
   }

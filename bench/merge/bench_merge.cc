@@ -15,6 +15,10 @@
 // Throughput is input bytes / wall seconds for every row but durable write (each reads all input bytes once), and
 // output bytes / wall seconds for durable write (it reads nothing); best and median of the reps, after one
 // unmeasured round. The ratio line compares with cp (throughput) and gives merge / durable write (time).
+// Memory: the merge job once more, run by btx-train (next to this binary) in a process of its own: its anonymous
+// RSS (heap; not the mapped inputs, which the kernel can drop) sampled every 2 ms and its peak RSS (wait4),
+// against the output size and the largest tensor. A streaming merge holds about one tensor per input at a time,
+// so its anonymous peak follows the largest tensor, not the model size.
 // --cold drops the page cache before every measurement (root only; refused otherwise); the default measures
 // with the inputs in the page cache, as a merge that follows the branch jobs on one machine sees them.
 //   btx_bench_merge [--dir /tmp/btx-bench-merge] [--experts 2] [--hidden 512] [--ffn 2048] [--layers 8]
@@ -24,9 +28,12 @@
 #include <ATen/Parallel.h>
 
 #include <fcntl.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
@@ -39,6 +46,7 @@
 #include <nlohmann/json.hpp>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "btx/contract/files.h"
@@ -50,6 +58,16 @@
 namespace fs = std::filesystem;
 
 namespace {
+
+// A field of /proc/PID/status in bytes ("VmHWM:  1234 kB"), or -1.
+int64_t StatusBytes(const std::string& field, pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/status");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind(field + ":", 0) == 0) return std::stoll(line.substr(field.size() + 1)) * 1024;
+  }
+  return -1;
+}
 
 struct Args {
   std::string dir = "/tmp/btx-bench-merge";
@@ -334,6 +352,34 @@ int main(int argc, char** argv) {
                 "   (target >= 0.7 of cp);   merge / durable write (time) %.2f\n",
                 cp / best(rows[2]), cps / best(rows[2]), cp / best(rows[3]), cps / best(rows[3]), cp / best(rows[4]),
                 cps / best(rows[4]), best(rows[2]) / best(rows[5]));
+  }
+  // Memory of one merge job, in a process of its own (this one's heap is warm from the rows above): btx-train
+  // runs the merge job while its anonymous RSS is sampled; the kernel's peak RSS comes from wait4.
+  {
+    fresh();
+    const std::string train = (fs::read_symlink("/proc/self/exe").parent_path() / "btx-train").string();
+    const pid_t pid = ::fork();
+    if (pid == 0) {
+      ::execl(train.c_str(), train.c_str(), "--job", job_path.c_str(), static_cast<char*>(nullptr));
+      ::_exit(127);
+    }
+    int64_t anon_peak = 0;
+    int status = 0;
+    struct rusage ru {};
+    while (::wait4(pid, &status, WNOHANG, &ru) == 0) {
+      anon_peak = std::max(anon_peak, StatusBytes("RssAnon", pid));
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+    const double largest = static_cast<double>(std::max(a.vocab * a.hidden, a.ffn * a.hidden)) * 4;
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+      std::fprintf(stderr, "btx_bench_merge: %s --job %s failed (status %d)\n", train.c_str(), job_path.c_str(), status);
+    } else {
+      std::printf("memory of the merge job (btx-train): peak anonymous RSS %.1f MB (sampled every 2 ms) = %.3f of the "
+                  "%.3f GB output, %.1f x its largest tensor (%.1f MB); peak RSS incl. mapped inputs %.1f MB\n",
+                  static_cast<double>(anon_peak) / 1e6, static_cast<double>(anon_peak) / static_cast<double>(out_bytes),
+                  static_cast<double>(out_bytes) / 1e9, static_cast<double>(anon_peak) / largest, largest / 1e6,
+                  static_cast<double>(ru.ru_maxrss) * 1024 / 1e6);
+    }
   }
   if (!a.keep) fs::remove_all(a.dir);
   return 0;
