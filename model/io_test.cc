@@ -186,6 +186,34 @@ TEST(Tokenizer, SentencePieceTrainEncodeDecode) {
   EXPECT_EQ((*again)->Encode(text), ids);
 }
 
+// A seed's tokenizer.model travels with the files transformers reads beside it (chat template, generation
+// config); a .model file a spec names on its own does not pick up its directory's files.
+TEST(Tokenizer, SentencePieceSeedsCarryTheirTokenizerConfigAndGenerationConfig) {
+  if (!SentencePieceAvailable()) GTEST_SKIP() << "built without sentencepiece";
+  TempDir dir;
+  testing::WriteText(dir / "corpus.txt", testing::SampleText(400));
+  std::filesystem::create_directories(dir / "seed");
+  ASSERT_TRUE(TrainSentencePiece({dir / "corpus.txt"}, 320, dir / "seed/tokenizer.model").ok());
+  testing::WriteText(dir / "seed/tokenizer_config.json", R"({"chat_template": "{{ messages }}", "bos_token": "<s>"})");
+  testing::WriteText(dir / "seed/generation_config.json", R"({"bos_token_id": 1, "eos_token_id": 2})");
+  auto tok = LoadTokenizer(dir / "seed");
+  ASSERT_TRUE(tok.ok()) << tok.status().message();
+  std::filesystem::create_directories(dir / "out");
+  ASSERT_TRUE((*tok)->SaveTo(dir / "out").ok());
+  for (const char* f : {"tokenizer.model", "tokenizer_config.json", "generation_config.json"}) {
+    EXPECT_TRUE(std::filesystem::exists(dir / (std::string("out/") + f))) << f;
+  }
+  EXPECT_EQ(*ReadFile(dir / "out/tokenizer_config.json"), *ReadFile(dir / "seed/tokenizer_config.json"));
+
+  std::filesystem::copy_file(dir / "seed/tokenizer.model", dir / "alone.model");
+  testing::WriteText(dir / "tokenizer_config.json", "{}");
+  auto alone = LoadSentencePiece(dir / "alone.model");
+  ASSERT_TRUE(alone.ok());
+  std::filesystem::create_directories(dir / "out2");
+  ASSERT_TRUE((*alone)->SaveTo(dir / "out2").ok());
+  EXPECT_FALSE(std::filesystem::exists(dir / "out2/tokenizer_config.json"));
+}
+
 TEST(HfConfig, LlamaAndMixtralRoundTrip) {
   ModelConfig c = testing::TinyConfig(3);
   c.rope_theta = 5e5;

@@ -26,6 +26,22 @@ namespace btx::model {
 namespace fs = std::filesystem;
 
 namespace {
+
+// What AutoTokenizer and generate() read besides the model's own files.
+constexpr const char* kHfTokenizerFiles[] = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                                             "generation_config.json", "chat_template.jinja"};
+
+// Copies those of kHfTokenizerFiles that `from_dir` has into `to_dir`.
+Status CopyHfTokenizerFiles(const std::string& from_dir, const std::string& to_dir) {
+  for (const char* f : kHfTokenizerFiles) {
+    const std::string from = from_dir + "/" + f;
+    if (!fs::exists(from)) continue;
+    BTX_ASSIGN_OR_RETURN(std::string bytes, ReadFile(from));
+    BTX_RETURN_IF_ERROR(WriteFileDurable(to_dir + "/" + f, bytes));
+  }
+  return Status::Ok();
+}
+
 class ByteTokenizer final : public Tokenizer {
  public:
   std::vector<int32_t> Encode(std::string_view text) const override {
@@ -134,7 +150,11 @@ class SpTokenizer final : public Tokenizer {
   std::string kind() const override { return "sentencepiece"; }
   Status SaveTo(const std::string& dir) const override {
     BTX_ASSIGN_OR_RETURN(std::string bytes, ReadFile(path_));
-    return WriteFileDurable(dir + "/tokenizer.model", bytes);
+    BTX_RETURN_IF_ERROR(WriteFileDurable(dir + "/tokenizer.model", bytes));
+    // A seed's tokenizer.model comes with the files transformers reads (its tokenizer_config.json with the chat
+    // template, generation_config.json, ...): outputs carry them too. A .model file named by a spec stands alone.
+    if (fs::path(path_).filename() != "tokenizer.model") return Status::Ok();
+    return CopyHfTokenizerFiles(fs::path(path_).parent_path().string(), dir);
   }
 
  private:
@@ -236,20 +256,9 @@ class HfDirTokenizer final : public Tokenizer {
     }
     return out;
   }
-  Status SaveTo(const std::string& dir) const override {
-    for (const char* f : kFiles) {
-      const std::string from = dir_ + "/" + f;
-      if (!fs::exists(from)) continue;
-      BTX_ASSIGN_OR_RETURN(std::string bytes, ReadFile(from));
-      BTX_RETURN_IF_ERROR(WriteFileDurable(dir + "/" + f, bytes));
-    }
-    return Status::Ok();
-  }
+  Status SaveTo(const std::string& dir) const override { return CopyHfTokenizerFiles(dir_, dir); }
 
  private:
-  // What AutoTokenizer and generate() read besides the model's own files.
-  static constexpr const char* kFiles[] = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                                           "generation_config.json", "chat_template.jinja"};
   HfDirTokenizer(std::string dir, HfTokenizer hf) : dir_(std::move(dir)), hf_(std::move(hf)) {}
 
   // tokenizer_config.json's "<which>_token" (a string or {"content": ...}), else config.json's "<which>_token_id";
