@@ -522,6 +522,7 @@ grpc::Status WorkerServiceImpl::AcquireJobBlocking(grpc::ServerContextBase* ctx,
       job->set_kind(JobKindFromString(c.job.kind));
       job->set_spec_json(spec->dump());
       const std::string dir = JobDir(config_.artifact_root, c.job.pipeline_id, c.job.name);
+      RememberJobDir(c.job.id, dir);
       job->set_output_uri(PathToFileUri(dir + "/model"));
       job->set_checkpoint_uri(PathToFileUri(dir + "/checkpoints"));
       job->set_resume_from_uri(c.job.checkpoint_uri);
@@ -616,10 +617,32 @@ grpc::Status WorkerServiceImpl::Heartbeat(grpc::ServerContext*, const v1::Heartb
 }
 
 // A worker may not point a job's dependents (or a retry's resume) at any file outside what the job was given.
+void WorkerServiceImpl::RememberJobDir(const std::string& job_id, std::string dir) {
+  constexpr size_t kMax = 100000;
+  std::lock_guard lock(job_dirs_mu_);
+  if (job_dirs_.insert_or_assign(job_id, std::move(dir)).second) job_dirs_order_.push_back(job_id);
+  while (job_dirs_order_.size() > kMax) {
+    job_dirs_.erase(job_dirs_order_.front());
+    job_dirs_order_.pop_front();
+  }
+}
+
+std::optional<std::string> WorkerServiceImpl::RememberedJobDir(const std::string& job_id) {
+  std::lock_guard lock(job_dirs_mu_);
+  auto it = job_dirs_.find(job_id);
+  if (it == job_dirs_.end()) return std::nullopt;
+  return it->second;
+}
+
 absl::Status WorkerServiceImpl::CheckAssignedUri(const std::string& field, const std::string& job_id, int attempt,
                                                   const std::string& uri, Assigned what) {
   auto path = artifacts_.PathOf(uri);
   if (!path.ok()) return InvalidFields({{field, std::string(path.status().message())}});
+  auto fits = [&](const std::string& dir) {
+    return what == Assigned::kOutput ? *path == dir + "/model" : path->rfind(dir + "/checkpoints/", 0) == 0;
+  };
+  // The common case, a URI that fits the job claimed here, needs no database read; anything else is looked up.
+  if (auto dir = RememberedJobDir(job_id); dir && fits(*dir)) return absl::OkStatus();
   auto job = store_.GetJob(job_id);
   // An unknown job or another attempt is the store's to refuse (the fence), with the status every stale call gets.
   if (absl::IsNotFound(job.status())) return absl::OkStatus();

@@ -1,4 +1,8 @@
 #pragma once
+#include <optional>
+#include <unordered_map>
+#include <mutex>
+#include <deque>
 
 #include <atomic>
 #include <functional>
@@ -101,6 +105,13 @@ class WorkerServiceImpl final : public WorkerServiceBase {
   const SchedulerConfig& config_;
   // Artifacts and checkpoints that workers report must lie in it (PathOf checks the URI).
   FileArtifactStore artifacts_;
+  // The dir each job claimed here was assigned, so that checking a Complete costs no database read (a job
+  // claimed through another replica, or before a restart, is looked up). Bounded: the oldest go first.
+  void RememberJobDir(const std::string& job_id, std::string dir);
+  std::optional<std::string> RememberedJobDir(const std::string& job_id);
+  std::mutex job_dirs_mu_;
+  std::unordered_map<std::string, std::string> job_dirs_;
+  std::deque<std::string> job_dirs_order_;
   storage::Store& store_;
   const Clock& clock_;
   WakeUps& wakeups_;

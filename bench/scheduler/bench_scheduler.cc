@@ -3,6 +3,7 @@
 // at once completes (Complete). The baseline, in the same run and on the same server with the same
 // number of database connections, is the bare queue loop a scheduler is built on:
 // BEGIN; SELECT ... FOR UPDATE SKIP LOCKED; UPDATE; COMMIT, then an UPDATE marking the row done.
+#include <grpcpp/alarm.h>
 #include <grpcpp/grpcpp.h>
 #include <unistd.h>
 
@@ -157,7 +158,10 @@ struct SimWorker {
   std::string id;
   std::unique_ptr<v1::WorkerService::Stub> stub;
   bool completing = false;
+  bool waiting = false;           // open loop: its alarm is set for the next claim's scheduled time
   Clock::time_point sent;
+  Clock::time_point next_at;      // open loop: when its next claim is due
+  grpc::Alarm alarm;
   std::unique_ptr<grpc::ClientContext> ctx;
   v1::AcquireJobResponse acquired;
   v1::CompleteResponse completed;
@@ -168,7 +172,11 @@ struct SimWorker {
 
 // rpc_only: every AcquireJob names a worker id that is not a UUID, which the scheduler refuses before any
 // database work; `jobs` answers are counted. What is left is the cost of a gRPC call.
-Result RunScheduler(int port, int workers, int jobs, int client_threads, int connections, bool rpc_only = false) {
+// offered_rate > 0: open loop. Claims are due at that rate in all (each worker one every workers/rate seconds,
+// the workers' schedules evenly staggered), whatever the answers take; a claim's latency counts from when it was
+// due, so a scheduler that falls behind its load is charged for the wait too (no coordinated omission).
+Result RunScheduler(int port, int workers, int jobs, int client_threads, int connections, bool rpc_only = false,
+                    double offered_rate = 0) {
   // By default one channel (one TCP connection) per worker, as separate worker processes have.
   std::vector<std::shared_ptr<grpc::Channel>> channels;
   for (int i = 0; i < connections; ++i) {
@@ -202,14 +210,17 @@ Result RunScheduler(int port, int workers, int jobs, int client_threads, int con
       grpc::CompletionQueue cq;
       std::vector<double> lat;
       int active = 0;
+      const auto period = std::chrono::duration_cast<Clock::duration>(
+          std::chrono::duration<double>(offered_rate > 0 ? workers / offered_rate : 0));
       auto acquire = [&](SimWorker* w) {
         w->completing = false;
+        w->waiting = false;
         w->ctx = std::make_unique<grpc::ClientContext>();
         v1::AcquireJobRequest req;
         req.set_worker_id(rpc_only ? std::string("not-a-uuid") : w->id);
         req.set_wait_timeout_ms(1000);
         w->acquired.Clear();
-        w->sent = Clock::now();
+        w->sent = offered_rate > 0 ? w->next_at : Clock::now();
         w->acquire_call = w->stub->PrepareAsyncAcquireJob(w->ctx.get(), req, &cq);
         w->acquire_call->StartCall();
         w->acquire_call->Finish(&w->acquired, &w->status, w);
@@ -226,14 +237,29 @@ Result RunScheduler(int port, int workers, int jobs, int client_threads, int con
         w->complete_call->StartCall();
         w->complete_call->Finish(&w->completed, &w->status, w);
       };
+      // Open loop: the next claim when it is due (at once when already late).
+      auto acquire_when_due = [&](SimWorker* w) {
+        if (offered_rate <= 0) return acquire(w);
+        w->next_at += period;
+        if (w->next_at <= Clock::now()) return acquire(w);
+        w->waiting = true;
+        // gRPC's alarms take the system clock.
+        w->alarm.Set(&cq, std::chrono::system_clock::now() + (w->next_at - Clock::now()), w);
+      };
       for (size_t i = t; i < sims.size(); i += client_threads) {
-        acquire(sims[i].get());
+        SimWorker* w = sims[i].get();
+        w->next_at = start + period * static_cast<int64_t>(i) / workers - period;
+        acquire_when_due(w);
         ++active;
       }
       void* tag;
       bool ok;
       while (active > 0 && cq.Next(&tag, &ok)) {
         auto* w = static_cast<SimWorker*>(tag);
+        if (w->waiting) {
+          acquire(w);
+          continue;
+        }
         if (!w->completing) {
           if (w->status.ok() && w->acquired.has_job()) {
             lat.push_back(Ms(Clock::now() - w->sent));
@@ -256,7 +282,7 @@ Result RunScheduler(int port, int workers, int jobs, int client_threads, int con
           }
         }
         if (done < jobs) {
-          acquire(w);
+          acquire_when_due(w);
         } else {
           --active;
         }
@@ -285,7 +311,8 @@ double Median(std::vector<double> v) {
 // (or, for phase "store", with the store's transactions alone); nullopt after printing an error.
 std::optional<Result> RunSchedulerPhase(const std::string& conninfo, const std::string& dir, const std::string& phase,
                                         int workers, int jobs, int per_pipeline, int connections, int client_threads,
-                                        int grpc_connections, int max_batch, int batches_in_flight, bool no_metrics) {
+                                        int grpc_connections, int max_batch, int batches_in_flight, bool no_metrics,
+                                        double offered_rate = 0) {
   btx::storage::ConnectionPool pool(conninfo, connections);
   btx::storage::Store store(pool);
   const auto now = btx::SystemClock().Now();
@@ -336,15 +363,17 @@ std::optional<Result> RunSchedulerPhase(const std::string& conninfo, const std::
                 r.JobsPerSecond(), workers, static_cast<long long>(r.errors));
     return r;
   }
-  Result sched = RunScheduler(*port, workers, jobs, client_threads, grpc_connections > 0 ? grpc_connections : workers);
+  Result sched = RunScheduler(*port, workers, jobs, client_threads, grpc_connections > 0 ? grpc_connections : workers,
+                              /*rpc_only=*/false, offered_rate);
   scheduler.Shutdown();
   pqxx::connection c(conninfo);
   pqxx::nontransaction tx(c);
   const auto succeeded = tx.exec("SELECT count(*) FROM job_attempts WHERE outcome = 'SUCCEEDED'")[0][0].as<int64_t>();
   const auto distinct = tx.exec("SELECT count(DISTINCT job_id) FROM job_attempts WHERE outcome = 'SUCCEEDED'")[0][0].as<int64_t>();
   std::printf("submit (store, %d pipelines): %.1f s\n", (jobs + per_pipeline - 1) / per_pipeline, submit_s);
-  std::printf("scheduler (gRPC):     %6.0f jobs/s   claim p50 %6.2f ms  p99 %6.2f ms   (%d workers, %lld RPC errors, "
+  std::printf("scheduler (gRPC%s):%s %6.0f jobs/s   claim p50 %6.2f ms  p99 %6.2f ms   (%d workers, %lld RPC errors, "
               "%lld jobs succeeded once)\n",
+              offered_rate > 0 ? ", open loop" : "", offered_rate > 0 ? "" : "     ",
               sched.JobsPerSecond(), sched.Percentile(0.5), sched.Percentile(0.99), workers,
               static_cast<long long>(sched.errors), static_cast<long long>(distinct));
   if (succeeded != jobs || distinct != jobs) {
@@ -362,6 +391,7 @@ int main(int argc, char** argv) {
   int workers = 200, jobs = 20000, per_pipeline = 10, connections = 16, client_threads = 1, grpc_connections = 0;
   int rounds = 3;
   bool durable = false, no_metrics = false;
+  double open_fraction = 0, open_seconds = 20;
   btx::scheduler::SchedulerConfig sched_defaults;
   int max_batch = sched_defaults.max_batch, batches_in_flight = sched_defaults.batches_in_flight;
   std::string phase = "both", database_url;
@@ -377,6 +407,10 @@ int main(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::Range(1, 50));
   app.add_flag("--durable", durable, "fsync on (default: off, a throwaway cluster)");
+  app.add_option("--open-loop", open_fraction,
+                 "after the rounds, offer this fraction of the scheduler's median jobs/s as an open-loop load (0: no)")
+      ->check(CLI::Range(0.0, 1.0));
+  app.add_option("--open-loop-seconds", open_seconds, "length of the open-loop run")->check(CLI::Range(1.0, 3600.0));
   app.add_flag("--no-metrics", no_metrics, "run the scheduler without a metrics registry (to see what metrics cost)");
   app.add_option("--database-url", database_url, "an existing, empty database instead of a private server");
   app.add_option("--phase", phase, "both | scheduler | bare | store (the scheduler's transactions without gRPC) | rpc (gRPC calls "
@@ -462,8 +496,24 @@ int main(int argc, char** argv) {
                   rounds, rate, p99, ratio, *std::min_element(ratios.begin(), ratios.end()),
                   *std::max_element(ratios.begin(), ratios.end()));
     }
-    std::printf("targets: >= 2000 jobs/s %s; p99 claim < 20 ms %s; >= 0.5 of bare %s\n", rate >= 2000 ? "met" : "MISSED",
-                p99 < 20 ? "met" : "MISSED", ratio >= 0.5 ? "met" : "MISSED");
+    std::printf("targets: >= 2000 jobs/s %s; >= 0.5 of bare %s (closed-loop p99 %.2f ms: workers claim again at once, "
+                "so it is queueing at saturation, not the latency of a load)\n",
+                rate >= 2000 ? "met" : "MISSED", ratio >= 0.5 ? "met" : "MISSED", p99);
+  }
+  if (open_fraction > 0 && !sched_rates.empty()) {
+    const double offered = open_fraction * Median(sched_rates);
+    const int open_jobs = static_cast<int>(offered * open_seconds);
+    std::printf("open loop: %.0f jobs/s offered (%.2f of the median %.0f jobs/s) for %.0f s, %d jobs\n", offered,
+                open_fraction, Median(sched_rates), open_seconds, open_jobs);
+    {
+      pqxx::connection c(conninfo);
+      pqxx::nontransaction(c).exec("TRUNCATE pipelines, workers CASCADE");
+    }
+    auto r = RunSchedulerPhase(conninfo, *dir, "scheduler", workers, open_jobs, per_pipeline, connections, client_threads,
+                               grpc_connections, max_batch, batches_in_flight, no_metrics, offered);
+    if (!r) return 1;
+    std::printf("target (open loop at %.2f of the maximum): claim p99 < 20 ms %s (%.2f ms, from each claim's due time)\n",
+                open_fraction, r->Percentile(0.99) < 20 ? "met" : "MISSED", r->Percentile(0.99));
   }
   return 0;
 }
