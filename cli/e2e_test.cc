@@ -194,7 +194,9 @@ evaluate: {max_tokens: 128}
   r = testing::RunBtxctl({"get", "jobs", "-o", "json", "--state-dir", state});
   for (const auto& j : json::parse(r.out)) {
     // Interrupted and resumed: a second attempt, with the attempt budget of the first kept.
-    if (j["name"] == "pretrain") EXPECT_EQ(j.value("attempt", 0), 2) << j.dump();
+    if (j["name"] == "pretrain") {
+      EXPECT_EQ(j.value("attempt", 0), 2) << j.dump();
+    }
   }
   // Run once more: a finished pipeline is never re-attached to.
   second = testing::RunBtxctl(run, {}, dir, 600);
