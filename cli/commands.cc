@@ -88,6 +88,14 @@ absl::StatusOr<RewrittenSpec> LoadSpec(const std::string& file, const PathContex
   return AbsolutizeSpecPaths(text, paths);
 }
 
+int SpecNodesPerJob(const RewrittenSpec& spec) {
+  if (!spec.parsed || !spec.spec.is_object() || !spec.spec.contains("resources")) return 1;
+  const json& r = spec.spec["resources"];
+  if (!r.is_object() || !r.contains("nodes_per_job") || !r["nodes_per_job"].is_number_integer()) return 1;
+  const int64_t n = r["nodes_per_job"].get<int64_t>();
+  return n > 1 ? static_cast<int>(std::min<int64_t>(n, 1 << 16)) : 1;
+}
+
 namespace {
 
 v1::SubmitRequest MakeRequest(const RewrittenSpec& spec, const SubmitArgs& args) {
@@ -159,7 +167,7 @@ absl::StatusOr<int> Submit(CommandEnv& env, const SubmitArgs& args) {
 }
 
 absl::StatusOr<int> Run(CommandEnv& env, const SubmitArgs& args, EmbeddedStack* stack) {
-  auto spec = LoadSpec(args.file, env.paths);
+  auto spec = args.loaded != nullptr ? absl::StatusOr<RewrittenSpec>(*args.loaded) : LoadSpec(args.file, env.paths);
   if (!spec.ok()) return spec.status();
   if (stack != nullptr) {
     // The local worker reads these very paths: a missing one is a mistake to report now, not
@@ -179,12 +187,23 @@ absl::StatusOr<int> Run(CommandEnv& env, const SubmitArgs& args, EmbeddedStack* 
   }
   if (stack != nullptr && spec->parsed && spec->spec.contains("resources") && spec->spec["resources"].is_object()) {
     const json& g = spec->spec["resources"].value("gpus_per_job", json(0));
-    if (g.is_number_integer() && g.get<int64_t>() > stack->gpus()) {
+    if (g.is_number_integer() && g.get<int64_t>() > stack->gpus_per_worker()) {
+      const std::string has =
+          stack->local_workers() > 1
+              ? Cat("each of the ", stack->local_workers(), " local workers has ", stack->gpus_per_worker(),
+                    " GPUs (this machine has ", stack->gpus(), ")")
+              : Cat("this machine has ", stack->gpus(), " GPUs");
       return absl::InvalidArgumentError(
-          Cat("spec: resources.gpus_per_job: ", g.get<int64_t>(), " but this machine has ", stack->gpus(),
-              " GPUs, so no local worker could run the jobs; set it to 0 to train on the CPU, or submit to a "
+          Cat("spec: resources.gpus_per_job: ", g.get<int64_t>(), " but ", has,
+              ", so no local worker could run the jobs; set it to 0 to train on the CPU, or submit to a "
               "scheduler with GPU workers (--server)"));
     }
+  }
+  if (stack != nullptr && SpecNodesPerJob(*spec) > stack->local_workers()) {
+    return absl::InvalidArgumentError(Cat("spec: resources.nodes_per_job: ", SpecNodesPerJob(*spec),
+                                          " but this btxctl runs ", stack->local_workers(),
+                                          " local worker(s), so no training job could start; drop --local-workers "
+                                          "(it defaults to nodes_per_job) or raise it"));
   }
   const bool live = env.tty && env.format == Format::kTable;
   Footer footer;
@@ -256,7 +275,9 @@ absl::StatusOr<int> Run(CommandEnv& env, const SubmitArgs& args, EmbeddedStack* 
   }
   if (env.format == Format::kTable) {
     Print(env.out, Cat(resp->created() ? "submitted" : "following existing", " pipeline ", p.name(), " ", p.id(),
-                       stack != nullptr ? Cat(" (local: ", stack->slots(), " slot(s), ", stack->threads_per_job(),
+                       stack != nullptr ? Cat(" (local: ",
+                                              stack->local_workers() > 1 ? Cat(stack->local_workers(), " workers x ") : "",
+                                              stack->slots(), " slot(s), ", stack->threads_per_job(),
                                               " threads per job; state in ", stack->state_dir(), ")")
                                         : "",
                        "\n"));

@@ -31,10 +31,16 @@ struct SubmitArgs {
   std::string idempotency_key;
   bool dry_run = false;
   bool fresh = false;  // run: never re-attach to an unfinished pipeline of the same spec
+  // The spec as LoadSpec read it already (main reads it before the embedded stack starts, to size it);
+  // null: the command reads `file` itself.
+  const RewrittenSpec* loaded = nullptr;
 };
 
 // Reads the spec file and makes its paths absolute. Errors name the file.
 absl::StatusOr<RewrittenSpec> LoadSpec(const std::string& file, const PathContext& paths);
+// The spec's resources.nodes_per_job (the workers each training job spans), or 1 when it is not set
+// or not a positive integer (the scheduler's validation reports that).
+int SpecNodesPerJob(const RewrittenSpec& spec);
 
 absl::StatusOr<int> Submit(CommandEnv& env, const SubmitArgs& args);
 // Submits and follows to the end. With `stack` (the embedded default) its workers run the jobs

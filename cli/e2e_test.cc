@@ -205,5 +205,42 @@ evaluate: {max_tokens: 128}
   std::filesystem::remove_all(dir);
 }
 
+// A gang on one machine: `btxctl run` of a spec with nodes_per_job: 2 starts two local workers, and every
+// training job runs on both (one rank each) over loopback.
+TEST(EmbeddedRunTest, AGangSpecRunsOnLocalWorkers) {
+  const std::string dir = testing::MakeTestDir(), state = dir + "/state";
+  WriteCorpus(dir + "/code.txt", {"def", "return", "if", "else", "for", "int", "x", "y", "print", "class"}, 300, 5);
+  WriteCorpus(dir + "/math.txt", {"sum", "prime", "theorem", "proof", "lemma", "equals", "plus", "times"}, 300, 6);
+  testing::WriteFile(dir + "/gang.yaml", R"(
+name: local-gang
+seed:
+  init: {preset: tiny}
+  pretrain: {data: {train: [code.txt, math.txt]}, steps: 4}
+experts:
+  - {name: code, data: {train: code.txt}, steps: 3}
+  - {name: math, data: {train: math.txt}, steps: 3}
+train: {batch_tokens: 128, seq_len: 16, warmup: 1, log_every: 1, valid_tokens: 128}
+finetune: {steps: 2}
+evaluate: {max_tokens: 128}
+resources: {nodes_per_job: 2}
+)");
+  testing::CliResult r = testing::RunBtxctl(
+      {"run", "gang.yaml", "--state-dir", state, "--train-binary", BTX_TRAIN_PATH, "--threads", "2", "-o", "json"}, {},
+      dir, 600);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  r = testing::RunBtxctl({"get", "workers", "-o", "json", "--state-dir", state});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(json::parse(r.out).size(), 2u) << r.out;
+  r = testing::RunBtxctl({"get", "jobs", "-o", "json", "--state-dir", state});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  int gangs = 0;
+  for (const auto& j : json::parse(r.out)) {
+    EXPECT_EQ(j.value("state", ""), "JOB_STATE_SUCCEEDED") << j.dump();
+    if (j.contains("resources") && j["resources"].value("nodes", 0) == 2) ++gangs;
+  }
+  EXPECT_EQ(gangs, 4) << r.out;  // pretrain, two branches, finetune
+  std::filesystem::remove_all(dir);
+}
+
 }  // namespace
 }  // namespace btx::cli

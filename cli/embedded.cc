@@ -6,6 +6,7 @@
 
 #include <cstring>
 #include <filesystem>
+#include <set>
 
 #include <grpcpp/grpcpp.h>
 #include <spdlog/sinks/basic_file_sink.h>
@@ -56,28 +57,73 @@ std::string LocalWorkerName() {
   return Cat("btxctl@", host);
 }
 
+// `name` is LocalWorkerName() or LocalWorkerName()-N: a local worker of this host in some earlier run.
+bool IsLocalWorkerName(const std::string& name, const std::string& base) {
+  if (name == base) return true;
+  if (name.size() <= base.size() + 1 || name.compare(0, base.size(), base) != 0 || name[base.size()] != '-') {
+    return false;
+  }
+  return name.find_first_not_of("0123456789", base.size() + 1) == std::string::npos;
+}
+
+// What local worker `index` of `count` sees of the machine: only its own share of the GPUs, named by
+// their CUDA ids on the machine (so a child's CUDA_VISIBLE_DEVICES picks the right devices).
+worker::Capabilities GpuShareOf(const worker::Capabilities& all, GpuShare share) {
+  worker::Capabilities caps = all;
+  caps.gpu_memory_bytes.clear();
+  caps.gpu_names.clear();
+  caps.gpu_pci_bus_ids.clear();
+  caps.gpu_cuda_ids.clear();
+  for (int d = share.first; d < share.first + share.count && d < all.gpus(); ++d) {
+    const auto i = static_cast<size_t>(d);
+    caps.gpu_memory_bytes.push_back(all.gpu_memory_bytes[i]);
+    caps.gpu_names.push_back(i < all.gpu_names.size() ? all.gpu_names[i] : "");
+    caps.gpu_pci_bus_ids.push_back(i < all.gpu_pci_bus_ids.size() ? all.gpu_pci_bus_ids[i] : "");
+    caps.gpu_cuda_ids.push_back(i < all.gpu_cuda_ids.size() && !all.gpu_cuda_ids[i].empty() ? all.gpu_cuda_ids[i]
+                                                                                              : std::to_string(d));
+  }
+  return caps;
+}
+
 }  // namespace
+
+std::vector<std::string> LocalWorkerNames(int count) {
+  const std::string base = LocalWorkerName();
+  std::vector<std::string> names;
+  for (int i = 0; i < std::max(1, count); ++i) names.push_back(i == 0 ? base : Cat(base, "-", i + 1));
+  return names;
+}
+
+GpuShare LocalWorkerGpus(int gpus, int index, int count) {
+  if (count <= 0 || gpus <= 0) return {};
+  const int per = gpus / count;
+  return {index * per, per};
+}
 
 EmbeddedStack::EmbeddedStack(EmbeddedConfig config) : config_(std::move(config)) {}
 
-// Holding `.worker.lock`, this process runs the only local worker of the state dir: jobs still leased to
-// that worker belong to a btxctl that was killed. They go back to the queue now, as interruptions (no
-// attempt spent), and resume from their checkpoints, instead of waiting out their leases.
-absl::Status EmbeddedStack::AdoptOrphanedLeases(const std::string& worker_name) {
+// Holding `.worker.lock`, this process runs the only local workers of the state dir: jobs still leased to
+// them (under any of the names an earlier btxctl used, however many workers it ran) belong to a btxctl
+// that was killed. They go back to the queue now, as interruptions (no attempt spent), and resume from
+// their checkpoints, instead of waiting out their leases.
+absl::Status EmbeddedStack::AdoptOrphanedLeases() {
   storage::Store& store = *db_->store;
   auto workers = store.ListWorkers();
   if (!workers.ok()) return workers.status();
-  std::string id;
+  const std::string base = LocalWorkerName();
+  std::set<std::string> ids;
   for (const auto& w : *workers) {
-    if (w.name == worker_name) id = w.id;
+    if (IsLocalWorkerName(w.name, base)) ids.insert(w.id);
   }
-  if (id.empty()) return absl::OkStatus();
+  if (ids.empty()) return absl::OkStatus();
   auto leased = store.ListJobs("", "LEASED", 1000);
   if (!leased.ok()) return leased.status();
   for (const auto& j : *leased) {
-    if (j.worker_id != id) continue;
-    auto failed = store.FailJob(id, j.id, j.attempt, "the btxctl that ran this job ended without stopping it", true,
-                                false, "", storage::RetryPolicy{}, clock_.Now(), /*interrupted=*/true);
+    // A gang job is held by its node 0 (j.worker_id), a local worker too: the embedded scheduler serves
+    // only local workers. Failing the attempt through node 0 ends it for every member.
+    if (!ids.count(j.worker_id)) continue;
+    auto failed = store.FailJob(j.worker_id, j.id, j.attempt, "the btxctl that ran this job ended without stopping it",
+                                true, false, "", storage::RetryPolicy{}, clock_.Now(), /*interrupted=*/true);
     if (!failed.ok() && !absl::IsFailedPrecondition(failed.status())) return failed.status();
   }
   return absl::OkStatus();
@@ -145,7 +191,7 @@ absl::StatusOr<std::unique_ptr<EmbeddedStack>> EmbeddedStack::Start(EmbeddedConf
   if (!db.ok()) return absl::UnavailableError(Cat("embedded database in ", cfg.state_dir, ": ", db.status().message()));
   s->db_ = std::move(*db);
   if (cfg.workers) {
-    if (auto a = s->AdoptOrphanedLeases(LocalWorkerName()); !a.ok()) {
+    if (auto a = s->AdoptOrphanedLeases(); !a.ok()) {
       return absl::UnavailableError(Cat("embedded database in ", cfg.state_dir, ": ", a.message()));
     }
   }
@@ -165,22 +211,44 @@ absl::StatusOr<std::unique_ptr<EmbeddedStack>> EmbeddedStack::Start(EmbeddedConf
 
   if (cfg.workers) {
     const worker::Capabilities caps = worker::DiscoverCapabilities();
+    const int count = std::max(1, cfg.local_workers);
     s->gpus_ = caps.gpus();
-    s->slots_ = cfg.slots > 0 ? cfg.slots : std::max(1, caps.gpus());
-    s->threads_per_job_ = cfg.threads_per_job > 0 ? cfg.threads_per_job : std::max(1, caps.cpu_threads / s->slots_);
-    // One worker with a slot per GPU: the worker gives slot i the device cuda:i, so GPUs never
-    // collide the way separate single-slot workers (all on cuda:0) would.
-    worker::WorkerConfig wc;
-    wc.name = LocalWorkerName();
-    wc.train_binary = train_binary;
-    wc.work_dir = cfg.state_dir + "/work";
-    wc.slots = s->slots_;
-    wc.threads_per_job = s->threads_per_job_;
-    wc.poll_wait = std::chrono::seconds(5);
-    wc.stop_grace = cfg.stop_grace;
+    s->gpus_per_worker_ = count == 1 ? caps.gpus() : LocalWorkerGpus(caps.gpus(), 0, count).count;
+    s->slots_ = cfg.slots > 0 ? cfg.slots : std::max(1, s->gpus_per_worker_);
+    s->threads_per_job_ =
+        cfg.threads_per_job > 0 ? cfg.threads_per_job : std::max(1, caps.cpu_threads / (count * s->slots_));
+    // Each worker has a slot per GPU of its own: it gives each job devices of its share only, so GPUs
+    // never collide, neither between the slots of a worker nor between the workers (a gang's members).
+    const std::vector<std::string> names = LocalWorkerNames(count);
     auto channel = grpc::CreateChannel(s->target(), grpc::InsecureChannelCredentials());
-    s->worker_ = std::make_unique<worker::Worker>(wc, channel, s->launcher_, s->clock_, nullptr);
-    s->worker_thread_ = std::thread([w = s->worker_.get()] { w->Run(); });
+    for (int i = 0; i < count; ++i) {
+      worker::WorkerConfig wc;
+      wc.name = names[static_cast<size_t>(i)];
+      wc.train_binary = train_binary;
+      wc.work_dir = i == 0 ? cfg.state_dir + "/work" : Cat(cfg.state_dir, "/work-", i + 1);
+      wc.slots = s->slots_;
+      wc.threads_per_job = s->threads_per_job_;
+      wc.poll_wait = std::chrono::seconds(5);
+      wc.stop_grace = cfg.stop_grace;
+      // Gang members find node 0's rendezvous store here: every local worker is on loopback.
+      wc.advertise_host = "127.0.0.1";
+      if (count > 1) {
+        const worker::Capabilities share = GpuShareOf(caps, LocalWorkerGpus(caps.gpus(), i, count));
+        wc.discover_capabilities = [share] { return share; };
+      }
+      s->workers_.push_back(std::make_unique<worker::Worker>(wc, channel, s->launcher_, s->clock_, nullptr));
+    }
+    for (auto& w : s->workers_) s->worker_threads_.emplace_back([w = w.get()] { w->Run(); });
+    // The scheduler refuses a gang pipeline when fewer workers are registered than a job spans (and a GPU
+    // pipeline when the registered ones are too small): submit only once every local worker is known.
+    // Registration is one loopback call; the bound only keeps a wedged start from hanging btxctl.
+    const auto registered = [&s] {
+      for (const auto& w : s->workers_) {
+        if (w->worker_id().empty()) return false;
+      }
+      return true;
+    };
+    for (int i = 0; i < 3000 && !registered(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
   return s;
 }
@@ -188,21 +256,23 @@ absl::StatusOr<std::unique_ptr<EmbeddedStack>> EmbeddedStack::Start(EmbeddedConf
 std::string EmbeddedStack::target() const { return Cat("127.0.0.1:", port_); }
 
 void EmbeddedStack::DrainWorkers() {
-  if (worker_) worker_->Drain();
+  for (auto& w : workers_) w->Drain();
 }
 
 void EmbeddedStack::StopWorkers() {
-  if (worker_) worker_->Stop();
+  for (auto& w : workers_) w->Stop();
 }
 
 void EmbeddedStack::WaitWorkers() {
-  if (worker_thread_.joinable()) worker_thread_.join();
+  for (auto& t : worker_threads_) {
+    if (t.joinable()) t.join();
+  }
 }
 
 EmbeddedStack::~EmbeddedStack() {
   DrainWorkers();
   WaitWorkers();
-  worker_.reset();
+  workers_.clear();
   if (scheduler_) {
     scheduler_->Shutdown();
     scheduler_.reset();

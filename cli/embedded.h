@@ -7,6 +7,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "btx/common/clock.h"
@@ -31,14 +32,28 @@ struct EmbeddedConfig {
   std::string state_dir = ".btx";   // PostgreSQL in <dir>/pgdata, artifacts in <dir>/artifacts
   bool require_existing = false;    // read-only commands: refuse to create a fresh state dir
   bool workers = false;             // run local workers (btxctl run)
-  int slots = 0;                    // jobs at once; 0 = one per GPU, or 1 without GPUs
-  int threads_per_job = 0;          // 0 = hardware threads / slots
+  // Local workers for `run` (a gang job of resources.nodes_per_job K needs K of them). Each has its own
+  // name (LocalWorkerNames), work dir, an equal disjoint share of the GPUs and of the CPU threads.
+  int local_workers = 1;
+  int slots = 0;                    // jobs at once per local worker; 0 = one per GPU of its share, or 1
+  int threads_per_job = 0;          // 0 = hardware threads / (local workers x slots)
   std::string train_binary;         // empty: btx-train next to btxctl, else on PATH
   // Progress reaches the display through heartbeats, so the embedded stack beats often.
   Duration heartbeat = std::chrono::seconds(1);
   Duration lease = std::chrono::seconds(30);
   Duration stop_grace = std::chrono::seconds(60);  // SIGTERM -> SIGKILL for a draining child
 };
+
+// The names of `count` local workers of this host: "btxctl@HOST" (what a single local worker has always
+// been called, so that earlier state dirs keep working), then "btxctl@HOST-2", "btxctl@HOST-3", ...
+std::vector<std::string> LocalWorkerNames(int count);
+
+// The disjoint share of `gpus` GPUs that local worker `index` of `count` gets: floor(gpus / count)
+// consecutive devices; the remainder stays unused so that every worker can run the same jobs.
+struct GpuShare {
+  int first = 0, count = 0;
+};
+GpuShare LocalWorkerGpus(int gpus, int index, int count);
 
 // Where btx-train is: `configured` if set, else next to this executable, else on PATH. An error
 // says where it looked and how to fix it.
@@ -55,8 +70,10 @@ class EmbeddedStack {
   const std::string& state_dir() const { return config_.state_dir; }
   const std::string& artifact_root() const { return artifact_root_; }
   const std::string& log_file() const { return log_file_; }
-  int gpus() const { return gpus_; }
-  int slots() const { return slots_; }
+  int gpus() const { return gpus_; }                        // of the machine
+  int gpus_per_worker() const { return gpus_per_worker_; }  // each local worker's share
+  int local_workers() const { return static_cast<int>(workers_.size()); }
+  int slots() const { return slots_; }                      // per local worker
   int threads_per_job() const { return threads_per_job_; }
 
   // Running children checkpoint and stop; their jobs are reported as interrupted (or cancelled).
@@ -71,18 +88,20 @@ class EmbeddedStack {
 
   EmbeddedConfig config_;
   std::string artifact_root_, log_file_;
-  int port_ = 0, gpus_ = 0, slots_ = 1, threads_per_job_ = 1;
+  int port_ = 0, gpus_ = 0, gpus_per_worker_ = 0, slots_ = 1, threads_per_job_ = 1;
   PosixProcessLauncher launcher_;
   SystemClock clock_;
   std::unique_ptr<storage::Database> db_;
   std::unique_ptr<scheduler::Scheduler> scheduler_;
-  std::unique_ptr<worker::Worker> worker_;
-  std::thread worker_thread_;
+  std::vector<std::unique_ptr<worker::Worker>> workers_;
+  std::vector<std::thread> worker_threads_;
   // flock(2)s on files in the state dir, released by the kernel however btxctl ends:
   // every btxctl holds `.db.lock` shared while it uses the database (the last one out stops PostgreSQL,
-  // holding it exclusively); the one running the local worker holds `.worker.lock` exclusively.
+  // holding it exclusively); the one running the local workers holds `.worker.lock` exclusively.
   int db_lock_fd_ = -1, worker_lock_fd_ = -1;
-  absl::Status AdoptOrphanedLeases(const std::string& worker_name);
+  // Requeues the jobs still leased to any local worker of this host ("btxctl@HOST" or "btxctl@HOST-N",
+  // however many an earlier btxctl ran).
+  absl::Status AdoptOrphanedLeases();
 };
 
 }  // namespace btx::cli

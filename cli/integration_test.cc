@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <filesystem>
+#include <set>
 #include <nlohmann/json.hpp>
 
 #include <gtest/gtest.h>
@@ -18,6 +19,7 @@
 #include "btx/v1/pipeline_service.grpc.pb.h"
 #include "btx/v1/worker_service.grpc.pb.h"
 #include "cli_test_util.h"
+#include "embedded.h"
 #include "pg_fixture.h"
 #include "test_certs.h"
 
@@ -505,6 +507,101 @@ TEST_F(CliTlsTest, AdminCertificateCancelsWithoutAToken) {
   CliResult r = Ctl({"--tls-ca", ca_->cert_file(), "--tls-cert", ops_.cert_file, "--tls-key", ops_.key_file, "cancel", id});
   EXPECT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(store_->GetPipeline(id)->state, "CANCELLED");
+}
+
+// `btxctl run` on the embedded default with several local workers (no trainer needed: the test only
+// looks at who registered). Each local worker has its own stable name; the first keeps the name a
+// single local worker has always had.
+TEST(LocalWorkers, NamesAndDisjointGpuShares) {
+  const std::vector<std::string> names = LocalWorkerNames(3);
+  ASSERT_EQ(names.size(), 3u);
+  EXPECT_EQ(names[0].rfind("btxctl@", 0), 0u);
+  EXPECT_EQ(names[1], names[0] + "-2");
+  EXPECT_EQ(names[2], names[0] + "-3");
+  EXPECT_EQ(LocalWorkerNames(0), LocalWorkerNames(1));
+  auto share = [](int gpus, int index, int count) {
+    const GpuShare s = LocalWorkerGpus(gpus, index, count);
+    return std::make_pair(s.first, s.count);
+  };
+  EXPECT_EQ(share(8, 0, 2), std::make_pair(0, 4));
+  EXPECT_EQ(share(8, 1, 2), std::make_pair(4, 4));
+  EXPECT_EQ(share(3, 1, 2), std::make_pair(1, 1));  // the third GPU stays unused
+  EXPECT_EQ(share(1, 1, 2).second, 0);                // fewer GPUs than workers: all on the CPU
+  EXPECT_EQ(share(0, 0, 1).second, 0);
+}
+
+class EmbeddedLocalWorkersTest : public ::testing::Test {
+ protected:
+  EmbeddedLocalWorkersTest() : dir_(testing::MakeTestDir()), state_(dir_ + "/state") {
+    WriteFile(dir_ + "/code.txt", "def f(x): return x\n");
+  }
+  ~EmbeddedLocalWorkersTest() override { std::filesystem::remove_all(dir_); }
+
+  void WriteSpec(const std::string& resources) {
+    WriteFile(dir_ + "/spec.yaml",
+              "name: local-workers\nseed: {init: {preset: tiny}, pretrain: {data: {train: [code.txt]}, steps: 2}}\n"
+              "experts: [{name: code, data: {train: code.txt}, steps: 2}]\n" +
+                  resources);
+  }
+  std::vector<std::string> Run(const std::vector<std::string>& extra) {
+    std::vector<std::string> args = {"run", "spec.yaml", "--state-dir", state_, "--train-binary", "/bin/true"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    return args;
+  }
+  // The names of the workers registered in the state dir, once there are `count` of them.
+  std::set<std::string> WorkerNames(size_t count) {
+    std::set<std::string> names;
+    WaitFor(
+        [&] {
+          CliResult r = RunBtxctl({"get", "workers", "-o", "json", "--state-dir", state_});
+          const json workers = json::parse(r.out, nullptr, false);
+          if (r.exit_code != 0 || !workers.is_array()) return false;
+          names.clear();
+          for (const auto& w : workers) names.insert(w.value("name", ""));
+          return names.size() >= count;
+        },
+        120);
+    return names;
+  }
+  // Ctrl-C: the pipeline is cancelled, the local workers drain, btxctl ends.
+  static void Interrupt(Btxctl& run) {
+    run.Signal(SIGINT);
+    CliResult r = run.Wait();
+    EXPECT_EQ(r.err.find("[killed after timeout]"), std::string::npos) << r.err;
+  }
+
+  std::string dir_, state_;
+};
+
+TEST_F(EmbeddedLocalWorkersTest, LocalWorkersFlagStartsThatManyNamedWorkers) {
+  WriteSpec("");
+  Btxctl run(Run({"--local-workers", "2"}), {}, dir_);
+  ASSERT_TRUE(WaitFor([&] { return run.out().find("submitted pipeline local-workers") != std::string::npos; }, 120))
+      << run.err();
+  EXPECT_NE(run.out().find("(local: 2 workers x 1 slot(s), "), std::string::npos) << run.out();
+  const std::vector<std::string> expected = LocalWorkerNames(2);
+  EXPECT_EQ(expected[1], expected[0] + "-2");
+  EXPECT_EQ(WorkerNames(2), std::set<std::string>(expected.begin(), expected.end()));
+  Interrupt(run);
+}
+
+TEST_F(EmbeddedLocalWorkersTest, GangSpecStartsNodesPerJobWorkersAndTooFewAreRefused) {
+  WriteSpec("resources: {nodes_per_job: 3}\n");
+  // Fewer local workers than a gang spans: refused before anything is submitted.
+  CliResult r = RunBtxctl(Run({"--local-workers", "2"}), {}, dir_);
+  EXPECT_EQ(r.exit_code, 2) << r.err;
+  EXPECT_NE(r.err.find("spec: resources.nodes_per_job: 3 but this btxctl runs 2 local worker(s)"), std::string::npos)
+      << r.err;
+  r = RunBtxctl({"get", "pipelines", "-o", "json", "--state-dir", state_});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(json::parse(r.out, nullptr, false), json::array()) << r.out;
+
+  // Without the flag: as many local workers as the spec's gangs span (the 2 of the refused run stay registered).
+  Btxctl run(Run({}), {}, dir_);
+  EXPECT_EQ(WorkerNames(3).size(), 3u) << run.err();
+  const std::vector<std::string> expected = LocalWorkerNames(3);
+  EXPECT_EQ(WorkerNames(3), std::set<std::string>(expected.begin(), expected.end()));
+  Interrupt(run);
 }
 
 }  // namespace

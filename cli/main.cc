@@ -6,6 +6,7 @@
 
 #include <filesystem>
 #include <memory>
+#include <optional>
 
 #include <CLI/CLI.hpp>
 
@@ -69,7 +70,13 @@ int Main(int argc, char** argv) {
                 "(by default a repeated run re-attaches to it)");
   run->add_option("--threads", embedded.threads_per_job, "embedded: CPU threads per job (0 = hardware threads / slots)")
       ->check(CLI::Range(0, 1024));
-  run->add_option("--slots", embedded.slots, "embedded: jobs at once (0 = one per GPU, or 1)")->check(CLI::Range(0, 64));
+  run->add_option("--slots", embedded.slots, "embedded: jobs at once per local worker (0 = one per GPU, or 1)")
+      ->check(CLI::Range(0, 64));
+  int local_workers = 0;
+  run->add_option("--local-workers", local_workers,
+                  "embedded: local workers to start, each with its own share of the GPUs and CPU threads "
+                  "(0 = the spec's resources.nodes_per_job, or 1)")
+      ->check(CLI::Range(0, 64));
   run->add_option("--train-binary", embedded.train_binary, "embedded: btx-train executable (env BTX_TRAIN_BINARY)")
       ->envname("BTX_TRAIN_BINARY");
 
@@ -186,7 +193,15 @@ int Main(int argc, char** argv) {
     return kExitUsage;
   }
 
+  PathContext paths;
+  {
+    std::error_code ec;
+    paths.cwd = std::filesystem::current_path(ec).string();
+    if (auto home = env("HOME")) paths.home = *home;
+  }
+
   std::unique_ptr<EmbeddedStack> stack;
+  std::optional<RewrittenSpec> run_spec;
   ClientConfig cc;
   cc.token = conn->token;
   cc.timeout = std::chrono::seconds(timeout_s);
@@ -199,6 +214,17 @@ int Main(int argc, char** argv) {
     }
     embedded.state_dir = conn->state_dir;
     embedded.workers = run->parsed();
+    if (run->parsed()) {
+      // Read once, here: a gang spec (resources.nodes_per_job K) needs K local workers to form its gangs.
+      auto loaded = LoadSpec(submit_args.file, paths);
+      if (!loaded.ok()) {
+        PrintError(loaded.status());
+        return ExitCodeFor(loaded.status());
+      }
+      run_spec = std::move(*loaded);
+      submit_args.loaded = &*run_spec;
+      embedded.local_workers = local_workers > 0 ? local_workers : SpecNodesPerJob(*run_spec);
+    }
     embedded.require_existing = !run->parsed() && !submit->parsed();
     auto started = EmbeddedStack::Start(embedded);
     if (!started.ok()) {
@@ -236,9 +262,7 @@ int Main(int argc, char** argv) {
   cmd.client = client.get();
   cmd.format = *format;
   cmd.tty = IsTty(stdout);
-  std::error_code ec;
-  cmd.paths.cwd = std::filesystem::current_path(ec).string();
-  if (auto home = env("HOME")) cmd.paths.home = *home;
+  cmd.paths = paths;
 
   absl::StatusOr<int> result = absl::InternalError("no command");
   if (run->parsed()) result = Run(cmd, submit_args, stack.get());

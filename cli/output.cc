@@ -115,7 +115,51 @@ std::string Join(const google::protobuf::RepeatedPtrField<std::string>& items, c
   return out;
 }
 
+bool IsGang(const v1::Job& j) { return j.resources().nodes() > 1; }
+
+bool AnyGang(const google::protobuf::RepeatedPtrField<v1::Job>& jobs) {
+  return std::any_of(jobs.begin(), jobs.end(), IsGang);
+}
+bool AnyGang(const std::vector<v1::Job>& jobs) { return std::any_of(jobs.begin(), jobs.end(), IsGang); }
+
+// The NODES column of job tables that hold a gang: the workers a job spans (1 for the others).
+std::string NodesText(const v1::Job& j) { return Cat(std::max(1, j.resources().nodes())); }
+
 }  // namespace
+
+std::string GangResources(const v1::Resources& r) {
+  const int nodes = std::max(1, r.nodes()), ranks = std::max(1, r.ranks());
+  return Cat(nodes, nodes == 1 ? " node" : " nodes", " x ", ranks, ranks == 1 ? " rank" : " ranks",
+             r.gpus() > 0 ? Cat(" (", r.gpus(), r.gpus() == 1 ? " GPU" : " GPUs", " per node)") : " (CPU)");
+}
+
+std::vector<std::string> GangLines(const v1::Job& j, TimePoint now) {
+  std::vector<std::string> lines;
+  if (!IsGang(j)) return lines;
+  lines.push_back(Cat(j.name(), ": ", GangResources(j.resources()), ", ", StateName(j.state())));
+  if (j.state() == v1::JOB_STATE_LEASED) {
+    std::vector<const v1::GangMember*> members;
+    for (const auto& m : j.members()) members.push_back(&m);
+    std::stable_sort(members.begin(), members.end(),
+                     [](const v1::GangMember* a, const v1::GangMember* b) { return a->node_rank() < b->node_rank(); });
+    for (const v1::GangMember* m : members) {
+      const std::string who = !m->worker_name().empty() ? m->worker_name() : Dash(m->worker_id());
+      std::string lease = "-";
+      if (m->lease_deadline().seconds() > 0) {
+        const auto left = ToTimePoint(m->lease_deadline()) - now;
+        lease = left > Duration::zero() ? Cat("lease ", FormatAge(std::chrono::duration_cast<Duration>(left)), " left")
+                                        : "lease expired";
+      }
+      lines.push_back(Cat("  node ", m->node_rank(), ": ", who, " (", lease, ")",
+                          m->delivered() ? "" : " (not yet picked up)"));
+    }
+    lines.push_back(Cat("  rendezvous: ", j.rendezvous().empty() ? "(not yet known)" : j.rendezvous()));
+  } else if ((j.state() == v1::JOB_STATE_READY || j.state() == v1::JOB_STATE_RETRY_WAIT) && !j.pending_reason().empty()) {
+    const std::string& reason = j.pending_reason();
+    lines.push_back(Cat("  ", reason.rfind("waiting", 0) == 0 ? reason : "waiting: " + reason));
+  }
+  return lines;
+}
 
 json ToJson(const google::protobuf::Message& message) {
   google::protobuf::util::JsonPrintOptions options;
@@ -237,6 +281,8 @@ std::string PipelinesTable(const std::vector<v1::Pipeline>& pipelines, TimePoint
 }
 
 std::string JobsTable(const std::vector<v1::Job>& jobs, bool with_pipeline) {
+  // A NODES column only when a job spans several workers: single-node listings stay as they were.
+  const bool gangs = AnyGang(jobs);
   std::vector<std::vector<std::string>> rows;
   for (const auto& j : jobs) {
     std::vector<std::string> r = {j.id()};
@@ -246,11 +292,13 @@ std::string JobsTable(const std::vector<v1::Job>& jobs, bool with_pipeline) {
                              StepText(p), LossText(p), FormatRate(p.tokens_per_second())}) {
       r.push_back(std::move(cell));
     }
+    if (gangs) r.push_back(NodesText(j));
     rows.push_back(std::move(r));
   }
   std::vector<std::string> headers = {"ID"};
   if (with_pipeline) headers.push_back("PIPELINE");
   for (const char* h : {"NAME", "KIND", "STATE", "ATTEMPT", "STEP", "LOSS", "TOK/S"}) headers.push_back(h);
+  if (gangs) headers.push_back("NODES");
   return RenderTable(headers, rows);
 }
 
@@ -267,11 +315,15 @@ std::string WorkersTable(const std::vector<v1::Worker>& workers, TimePoint now) 
 }
 
 std::string PlanTable(const v1::Pipeline& planned) {
+  const bool gangs = AnyGang(planned.jobs());
   std::vector<std::vector<std::string>> rows;
   for (const auto& j : planned.jobs()) {
     rows.push_back({j.name(), KindName(j.kind()), Dash(Join(j.depends_on(), ", ")), Cat(j.max_attempts())});
+    if (gangs) rows.back().push_back(NodesText(j));
   }
-  return RenderTable({"JOB", "KIND", "DEPENDS ON", "MAX ATTEMPTS"}, rows);
+  std::vector<std::string> headers = {"JOB", "KIND", "DEPENDS ON", "MAX ATTEMPTS"};
+  if (gangs) headers.push_back("NODES");
+  return RenderTable(headers, rows);
 }
 
 std::string EvalTable(const json& eval, const std::vector<std::string>& order) {
@@ -369,6 +421,7 @@ std::string DescribePipeline(const v1::Pipeline& p, const std::vector<v1::Event>
   if (!p.idempotency_key().empty()) field("Key:", p.idempotency_key());
   if (!p.error().empty()) field("Error:", p.error());
 
+  const bool gangs = AnyGang(p.jobs());
   std::vector<std::vector<std::string>> rows;
   for (const auto& j : p.jobs()) {
     std::string took = "-";
@@ -379,8 +432,20 @@ std::string DescribePipeline(const v1::Pipeline& p, const std::vector<v1::Event>
     rows.push_back({j.name(), KindName(j.kind()), StateName(j.state()), Cat(j.attempt(), "/", j.max_attempts()),
                     Dash(Join(j.depends_on(), ",")), StepText(j.progress()), LossText(j.progress()),
                     FormatRate(j.progress().tokens_per_second()), took});
+    if (gangs) rows.back().push_back(NodesText(j));
   }
-  out += "\nJobs:\n" + RenderTable({"NAME", "KIND", "STATE", "ATTEMPT", "DEPENDS ON", "STEP", "LOSS", "TOK/S", "TIME"}, rows);
+  std::vector<std::string> headers = {"NAME", "KIND", "STATE", "ATTEMPT", "DEPENDS ON", "STEP", "LOSS", "TOK/S", "TIME"};
+  if (gangs) headers.push_back("NODES");
+  out += "\nJobs:\n" + RenderTable(headers, rows);
+
+  // Jobs that span several workers: their shape, the members of the running attempt and where they
+  // meet, or what a job that is ready still waits for.
+  if (gangs) {
+    out += "\nGangs:\n";
+    for (const auto& j : p.jobs()) {
+      for (const auto& l : GangLines(j, now)) out += "  " + l + "\n";
+    }
+  }
 
   std::vector<std::vector<std::string>> metrics;
   for (const auto& j : p.jobs()) {

@@ -52,6 +52,14 @@ TimePoint ToTimePoint(const google::protobuf::Timestamp& t);
 std::string PipelinesTable(const std::vector<v1::Pipeline>& pipelines, TimePoint now);
 std::string JobsTable(const std::vector<v1::Job>& jobs, bool with_pipeline);
 std::string WorkersTable(const std::vector<v1::Worker>& workers, TimePoint now);
+// A job's resources for people: "2 nodes x 2 ranks (2 GPUs per node)", "2 nodes x 4 ranks (CPU)".
+std::string GangResources(const v1::Resources& resources);
+// A gang job (resources.nodes > 1) for `describe`: a line with its name, resources and state, then
+// (indented) one line per member while LEASED ("node 0: worker-a (lease 12s left)", "(not yet picked
+// up)" while the member has not received its assignment) and the rendezvous, or the scheduler's
+// pending_reason while READY or RETRY_WAIT ("waiting for 2 workers: ...", or "waiting: REASON" when it
+// does not start with "waiting"). Empty for a single-node job.
+std::vector<std::string> GangLines(const v1::Job& job, TimePoint now);
 // The planned jobs of a dry run.
 std::string PlanTable(const v1::Pipeline& planned);
 

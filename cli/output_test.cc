@@ -210,6 +210,113 @@ TEST(OutputTest, DescribeShowsJobsMetricsErrorsAndEvents) {
   EXPECT_NE(d.find("job.succeeded"), std::string::npos) << d;
 }
 
+// Two gang jobs beside the single-node sample: one running on two workers (one of which has not picked
+// its assignment up yet), one waiting for workers.
+v1::Pipeline GangPipeline() {
+  auto p = SamplePipeline();
+  auto* j = p.mutable_jobs(1);  // branch/code, LEASED
+  j->mutable_resources()->set_gpus(2);
+  j->mutable_resources()->set_ranks(2);
+  j->mutable_resources()->set_nodes(2);
+  for (int rank : {1, 0}) {  // out of order on purpose
+    auto* m = j->add_members();
+    m->set_node_rank(rank);
+    m->set_worker_id(rank == 0 ? "wid-a" : "wid-b");
+    m->set_worker_name(rank == 0 ? "worker-a" : "");
+    Stamp(m->mutable_lease_deadline(), kT0 + (rank == 0 ? 132s : 110s));
+    m->set_delivered(rank == 0);
+  }
+  j->set_rendezvous("10.0.0.5:29500");
+  j = p.add_jobs();
+  j->set_id("dddddddd-0000-4000-8000-000000000004");
+  j->set_pipeline_id(p.id());
+  j->set_name("branch/math");
+  j->set_kind(v1::JOB_KIND_BRANCH);
+  j->set_state(v1::JOB_STATE_READY);
+  j->set_max_attempts(3);
+  j->add_depends_on("pretrain");
+  j->mutable_resources()->set_ranks(1);
+  j->mutable_resources()->set_nodes(2);
+  j->set_pending_reason("waiting for 2 workers: 1 offered (w-a), needs 1 more that fits (0 GPUs)");
+  return p;
+}
+
+TEST(OutputTest, GangResourcesAndLines) {
+  v1::Resources r;
+  r.set_nodes(2);
+  r.set_ranks(2);
+  EXPECT_EQ(GangResources(r), "2 nodes x 2 ranks (CPU)");
+  r.set_gpus(1);
+  r.set_ranks(0);  // a scheduler that predates rank groups: 1
+  EXPECT_EQ(GangResources(r), "2 nodes x 1 rank (1 GPU per node)");
+
+  const auto p = GangPipeline();
+  EXPECT_TRUE(GangLines(p.jobs(0), kT0).empty());  // single node
+  EXPECT_EQ(GangLines(p.jobs(1), kT0 + 120s),
+            std::vector<std::string>({"branch/code: 2 nodes x 2 ranks (2 GPUs per node), LEASED",
+                                      "  node 0: worker-a (lease 12s left)",
+                                      "  node 1: wid-b (lease expired) (not yet picked up)",
+                                      "  rendezvous: 10.0.0.5:29500"}));
+  EXPECT_EQ(GangLines(p.jobs(3), kT0 + 120s),
+            std::vector<std::string>({"branch/math: 2 nodes x 1 rank (CPU), READY",
+                                      "  waiting for 2 workers: 1 offered (w-a), needs 1 more that fits (0 GPUs)"}));
+  // Leased before the rendezvous is known; a reason that does not say "waiting" itself; no reason.
+  auto j = p.jobs(1);
+  j.clear_rendezvous();
+  EXPECT_EQ(GangLines(j, kT0 + 100s).back(), "  rendezvous: (not yet known)");
+  EXPECT_EQ(GangLines(j, kT0 + 100s)[2], "  node 1: wid-b (lease 10s left) (not yet picked up)");
+  j = p.jobs(3);
+  j.set_state(v1::JOB_STATE_RETRY_WAIT);
+  j.set_pending_reason("no worker has 2 GPUs");
+  EXPECT_EQ(GangLines(j, kT0).back(), "  waiting: no worker has 2 GPUs");
+  j.clear_pending_reason();
+  EXPECT_EQ(GangLines(j, kT0).size(), 1u);
+  j.set_state(v1::JOB_STATE_PENDING);
+  j.set_pending_reason("stale");
+  EXPECT_EQ(GangLines(j, kT0).size(), 1u);  // only READY and RETRY_WAIT say what they wait for
+}
+
+TEST(OutputTest, DescribeShowsGangs) {
+  const std::string d = DescribePipeline(GangPipeline(), {}, kT0 + 120s);
+  EXPECT_NE(d.find("\nJobs:\n"
+                   "NAME         KIND      STATE      ATTEMPT  DEPENDS ON            STEP     LOSS   TOK/S  TIME  NODES\n"
+                   "pretrain     pretrain  SUCCEEDED  1/3      -                     200/200  2.134  -      1:00  1\n"
+                   "branch/code  branch    LEASED     2/3      pretrain              40/150   3.210  5.1k   0:58  2\n"
+                   "eval         eval      PENDING    0/3      branch/code,pretrain  -        -      -      -     1\n"
+                   "branch/math  branch    READY      0/3      pretrain              -        -      -      -     2\n"),
+            std::string::npos)
+      << d;
+  EXPECT_NE(d.find("\nGangs:\n"
+                   "  branch/code: 2 nodes x 2 ranks (2 GPUs per node), LEASED\n"
+                   "    node 0: worker-a (lease 12s left)\n"
+                   "    node 1: wid-b (lease expired) (not yet picked up)\n"
+                   "    rendezvous: 10.0.0.5:29500\n"
+                   "  branch/math: 2 nodes x 1 rank (CPU), READY\n"
+                   "    waiting for 2 workers: 1 offered (w-a), needs 1 more that fits (0 GPUs)\n"
+                   "\n"),
+            std::string::npos)
+      << d;
+  // Without gangs: no NODES column, no Gangs section.
+  const std::string single = DescribePipeline(SamplePipeline(), {}, kT0 + 120s);
+  EXPECT_EQ(single.find("NODES"), std::string::npos) << single;
+  EXPECT_EQ(single.find("Gangs:"), std::string::npos) << single;
+}
+
+TEST(OutputTest, JobAndPlanTablesShowNodesOnlyWithGangs) {
+  const auto p = GangPipeline();
+  std::vector<v1::Job> jobs(p.jobs().begin(), p.jobs().end());
+  EXPECT_EQ(JobsTable(jobs, false),
+            "ID                                    NAME         KIND      STATE      ATTEMPT  STEP     LOSS   TOK/S  NODES\n"
+            "aaaaaaaa-0000-4000-8000-000000000001  pretrain     pretrain  SUCCEEDED  1/3      200/200  2.134  -      1\n"
+            "bbbbbbbb-0000-4000-8000-000000000002  branch/code  branch    LEASED     2/3      40/150   3.210  5.1k   2\n"
+            "cccccccc-0000-4000-8000-000000000003  eval         eval      PENDING    0/3      -        -      -      1\n"
+            "dddddddd-0000-4000-8000-000000000004  branch/math  branch    READY      0/3      -        -      -      2\n");
+  EXPECT_NE(PlanTable(p).find("MAX ATTEMPTS  NODES\n"), std::string::npos) << PlanTable(p);
+  EXPECT_NE(PlanTable(p).find("branch/math  branch    pretrain               3             2\n"), std::string::npos)
+      << PlanTable(p);
+  EXPECT_EQ(PlanTable(SamplePipeline()).find("NODES"), std::string::npos);
+}
+
 TEST(OutputTest, PlanTable) {
   auto p = SamplePipeline();
   EXPECT_EQ(PlanTable(p),

@@ -71,6 +71,17 @@ void ToProto(const storage::JobRecord& j, btx::v1::Job* out) {
   out->set_result_json(j.result_json);
   out->mutable_resources()->set_gpus(j.gpus);
   out->mutable_resources()->set_ranks(j.ranks);
+  if (j.nodes > 1) out->mutable_resources()->set_nodes(j.nodes);
+  for (const auto& m : j.members) {
+    auto* g = out->add_members();
+    g->set_node_rank(m.node_rank);
+    g->set_worker_id(m.worker_id);
+    g->set_worker_name(m.worker_name);
+    SetTime(m.lease_deadline, g->mutable_lease_deadline());
+    g->set_delivered(m.delivered);
+  }
+  out->set_pending_reason(j.pending_reason);
+  if (j.state == storage::job_state::kLeased) out->set_rendezvous(j.rendezvous);
   out->set_cancel_requested(j.cancel_requested);
   SetTime(j.created_at, out->mutable_created_at());
   if (j.started_at) SetTime(*j.started_at, out->mutable_started_at());

@@ -136,7 +136,15 @@ SchedulerMetrics::SchedulerMetrics(metrics::Registry& r, Duration lease, const s
       router_expert_share_(r.AddGauge("btx_router_expert_share",
                                       "Fraction of tokens routed to each expert in the evaluation; uniform routing gives 1/experts.",
                                       {"pipeline", "layer", "expert"})),
-      build_info_(r.AddGauge("btx_build_info", "Always 1; the version of the running binary.", {"version"})) {
+      build_info_(r.AddGauge("btx_build_info", "Always 1; the version of the running binary.", {"version"})),
+      gangs_formed_(r.AddCounter("btx_gangs_formed_total", "Gang jobs leased to all their workers at once (by this replica).")),
+      gang_pending_(r.AddGauge("btx_gang_pending_nodes",
+                               "A gang job waiting to be formed: the workers it needs at once (fleet-wide).",
+                               {"pipeline", "job", "name"})),
+      gang_member_(r.AddGauge("btx_gang_member", "1 per member of a leased gang job: which worker is which node (fleet-wide).",
+                              {"pipeline", "job", "name", "node", "worker"})),
+      workers_offering_(r.AddGauge("btx_workers_offering",
+                                   "Idle workers offered to the waiting head gang (fleet-wide).")) {
   build_info_.WithLabels({version}).Set(1);
   for (const auto& s : kPipelineStates) pipelines_.WithLabels({s});
   for (const auto& s : kJobStates) {
@@ -227,6 +235,8 @@ void SchedulerMetrics::OnBatch(const char* kind, size_t calls) {
   db_batch_size_.WithLabels({kind}).Observe(static_cast<double>(calls));
 }
 
+void SchedulerMetrics::OnGangFormed() { gangs_formed_.WithLabels({}).Inc(); }
+
 void SchedulerMetrics::OnComplete(const std::string& job_id) {
   std::lock_guard lock(mu_);
   RemoveJobLocked(job_id);
@@ -270,6 +280,24 @@ void SchedulerMetrics::ApplySnapshot(const storage::FleetSnapshot& s, uint64_t m
     job_state_series_.insert(key);
   }
   workers_connected_.WithLabels({}).Set(static_cast<double>(s.workers_connected));
+  workers_offering_.WithLabels({}).Set(static_cast<double>(s.workers_offering));
+  // Gang series live as long as their gang waits or runs: the ones the snapshot no longer has go.
+  auto apply = [](metrics::Family<metrics::Gauge>& family, std::set<std::vector<std::string>>& series,
+                  std::map<std::vector<std::string>, double> now) {
+    for (const auto& key : series) {
+      if (!now.count(key)) family.Remove(key);
+    }
+    series.clear();
+    for (const auto& [key, v] : now) {
+      family.WithLabels(key).Set(v);
+      series.insert(key);
+    }
+  };
+  std::map<std::vector<std::string>, double> pending, members;
+  for (const auto& g : s.gangs_waiting) pending[{g.pipeline_id, g.job_id, g.name}] = g.nodes;
+  for (const auto& g : s.gang_members) members[{g.pipeline_id, g.job_id, g.name, std::to_string(g.node_rank), g.worker}] = 1;
+  apply(gang_pending_, gang_pending_series_, std::move(pending));
+  apply(gang_member_, gang_member_series_, std::move(members));
 
   {
     std::lock_guard lock(mu_);

@@ -39,6 +39,7 @@ class SchedulerMetrics {
   void OnClaim(const storage::ClaimedJob& c, TimePoint now, double seconds_since_call, uint64_t mark);
   void OnHeartbeat(const storage::JobDirectiveRow& d, const ReportedProgress* progress, TimePoint now, uint64_t mark);
   void OnComplete(const std::string& job_id);
+  void OnGangFormed();
   void OnFail(const std::string& job_id, const storage::FailOutcome& out);
   void OnExpired(const std::vector<storage::ExpiredLease>& expired);
   // A batch of claims or completions sent to the database as one call (kind: claim, complete).
@@ -83,6 +84,11 @@ class SchedulerMetrics {
   metrics::Family<metrics::Gauge>& job_last_heartbeat_;
   metrics::Family<metrics::Gauge>& router_expert_share_;
   metrics::Family<metrics::Gauge>& build_info_;
+  metrics::Family<metrics::Counter>& gangs_formed_;
+  metrics::Family<metrics::Gauge>& gang_pending_;
+  metrics::Family<metrics::Gauge>& gang_member_;
+  metrics::Family<metrics::Gauge>& workers_offering_;
+  std::set<std::vector<std::string>> gang_pending_series_, gang_member_series_;
 
   std::mutex snapshot_mu_;  // one ApplySnapshot at a time; guards the *_series_ sets
   std::mutex mu_;

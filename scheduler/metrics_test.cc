@@ -211,6 +211,39 @@ TEST_F(MetricsTest, ScrapeReflectsRpcsAndDatabaseState) {
   EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << lint.str() << "\n" << text;
 }
 
+// Gangs on the scrape: a waiting gang's nodes and the idle workers offered to it, then who runs which node.
+TEST_F(MetricsTest, GangsShowWhoWaitsAndWhoRunsWhichNode) {
+  const std::string a = RegisterWorker("a"), b = RegisterWorker("b");
+  const auto p = Submit(std::string(testing::kDagSpec) + "resources: {nodes_per_job: 2}\n");
+  EXPECT_FALSE(Acquire(a).has_job());  // a offers itself; the gang needs two
+  ASSERT_TRUE(scheduler_.RefreshMetrics().ok());
+  auto m = ParseExposition(Scrape());
+  EXPECT_DOUBLE_EQ(m["btx_workers_offering"], 1);
+  int waiting = 0;
+  for (const auto& [k, v] : m) {
+    if (k.rfind("btx_gang_pending_nodes{", 0) != 0) continue;
+    ++waiting;
+    EXPECT_DOUBLE_EQ(v, 2) << k;
+  }
+  EXPECT_EQ(waiting, 2);  // both branches
+
+  const auto n0 = Acquire(b);
+  ASSERT_TRUE(n0.has_job());
+  const auto n1 = Acquire(a);
+  ASSERT_TRUE(n1.has_job());
+  ASSERT_TRUE(scheduler_.RefreshMetrics().ok());
+  m = ParseExposition(Scrape());
+  EXPECT_DOUBLE_EQ(m["btx_gangs_formed_total"], 1);
+  EXPECT_DOUBLE_EQ(m["btx_workers_offering"], 0);
+  const std::string member = Cat("btx_gang_member{pipeline=\"", p.pipeline().id(), "\",job=\"", n0.job().job_id(),
+                                 "\",name=\"", n0.job().name(), "\",node=\"");
+  EXPECT_DOUBLE_EQ(m[member + "0\",worker=\"b\"}"], 1);
+  EXPECT_DOUBLE_EQ(m[member + "1\",worker=\"a\"}"], 1);
+  int still_waiting = 0;
+  for (const auto& [k, v] : m) still_waiting += k.rfind("btx_gang_pending_nodes{", 0) == 0;
+  EXPECT_EQ(still_waiting, 1);  // the other branch; the formed one's series went
+}
+
 TEST(SchedulerMetricsLabels, MethodLabelsAreBoundedAndShort) {
   EXPECT_EQ(MethodLabel("/btx.v1.WorkerService/AcquireJob"), "WorkerService/AcquireJob");
   EXPECT_EQ(MethodLabel("/grpc.health.v1.Health/Check"), "Health/Check");

@@ -19,7 +19,7 @@ json Artifact(const std::string& job) { return {{"$artifact", job}}; }
 // Collects the jobs of one pipeline and checks each one's spec with the trainer's parser as it is added.
 class Planner {
  public:
-  Planner(int gpus, int ranks, int attempts) : gpus_(gpus), ranks_(ranks), attempts_(attempts) {}
+  Planner(int gpus, int ranks, int nodes, int attempts) : gpus_(gpus), ranks_(ranks), nodes_(nodes), attempts_(attempts) {}
 
   void Add(const std::string& name, JobKind kind, const json& spec, std::vector<std::string> deps, int priority) {
     // Every artifact a job reads must come from a dependency, or it cannot be resolved at lease time.
@@ -48,7 +48,8 @@ class Planner {
                      .max_attempts = attempts_,
                      .gpus = ranked ? gpus_ : std::min(gpus_, 1),
                      .ranks = ranked ? ranks_ : 1,
-                     .priority = priority});
+                     .priority = priority,
+                     .nodes = ranked ? nodes_ : 1});
   }
 
   absl::StatusOr<std::vector<storage::NewJob>> Finish() && {
@@ -57,7 +58,7 @@ class Planner {
   }
 
  private:
-  int gpus_, ranks_, attempts_;
+  int gpus_, ranks_, nodes_, attempts_;
   std::vector<storage::NewJob> jobs_;
   std::vector<FieldViolation> violations_;
 };
@@ -66,8 +67,9 @@ class Planner {
 
 absl::StatusOr<std::vector<storage::NewJob>> PlanJobs(const json& spec) {
   const json& res = spec["resources"];
-  // A stored spec from before rank groups has no ranks_per_job: one rank.
-  Planner plan(res["gpus_per_job"].get<int>(), res.value("ranks_per_job", 1), res["max_attempts"].get<int>());
+  // A stored spec from before rank groups (or gangs) has no ranks_per_job (nodes_per_job): one.
+  Planner plan(res["gpus_per_job"].get<int>(), res.value("ranks_per_job", 1), res.value("nodes_per_job", 1),
+               res["max_attempts"].get<int>());
   const json& train = spec["train"];
   json seed_ref;
   std::vector<std::string> seed_deps;

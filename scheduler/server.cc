@@ -201,7 +201,7 @@ void Scheduler::ReaperLoop() {
 absl::Status Scheduler::RefreshMetrics() {
   if (!metrics_) return absl::OkStatus();
   const uint64_t mark = metrics_->Mark();
-  auto snapshot = store_.ReadFleetSnapshot(config_.router_share_pipelines);
+  auto snapshot = store_.ReadFleetSnapshot(config_.router_share_pipelines, clock_.Now());
   if (!snapshot.ok()) return snapshot.status();
   metrics_->ApplySnapshot(*snapshot, mark);
   return absl::OkStatus();
@@ -231,6 +231,8 @@ void Scheduler::PumpLoop() {
 void Scheduler::ListenLoop() {
   // One waiter starts the claim chain; every stream looks at the new events.
   storage::NotifyListener listener(conninfo_, {{storage::kJobsChannel, [this] { wakeups_.jobs().NotifyOne(); }},
+                                             // A gang formed: its members' polls must all wake to pick their leases up.
+                                             {storage::kGangsChannel, [this] { wakeups_.jobs().Notify(); }},
                                                {storage::kEventsChannel, [this] { wakeups_.events().Notify(); }}});
   while (!stopping_) {
     if (listener.Wait(std::chrono::milliseconds(200)).ok()) continue;

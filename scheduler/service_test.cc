@@ -146,6 +146,94 @@ TEST_F(ServiceTest, MultiRankJobsNeedAWorkerWithThatManyGpusOrCpuThreads) {
       << leased.job().name();
 }
 
+// A gang over gRPC: the first worker's poll offers it and holds nothing, the second's forms it (node 0),
+// the first's next poll picks its member lease up; the rendezvous node 0 reports reaches node 1; a gang
+// larger than the registered fleet is refused at submit.
+TEST_F(ServiceTest, AGangIsLeasedToAllItsWorkersAtOnce) {
+  const std::string a = RegisterWorker("a"), b = RegisterWorker("b");
+  grpc::Status st;
+  Submit(std::string(kDagSpec) + "resources: {nodes_per_job: 3}\n", "", &st);
+  ASSERT_EQ(st.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << st.error_message();
+  EXPECT_NE(st.error_message().find("span 3 workers at once (resources.nodes_per_job)"), std::string::npos)
+      << st.error_message();
+  EXPECT_NE(st.error_message().find("2 registered workers have (a, b)"), std::string::npos) << st.error_message();
+
+  const auto p = Submit(std::string(kDagSpec) + "resources: {nodes_per_job: 2}\n", "", &st);
+  ASSERT_TRUE(st.ok()) << st.error_message();
+  EXPECT_FALSE(Acquire(a).has_job());
+  {
+    grpc::ClientContext ctx;
+    v1::GetPipelineRequest req;
+    req.set_id(p.pipeline().id());
+    v1::Pipeline got;
+    ASSERT_TRUE(pipelines_->Get(&ctx, req, &got).ok());
+    // The head gang says whom it waits for; the gangs queued after it say so.
+    int head = 0, behind = 0;
+    for (const auto& j : got.jobs()) {
+      if (j.resources().nodes() != 2 || j.state() != v1::JOB_STATE_READY) continue;
+      head += j.pending_reason().find("1 idle (a)") != std::string::npos;
+      behind += j.pending_reason().find("queued behind the gang") != std::string::npos;
+    }
+    EXPECT_EQ(head, 1);
+    EXPECT_GE(head + behind, 2);
+  }
+  const auto n0 = Acquire(b);
+  ASSERT_TRUE(n0.has_job());
+  EXPECT_EQ(n0.job().node_rank(), 0);
+  EXPECT_EQ(n0.job().nodes(), 2);
+  EXPECT_EQ(n0.job().resources().nodes(), 2);
+  const auto n1 = Acquire(a);
+  ASSERT_TRUE(n1.has_job());
+  EXPECT_EQ(n1.job().job_id(), n0.job().job_id());
+  EXPECT_EQ(n1.job().attempt(), n0.job().attempt());
+  EXPECT_EQ(n1.job().node_rank(), 1);
+  EXPECT_EQ(n1.job().output_uri(), n0.job().output_uri());
+
+  auto beat = [&](const std::string& worker, const v1::JobAssignment& job, const std::string& rendezvous) {
+    grpc::ClientContext ctx;
+    v1::HeartbeatRequest req;
+    req.set_worker_id(worker);
+    auto* r = req.add_jobs();
+    r->set_job_id(job.job_id());
+    r->set_attempt(job.attempt());
+    r->set_rendezvous(rendezvous);
+    v1::HeartbeatResponse resp;
+    grpc::Status s = workers_->Heartbeat(&ctx, req, &resp);
+    EXPECT_TRUE(s.ok()) << s.error_message();
+    return resp.jobs_size() == 1 ? resp.jobs(0) : v1::JobStatus();
+  };
+  EXPECT_EQ(beat(a, n1.job(), "").rendezvous(), "");
+  EXPECT_EQ(beat(b, n0.job(), "127.0.0.1:4242").directive(), v1::JOB_DIRECTIVE_CONTINUE);
+  const auto st1 = beat(a, n1.job(), "");
+  EXPECT_EQ(st1.directive(), v1::JOB_DIRECTIVE_CONTINUE);
+  EXPECT_EQ(st1.rendezvous(), "127.0.0.1:4242");
+  {
+    grpc::ClientContext ctx;
+    v1::HeartbeatRequest req;
+    req.set_worker_id(b);
+    auto* r = req.add_jobs();
+    r->set_job_id(n0.job().job_id());
+    r->set_attempt(n0.job().attempt());
+    r->set_rendezvous("no port; rm -rf /");
+    v1::HeartbeatResponse resp;
+    auto s = workers_->Heartbeat(&ctx, req, &resp);
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_NE(s.error_message().find("jobs[0].rendezvous"), std::string::npos) << s.error_message();
+  }
+  grpc::ClientContext ctx;
+  v1::ListJobsRequest req;
+  req.set_pipeline_id(p.pipeline().id());
+  v1::ListJobsResponse jobs;
+  ASSERT_TRUE(pipelines_->ListJobs(&ctx, req, &jobs).ok());
+  for (const auto& j : jobs.jobs()) {
+    if (j.id() != n0.job().job_id()) continue;
+    ASSERT_EQ(j.members_size(), 2);
+    EXPECT_EQ(j.members(0).worker_name(), "b");
+    EXPECT_EQ(j.members(1).worker_name(), "a");
+    EXPECT_EQ(j.rendezvous(), "127.0.0.1:4242");
+  }
+}
+
 // A pipeline whose jobs no registered worker has the GPUs for would wait forever: refused, naming the
 // largest worker. With no worker registered yet it is accepted and waits for one.
 TEST_F(ServiceTest, APipelineNoRegisteredWorkerCanRunIsRefused) {

@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
+#include "absl/strings/str_join.h"
 #include "btx/common/strings.h"
 #include "btx/common/utf8.h"
 #include "btx/common/uri.h"
@@ -54,6 +55,21 @@ absl::StatusOr<json> ResolveInputs(const storage::ClaimedJob& c) {
   return ResolveArtifacts(stored, c.parent_artifacts);
 }
 
+// host:port, as btx-train's BTX_RENDEZVOUS takes it: the members' ranks connect there.
+absl::Status CheckRendezvous(const std::string& field, const std::string& v) {
+  const size_t colon = v.rfind(':');
+  const bool host_ok = colon != std::string::npos && colon > 0 && colon <= 253 &&
+                       std::all_of(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(colon), [](char c) {
+                         return std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '-' || c == ':' || c == '[' || c == ']';
+                       });
+  int port = 0;
+  const bool port_ok = host_ok && colon + 1 < v.size() && v.size() - colon - 1 <= 5 &&
+                       std::all_of(v.begin() + static_cast<std::ptrdiff_t>(colon) + 1, v.end(), [](char c) { return c >= '0' && c <= '9'; }) &&
+                       (port = std::stoi(v.substr(colon + 1))) > 0 && port <= 65535;
+  if (port_ok) return absl::OkStatus();
+  return InvalidFields({{field, Cat("got '", v.substr(0, 64), "'; expected host:port of the gang's rendezvous store")}});
+}
+
 absl::Status CheckKey(const std::string& key) {
   if (key.size() > 128) return InvalidFields({{"idempotency_key", "longer than 128 characters"}});
   for (char c : key) {
@@ -84,7 +100,23 @@ absl::Status CheckSomeWorkerFitsRanks(storage::Store& store, const std::vector<s
 // none registered yet, the pipeline is accepted and waits: a fleet may well start after its first
 // submission.
 absl::Status CheckSomeWorkerFits(storage::Store& store, const std::vector<storage::NewJob>& jobs) {
+  // A gang needs nodes_per_job workers at once: refused when fewer are registered than it needs, for the
+  // same reason (and with the same leniency for an empty fleet) as a job too large for any one worker.
   int needed = 0;
+  for (const auto& j : jobs) {
+    if (j.nodes <= 1) continue;
+    auto fit = store.WorkersWithGpus(j.gpus);
+    if (!fit.ok()) return fit.status();
+    auto any = store.LargestWorker();
+    if (!any.ok()) return any.status();
+    if (!any->has_value() || fit->first >= j.nodes) continue;
+    return absl::FailedPreconditionError(Cat(
+        "no set of registered workers can run this pipeline: its training jobs span ", j.nodes,
+        " workers at once (resources.nodes_per_job)", j.gpus > 0 ? Cat(" with ", j.gpus, " GPUs each") : std::string(),
+        ", and ", fit->first, " registered worker", fit->first == 1 ? " has" : "s have", j.gpus > 0 ? " that many" : "",
+        fit->second.empty() ? std::string() : Cat(" (", absl::StrJoin(fit->second, ", "), ")"),
+        "; a gang never starts on fewer"));
+  }
   for (const auto& j : jobs) needed = std::max(needed, j.gpus);
   if (needed == 0) return CheckSomeWorkerFitsRanks(store, jobs);
   auto largest = store.LargestWorker();
@@ -166,6 +198,9 @@ grpc::Status PipelineServiceImpl::Submit(grpc::ServerContext* ctx, const v1::Sub
       job->set_kind(JobKindFromString(j.kind));
       job->set_spec_json(j.spec_json);
       job->set_max_attempts(j.max_attempts);
+      job->mutable_resources()->set_gpus(j.gpus);
+      job->mutable_resources()->set_ranks(j.ranks);
+      if (j.nodes > 1) job->mutable_resources()->set_nodes(j.nodes);
       for (const auto& d : j.depends_on) job->add_depends_on(d);
     }
     return grpc::Status::OK;
@@ -183,6 +218,7 @@ grpc::Status PipelineServiceImpl::Get(grpc::ServerContext* ctx, const v1::GetPip
   if (auto s = CheckId("id", req->id()); !s.ok()) return ToGrpcStatus(s);
   auto p = VisiblePipeline(store_, CallerOf(ctx, authenticator_), req->id());
   if (!p.ok()) return ToGrpcStatus(p.status());
+  if (auto s = store_.DescribeGangs(p->jobs, clock_.Now()); !s.ok()) return ToGrpcStatus(s);
   ToProto(*p, resp);
   return grpc::Status::OK;
 }
@@ -422,6 +458,7 @@ grpc::Status PipelineServiceImpl::ListJobs(grpc::ServerContext* ctx, const v1::L
   auto jobs = store_.ListJobs(req->pipeline_id(), JobStateToString(req->state()), req->limit() == 0 ? 200 : req->limit(),
                               caller.only, req->page_token(), &next);
   if (!jobs.ok()) return ToGrpcStatus(jobs.status());
+  if (auto s = store_.DescribeGangs(*jobs, clock_.Now()); !s.ok()) return ToGrpcStatus(s);
   for (const auto& j : *jobs) ToProto(j, resp->add_jobs());
   resp->set_next_page_token(next);
   return grpc::Status::OK;
@@ -492,6 +529,13 @@ grpc::Status WorkerServiceImpl::AcquireJobBlocking(grpc::ServerContextBase* ctx,
     const uint64_t mark = metrics_ ? metrics_->Mark() : 0;
     auto claimed = claims_.Call({req->worker_id(), req->free_gpus()});
     if (!claimed.ok()) return ToGrpcStatus(claimed.status());
+    if (claimed->has_value() && (*claimed)->note != storage::ClaimNote::kNone) {
+      // Gangs (docs/reliability.md): pick up a member lease another worker's offer formed, or offer this
+      // worker to the waiting head gang until this poll ends, which may form it now.
+      auto gang = GangStep(*req, (*claimed)->note, give_up);
+      if (!gang.ok()) return ToGrpcStatus(gang.status());
+      *claimed = std::move(*gang);
+    }
     if (claimed->has_value()) {
       const auto& c = **claimed;
       auto spec = ResolveInputs(c);
@@ -529,6 +573,12 @@ grpc::Status WorkerServiceImpl::AcquireJobBlocking(grpc::ServerContextBase* ctx,
       if (c.job.lease_deadline) SetTime(*c.job.lease_deadline, job->mutable_lease_deadline());
       job->mutable_resources()->set_gpus(c.job.gpus);
       job->mutable_resources()->set_ranks(c.job.ranks);
+      if (c.job.nodes > 1) {
+        job->mutable_resources()->set_nodes(c.job.nodes);
+        job->set_node_rank(c.node_rank);
+        job->set_nodes(c.job.nodes);
+        job->set_rendezvous(c.job.rendezvous);
+      }
       if (ctx->IsCancelled()) {
         // Cancelled while the claim was at the database: hand the job back at once, as an interruption
         // (no attempt spent), instead of letting its lease expire as a failure of an attempt that never ran.
@@ -554,6 +604,25 @@ grpc::Status WorkerServiceImpl::AcquireJobBlocking(grpc::ServerContextBase* ctx,
   }
 }
 
+absl::StatusOr<std::optional<storage::ClaimedJob>> WorkerServiceImpl::GangStep(
+    const v1::AcquireJobRequest& req, storage::ClaimNote note, std::chrono::steady_clock::time_point give_up) {
+  const TimePoint now = clock_.Now();
+  if (note == storage::ClaimNote::kMemberLeaseWaiting) return store_.TakeMemberLease(req.worker_id(), now);
+  // The offer lasts as long as this poll waits, plus a heartbeat's slack for the worker's next poll.
+  const auto left = std::chrono::duration_cast<Duration>(give_up - std::chrono::steady_clock::now());
+  auto offer = store_.OfferToGangs(req.worker_id(), req.free_gpus(), now + std::max<Duration>(left, Duration(0)) +
+                                                                         config_.heartbeat_interval,
+                                   config_.lease, now);
+  if (!offer.ok()) return offer.status();
+  if (!offer->formed_job_id.empty()) {
+    if (metrics_) metrics_->OnGangFormed();
+    // The other members polling here pick their leases up now (other replicas through NOTIFY btx_gangs).
+    wakeups_.jobs().Notify();
+    wakeups_.EventsChanged();
+  }
+  return std::move(offer->mine);
+}
+
 grpc::Status WorkerServiceImpl::Heartbeat(grpc::ServerContext*, const v1::HeartbeatRequest* req, v1::HeartbeatResponse* resp) {
   if (auto s = CheckId("worker_id", req->worker_id()); !s.ok()) return ToGrpcStatus(s);
   if (req->jobs_size() > 64) return ToGrpcStatus(InvalidFields({{"jobs", "more than 64 job reports"}}));
@@ -563,6 +632,10 @@ grpc::Status WorkerServiceImpl::Heartbeat(grpc::ServerContext*, const v1::Heartb
     if (auto s = CheckId(Cat("jobs[", i, "].job_id"), r.job_id()); !s.ok()) return ToGrpcStatus(s);
     if (r.logs_size() > 2000) return ToGrpcStatus(InvalidFields({{Cat("jobs[", i, "].logs"), "more than 2000 lines"}}));
     storage::JobReportRow row{.job_id = r.job_id(), .attempt = r.attempt(), .checkpoint_uri = r.checkpoint_uri()};
+    if (!r.rendezvous().empty()) {
+      if (auto s = CheckRendezvous(Cat("jobs[", i, "].rendezvous"), r.rendezvous()); !s.ok()) return ToGrpcStatus(s);
+      row.rendezvous = r.rendezvous();
+    }
     if (!r.checkpoint_uri().empty()) {
       if (auto s = CheckAssignedUri(Cat("jobs[", i, "].checkpoint_uri"), r.job_id(), r.attempt(), r.checkpoint_uri(),
                                   Assigned::kCheckpoint);
@@ -611,6 +684,7 @@ grpc::Status WorkerServiceImpl::Heartbeat(grpc::ServerContext*, const v1::Heartb
                        : d.directive == storage::Directive::kCancel ? v1::JOB_DIRECTIVE_CANCEL
                                                                     : v1::JOB_DIRECTIVE_LEASE_LOST);
     if (d.lease_deadline) SetTime(*d.lease_deadline, out->mutable_lease_deadline());
+    if (!d.rendezvous.empty()) out->set_rendezvous(d.rendezvous);
   }
   if (!rows.empty()) wakeups_.EventsChanged();
   return grpc::Status::OK;

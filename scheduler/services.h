@@ -89,6 +89,9 @@ class WorkerServiceImpl final : public WorkerServiceBase {
   grpc::ServerUnaryReactor* OnHandlerPool(grpc::CallbackServerContext* ctx, std::function<grpc::Status()> body);
   grpc::Status AcquireJobBlocking(grpc::ServerContextBase*, const btx::v1::AcquireJobRequest*, btx::v1::AcquireJobResponse*);
   grpc::Status CompleteBlocking(const btx::v1::CompleteRequest*);
+  // What a claim's note asks of a gang (storage::ClaimNote): this worker's member lease, if any.
+  absl::StatusOr<std::optional<storage::ClaimedJob>> GangStep(const btx::v1::AcquireJobRequest& req, storage::ClaimNote note,
+                                                              std::chrono::steady_clock::time_point give_up);
   // `uri` must be what this job's attempts were assigned: its output (exact) or a checkpoint below its
   // checkpoint dir. Another job's output would otherwise become this job's result, and its dependents' input.
   enum class Assigned { kOutput, kCheckpoint };

@@ -20,6 +20,9 @@ constexpr int kContractMaxExperts = static_cast<int>(contract::kMaxListEntries) 
 // Ranks (processes) of one job: one worker runs them all, and c10d's Gloo group over loopback is meant
 // for a machine's worth of them.
 constexpr int64_t kMaxRanks = 64;
+constexpr int64_t kMaxNodes = 512;
+// btx-train's bound on BTX_WORLD_SIZE (model/distributed.cc).
+constexpr int64_t kMaxWorldSize = 4096;
 
 // An operator's limits only ever tighten the contract's: a looser one would let through jobs that
 // btx-train refuses.
@@ -188,11 +191,14 @@ absl::StatusOr<json> ParseSpec(const std::string& text, const SpecLimits& operat
 
   // Training jobs run as a rank group: gpus_per_job ranks of one GPU each, or (CPU) ranks_per_job CPU
   // ranks; merge and eval run as one rank (docs/architecture.md, "Resources").
-  int64_t gpus = 0, ranks = 1, attempts = 3;
+  // A training job may also span nodes_per_job workers (a gang), each running that rank group: its
+  // world is nodes x ranks (docs/reliability.md, "Gangs").
+  int64_t gpus = 0, ranks = 1, attempts = 3, nodes = 1;
   if (const json& res = Field(in, "resources");
-      !res.is_null() && r.Object("resources", res, {"gpus_per_job", "ranks_per_job", "max_attempts"})) {
+      !res.is_null() && r.Object("resources", res, {"gpus_per_job", "ranks_per_job", "nodes_per_job", "max_attempts"})) {
     gpus = r.Int(res, "resources", "gpus_per_job", 0, 0, kMaxRanks);
     ranks = r.Int(res, "resources", "ranks_per_job", 1, 1, kMaxRanks);
+    nodes = r.Int(res, "resources", "nodes_per_job", 1, 1, kMaxNodes);
     // Said twice it could disagree: a GPU job's ranks are its GPUs, one device per rank.
     if (gpus > 0 && res.contains("ranks_per_job") && ranks != gpus) {
       r.Fail("resources.ranks_per_job", res["ranks_per_job"],
@@ -201,7 +207,12 @@ absl::StatusOr<json> ParseSpec(const std::string& text, const SpecLimits& operat
     attempts = r.Int(res, "resources", "max_attempts", attempts, 1, limits.max_attempts);
   }
   if (gpus > 0) ranks = gpus;
-  out["resources"] = {{"gpus_per_job", gpus}, {"ranks_per_job", ranks}, {"max_attempts", attempts}};
+  if (nodes * ranks > kMaxWorldSize) {
+    r.Fail("resources.nodes_per_job", Field(in, "resources")["nodes_per_job"],
+           Cat("at most ", kMaxWorldSize / ranks, " with ", ranks, " ranks per node: a job's world (nodes x ranks) is at most ",
+               kMaxWorldSize));
+  }
+  out["resources"] = {{"gpus_per_job", gpus}, {"ranks_per_job", ranks}, {"nodes_per_job", nodes}, {"max_attempts", attempts}};
 
   if (!r.ok()) return Violations(errors);
   return out;

@@ -273,6 +273,35 @@ TEST(Plan, RanksGoToTrainingJobsWhileMergeAndEvalRunAsOne) {
   EXPECT_NE(v[0].description.find("one rank per GPU"), std::string::npos) << v[0].description;
 }
 
+// nodes_per_job makes each training job a gang of that many workers; merge and eval stay on one.
+TEST(Plan, NodesPerJobMakesTrainingJobsGangs) {
+  const std::string base = "name: x\nseed: {init: {preset: tiny}, pretrain: {data: {train: /p}, steps: 2}}\n"
+                           "experts: [{name: a, data: {train: [/x]}}]\n";
+  auto spec = ParseSpec(base + "resources: {nodes_per_job: 3, ranks_per_job: 2}\n");
+  ASSERT_TRUE(spec.ok()) << spec.status();
+  EXPECT_EQ((*spec)["resources"]["nodes_per_job"], 3);
+  auto jobs = PlanJobs(*spec);
+  ASSERT_TRUE(jobs.ok()) << jobs.status();
+  for (const auto& j : *jobs) {
+    const bool training = j.kind == "pretrain" || j.kind == "branch" || j.kind == "finetune";
+    EXPECT_EQ(j.nodes, training ? 3 : 1) << j.name;
+    EXPECT_EQ(j.ranks, training ? 2 : 1) << j.name;
+  }
+  // A stored spec from before gangs plans one node.
+  json old = *spec;
+  old["resources"].erase("nodes_per_job");
+  for (const auto& j : *PlanJobs(old)) EXPECT_EQ(j.nodes, 1) << j.name;
+
+  for (const char* bad : {"resources: {nodes_per_job: 0}", "resources: {nodes_per_job: 513}",
+                          "resources: {nodes_per_job: 100, gpus_per_job: 64}", "resources: {nodes_per_job: two}"}) {
+    auto v = Violations(base + bad);
+    ASSERT_EQ(v.size(), 1u) << bad;
+    EXPECT_EQ(v[0].field, "resources.nodes_per_job") << bad;
+  }
+  auto v = Violations(base + "resources: {nodes_per_job: 100, gpus_per_job: 64}");
+  EXPECT_NE(v[0].description.find("at most 64 with 64 ranks per node"), std::string::npos) << v[0].description;
+}
+
 TEST(Plan, TinyBtxDag) {
   auto spec = ParseSpec(kTiny);
   ASSERT_TRUE(spec.ok());

@@ -107,10 +107,10 @@ absl::StatusOr<std::pair<PipelineRecord, bool>> Store::CreatePipeline(const NewP
           const bool root = j.depends_on.empty();
           auto jr = tx.exec_params(
               "INSERT INTO jobs (pipeline_id, name, kind, state, max_attempts, spec, deps_remaining, gpus, priority, "
-              "ready_at, created_at, ranks) VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, CASE WHEN $4 = 'READY' THEN " +
-                  Ts(10) + " END, " + Ts(10) + ", $11) RETURNING id",
+              "ready_at, created_at, ranks, nodes) VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9, CASE WHEN $4 = 'READY' THEN " +
+                  Ts(10) + " END, " + Ts(10) + ", $11, $12) RETURNING id",
               pid, j.name, j.kind, std::string(root ? job_state::kReady : job_state::kPending), j.max_attempts,
-              j.spec_json, static_cast<int>(j.depends_on.size()), j.gpus, j.priority, Micros(now), std::max(1, j.ranks));
+              j.spec_json, static_cast<int>(j.depends_on.size()), j.gpus, j.priority, Micros(now), std::max(1, j.ranks), std::max(1, j.nodes));
           ids[j.name] = jr[0][0].as<std::string>();
         }
         for (const auto& j : p.jobs) {

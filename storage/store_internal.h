@@ -25,6 +25,7 @@ inline int64_t Micros(TimePoint t) { return ToUnixMicros(t); }
 extern const std::string kJobColumns;  // select list decoded by JobFromRow
 // kJobColumns but the last one: the parents' names, comma-separated, sorted.
 extern const std::string kJobColumnsWithoutDeps;
+inline constexpr int kJobColumnCount = 24;  // in kJobColumnsWithoutDeps
 JobRecord JobFromRow(const pqxx::row& r);
 extern const std::string kPipelineColumns;
 PipelineRecord PipelineFromRow(const pqxx::row& r);

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <nlohmann/json.hpp>
 
+#include "absl/strings/str_join.h"
+
 #include "btx/common/strings.h"
 #include "store_internal.h"
 
@@ -16,6 +18,7 @@ struct LeaseRow {
   std::string pipeline_id, name, kind, state, worker_id;
   int attempt = 0, max_attempts = 0;
   bool cancel_requested = false;
+  int nodes = 1;
   // When, and for which attempt, the job's last job.progress event was written (none yet: nullopt).
   std::optional<TimePoint> progress_event_at{};
   std::optional<int> progress_event_attempt{};
@@ -24,7 +27,7 @@ struct LeaseRow {
 absl::StatusOr<LeaseRow> LockJob(pqxx::work& tx, const std::string& job_id) {
   auto r = tx.exec_params(
       "SELECT pipeline_id, name, kind, state, coalesce(worker_id::text, ''), attempt, max_attempts, cancel_requested, " +
-          Us("progress_event_at") + ", progress_event_attempt FROM jobs WHERE id = $1::uuid FOR UPDATE",
+          Us("progress_event_at") + ", progress_event_attempt, nodes FROM jobs WHERE id = $1::uuid FOR UPDATE",
       UuidParam(job_id));
   if (r.empty()) return absl::NotFoundError(Cat("job '", job_id, "' not found"));
   LeaseRow row{r[0][0].as<std::string>(), r[0][1].as<std::string>(), r[0][2].as<std::string>(),
@@ -32,6 +35,7 @@ absl::StatusOr<LeaseRow> LockJob(pqxx::work& tx, const std::string& job_id) {
                r[0][7].as<bool>()};
   row.progress_event_at = OptTime(r[0][8]);
   if (!r[0][9].is_null()) row.progress_event_attempt = r[0][9].as<int>();
+  row.nodes = r[0][10].as<int>();
   return row;
 }
 
@@ -70,11 +74,38 @@ void InsertLogLines(pqxx::work& tx, const std::string& job_id, int attempt, cons
                ArrayLiteral(lines), ArrayLiteral(micros));
 }
 
+// A gang member's log lines, with seq moved into the member's own range (node k: k * 2^40 + seq).
+std::vector<LogRecord> MemberLines(const std::vector<LogRecord>& logs, int node_rank) {
+  std::vector<LogRecord> out = logs;
+  if (node_rank == 0) return out;
+  for (auto& l : out) {
+    if (l.seq > 0) l.seq += static_cast<int64_t>(node_rank) << 40;
+  }
+  return out;
+}
+
 absl::Status CheckFence(const LeaseRow& row, const std::string& job_id, int attempt, const std::string& worker_id) {
   if (row.state == job_state::kLeased && row.attempt == attempt && row.worker_id == worker_id) return absl::OkStatus();
   return absl::FailedPreconditionError(Cat(
       "stale attempt: job ", job_id, " attempt ", attempt, " is not the current lease of this worker (job is ",
       row.state, " at attempt ", row.attempt, ")"));
+}
+
+// The fence of a call about (job, attempt) from worker_id, a gang's members included: its node rank
+// (0 for a single-worker job), or FAILED_PRECONDITION as CheckFence's.
+absl::StatusOr<int> MemberFence(pqxx::work& tx, const LeaseRow& row, const std::string& job_id, int attempt,
+                                const std::string& worker_id) {
+  if (row.nodes <= 1 || row.state != job_state::kLeased || row.attempt != attempt) {
+    if (auto s = CheckFence(row, job_id, attempt, worker_id); !s.ok()) return s;
+    return 0;
+  }
+  auto r = tx.exec_params("SELECT node_rank FROM job_members WHERE job_id = $1::uuid AND attempt = $2 AND worker_id = $3::uuid",
+                          UuidParam(job_id), attempt, UuidParam(worker_id));
+  if (r.empty()) {
+    return absl::FailedPreconditionError(Cat("stale attempt: job ", job_id, " attempt ", attempt,
+                                             " has no member on this worker (the gang's members are other workers)"));
+  }
+  return r[0][0].as<int>();
 }
 
 void FinishAttempt(pqxx::work& tx, const std::string& job_id, int attempt, const std::string& outcome,
@@ -113,7 +144,7 @@ absl::StatusOr<std::vector<ClaimOutcome>> Store::ClaimJobs(const std::vector<std
                                                            Duration lease, TimePoint now) {
   // The hot path: one prepared statement (btx_claim_jobs, migration 0003) in autocommit.
   static const std::string kSql = "SELECT c.o_slot, c.o_refused, (c.o_job).id IS NOT NULL, " + kJobColumnsWithoutDeps +
-                                  ", c.o_depends_on, c.o_pipeline_name, c.o_parents FROM btx_claim_jobs($1::uuid[], $2, " +
+                                  ", c.o_depends_on, c.o_pipeline_name, c.o_parents, c.o_note FROM btx_claim_jobs($1::uuid[], $2, " +
                                   Ts(3) + ", " + Ts(4) + ") c LEFT JOIN LATERAL (SELECT (c.o_job).*) j ON true ORDER BY c.o_slot";
   std::vector<std::string> ids;
   for (const auto& w : worker_ids) ids.push_back(UuidParam(w));
@@ -131,12 +162,18 @@ absl::StatusOr<std::vector<ClaimOutcome>> Store::ClaimJobs(const std::vector<std
                 Cat("worker '", worker_ids[i], "' is unknown or draining; register again before acquiring jobs"));
             continue;
           }
-          if (!row[2].as<bool>()) continue;
+          if (!row[2].as<bool>()) {
+            // No job: perhaps a gang's business for this worker (ClaimedJob::note).
+            const std::string note = row[3 + kJobColumnCount + 3].as<std::string>();
+            if (note == "members") out[i] = std::optional<ClaimedJob>(ClaimedJob{.note = ClaimNote::kMemberLeaseWaiting});
+            if (note == "gang") out[i] = std::optional<ClaimedJob>(ClaimedJob{.note = ClaimNote::kGangWaiting});
+            continue;
+          }
           // The job's columns start at 3, in kJobColumnsWithoutDeps' order, then the three extras.
           ClaimedJob c;
           c.job = JobFromRow(row.slice(3, row.size()));
-          c.pipeline_name = row[26].as<std::string>();
-          const json parents = json::parse(row[27].as<std::string>(), nullptr, false);
+          c.pipeline_name = row[3 + kJobColumnCount + 1].as<std::string>();
+          const json parents = json::parse(row[3 + kJobColumnCount + 2].as<std::string>(), nullptr, false);
           if (parents.is_object()) {
             for (const auto& [name, uri] : parents.items()) c.parent_artifacts[name] = uri.is_string() ? uri.get<std::string>() : "";
           }
@@ -168,12 +205,30 @@ absl::StatusOr<std::vector<JobDirectiveRow>> Store::Heartbeat(const std::string&
           d.pipeline_id = row->pipeline_id;
           d.name = row->name;
           d.kind = row->kind;
-          if (!CheckFence(*row, rep.job_id, rep.attempt, worker_id).ok()) continue;
+          auto node = MemberFence(tx, *row, rep.job_id, rep.attempt, worker_id);
+          if (!node.ok()) continue;
           const TimePoint deadline = now + lease;
+          if (row->nodes > 1) {
+            // A gang: this member's lease, the job's the earliest of its members' (what the reaper reads).
+            // Progress and checkpoints are node 0's; a member's log lines are numbered by its own worker, so
+            // each member gets a range of seq of its own (the dedup key).
+            tx.exec_params("UPDATE job_members SET lease_deadline = " + Ts(3) + " WHERE job_id = $1::uuid AND attempt = $2 "
+                           "AND node_rank = $4", rep.job_id, rep.attempt, Micros(deadline), *node);
+            auto g = tx.exec_params(
+                "UPDATE jobs SET lease_deadline = (SELECT min(lease_deadline) FROM job_members WHERE job_id = $1::uuid "
+                "AND attempt = $2), rendezvous = CASE WHEN $3 AND $4 <> '' THEN $4 ELSE rendezvous END WHERE id = $1::uuid "
+                "RETURNING rendezvous, " + Us("lease_deadline"),
+                rep.job_id, rep.attempt, *node == 0, rep.rendezvous);
+            d.rendezvous = g[0][0].as<std::string>();
+            InsertLogLines(tx, rep.job_id, rep.attempt, MemberLines(rep.logs, *node));
+            d.directive = row->cancel_requested ? Directive::kCancel : Directive::kContinue;
+            d.lease_deadline = deadline;
+            if (*node != 0) continue;
+          }
           const bool progress_event =
               !rep.progress_json.empty() && ProgressEventDue(*row, rep.attempt, progress_event_every, now);
-          tx.exec_params("UPDATE jobs SET lease_deadline = " + Ts(2) +
-                             ", progress = CASE WHEN $3 = '' THEN progress ELSE $3::jsonb END, "
+          tx.exec_params("UPDATE jobs SET lease_deadline = CASE WHEN nodes > 1 THEN lease_deadline ELSE " + Ts(2) +
+                             " END, progress = CASE WHEN $3 = '' THEN progress ELSE $3::jsonb END, "
                              "checkpoint_uri = CASE WHEN $4 = '' THEN checkpoint_uri ELSE $4 END, "
                              "progress_event_at = CASE WHEN $5 THEN " + Ts(6) + " ELSE progress_event_at END, "
                              "progress_event_attempt = CASE WHEN $5 THEN $7 ELSE progress_event_attempt END "
@@ -196,7 +251,7 @@ absl::StatusOr<std::vector<JobDirectiveRow>> Store::Heartbeat(const std::string&
             AddEvent(tx, row->pipeline_id, rep.job_id, "job.checkpoint",
                      json{{"state", "LEASED"}, {"attempt", rep.attempt}, {"message", rep.checkpoint_uri}}.dump(), now);
           }
-          InsertLogLines(tx, rep.job_id, rep.attempt, rep.logs);
+          if (row->nodes <= 1) InsertLogLines(tx, rep.job_id, rep.attempt, rep.logs);
           d.directive = row->cancel_requested ? Directive::kCancel : Directive::kContinue;
           d.lease_deadline = deadline;
         }
@@ -256,7 +311,11 @@ absl::StatusOr<FailOutcome> Store::FailJob(const std::string& worker_id, const s
     if (!LockPipelineOfJob(tx, job_id)) return absl::NotFoundError(Cat("job '", job_id, "' not found"));
     auto row = LockJob(tx, job_id);
     if (!row.ok()) return row.status();
-    if (auto s = CheckFence(*row, job_id, attempt, worker_id); !s.ok()) return s;
+    // Any member of a gang ends the attempt for all: the others learn it from their next heartbeat
+    // (LEASE_LOST) and stop their ranks.
+    auto node = MemberFence(tx, *row, job_id, attempt, worker_id);
+    if (!node.ok()) return node.status();
+    const std::string why = row->nodes > 1 ? Cat("node ", *node, " of ", row->nodes, ": ", error) : error;
     FailOutcome out;
     out.pipeline_id = row->pipeline_id;
     out.name = row->name;
@@ -276,16 +335,16 @@ absl::StatusOr<FailOutcome> Store::FailJob(const std::string& worker_id, const s
                    "ready_at = CASE WHEN $2 = 'RETRY_WAIT' THEN " + Ts(5) + " ELSE ready_at END, "
                    "max_attempts = max_attempts + $7, "
                    "finished_at = CASE WHEN $2 = 'RETRY_WAIT' THEN NULL ELSE " + Ts(6) + " END WHERE id = $1::uuid",
-                   job_id, out.new_state, error, checkpoint_uri, Micros(ready_at), Micros(now), keep_budget ? 1 : 0);
-    FinishAttempt(tx, job_id, attempt, cancelled ? "CANCELLED" : keep_budget ? "INTERRUPTED" : "FAILED", error, now);
-    json payload = {{"state", out.new_state}, {"attempt", attempt}, {"message", error}};
+                   job_id, out.new_state, why, checkpoint_uri, Micros(ready_at), Micros(now), keep_budget ? 1 : 0);
+    FinishAttempt(tx, job_id, attempt, cancelled ? "CANCELLED" : keep_budget ? "INTERRUPTED" : "FAILED", why, now);
+    json payload = {{"state", out.new_state}, {"attempt", attempt}, {"message", why}};
     if (keep_budget) payload["interrupted"] = true;
     AddEvent(tx, row->pipeline_id, job_id, out.new_state == job_state::kRetryWait ? "job.retry_wait"
                                            : out.new_state == job_state::kCancelled ? "job.cancelled"
                                                                                     : "job.failed",
              payload.dump(), now);
     if (out.new_state == job_state::kFailed) {
-      out.pipeline_failed = FailPipeline(tx, row->pipeline_id, Cat("job ", row->name, " failed: ", error), now);
+      out.pipeline_failed = FailPipeline(tx, row->pipeline_id, Cat("job ", row->name, " failed: ", why), now);
     }
     return out;
   });
@@ -311,7 +370,7 @@ absl::StatusOr<std::vector<ExpiredLease>> Store::ReapExpiredLeases(const RetryPo
       // Re-checked under the lock: the worker may have renewed or finished it meanwhile; another
       // replica's reaper may hold it (SKIP LOCKED).
       auto rows = tx.exec_params(
-          "SELECT id, pipeline_id, name, kind, attempt, max_attempts, cancel_requested FROM jobs "
+          "SELECT id, pipeline_id, name, kind, attempt, max_attempts, cancel_requested, nodes FROM jobs "
           "WHERE id = $1 AND state = 'LEASED' AND lease_deadline < " + Ts(2) + " FOR UPDATE SKIP LOCKED",
           id, Micros(now));
       if (rows.empty()) return std::optional<ExpiredLease>();
@@ -319,14 +378,34 @@ absl::StatusOr<std::vector<ExpiredLease>> Store::ReapExpiredLeases(const RetryPo
       ExpiredLease e{r[0].as<std::string>(), r[1].as<std::string>(), r[2].as<std::string>(), r[3].as<std::string>(),
                      r[4].as<int>(), false};
       const bool cancel = r[6].as<bool>();
+      std::string error = Cat("lease of attempt ", e.attempt, " expired (worker stopped heartbeating)");
+      // A gang: which members stopped. One that never picked its lease up (its worker left between
+      // offering itself and its next poll) cost the job nothing: the attempt is an interruption.
+      bool never_started = false;
+      if (r[7].as<int>() > 1) {
+        std::vector<std::string> who;
+        never_started = true;
+        for (const auto& m : tx.exec_params(
+                 "SELECT m.node_rank, w.name, m.delivered FROM job_members m JOIN workers w ON w.id = m.worker_id "
+                 "WHERE m.job_id = $1 AND m.attempt = $2 AND m.lease_deadline < " + Ts(3) + " ORDER BY m.node_rank",
+                 e.job_id, e.attempt, Micros(now))) {
+          who.push_back(Cat("node ", m[0].as<int>(), " (worker ", m[1].as<std::string>(), ")"));
+          never_started &= !m[2].as<bool>();
+        }
+        never_started &= !who.empty();
+        error = never_started ? Cat("attempt ", e.attempt, ": ", absl::StrJoin(who, ", "),
+                                    " never picked up its lease; the gang is formed again")
+                              : Cat("lease of ", absl::StrJoin(who, ", "), " of attempt ", e.attempt,
+                                    " expired (worker stopped heartbeating); the whole gang's attempt ends");
+      }
       std::string state = cancel ? job_state::kCancelled
-                                 : (e.attempt < r[5].as<int>() ? job_state::kReady : job_state::kFailed);
+                                 : (never_started || e.attempt < r[5].as<int>() ? job_state::kReady : job_state::kFailed);
       e.requeued = state == job_state::kReady;
-      const std::string error = Cat("lease of attempt ", e.attempt, " expired (worker stopped heartbeating)");
       tx.exec_params("UPDATE jobs SET state = $2, lease_deadline = NULL, error = $3, ready_at = " + Ts(4) +
-                         ", finished_at = CASE WHEN $2 = 'READY' THEN NULL ELSE " + Ts(4) + " END WHERE id = $1",
-                     e.job_id, state, error, Micros(now));
-      FinishAttempt(tx, e.job_id, e.attempt, "LEASE_EXPIRED", error, now);
+                         ", finished_at = CASE WHEN $2 = 'READY' THEN NULL ELSE " + Ts(4) + " END, "
+                         "max_attempts = max_attempts + $5 WHERE id = $1",
+                     e.job_id, state, error, Micros(now), never_started && !cancel ? 1 : 0);
+      FinishAttempt(tx, e.job_id, e.attempt, never_started ? "INTERRUPTED" : "LEASE_EXPIRED", error, now);
       AddEvent(tx, e.pipeline_id, e.job_id, "job.lease_expired",
                json{{"state", state}, {"attempt", e.attempt}, {"message", error}}.dump(), now);
       if (state == job_state::kFailed) e.pipeline_failed = FailPipeline(tx, e.pipeline_id, Cat("job ", e.name, ": ", error), now);

@@ -70,7 +70,7 @@ const std::string kJobColumnsWithoutDeps =
     "coalesce(j.worker_id::text, ''), " + Us("j.lease_deadline") + ", " + Us("j.ready_at") + ", " +
     Us("j.started_at") + ", " + Us("j.finished_at") + ", " + Us("j.created_at") +
     ", j.progress::text, j.checkpoint_uri, j.artifact_uri, j.error, j.spec::text, coalesce(j.result::text, ''), "
-    "j.gpus, j.cancel_requested, j.ranks";
+    "j.gpus, j.cancel_requested, j.ranks, j.nodes, j.rendezvous";
 
 const std::string kJobColumns =
     kJobColumnsWithoutDeps +
@@ -101,7 +101,9 @@ JobRecord JobFromRow(const pqxx::row& r) {
   j.gpus = r[19].as<int>();
   j.cancel_requested = r[20].as<bool>();
   j.ranks = r[21].as<int>();
-  std::string deps = r[22].as<std::string>();
+  j.nodes = r[22].as<int>();
+  j.rendezvous = r[23].as<std::string>();
+  std::string deps = r[kJobColumnCount].as<std::string>();
   if (!deps.empty()) j.depends_on = Split(deps, ',');
   return j;
 }
@@ -318,7 +320,7 @@ absl::StatusOr<std::vector<std::pair<std::string, int64_t>>> Store::CountPipelin
   });
 }
 
-absl::StatusOr<FleetSnapshot> Store::ReadFleetSnapshot(int max_evals) {
+absl::StatusOr<FleetSnapshot> Store::ReadFleetSnapshot(int max_evals, TimePoint now) {
   return InTx<FleetSnapshot>(pool_, "read fleet snapshot", [&](pqxx::work& tx) -> absl::StatusOr<FleetSnapshot> {
     FleetSnapshot s;
     for (const auto& r : tx.exec("SELECT state, kind, count(*) FROM jobs GROUP BY state, kind")) {
@@ -333,6 +335,17 @@ absl::StatusOr<FleetSnapshot> Store::ReadFleetSnapshot(int max_evals) {
       s.leased.push_back({r[0].as<std::string>(), r[1].as<std::string>(), r[2].as<std::string>(), r[3].as<std::string>(),
                           r[4].as<std::string>(), OptTime(r[5])});
     }
+    for (const auto& r : tx.exec("SELECT pipeline_id, id, name, nodes FROM jobs WHERE nodes > 1 AND state IN ('READY', 'RETRY_WAIT')")) {
+      s.gangs_waiting.push_back({r[0].as<std::string>(), r[1].as<std::string>(), r[2].as<std::string>(), r[3].as<int>(), 0, ""});
+    }
+    for (const auto& r : tx.exec("SELECT j.pipeline_id, j.id, j.name, j.nodes, m.node_rank, w.name FROM jobs j "
+                                 "JOIN job_members m ON m.job_id = j.id AND m.attempt = j.attempt JOIN workers w ON w.id = m.worker_id "
+                                 "WHERE j.nodes > 1 AND j.state = 'LEASED'")) {
+      s.gang_members.push_back({r[0].as<std::string>(), r[1].as<std::string>(), r[2].as<std::string>(), r[3].as<int>(),
+                                r[4].as<int>(), r[5].as<std::string>()});
+    }
+    s.workers_offering = tx.exec_params("SELECT count(*) FROM workers WHERE state = 'ACTIVE' AND offer_until >= " + Ts(1),
+                                        Micros(now))[0][0].as<int64_t>();
     if (max_evals > 0) {
       for (const auto& r : tx.exec_params(
                "SELECT pipeline_id, coalesce(spec->'models'->0->>'name', ''), result::text FROM jobs "

@@ -51,6 +51,19 @@ std::string CleanLine(std::string_view raw) {
   return s;
 }
 
+// "host:port", as btx-train reads BTX_RENDEZVOUS (the last colon splits; IPv6 hosts unbracketed). One it
+// would refuse would fail the member's ranks as an invalid job (exit 65), which is not the job's fault.
+bool ValidRendezvous(const std::string& r) {
+  const size_t colon = r.rfind(':');
+  if (colon == std::string::npos || colon == 0 || colon + 1 == r.size() || r.size() - colon > 6) return false;
+  int port = 0;
+  for (size_t i = colon + 1; i < r.size(); ++i) {
+    if (r[i] < '0' || r[i] > '9') return false;
+    port = port * 10 + (r[i] - '0');
+  }
+  return port > 0 && port <= 65535;
+}
+
 std::string Seconds(std::chrono::steady_clock::duration d) {
   char buf[32];
   std::snprintf(buf, sizeof buf, "%.1f s", std::chrono::duration<double>(d).count());
@@ -67,6 +80,8 @@ JobRunner::JobRunner(v1::JobAssignment job, JobRunnerConfig config, ProcessLaunc
   lease_deadline_ = job_.has_lease_deadline()
                         ? FromUnixMicros(TimeUtil::TimestampToMicroseconds(job_.lease_deadline()))
                         : clock_.Now();
+  // Known at delivery when node 0 had reported it before this member claimed the job.
+  if (gang_member()) SetRendezvous(job_.rendezvous());
 }
 
 JobRunner::~JobRunner() {
@@ -91,7 +106,16 @@ absl::Status JobRunner::Start() {
   const contract::JobKindInfo* kind = contract::FindJobKind(static_cast<int>(job_.kind()));
   if (kind == nullptr) return absl::InvalidArgumentError(Cat("job ", job_.job_id(), ": unknown kind ", job_.kind()));
 
-  if (auto s = CheckLeftoverOutput(*output_dir); !s.ok()) return s;
+  if (config_.nodes < 1 || config_.node_rank < 0 || config_.node_rank >= config_.nodes) {
+    // The scheduler's assignment is inconsistent, not the job: retryable.
+    return absl::FailedPreconditionError(Cat("job ", job_.job_id(), " was assigned as node ", config_.node_rank, " of ",
+                                             config_.nodes));
+  }
+  // Node 0 alone publishes (and so alone looks after a leftover output): a member removing one while node
+  // 0 checks or reuses it would race it.
+  if (!gang_member()) {
+    if (auto s = CheckLeftoverOutput(*output_dir); !s.ok()) return s;
+  }
   if (stop_reason_.load() != StopReason::kNone) return absl::AbortedError("stopped before btx-train started");
 
   std::error_code ec;
@@ -105,7 +129,9 @@ absl::Status JobRunner::Start() {
   job_file.output_dir = *output_dir;
   job_file.checkpoint_dir = *checkpoint_dir;
   ranks_ = std::max(1, config_.ranks);
-  if (ranks_ > 1 && !config_.gpus.empty() && static_cast<int>(config_.gpus.size()) != ranks_) {
+  world_ = config_.nodes * ranks_;
+  first_rank_ = config_.node_rank * ranks_;
+  if (world_ > 1 && !config_.gpus.empty() && static_cast<int>(config_.gpus.size()) != ranks_) {
     return absl::InvalidArgumentError(Cat("job ", job_.job_id(), " has ", ranks_, " ranks and ", config_.gpus.size(),
                                           " GPUs: a GPU job runs one rank per GPU"));
   }
@@ -117,21 +143,30 @@ absl::Status JobRunner::Start() {
   if (auto s = WriteFileAtomic(job_path, contract::ToJson(job_file).dump(2)); !s.ok()) return s;
   log_fd_ = ::open((config_.attempt_dir + "/log.txt").c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
 
+  std::string member_rendezvous;  // a member's: node 0's store
+  if (gang_member()) {
+    auto r = AwaitRendezvous();
+    if (!r.ok()) return r.status();
+    member_rendezvous = *std::move(r);
+  }
   std::string described;
-  if (auto s = LaunchGroup(job_path, &described); !s.ok()) {
+  if (auto s = LaunchGroup(job_path, member_rendezvous, &described); !s.ok()) {
     KillLaunched();
     return s;
   }
   AddLog("worker", Cat("started ", config_.train_binary, " ", described, " for ", job_.name(), " attempt ",
-                       job_.attempt(), " with ", job_file.threads, " threads", ranks_ > 1 ? " per rank" : ""));
+                       job_.attempt(), " with ", job_file.threads, " threads", world_ > 1 ? " per rank" : ""));
   reader_ = std::thread([this] { ReadLoop(); });
   return absl::OkStatus();
 }
 
 // One rank: btx-train as the protocol's single process. Several: the rendezvous store first (its port
 // is every rank's BTX_RENDEZVOUS), then each rank with its own device (GPU jobs) and only rank 0 with
-// the progress pipe: rank 0 alone emits events (docs/btx-train-protocol.md).
-absl::Status JobRunner::LaunchGroup(const std::string& job_path, std::string* described) {
+// the progress pipe: rank 0 alone emits events (docs/btx-train-protocol.md). A gang's node 0 starts the
+// store even for one rank of its own (the other members' ranks meet there) and names it by advertise_host;
+// a member starts none, its ranks meet at node 0's (`member_rendezvous`), and none of them is rank 0.
+absl::Status JobRunner::LaunchGroup(const std::string& job_path, std::string member_rendezvous,
+                                    std::string* described) {
   auto base_spec = [&] {
     ProcessSpec ps;
     ps.capture_stdout = ps.capture_stderr = true;
@@ -142,7 +177,7 @@ absl::Status JobRunner::LaunchGroup(const std::string& job_path, std::string* de
     return ps;
   };
   members_.reserve(static_cast<size_t>(ranks_) + 1);
-  if (ranks_ == 1) {
+  if (world_ == 1) {
     ProcessSpec ps = base_spec();
     ps.argv = {config_.train_binary, "--job", job_path, "--progress-fd", "3"};
     ps.progress_pipe = true;
@@ -152,50 +187,121 @@ absl::Status JobRunner::LaunchGroup(const std::string& job_path, std::string* de
     ps.env = {{"CUDA_VISIBLE_DEVICES", visible}};
     auto child = launcher_.Launch(ps);
     if (!child.ok()) return child.status();
-    members_.push_back({.rank = 0, .proc = std::move(*child)});
+    members_.push_back({.rank = 0, .global_rank = 0, .proc = std::move(*child)});
     *described = Cat("(pid ", members_[0].proc->pid(), ") on ",
                      config_.gpus.empty() ? "cpu" : Cat("cuda (CUDA_VISIBLE_DEVICES=", visible, ")"));
     return absl::OkStatus();
   }
-  ProcessSpec store_spec = base_spec();
-  store_spec.argv = {config_.train_binary, "--store-server", "0"};
-  store_spec.env = {{"CUDA_VISIBLE_DEVICES", ""}};
-  auto store_proc = launcher_.Launch(store_spec);
-  if (!store_proc.ok()) return store_proc.status();
-  Member store{.rank = -1, .proc = std::move(*store_proc), .prefix = "[rendezvous] "};
-  const pid_t store_pid = store.proc->pid();
-  auto port = WaitForStorePort(store);
-  if (!port.ok()) {
-    store.proc->Signal(SIGKILL);
-    store.proc->Wait();
-    return port.status();
+  std::optional<Member> store;
+  std::string rendezvous = std::move(member_rendezvous);
+  if (!gang_member()) {
+    ProcessSpec store_spec = base_spec();
+    store_spec.argv = {config_.train_binary, "--store-server", "0"};
+    store_spec.env = {{"CUDA_VISIBLE_DEVICES", ""}};
+    auto store_proc = launcher_.Launch(store_spec);
+    if (!store_proc.ok()) return store_proc.status();
+    store = Member{.rank = -1, .proc = std::move(*store_proc), .prefix = "[rendezvous] "};
+    auto port = WaitForStorePort(*store);
+    if (!port.ok()) {
+      store->proc->Signal(SIGKILL);
+      store->proc->Wait();
+      return port.status();
+    }
+    // One worker's group stays on loopback (and so does its Gloo transport); a gang's is reached by the
+    // other members.
+    rendezvous = Cat(config_.nodes > 1 ? config_.advertise_host : "127.0.0.1", ":", *port);
   }
-  const std::string rendezvous = Cat("127.0.0.1:", *port);
   std::vector<std::string> pids, devices;
   for (int r = 0; r < ranks_; ++r) {
+    const int g = first_rank_ + r;
     ProcessSpec ps = base_spec();
-    ps.argv = {config_.train_binary, "--job", job_path, "--progress-fd", r == 0 ? "3" : "-1"};
-    ps.progress_pipe = r == 0;
+    ps.argv = {config_.train_binary, "--job", job_path, "--progress-fd", g == 0 ? "3" : "-1"};
+    ps.progress_pipe = g == 0;
     const std::string visible = config_.gpus.empty() ? "" : config_.gpus[static_cast<size_t>(r)];
     ps.env = {{"CUDA_VISIBLE_DEVICES", visible},
-              {"BTX_RANK", std::to_string(r)},
-              {"BTX_WORLD_SIZE", std::to_string(ranks_)},
+              {"BTX_RANK", std::to_string(g)},
+              {"BTX_WORLD_SIZE", std::to_string(world_)},
               {"BTX_RENDEZVOUS", rendezvous}};
     if (config_.dist_timeout.count() > 0) ps.env.emplace_back("BTX_DIST_TIMEOUT_S", std::to_string(config_.dist_timeout.count()));
     auto child = launcher_.Launch(ps);
     if (!child.ok()) {
-      members_.push_back(std::move(store));  // so that KillLaunched ends it too
-      return absl::Status(child.status().code(), Cat("rank ", r, " of ", ranks_, ": ", child.status().message()));
+      if (store) members_.push_back(std::move(*store));  // so that KillLaunched ends it too
+      return absl::Status(child.status().code(), Cat(RankName(g), ": ", child.status().message()));
     }
-    members_.push_back({.rank = r, .proc = std::move(*child), .prefix = r == 0 ? "" : Cat("[rank ", r, "] ")});
+    members_.push_back({.rank = r, .global_rank = g, .proc = std::move(*child), .prefix = g == 0 ? "" : Cat("[rank ", g, "] ")});
     pids.push_back(std::to_string(members_.back().proc->pid()));
-    if (!visible.empty()) devices.push_back(Cat("rank ", r, ": CUDA_VISIBLE_DEVICES=", visible));
+    if (!visible.empty()) devices.push_back(Cat("rank ", g, ": CUDA_VISIBLE_DEVICES=", visible));
   }
-  members_.push_back(std::move(store));
-  *described = Cat("as ", ranks_, " ranks (pids ", absl::StrJoin(pids, ", "), "; rendezvous store ", rendezvous, ", pid ",
-                   store_pid, ") on ", devices.empty() ? "cpu" : Cat("cuda (", absl::StrJoin(devices, "; "), ")"));
+  const std::string on = devices.empty() ? "cpu" : Cat("cuda (", absl::StrJoin(devices, "; "), ")");
+  if (config_.nodes == 1) {
+    *described = Cat("as ", ranks_, " ranks (pids ", absl::StrJoin(pids, ", "), "; rendezvous store ", rendezvous,
+                     ", pid ", store->proc->pid(), ") on ", on);
+  } else {
+    const std::string mine = ranks_ == 1 ? Cat("rank ", first_rank_, " of ", world_)
+                                         : Cat("ranks ", first_rank_, "-", first_rank_ + ranks_ - 1, " of ", world_);
+    *described = Cat("as node ", config_.node_rank, " of ", config_.nodes, ", ", mine, ", rendezvous ", rendezvous,
+                     " (pid", pids.size() == 1 ? " " : "s ", absl::StrJoin(pids, ", "),
+                     store ? Cat("; rendezvous store pid ", store->proc->pid()) : "", ") on ", on);
+  }
+  if (store) members_.push_back(std::move(*store));
+  if (config_.nodes > 1 && !gang_member()) {
+    // Reported from now on (TakeReport) until a heartbeat's answer carries it back.
+    std::lock_guard lock(mu_);
+    rendezvous_ = rendezvous;
+  }
   return absl::OkStatus();
 }
+
+// A member's ranks need node 0's store: it comes with the assignment, or later through a heartbeat's
+// answer (SetRendezvous). A stop requested meanwhile ends the wait at once; node 0 never reporting one
+// fails the attempt (retryable) after rendezvous_timeout.
+absl::StatusOr<std::string> JobRunner::AwaitRendezvous() {
+  std::unique_lock lock(mu_);
+  const std::string node = Cat("node ", config_.node_rank, " of ", config_.nodes);
+  if (rendezvous_.empty() && stop_reason_.load() == StopReason::kNone) {
+    AddLogLocked("worker", Cat(node, ": waiting for node 0 to report its rendezvous store (at most ",
+                               Seconds(config_.rendezvous_timeout), ")"));
+  }
+  const TimePoint deadline = clock_.Now() + config_.rendezvous_timeout;
+  for (;;) {
+    if (stop_reason_.load() != StopReason::kNone) return absl::AbortedError("stopped before btx-train started");
+    if (!rendezvous_.empty()) return rendezvous_;
+    const TimePoint now = clock_.Now();
+    if (now >= deadline) {
+      return absl::UnavailableError(Cat(node, " waited ", Seconds(config_.rendezvous_timeout),
+                                        " for the rendezvous: node 0 never reported its store"));
+    }
+    // The deadline is the injected clock's: re-read at least once a second. Woken by SetRendezvous and
+    // RequestStop.
+    rendezvous_cv_.wait_for(lock, std::min<std::chrono::nanoseconds>(deadline - now, std::chrono::seconds(1)));
+  }
+}
+
+void JobRunner::SetRendezvous(const std::string& rendezvous) {
+  if (rendezvous.empty() || config_.nodes <= 1) return;
+  std::lock_guard lock(mu_);
+  if (!gang_member()) {
+    if (!rendezvous_.empty() && rendezvous == rendezvous_) rendezvous_acked_ = true;
+    return;
+  }
+  if (!rendezvous_.empty()) return;  // the first stands: the ranks may have been started with it
+  if (!ValidRendezvous(rendezvous)) {
+    if (rendezvous != rejected_rendezvous_) {
+      AddLogLocked("worker", Cat("ignored the rendezvous '", rendezvous, "' from the scheduler: expected host:port"));
+      rejected_rendezvous_ = rendezvous;
+    }
+    return;
+  }
+  rendezvous_ = rendezvous;
+  rendezvous_cv_.notify_all();
+}
+
+std::string JobRunner::rendezvous() const {
+  std::lock_guard lock(mu_);
+  return rendezvous_;
+}
+
+std::string JobRunner::RankName(int global_rank) const { return Cat("rank ", global_rank, " of ", world_); }
 
 // The store prints `port N` once it listens. Until then nothing else runs; a stop request, the store's
 // exit or the deadline ends the wait.
@@ -270,6 +376,9 @@ void JobRunner::RequestStop(StopReason reason) {
   if (!stop_reason_.compare_exchange_strong(expected, reason)) {
     if (reason == StopReason::kLeaseLost || reason == StopReason::kKill) stop_reason_.store(reason);
   }
+  // Ends a member's wait for the rendezvous (AwaitRendezvous checks the reason under mu_).
+  { std::lock_guard lock(mu_); }
+  rendezvous_cv_.notify_all();
 }
 
 void JobRunner::SignalRanks(int sig) {
@@ -299,10 +408,13 @@ void JobRunner::EscalateIfOverdue() {
     ranks_termed_ = true;
     kill_at_ = now + config_.stop_grace;
   }
-  // Rank 0 ended well: the others are past their last step and get the grace to exit on their own.
-  if (!kill_at_ && members_[0].exit_code == 0 && ranks_alive) kill_at_ = now + config_.stop_grace;
+  // Rank 0 ended well: the others are past their last step and get the grace to exit on their own. (A
+  // gang member has no rank 0: its ranks end on their own, or when the attempt ends for the gang.)
+  if (!kill_at_ && members_[0].global_rank == 0 && members_[0].exit_code == 0 && ranks_alive) {
+    kill_at_ = now + config_.stop_grace;
+  }
   if (kill_at_ && now >= *kill_at_ && ranks_alive && !ranks_killed_) {
-    if (ranks_ > 1) AddLog("worker", Cat("ranks still running ", Seconds(config_.stop_grace), " after the group was told to end: SIGKILL"));
+    if (world_ > 1) AddLog("worker", Cat("ranks still running ", Seconds(config_.stop_grace), " after the group was told to end: SIGKILL"));
     SignalRanks(SIGKILL);
     ranks_killed_ = true;
   }
@@ -331,7 +443,7 @@ void JobRunner::CheckExits() {
       if (!store_termed_) AddLog("worker", Cat("the rendezvous store exited with code ", *m.exit_code, " while ranks ran"));
       continue;
     }
-    if (ranks_ > 1) AddLog("worker", Cat("rank ", m.rank, " of ", ranks_, " exited with code ", *m.exit_code));
+    if (world_ > 1) AddLog("worker", Cat(RankName(m.global_rank), " exited with code ", *m.exit_code));
     if (*m.exit_code != 0 && stop_reason_.load() == StopReason::kNone && !first_failed_rank_) failed_now.push_back(&m);
   }
   if (failed_now.empty()) return;
@@ -340,10 +452,10 @@ void JobRunner::CheckExits() {
     if (*m->exit_code > 128 && *first->exit_code <= 128) first = m;
   }
   first_failed_rank_ = first->rank;
-  if (ranks_ > 1) {
+  if (world_ > 1) {
     bool others = false;
     for (const auto& m : members_) others |= m.rank >= 0 && !m.exit_code;
-    if (others) AddLog("worker", Cat("rank ", first->rank, " of ", ranks_, " failed: stopping the group (SIGTERM, SIGKILL after ",
+    if (others) AddLog("worker", Cat(RankName(first->global_rank), " failed: stopping the group (SIGTERM, SIGKILL after ",
                                      Seconds(config_.stop_grace), ")"));
   }
 }
@@ -376,7 +488,7 @@ void JobRunner::SettleGroupExit() {
   std::lock_guard lock(mu_);
   exit_code_ = decided->exit_code.value_or(-1);
   last_stderr_line_ = decided->last_stderr_line;
-  if (ranks_ > 1) who_ = Cat("btx-train rank ", decided->rank, " of ", ranks_);
+  if (world_ > 1) who_ = Cat("btx-train ", RankName(decided->global_rank));
 }
 
 void JobRunner::ReadLoop() {
@@ -389,7 +501,7 @@ void JobRunner::ReadLoop() {
   for (auto& m : members_) {
     streams.push_back({&m, m.proc->stdout_fd(), "stdout", m.rank < 0 ? store_stdout_rest_ : ""});
     streams.push_back({&m, m.proc->stderr_fd(), "stderr", ""});
-    if (m.rank == 0) streams.push_back({&m, m.proc->progress_fd(), "progress", ""});
+    if (m.global_rank == 0) streams.push_back({&m, m.proc->progress_fd(), "progress", ""});
   }
   char buf[65536];
   for (;;) {
@@ -525,7 +637,9 @@ v1::JobReport JobRunner::TakeReport(size_t max_log_lines) {
   v1::JobReport r;
   r.set_job_id(job_.job_id());
   r.set_attempt(job_.attempt());
-  *r.mutable_progress() = progress_;
+  // A member's ranks report no progress (global rank 0, on node 0, alone does): it says none.
+  if (!gang_member()) *r.mutable_progress() = progress_;
+  if (config_.nodes > 1 && !gang_member() && !rendezvous_.empty() && !rendezvous_acked_) r.set_rendezvous(rendezvous_);
   if (checkpoint_uri_ != reported_checkpoint_uri_) {
     r.set_checkpoint_uri(SanitizeUtf8(checkpoint_uri_));
     reported_checkpoint_uri_ = checkpoint_uri_;
@@ -614,6 +728,11 @@ Outcome JobRunner::Classify() {
   if (reason == StopReason::kLeaseLost) {
     o.kind = Outcome::kLeaseLost;
     o.error = "lease lost";
+    return o;
+  }
+  // Every rank of a member exited 0 (SettleGroupExit): its part is done; node 0 verifies and reports.
+  if (gang_member() && exit_code == contract::kExitOk) {
+    o.kind = Outcome::kMemberDone;
     return o;
   }
   if (exit_code == contract::kExitOk && done_artifact_) {

@@ -56,7 +56,7 @@ int main(int argc, char** argv) {
   cfg.discover_capabilities = btx::worker::DiscoverCapabilities;
   // /metrics is plain HTTP without authentication: this machine only, unless an address is given.
   std::string scheduler = "127.0.0.1:50051", metrics_listen = "127.0.0.1:9091", port_file;
-  int64_t stop_grace_s = 60, poll_s = 20, dist_timeout_s = 0;
+  int64_t stop_grace_s = 60, poll_s = 20, dist_timeout_s = 0, gang_rendezvous_s = 600;
   app.add_option("--scheduler", scheduler, "scheduler gRPC address (or env BTX_SCHEDULER)")
       ->envname("BTX_SCHEDULER")
       ->capture_default_str();
@@ -72,6 +72,15 @@ int main(int argc, char** argv) {
   app.add_option("--dist-timeout-seconds", dist_timeout_s,
                  "multi-rank jobs: how long a rank waits on a dead or stuck peer (0 = btx-train's default)")
       ->check(CLI::Range(0, 86400))
+      ->capture_default_str();
+  app.add_option("--advertise-host", cfg.advertise_host,
+                 "gang jobs: the address at which the other members' ranks reach this worker's rendezvous store and "
+                 "Gloo when it is a gang's node 0 (default: this host's hostname; 127.0.0.1 when every member of a "
+                 "gang runs on this machine)");
+  app.add_option("--gang-rendezvous-timeout-seconds", gang_rendezvous_s,
+                 "gang jobs: how long a member waits for node 0 to report its rendezvous store before its attempt "
+                 "fails (retried)")
+      ->check(CLI::Range(1, 86400))
       ->capture_default_str();
   app.add_option("--poll-seconds", poll_s, "AcquireJob long-poll timeout")->check(CLI::Range(1, 60))->capture_default_str();
   app.add_option("--metrics-listen", metrics_listen,
@@ -118,6 +127,7 @@ int main(int argc, char** argv) {
   }
   cfg.stop_grace = std::chrono::seconds(stop_grace_s);
   cfg.dist_timeout = std::chrono::seconds(dist_timeout_s);
+  cfg.gang_rendezvous_timeout = std::chrono::seconds(gang_rendezvous_s);
   cfg.poll_wait = std::chrono::seconds(poll_s);
 
   grpc::ChannelArguments args;

@@ -61,6 +61,7 @@ class Worker::Impl {
     caps_ = cfg_.discover_capabilities ? cfg_.discover_capabilities() : DiscoverCapabilities();
     devices_ = DeviceAllocator(caps_.gpus());
     if (cfg_.name.empty()) cfg_.name = Hostname();
+    if (cfg_.advertise_host.empty()) cfg_.advertise_host = Hostname();
     if (cfg_.train_binary.empty()) cfg_.train_binary = DefaultTrainBinary();
     if (cfg_.work_dir.empty()) {
       const char* tmp = std::getenv("TMPDIR");
@@ -299,7 +300,9 @@ class Worker::Impl {
     }
     JobRunnerConfig rc;
     rc.train_binary = cfg_.train_binary;
-    rc.attempt_dir = Cat(cfg_.work_dir, "/", SanitizeComponent(job.job_id()), "-attempt-", job.attempt());
+    // A gang member's own: members of one gang may share a machine (and a work dir).
+    rc.attempt_dir = Cat(cfg_.work_dir, "/", SanitizeComponent(job.job_id()), "-attempt-", job.attempt(),
+                         job.nodes() > 1 && job.node_rank() > 0 ? Cat("-node-", job.node_rank()) : "");
     rc.threads = threads_;
     rc.gpus = CudaDeviceIds(*gpus, caps_.gpu_cuda_ids);
     // A CPU job's ranks share its slot (and its threads); a GPU job's are one per device.
@@ -307,10 +310,24 @@ class Worker::Impl {
     rc.dist_timeout = cfg_.dist_timeout;
     rc.stop_grace = cfg_.stop_grace;
     rc.verify_artifact = cfg_.verify_artifact;
+    // A gang job: this worker is one member (node) of it; 0 (a scheduler that predates gangs) means 1.
+    rc.nodes = std::max(1, job.nodes());
+    rc.node_rank = job.node_rank();
+    rc.advertise_host = cfg_.advertise_host;
+    // A member waits for node 0's store, which node 0 starts only after checking a leftover output.
+    if (rc.nodes > 1 && rc.node_rank > 0) rc.rendezvous_timeout = cfg_.gang_rendezvous_timeout;
     auto runner = std::make_shared<JobRunner>(job, rc, launcher_, clock_);
+    std::string as;
+    if (rc.nodes > 1) {
+      const int first = rc.node_rank * rc.ranks, world = rc.nodes * rc.ranks;
+      as = Cat(" as node ", rc.node_rank, " of ", rc.nodes, ", ",
+               rc.ranks == 1 ? Cat("rank ", first, " of ", world) : Cat("ranks ", first, "-", first + rc.ranks - 1, " of ", world),
+               job.rendezvous().empty() || rc.node_rank == 0 ? "" : Cat(", rendezvous ", job.rendezvous()));
+    } else if (rc.ranks > 1) {
+      as = Cat(" as ", rc.ranks, " ranks");
+    }
     spdlog::info("worker {}: starting {} ({}) attempt {} of pipeline {} on {}{}", cfg_.name, job.name(), job.job_id(),
-                 job.attempt(), job.pipeline_name(), rc.gpus.empty() ? "cpu" : Cat(rc.gpus.size(), " GPUs"),
-                 rc.ranks > 1 ? Cat(" as ", rc.ranks, " ranks") : "");
+                 job.attempt(), job.pipeline_name(), rc.gpus.empty() ? "cpu" : Cat(rc.gpus.size(), " GPUs"), as);
     // From here the job is in heartbeats (its lease renewed) until its supervisor has reported it: the
     // start checks a leftover output, and the end verifies the new one, each as long as hashing it takes.
     std::lock_guard lock(mu_);
@@ -354,13 +371,17 @@ class Worker::Impl {
       o.error = "lease lost";
     }
     spdlog::info("worker {}: {} attempt {} ended: exit {}, {}", cfg_.name, job.name(), job.attempt(), o.exit_code,
-                 o.kind == Outcome::kSucceeded ? "succeeded" : o.error);
+                 o.kind == Outcome::kSucceeded    ? "succeeded"
+                 : o.kind == Outcome::kMemberDone ? Cat("node ", job.node_rank(), "'s ranks are done (node 0 reports the job)")
+                                                  : o.error);
     if (child_ran && o.kind == Outcome::kRetryable && child_failures_ && runner->stop_reason() == StopReason::kNone) {
       child_failures_->Inc();
     }
     if (o.kind != Outcome::kLeaseLost) {
       FlushLogs(*runner);
-      if (o.kind == Outcome::kSucceeded) {
+      if (o.kind == Outcome::kMemberDone) {
+        // A gang member's part ended well: node 0 completes the job (or fails it), this member says nothing.
+      } else if (o.kind == Outcome::kSucceeded) {
         SendComplete(*runner, o);
       } else {
         // Drained (btx-train stopped resumably, or never started): not the job's fault, so the retry
@@ -392,7 +413,13 @@ class Worker::Impl {
       AddAuth(ctx, cfg_.rpc_timeout);
       const grpc::Status s = rpc(ctx);
       if (s.ok() || !Retryable(s.error_code())) {
-        if (!s.ok()) {
+        if (!s.ok() && s.error_code() == grpc::StatusCode::FAILED_PRECONDITION && job.nodes() > 1 &&
+            std::string_view(what) == "Fail") {
+          // A gang's attempt ends for every member at the first Fail (or node 0's Complete): the others'
+          // Fails then find it over, as expected.
+          spdlog::info("worker {}: Fail of {} attempt {} (node {} of {}) not needed: {}", cfg_.name, job.name(),
+                       job.attempt(), job.node_rank(), job.nodes(), s.error_message());
+        } else if (!s.ok()) {
           spdlog::warn("worker {}: {} of {} attempt {} refused: {}", cfg_.name, what, job.name(), job.attempt(),
                        s.error_message());
         }
@@ -496,6 +523,8 @@ class Worker::Impl {
         for (const auto& st : resp.jobs()) {
           for (auto& r : live) {
             if (r->job().job_id() != st.job_id() || r->job().attempt() != st.attempt()) continue;
+            // A gang's store: to a member, where its ranks meet (ends its wait); to node 0, its report acknowledged.
+            if (!st.rendezvous().empty()) r->SetRendezvous(st.rendezvous());
             if (st.directive() == v1::JOB_DIRECTIVE_CANCEL) {
               spdlog::info("worker {}: {} cancelled by the scheduler", cfg_.name, r->job().name());
               r->RequestStop(StopReason::kCancel);

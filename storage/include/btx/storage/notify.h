@@ -15,6 +15,7 @@ namespace btx::storage {
 
 // Channels NOTIFY'd on commit.
 inline constexpr char kJobsChannel[] = "btx_jobs";      // a job may have become claimable
+inline constexpr char kGangsChannel[] = "btx_gangs";    // a gang formed (migration 0008): members pick their leases up
 inline constexpr char kEventsChannel[] = "btx_events";  // new events or log lines
 
 // Sends NOTIFYs outside any transaction, on one connection opened on first use and reopened after

@@ -34,6 +34,13 @@ inline constexpr char kFailed[] = "FAILED";
 inline constexpr char kCancelled[] = "CANCELLED";
 }  // namespace job_state
 
+struct GangMemberRecord {
+  int node_rank = 0;
+  std::string worker_id, worker_name;
+  TimePoint lease_deadline;
+  bool delivered = false;
+};
+
 struct JobRecord {
   std::string id, pipeline_id, name, kind, state;
   int attempt = 0;
@@ -49,7 +56,13 @@ struct JobRecord {
   int gpus = 0;
   int ranks = 1;  // btx-train processes of the job's rank group (a GPU job: one per GPU)
   bool cancel_requested = false;
+  int nodes = 1;  // workers the job spans (a gang), each running `gpus` GPUs and `ranks` ranks
+  std::string rendezvous;  // a gang's current attempt: node 0's store, once reported
+  // Filled by Store::DescribeGangs only: the current attempt's members (LEASED), or why it waits.
+  std::vector<GangMemberRecord> members{};
+  std::string pending_reason{};
 };
+
 
 struct PipelineRecord {
   std::string id, name, state, spec_json, idempotency_key, error, result_json;
@@ -97,6 +110,7 @@ struct NewJob {
   int gpus = 0;
   int ranks = 1;     // a GPU job's ranks equal its gpus; a CPU job's are CPU ranks
   int priority = 0;  // lower first
+  int nodes = 1;     // workers it spans (a gang); gpus and ranks are per worker
 };
 
 struct NewPipeline {
@@ -107,11 +121,21 @@ struct NewPipeline {
   std::vector<NewJob> jobs{};     // a DAG: every depends_on names an earlier-or-later job of this list
 };
 
-// A lease handed to a worker, with what the scheduler needs to resolve the job's arguments.
+// Why a claim that leased nothing still has something for the worker to do (gangs).
+enum class ClaimNote {
+  kNone,                // `job` is a lease
+  kMemberLeaseWaiting,  // no lease: a gang formed with this worker as a member (Store::TakeMemberLease)
+  kGangWaiting,         // no lease: a gang this worker could serve waits for workers (Store::OfferToGangs)
+};
+
+// A lease handed to a worker, with what the scheduler needs to resolve the job's arguments; or, with a
+// note other than kNone, no lease (job empty) but a gang's business.
 struct ClaimedJob {
-  JobRecord job;
-  std::string pipeline_name;
-  std::map<std::string, std::string> parent_artifacts;  // parent name -> artifact URI
+  JobRecord job{};
+  std::string pipeline_name{};
+  std::map<std::string, std::string> parent_artifacts{};  // parent name -> artifact URI
+  int node_rank = 0;  // a gang job: which member this worker is
+  ClaimNote note = ClaimNote::kNone;
 };
 
 struct JobReportRow {
@@ -122,6 +146,7 @@ struct JobReportRow {
   double loss = 0, tokens_per_second = 0, learning_rate = 0;
   std::string checkpoint_uri{};
   std::vector<LogRecord> logs{};
+  std::string rendezvous{};  // node 0 of a gang: its store's host:port
 };
 
 enum class Directive { kContinue, kCancel, kLeaseLost };
@@ -133,6 +158,7 @@ struct JobDirectiveRow {
   std::optional<TimePoint> lease_deadline;
   // Set unless the job is unknown: lets the scheduler label per-job metrics without another query.
   std::string pipeline_id{}, name{}, kind{};
+  std::string rendezvous{};  // a gang's store, once node 0 reported it
 };
 
 // A LEASED job as the metrics refresh sees it.
@@ -156,6 +182,15 @@ struct FleetSnapshot {
   int64_t workers_connected = 0;                                   // ACTIVE or DRAINING
   std::vector<LeasedJobRow> leased;
   std::vector<EvalResultRow> evals;  // newest first
+  // Gangs: jobs waiting to be formed (nodes needed), the members of the leased ones, idle workers offered.
+  struct GangRow {
+    std::string pipeline_id, job_id, name;
+    int nodes = 0;          // waiting: workers needed at once
+    int node_rank = 0;      // member
+    std::string worker;     // member: the worker's name
+  };
+  std::vector<GangRow> gangs_waiting, gang_members;
+  int64_t workers_offering = 0;
 };
 
 struct RetryPolicy {

@@ -54,6 +54,13 @@ struct CompletionOutcome {
   int readied = 0;      // dependents that became READY
 };
 
+// What an idle worker's offer to gangs did: the gang it formed (if any), and this worker's own lease
+// when it is a member.
+struct GangOffer {
+  std::string formed_job_id{};
+  std::optional<ClaimedJob> mine{};
+};
+
 struct FailOutcome {
   std::string new_state;  // RETRY_WAIT, FAILED or CANCELLED
   bool pipeline_failed = false;  // this failure moved the pipeline to FAILED
@@ -86,6 +93,19 @@ class Store {
   // worker may appear more than once, once per free slot). Jobs go to entries in array order.
   absl::StatusOr<std::vector<ClaimOutcome>> ClaimJobs(const std::vector<std::string>& worker_ids, int free_gpus,
                                                       Duration lease, TimePoint now);
+  // Gangs (docs/reliability.md "Gangs"). A member lease formed for this worker by another's offer, now
+  // handed to it (none: nothing waiting, or its attempt ended meanwhile). Call before ClaimJobs: a
+  // worker with a member lease to pick up gets nothing there.
+  ClaimOutcome TakeMemberLease(const std::string& worker_id, TimePoint now);
+  // The worker found no single-worker job: it offers itself to gangs until `offer_until` and, when the
+  // head gang now has enough offers, forms it (all members leased at once, or none).
+  absl::StatusOr<GangOffer> OfferToGangs(const std::string& worker_id, int free_gpus, TimePoint offer_until, Duration lease,
+                                         TimePoint now);
+  // Registered workers (any state, as LargestWorker) with at least `gpus` GPUs: how many, and the
+  // first few names.
+  absl::StatusOr<std::pair<int, std::vector<std::string>>> WorkersWithGpus(int gpus);
+  // Fills members (LEASED) and pending_reason (READY, RETRY_WAIT) of the gang jobs among `jobs`.
+  absl::Status DescribeGangs(std::vector<JobRecord>& jobs, TimePoint now);
   // Renews the leases and stores what the reports carry: the latest progress in place on the job, a
   // job.progress event at most once per `progress_event_every` per job (and for each new attempt's
   // first progress), the log lines in one statement per job, a line whose (attempt, seq) is stored
@@ -137,7 +157,7 @@ class Store {
   absl::StatusOr<std::vector<std::pair<std::string, int64_t>>> CountPipelinesByState();
   // Everything the metrics refresh needs, in one read-only transaction; `max_evals` bounds the
   // eval results returned (newest first).
-  absl::StatusOr<FleetSnapshot> ReadFleetSnapshot(int max_evals);
+  absl::StatusOr<FleetSnapshot> ReadFleetSnapshot(int max_evals, TimePoint now);
 
  private:
   ConnectionPool& pool_;

@@ -44,6 +44,7 @@ struct WorkerConfig {
   // Concurrent jobs; 0 = one per GPU, or 1 without GPUs. A GPU job also needs its GPUs free: each job
   // holds exactly resources.gpus devices of its own, and a CPU job none. A job of several ranks holds one
   // slot: a GPU job one rank per device, a CPU job its resources.ranks ranks sharing the slot's threads.
+  // A gang job (resources.nodes > 1) spans several workers, each running its own resources.ranks ranks.
   int slots = 0;
   int threads_per_job = 0;        // CPU threads given to each child; 0 = cpu_threads / slots
   Duration poll_wait = std::chrono::seconds(20);    // AcquireJob long-poll timeout
@@ -59,6 +60,14 @@ struct WorkerConfig {
   // an NVIDIA driver); a few per Prometheus scrape interval.
   Duration gpu_metrics_interval = std::chrono::seconds(5);
   std::string bearer_token;       // sent as "authorization: Bearer …" when set
+  // Gang jobs (resources.nodes > 1): the address at which the other members' ranks reach this worker's
+  // rendezvous store and Gloo when it is node 0; empty = this host's hostname. 127.0.0.1 when every
+  // member of a gang runs on this one machine.
+  std::string advertise_host;
+  // How long a gang member (node k > 0) waits for node 0 to report its rendezvous store before its attempt
+  // fails (retryable). Node 0 starts the store after checking a leftover output (as long as hashing it
+  // takes), and the address travels through two heartbeats.
+  Duration gang_rendezvous_timeout = std::chrono::minutes(10);
   // What the host has, asked once at construction; empty = DiscoverCapabilities (tests fake a GPU host).
   std::function<Capabilities()> discover_capabilities;
   // Checks a job's output directory against its manifest.sha256; empty = the contract's VerifyManifest
