@@ -63,7 +63,17 @@ TrainConfig ParseTrain(Reader& r, const json& v, const std::string& path) {
   c.valid_tokens = r.Int(v, path, "valid_tokens", c.valid_tokens, 1, int64_t{1} << 40);
   c.keep_checkpoints = r.Int(v, path, "keep_checkpoints", c.keep_checkpoints, 1, 1000);
   c.threads = r.Int(v, path, "threads", c.threads, 0, 1024);
-  c.zero = r.Int(v, path, "zero", c.zero, 0, 1);
+  // ZeRO stages: 0 replicated, 1 optimizer state sharded, 3 parameters, gradients and optimizer state sharded.
+  // There is no 2 (3 shards the gradients too).
+  if (v.contains("zero") && !v["zero"].is_null()) {
+    const json& z = v["zero"];
+    if (z.is_number_integer() && (z == 0 || z == 1 || z == 3))
+      c.zero = z.get<int64_t>();
+    else
+      r.Fail(JoinPath(path, "zero"), v["zero"],
+           "0 (replicated), 1 (ZeRO-1: optimizer state sharded) or 3 (ZeRO-3: parameters, gradients and optimizer "
+           "state sharded); 2 is not implemented");
+  }
   c.precision = r.Enum(v, path, "precision", c.precision, {"fp32", "bf16"});
   c.attention = r.Enum(v, path, "attention", c.attention, {"auto", "naive", "chunked"});
   c.activation_checkpointing = r.Bool(v, path, "activation_checkpointing", c.activation_checkpointing);

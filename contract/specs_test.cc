@@ -77,10 +77,23 @@ TEST(ParseTrain, ZeroAndPrecisionHaveDefaultsAndRanges) {
   EXPECT_EQ(c.zero, 0);
   EXPECT_EQ(c.precision, "bf16");
   EXPECT_EQ(ToJson(ParseTrain(r, ToJson(c), "train")), ToJson(c));
-  auto bad = Errors([](Reader& r) { ParseTrain(r, json{{"zero", 3}, {"precision", "fp16"}}, "spec.train"); });
+  c = ParseTrain(r, json{{"zero", 3}}, "train");
+  EXPECT_TRUE(errors.empty());
+  EXPECT_EQ(c.zero, 3);
+  EXPECT_EQ(ToJson(ParseTrain(r, ToJson(c), "train")), ToJson(c));
+  auto bad = Errors([](Reader& r) { ParseTrain(r, json{{"zero", 2}, {"precision", "fp16"}}, "spec.train"); });
   ASSERT_EQ(bad.size(), 2u);
   EXPECT_EQ(bad[0].path, "spec.train.zero");
+  // The message names the allowed values and that 2 does not exist.
+  EXPECT_NE(bad[0].message.find("0 (replicated), 1 (ZeRO-1"), std::string::npos) << bad[0].message;
+  EXPECT_NE(bad[0].message.find("3 (ZeRO-3"), std::string::npos) << bad[0].message;
+  EXPECT_NE(bad[0].message.find("2 is not implemented"), std::string::npos) << bad[0].message;
   EXPECT_EQ(bad[1].path, "spec.train.precision");
+  for (const json& z : {json(-1), json(4), json("3"), json(1.5)}) {
+    auto e = Errors([&](Reader& r) { ParseTrain(r, json{{"zero", z}}, "spec.train"); });
+    ASSERT_EQ(e.size(), 1u) << z;
+    EXPECT_EQ(e[0].path, "spec.train.zero") << z;
+  }
 }
 
 TEST(ParseModelInit, HuggingFaceNamesOverrideThePresetAndOtherNamesAreRefused) {

@@ -126,10 +126,15 @@ StatusOr<std::unique_ptr<DataParallel>> DataParallel::Join(const DistConfig& cfg
     }
 #endif
     auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
-    // Loopback rendezvous: every rank is on this machine, so Gloo's transport binds there too.
+    // Loopback rendezvous: every rank is on this machine, so Gloo's transport binds there too. A gang's
+    // ranks bind to the address the other workers reach this one at (BTX_LOCAL_ADDR, the worker's
+    // --advertise-host), not to whatever the hostname resolves to (127.0.1.1 on many distributions).
     const bool local = cfg.host == "127.0.0.1" || cfg.host == "localhost";
+    const char* local_addr = std::getenv("BTX_LOCAL_ADDR");
     opts->devices.push_back(local ? c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1")
-                                  : c10d::ProcessGroupGloo::createDefaultDevice());
+                            : local_addr != nullptr && *local_addr != '\0'
+                                ? c10d::ProcessGroupGloo::createDeviceForHostname(local_addr)
+                                : c10d::ProcessGroupGloo::createDefaultDevice());
     dp->impl_->gloo = c10::make_intrusive<c10d::ProcessGroupGloo>(dp->impl_->store, cfg.rank, cfg.world_size, opts);
   });
   if (!st.ok()) return st;
@@ -194,6 +199,23 @@ StatusOr<std::vector<at::Tensor>> DataParallel::AllGather(const at::Tensor& mine
   BTX_RETURN_IF_ERROR(AllGatherInto(in, outs));
   for (auto& o : outs) o = o.cpu();
   return outs;
+}
+
+StatusOr<at::Tensor> DataParallel::ReduceScatter(at::Tensor& full) {
+  const int64_t world = cfg_.world_size, shard = full.numel() / world;
+  if (full.dim() != 1 || shard * world != full.numel()) return Internal("reduce-scatter of a tensor not [world * S]");
+#if BTX_HAVE_NCCL
+  if (impl_->nccl) {
+    std::vector<at::Tensor> out = {at::empty({shard}, full.options())};
+    std::vector<std::vector<at::Tensor>> in(1);
+    for (int64_t r = 0; r < world; ++r) in[0].push_back(full.narrow(0, r * shard, shard));
+    BTX_RETURN_IF_ERROR(Collective("reduce-scatter", [&] { impl_->nccl->reduce_scatter(out, in)->wait(); }));
+    return out[0];
+  }
+#endif
+  std::vector<at::Tensor> t = {full};
+  BTX_RETURN_IF_ERROR(Collective("reduce-scatter (all-reduce)", [&] { impl_->gloo->allreduce(t)->wait(); }));
+  return full.narrow(0, cfg_.rank * shard, shard).clone();
 }
 
 Status DataParallel::Barrier() {

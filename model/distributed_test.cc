@@ -10,9 +10,15 @@
 #include <string>
 #include <vector>
 
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <iostream>
+
 #include "btx/contract/files.h"
 #include "btx/model/hf_io.h"
 #include "btx/model/tokenizer.h"
+#include "btx/model/zero3.h"
 #include "test_util.h"
 
 extern char** environ;
@@ -296,6 +302,326 @@ TEST_F(Distributed, ARankThatDiesEndsTheWholeGroupInsteadOfHangingIt) {
   EXPECT_LT(std::chrono::steady_clock::now() - killed, std::chrono::seconds(30));
   EXPECT_NE(ReadFile(r0.log)->find("failed (another rank died or timed out?)"), std::string::npos) << *ReadFile(r0.log);
   EXPECT_FALSE(std::filesystem::exists(dir / "dies"));
+}
+
+// ---- ZeRO-3 (train.zero 3): parameters, gradients and optimizer state sharded ----
+
+// Largest relative difference of two loss curves (printed: the tolerance achieved).
+double MaxRelDiff(const std::vector<double>& a, const std::vector<double>& b) {
+  double m = 0;
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i) m = std::max(m, std::abs(a[i] - b[i]) / std::abs(b[i]));
+  return m;
+}
+
+// The same global batch, with global-norm clipping active (0.1 is below the tiny model's gradient norm): ZeRO-3 on 2
+// ranks follows ZeRO-1 on 2 ranks and one rank within 1e-4 (relative) and ends with the same weights within 1e-4.
+// The layers' gradients are reduce-scattered per micro-batch (ZeRO-1 sums after accumulating): only the order of
+// floating-point sums differs.
+TEST_F(Distributed, Zero3FollowsZero1AndOneRankForTheSameGlobalBatch) {
+  const json train = {{"grad_clip", 0.1}};
+  const std::vector<double> one = Run("z1w1", 1, train), zero1 = Run("z1w2", 2, train),
+                            zero3 = Run("z3w2", 2, {{"grad_clip", 0.1}, {"zero", 3}});
+  ASSERT_EQ(one.size(), 6u);
+  ASSERT_EQ(zero1.size(), one.size());
+  ASSERT_EQ(zero3.size(), one.size());
+  for (size_t i = 0; i < one.size(); ++i) {
+    EXPECT_NEAR(zero3[i], zero1[i], 1e-4 * std::abs(zero1[i])) << "step " << i + 1;
+    EXPECT_NEAR(zero3[i], one[i], 1e-4 * std::abs(one[i])) << "step " << i + 1;
+  }
+  std::cout << "zero3 vs zero1 (2 ranks): max relative loss difference " << MaxRelDiff(zero3, zero1)
+            << "; vs 1 rank " << MaxRelDiff(zero3, one) << "\n";
+  EXPECT_LT(zero3.back(), zero3.front());
+  ExpectSameWeights("z1w2", "z3w2", false);
+  ExpectSameWeights("z1w1", "z3w2", false);
+  EXPECT_TRUE(VerifyManifest(dir / "z3w2").ok());
+  for (int r = 0; r < 2; ++r) {
+    const std::string log = *ReadFile(dir / ("z3w2." + std::to_string(r) + ".log"));
+    EXPECT_NE(log.find("sharded (ZeRO-3)"), std::string::npos) << log;
+  }
+  // The memory model at job start accounts for the sharded parameters and gradients.
+  EXPECT_NE(ReadFile(dir / "z3w2.0.log")->find("gathered, ZeRO-3)"), std::string::npos) << *ReadFile(dir / "z3w2.0.log");
+  // Each rank's optimizer shard holds its part of every unit (several ranges of the flat layout).
+  auto state = json::parse(*ReadFile(dir / "ck-z3w2/step-00000006/trainer_state.json"));
+  EXPECT_EQ(state["optimizer"]["zero"], 3);
+  ASSERT_EQ(state["optimizer"]["shards"].size(), 2u);
+  EXPECT_GT(state["optimizer"]["shards"][1]["ranges"].size(), 1u);
+}
+
+// bf16 autocast with float32 master weights behaves as with ZeRO-1.
+TEST_F(Distributed, Zero3Bf16FollowsZero1Bf16) {
+  const std::vector<double> zero1 = Run("b1", 2, {{"precision", "bf16"}}),
+                            zero3 = Run("b3", 2, {{"precision", "bf16"}, {"zero", 3}});
+  ASSERT_EQ(zero1.size(), 6u);
+  ASSERT_EQ(zero3.size(), zero1.size());
+  for (size_t i = 0; i < zero1.size(); ++i) EXPECT_NEAR(zero3[i], zero1[i], 1e-3 * std::abs(zero1[i])) << "step " << i + 1;
+  std::cout << "bf16: zero3 vs zero1 (2 ranks): max relative loss difference " << MaxRelDiff(zero3, zero1) << "\n";
+  EXPECT_NE(ReadFile(dir / "b3.1.log")->find("sharded (ZeRO-3)"), std::string::npos) << *ReadFile(dir / "b3.1.log");
+  ExpectSameWeights("b1", "b3", false);
+}
+
+// 3 steps, a checkpoint, then 3 more in a new group from that checkpoint: the same bits as 6 steps straight.
+TEST_F(Distributed, Zero3ResumeAtTheSameWorldSizeIsBitwiseIdentical) {
+  const json train = {{"schedule", "constant"}, {"grad_clip", 0.5}, {"zero", 3}};
+  const std::vector<double> straight = Run("z3straight", 2, train);
+  WriteJob("z3first", train, 3, "ck-z3resumed");
+  const std::vector<double> first = RunJob("z3first", 2);
+  ASSERT_TRUE(std::filesystem::exists(dir / "ck-z3resumed/step-00000003/optimizer-00001-of-00002.safetensors"));
+  ASSERT_TRUE(VerifyManifest(dir / "ck-z3resumed/step-00000003").ok());
+  WriteJob("z3second", train, 6, "ck-z3resumed");
+  const std::vector<double> second = RunJob("z3second", 2);
+  ASSERT_EQ(straight.size(), 6u);
+  ASSERT_EQ(first.size(), 3u);
+  ASSERT_EQ(second.size(), 3u);
+  for (size_t i = 0; i < 3; ++i) {
+    EXPECT_EQ(first[i], straight[i]) << "step " << i + 1;
+    EXPECT_EQ(second[i], straight[i + 3]) << "step " << i + 4;
+  }
+  ExpectSameWeights("z3straight", "z3second", true);
+}
+
+// ZeRO-3 on 2 ranks -> 1 rank -> ZeRO-3 on 3 ranks -> ZeRO-1 on 2 ranks, from each other's checkpoints: the
+// optimizer state is reassembled from whatever ranges the saved shards hold, so the curve continues the
+// uninterrupted one-rank run's (within 1e-4), and ZeRO-1 and ZeRO-3 checkpoints are interchangeable.
+TEST_F(Distributed, Zero3ResumeReshardsAcrossWorldSizesAndZeroStages) {
+  const json z3 = {{"schedule", "constant"}, {"zero", 3}}, z1 = {{"schedule", "constant"}, {"zero", 1}};
+  WriteJob("z3uninterrupted", z1, 8);
+  const std::vector<double> straight = RunJob("z3uninterrupted", 1);
+  WriteJob("z3two", z3, 2, "ck-z3reshard");
+  const std::vector<double> two = RunJob("z3two", 2);
+  WriteJob("z3one", z3, 4, "ck-z3reshard");
+  const std::vector<double> one = RunJob("z3one", 1);
+  WriteJob("z3three", z3, 6, "ck-z3reshard");
+  const std::vector<double> three = RunJob("z3three", 3);
+  ASSERT_TRUE(std::filesystem::exists(dir / "ck-z3reshard/step-00000006/optimizer-00002-of-00003.safetensors"));
+  WriteJob("z1after", z1, 8, "ck-z3reshard");
+  const std::vector<double> after = RunJob("z1after", 2);
+  std::vector<double> resumed = two;
+  for (const auto* part : {&one, &three, &after}) resumed.insert(resumed.end(), part->begin(), part->end());
+  ASSERT_EQ(straight.size(), 8u);
+  ASSERT_EQ(resumed.size(), straight.size());
+  for (size_t i = 0; i < straight.size(); ++i)
+    EXPECT_NEAR(resumed[i], straight[i], 1e-4 * std::abs(straight[i])) << "step " << i + 1;
+  std::cout << "resharded 2 -> 1 -> 3 (ZeRO-3) -> 2 (ZeRO-1): max relative loss difference "
+            << MaxRelDiff(resumed, straight) << "\n";
+  ExpectSameWeights("z3uninterrupted", "z1after", false);
+}
+
+// The merged MoE's finetune (router training: everything but the routers frozen) with ZeRO-3: frozen parameters
+// stay whole and take no gradients; the routers are sharded. Same curve as ZeRO-1.
+TEST_F(Distributed, Zero3FinetunesTheRoutersOfAnMoe) {
+  auto moe = LlamaModel::Init(testing::TinyConfig(4), 7);
+  auto staged = StagedDir::Create(dir / "moe");
+  ASSERT_TRUE(WriteModelFiles(*moe, staged->path()).ok());
+  ASSERT_TRUE(MakeByteTokenizer()->SaveTo(staged->path()).ok());
+  ASSERT_TRUE(staged->Publish().ok());
+  auto run = [&](const std::string& name, int zero) {
+    json job = {{"kind", "finetune"},
+                {"name", name},
+                {"output_dir", dir / name},
+                {"checkpoint_dir", dir / ("ck-" + name)},
+                {"threads", 1},
+                {"spec",
+                 {{"model", dir / "moe"},
+                  {"mixture", {{{"name", "a"}, {"train", dir / "train.txt"}}}},
+                  {"freeze", {"all_but_router"}},
+                  {"train",
+                   {{"batch_tokens", 256}, {"seq_len", 32}, {"grad_accum", 2}, {"lr", 1e-2}, {"warmup", 1},
+                    {"log_every", 1}, {"checkpoint_every", 0}, {"valid_tokens", 64}, {"zero", zero}}},
+                  {"steps", 4}}}};
+    testing::WriteText(dir / (name + ".json"), job.dump());
+    return RunJob(name, 2);
+  };
+  const std::vector<double> zero1 = run("moe1", 1), zero3 = run("moe3", 3);
+  ASSERT_EQ(zero1.size(), 4u);
+  ASSERT_EQ(zero3.size(), zero1.size());
+  for (size_t i = 0; i < zero1.size(); ++i) EXPECT_NEAR(zero3[i], zero1[i], 1e-4 * std::abs(zero1[i])) << "step " << i + 1;
+  std::cout << "MoE router finetune: zero3 vs zero1 (2 ranks): max relative loss difference " << MaxRelDiff(zero3, zero1)
+            << "\n";
+  ExpectSameWeights("moe1", "moe3", false);
+  // Only the routers are sharded: the outer unit is empty, each layer's unit is its gate.
+  const std::string log = *ReadFile(dir / "moe3.1.log");
+  EXPECT_NE(log.find("sharded (ZeRO-3)"), std::string::npos) << log;
+  EXPECT_NE(log.find("(outer 0, largest layer 128)"), std::string::npos) << log;
+  // Frozen experts come out as they went in.
+  auto before = HfTensorSource::Open(dir / "moe"), after = HfTensorSource::Open(dir / "moe3");
+  ASSERT_TRUE(before.ok() && after.ok());
+  for (const auto& name : before->Names())
+    if (name.find("block_sparse_moe.gate.") == std::string::npos) EXPECT_TRUE(at::equal(*before->Load(name), *after->Load(name))) << name;
+}
+
+// A rank killed mid-training: the other's next gather or reduce-scatter (inside forward or backward) fails, and
+// it exits 1 naming the step instead of hanging.
+TEST_F(Distributed, Zero3ARankThatDiesEndsTheWholeGroup) {
+  WriteJob("z3dies", {{"zero", 3}}, 200);
+  StoreServer store;
+  Rank r0 = Launch(dir.path(), "z3dies", 0, 2, store.port());
+  Rank r1 = Launch(dir.path(), "z3dies", 1, 2, store.port());
+  for (int i = 0; i < 3000 && Losses(r0.events).empty(); ++i) ::usleep(10000);
+  ASSERT_FALSE(Losses(r0.events).empty()) << *ReadFile(r0.log);
+  ::kill(r1.pid, SIGKILL);
+  EXPECT_EQ(Wait(r1), 128 + SIGKILL);
+  const auto killed = std::chrono::steady_clock::now();
+  EXPECT_EQ(Wait(r0), 1) << *ReadFile(r0.log);
+  EXPECT_LT(std::chrono::steady_clock::now() - killed, std::chrono::seconds(30));
+  EXPECT_NE(ReadFile(r0.log)->find("failed (another rank died or timed out?)"), std::string::npos) << *ReadFile(r0.log);
+  EXPECT_FALSE(std::filesystem::exists(dir / "z3dies"));
+}
+
+// The ZeRO-3 unit function in one process: a fake group whose other rank's shard is known, and whose
+// reduce-scatter adds a given contribution of the other ranks.
+class FakeComm : public ShardComm {
+ public:
+  FakeComm(int rank, std::vector<at::Tensor> shards, at::Tensor others = {})
+      : rank_(rank), shards_(std::move(shards)), others_(std::move(others)) {}
+  int rank() const override { return rank_; }
+  int world_size() const override { return static_cast<int>(shards_.size()); }
+  Status AllGather(const at::Tensor& mine, at::Tensor& full) override {
+    ++gathers;
+    const int64_t s = mine.numel();
+    EXPECT_EQ(full.numel(), s * world_size());
+    for (int r = 0; r < world_size(); ++r) full.narrow(0, r * s, s).copy_(r == rank_ ? mine : shards_[r]);
+    return Status::Ok();
+  }
+  StatusOr<at::Tensor> ReduceScatter(at::Tensor& full) override {
+    ++scatters;
+    const int64_t s = full.numel() / world_size();
+    at::Tensor sum = others_.defined() ? full + others_ : full;
+    return sum.narrow(0, rank_ * s, s).clone();
+  }
+  int gathers = 0, scatters = 0;
+
+ private:
+  int rank_;
+  std::vector<at::Tensor> shards_;
+  at::Tensor others_;
+};
+
+// A small two-output "layer" in float64: y = x + W2 tanh(W1 x + b1), aux = mean(tanh(...)^2).
+std::vector<at::Tensor> TinyLayer(const at::Tensor& x, const std::unordered_map<std::string, at::Tensor>& w) {
+  at::Tensor h = at::tanh(at::linear(x, w.at("u.w1"), w.at("u.b1")));
+  return {x + at::linear(h, w.at("u.w2")), h.pow(2).mean()};
+}
+
+TEST(Zero3Unit, GatherRecomputeReduceScatterMatchesThePlainComputationInFloat64) {
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(11);
+  const auto f64 = at::TensorOptions().dtype(at::kDouble);
+  auto unit = std::make_shared<ShardedUnit>();
+  unit->Add("u.w1", {5, 4});
+  unit->Add("u.b1", {5});
+  unit->Add("u.w2", {4, 5});
+  unit->Finish(2);
+  ASSERT_EQ(unit->numel, 45);
+  ASSERT_EQ(unit->shard, 23);  // one element of padding
+  // The plain computation: every parameter whole.
+  at::Tensor flat = at::normal(0.0, 0.5, {46}, gen, f64);
+  flat[45] = 0;
+  at::Tensor x0 = at::normal(0.0, 1.0, {3, 4}, gen, f64), probe = at::normal(0.0, 1.0, {3, 4}, gen, f64);
+  at::Tensor p = flat.clone().requires_grad_(true), xp = x0.clone().requires_grad_(true);
+  auto plain = TinyLayer(xp, unit->Views(p));
+  ((plain[0] * probe).sum() + 0.7 * plain[1]).backward();
+  // Another rank's gradient of the whole unit, which the reduce-scatter adds.
+  at::Tensor others = at::normal(0.0, 1.0, {46}, gen, f64);
+  others[45] = 0;
+  const std::vector<at::Tensor> shards = {flat.narrow(0, 0, 23).clone(), flat.narrow(0, 23, 23).clone()};
+  for (int rank = 0; rank < 2; ++rank) {
+    for (bool with_others : {false, true}) {
+      FakeComm comm(rank, shards, with_others ? others : at::Tensor());
+      at::Tensor shard = shards[rank].clone().requires_grad_(true), x = x0.clone().requires_grad_(true);
+      auto out = RunShardedUnit(unit, &comm, TinyLayer, x, shard);
+      EXPECT_EQ(comm.gathers, 1);  // the forward gathered once and kept nothing
+      ASSERT_EQ(out.size(), 2u);
+      EXPECT_LT((out[0] - plain[0]).abs().max().item<double>(), 1e-14);
+      EXPECT_LT((out[1] - plain[1]).abs().item<double>(), 1e-14);
+      ((out[0] * probe).sum() + 0.7 * out[1]).backward();
+      EXPECT_EQ(comm.gathers, 2);  // the backward gathered again
+      EXPECT_EQ(comm.scatters, 1);
+      EXPECT_LT((x.grad() - xp.grad()).abs().max().item<double>(), 1e-13) << rank;
+      at::Tensor want = p.grad().narrow(0, rank * 23, 23) + (with_others ? others.narrow(0, rank * 23, 23) : at::zeros({23}, f64));
+      EXPECT_LT((shard.grad() - want).abs().max().item<double>(), 1e-13) << rank << " " << with_others;
+      if (rank == 1) EXPECT_EQ(shard.grad()[22].item<double>(), 0.0);  // the padding takes no gradient
+    }
+  }
+  // Gradient check: central differences of the loss in the shard's and x's elements (float64, step 1e-6).
+  FakeComm comm(0, shards);
+  auto loss_of = [&](const at::Tensor& shard, const at::Tensor& x) {
+    at::NoGradGuard ng;
+    auto out = RunShardedUnit(unit, &comm, TinyLayer, x, shard);
+    return ((out[0] * probe).sum() + 0.7 * out[1]).item<double>();
+  };
+  at::Tensor shard = shards[0].clone().requires_grad_(true), x = x0.clone().requires_grad_(true);
+  auto out = RunShardedUnit(unit, &comm, TinyLayer, x, shard);
+  ((out[0] * probe).sum() + 0.7 * out[1]).backward();
+  const double h = 1e-6;
+  for (int64_t i : {0, 5, 19, 20, 22}) {
+    at::Tensor up = shards[0].clone(), down = shards[0].clone();
+    up[i] += h;
+    down[i] -= h;
+    const double fd = (loss_of(up, x0) - loss_of(down, x0)) / (2 * h);
+    EXPECT_NEAR(shard.grad()[i].item<double>(), fd, 1e-8 + 1e-6 * std::abs(fd)) << "shard element " << i;
+  }
+  for (int64_t i : {0, 6, 11}) {
+    at::Tensor up = x0.clone(), down = x0.clone();
+    up.view({-1})[i] += h;
+    down.view({-1})[i] -= h;
+    const double fd = (loss_of(shards[0], up) - loss_of(shards[0], down)) / (2 * h);
+    EXPECT_NEAR(x.grad().view({-1})[i].item<double>(), fd, 1e-8 + 1e-6 * std::abs(fd)) << "x element " << i;
+  }
+}
+
+// The model's decoder layers through the runner (ForwardOptions::layer_runner) give the plain model's logits and
+// gradients (float32, dense and MoE): each layer's shard gradient is its slice of the plain parameter gradients.
+TEST(Zero3Unit, LlamaLayersThroughTheRunnerMatchThePlainModel) {
+  for (int64_t experts : {0, 4}) {
+    auto m = LlamaModel::Init(testing::TinyConfig(experts), 3);
+    ASSERT_TRUE(m.ok());
+    for (auto& [n, t] : m->params()) t.requires_grad_(true);
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(5);
+    at::Tensor tokens = at::randint(0, m->config().vocab_size, {2, 8}, gen, at::TensorOptions().dtype(at::kLong));
+    ForwardOptions fo;
+    fo.training = true;
+    fo.backend = MoeBackend::kReference;
+    auto plain = m->Forward(tokens, fo);
+    (plain.logits.pow(2).mean() + plain.aux_loss).backward();
+    // The same weights, copied; each layer a unit sharded over 2 ranks, computed as rank 0.
+    LlamaModel m2 = *m;
+    for (auto& [n, t] : m2.params()) t = t.detach().clone().requires_grad_(true);
+    const int64_t L = m->config().num_hidden_layers;
+    std::vector<std::shared_ptr<ShardedUnit>> units;
+    std::vector<std::unique_ptr<FakeComm>> comms;
+    std::vector<at::Tensor> shard0, plain_grad;
+    for (int64_t l = 0; l < L; ++l) {
+      auto u = std::make_shared<ShardedUnit>();
+      std::vector<at::Tensor> values, grads;
+      for (const auto& [n, t] : m->params()) {
+        if (!n.starts_with("model.layers." + std::to_string(l) + ".")) continue;
+        u->Add(n, t.sizes().vec());
+        values.push_back(t.detach().reshape({-1}));
+        grads.push_back(t.grad().reshape({-1}));
+      }
+      u->Finish(2);
+      at::Tensor full = at::zeros({2 * u->shard}), g = at::zeros({2 * u->shard});
+      full.narrow(0, 0, u->numel).copy_(at::cat(values));
+      g.narrow(0, 0, u->numel).copy_(at::cat(grads));
+      comms.push_back(std::make_unique<FakeComm>(
+          0, std::vector<at::Tensor>{full.narrow(0, 0, u->shard).clone(), full.narrow(0, u->shard, u->shard).clone()}));
+      shard0.push_back(full.narrow(0, 0, u->shard).clone().requires_grad_(true));
+      plain_grad.push_back(g.narrow(0, 0, u->shard));
+      units.push_back(u);
+    }
+    fo.layer_runner = [&](int64_t l, const at::Tensor& x, const LayerFn& fn) {
+      return RunShardedUnit(units[l], comms[l].get(), fn, x, shard0[l]);
+    };
+    auto sharded = m2.Forward(tokens, fo);
+    EXPECT_LT((sharded.logits - plain.logits).abs().max().item<double>(), 1e-6) << experts;
+    (sharded.logits.pow(2).mean() + sharded.aux_loss).backward();
+    for (int64_t l = 0; l < L; ++l) {
+      EXPECT_EQ(comms[l]->gathers, 2);
+      EXPECT_EQ(comms[l]->scatters, 1);
+      EXPECT_LT((shard0[l].grad() - plain_grad[l]).abs().max().item<double>(), 1e-6) << "layer " << l << " experts " << experts;
+    }
+    EXPECT_TRUE(at::allclose(m2.params()[0].second.grad(), m->params()[0].second.grad(), 1e-5, 1e-7));
+    if (experts) EXPECT_EQ(sharded.expert_counts.size(), static_cast<size_t>(L));
+  }
 }
 
 }  // namespace

@@ -322,7 +322,13 @@ ForwardOutput LlamaModel::Forward(const at::Tensor& tokens, const ForwardOptions
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     LayerSide side;
     std::vector<at::Tensor> r;
-    if (opts.activation_checkpointing && at::GradMode::is_enabled()) {
+    if (opts.layer_runner) {
+      auto shared = std::make_shared<LayerSide>();
+      r = opts.layer_runner(l, x, [layer, l, shared](const at::Tensor& in, const std::unordered_map<std::string, at::Tensor>& w) {
+        return layer(l, in, &w, shared.get());
+      });
+      side = *shared;
+    } else if (opts.activation_checkpointing && at::GradMode::is_enabled()) {
 #ifdef BTX_HAVE_KERNELS
       // The layer's parameters become checkpoint inputs, so that their gradients flow through the re-run.
       const std::string prefix = L(l);

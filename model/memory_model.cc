@@ -1,6 +1,8 @@
 #include "btx/model/memory_model.h"
 
+#include <algorithm>
 #include <cstdio>
+#include <map>
 
 #ifdef BTX_HAVE_KERNELS
 #include "btx/kernels/attention.h"
@@ -45,6 +47,11 @@ MemoryModel EstimateMemory(const MemoryModelInput& in) {
   MemoryModel m;
   m.params = in.params * 4;
   m.grads = in.trainable * 4;
+  if (in.param_shards > 1) {
+    // ZeRO-3: frozen weights whole, trainable ones as a 1/R shard, plus the gathered units' weights and gradients.
+    m.params = (in.params - in.trainable) * 4 + in.trainable * 4 / in.param_shards + in.gathered * 4;
+    m.grads = in.trainable * 4 / in.param_shards + in.gathered * 4;
+  }
   m.optimizer = in.trainable * 8 / std::max<int64_t>(1, in.optimizer_shards);
   const int64_t N = in.rows * in.seq_len, L = c.num_hidden_layers, V = c.vocab_size, D = c.hidden_size;
   const int64_t layer = LayerActivationElements(in);
@@ -75,7 +82,11 @@ std::string FormatBytes(int64_t bytes) {
 std::string DescribeMemoryModel(const MemoryModelInput& in, const MemoryModel& m) {
   std::string loss = in.loss_chunk_tokens > 0 ? "loss in chunks of " + std::to_string(in.loss_chunk_tokens) + " tokens"
                                               : "loss over full logits";
-  return "memory model per rank: params " + FormatBytes(m.params) + ", grads " + FormatBytes(m.grads) + ", optimizer " +
+  const std::string sharded = in.param_shards > 1 ? " (1/" + std::to_string(in.param_shards) + " + " +
+                                                        FormatBytes(in.gathered * 4) + " gathered, ZeRO-3)"
+                                                  : "";
+  return "memory model per rank: params " + FormatBytes(m.params) + sharded + ", grads " + FormatBytes(m.grads) +
+         sharded + ", optimizer " +
          FormatBytes(m.optimizer) + (in.optimizer_shards > 1 ? " (1/" + std::to_string(in.optimizer_shards) + ")" : "") +
          ", activations ~" + FormatBytes(m.activations) + " (micro-batch " + std::to_string(in.rows) + " x " +
          std::to_string(in.seq_len) + " tokens, attention " + in.attention + ", activation checkpointing " +
@@ -110,7 +121,25 @@ std::string DescribeTrainingMemory(const LlamaModel& model, const contract::Trai
   in.attention = ResolvedAttention(train.attention, train.seq_len);
   in.checkpointing = train.activation_checkpointing;
   in.loss_chunk_tokens = train.loss_chunk_tokens;
-  in.optimizer_shards = train.zero == 1 ? ranks : 1;
+  in.optimizer_shards = train.zero == 1 || train.zero == 3 ? ranks : 1;
+  if (train.zero == 3 && ranks > 1) {
+    // Trainer's units: each decoder layer's trainable parameters, and the rest; one layer is gathered at a time,
+    // the rest for the whole step. Every layer is recomputed in its backward (as with activation checkpointing).
+    in.param_shards = ranks;
+    std::map<int64_t, int64_t> layer;
+    int64_t outer = 0;
+    for (const auto& [name, p] : model.params()) {
+      if (!p.requires_grad()) continue;
+      if (name.starts_with("model.layers."))
+        layer[std::stoll(name.substr(13))] += p.numel();
+      else
+        outer += p.numel();
+    }
+    int64_t largest = 0;
+    for (const auto& [l, n] : layer) largest = std::max(largest, n);
+    in.gathered = outer + largest;
+    in.checkpointing = true;
+  }
   // Autocast keeps matmul outputs in bf16 on CUDA; most saved activations are those.
   in.activation_bytes = device.rfind("cuda", 0) == 0 || train.precision == "bf16" ? 2 : 4;
   return DescribeMemoryModel(in, EstimateMemory(in));

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 #include <torch/csrc/autograd/autograd.h>
 
+#include <iostream>
 #include <vector>
 
 #include "btx/kernels/chunked_loss.h"
@@ -65,6 +66,60 @@ TEST(MemoryModel, OptionsShrinkWhatTheyShouldAtLength) {
   EXPECT_EQ(EstimateMemory(in).optimizer, 2000);
   in.optimizer_shards = 1;
   EXPECT_EQ(EstimateMemory(in).optimizer, 8000);
+}
+
+// ZeRO-3 at size: Llama-3-8B (8.03e9 parameters, all trained) on 8 ranks, as shape-only (meta) tensors. The
+// shards are 16 B / 8 per parameter; on top, the outer unit (embeddings and lm_head, 1.05e9) and the largest layer
+// (2.18e8) are whole: weights and gradients. The numbers quoted in docs/btx-train-protocol.md.
+TEST(MemoryModel, Zero3ShardsParametersAndGradientsOfAn8BModelOn8Ranks) {
+  ModelConfig c;
+  c.vocab_size = 128256;
+  c.hidden_size = 4096;
+  c.intermediate_size = 14336;
+  c.num_hidden_layers = 32;
+  c.num_attention_heads = 32;
+  c.num_key_value_heads = 8;
+  c.max_position_embeddings = 8192;
+  std::vector<std::pair<std::string, at::Tensor>> t;
+  for (auto& [name, shape] : LlamaModel::Layout(c))
+    t.emplace_back(name, at::empty(shape, at::TensorOptions().dtype(at::kFloat).device(at::kMeta)));
+  auto model = LlamaModel::FromTensors(c, std::move(t));
+  ASSERT_TRUE(model.ok()) << model.status().message();
+  int64_t params = 0;
+  for (auto& [name, p] : model->params()) {
+    p.requires_grad_(true);
+    params += p.numel();
+  }
+  ASSERT_EQ(params, 8030261248);
+  const int64_t outer = 2 * 128256 * 4096 + 4096, layer = 218112000;
+  contract::TrainConfig train;
+  train.zero = 3;
+  train.seq_len = 8192;
+  train.batch_tokens = 8 * 8192;  // one sequence per rank
+  train.precision = "bf16";
+  train.attention = "chunked";
+  train.loss_chunk_tokens = 1024;
+  const std::string line = DescribeTrainingMemory(*model, train, 8, "cuda:0");
+  std::cout << line << "\n";
+  MemoryModelInput in;
+  in.model = c;
+  in.params = in.trainable = params;
+  in.param_shards = in.optimizer_shards = 8;
+  in.gathered = outer + layer;
+  const MemoryModel m = EstimateMemory(in);
+  EXPECT_EQ(m.params, params * 4 / 8 + (outer + layer) * 4);
+  EXPECT_EQ(m.grads, params * 4 / 8 + (outer + layer) * 4);
+  EXPECT_EQ(m.optimizer, params);
+  EXPECT_LT(m.params + m.grads + m.optimizer, int64_t{27} << 30);  // vs 104 GB per GPU with ZeRO-1
+  EXPECT_NE(line.find("params " + FormatBytes(m.params) + " (1/8 + " + FormatBytes((outer + layer) * 4) + " gathered, ZeRO-3)"),
+            std::string::npos) << line;
+  EXPECT_NE(line.find("optimizer " + FormatBytes(m.optimizer) + " (1/8)"), std::string::npos) << line;
+  EXPECT_NE(line.find("activation checkpointing on"), std::string::npos) << line;  // ZeRO-3 recomputes every layer
+  // ZeRO-1 on the same ranks: whole weights and gradients.
+  train.zero = 1;
+  const std::string zero1 = DescribeTrainingMemory(*model, train, 8, "cuda:0");
+  std::cout << zero1 << "\n";
+  EXPECT_NE(zero1.find("params " + FormatBytes(params * 4) + ", grads"), std::string::npos) << zero1;
 }
 
 TEST(MemoryModel, FormatsAndDescribes) {

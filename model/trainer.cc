@@ -16,6 +16,7 @@
 #include <iostream>
 #include <mutex>
 #include <nlohmann/json.hpp>
+#include <optional>
 
 #include "btx/contract/files.h"
 #include "btx/model/hf_io.h"
@@ -96,22 +97,67 @@ Status Trainer::Init() {
   }
   if (trainable_.empty()) return InvalidArgument("freeze: every parameter is frozen");
   // ZeRO-1: rank r owns elements [r·S, (r+1)·S) of the flat trainable parameters, S = ceil(N / R) (the last
-  // shards may be short or empty); equal strides let the all-gather exchange equal-sized buffers.
+  // shards may be short or empty); equal strides let the all-gather exchange equal-sized buffers. ZeRO-3 shards
+  // each unit (a decoder layer's trainable parameters, or the rest) that way instead (zero3.h): a rank owns
+  // several ranges of the flat layout, and its optimizer state is their concatenation.
   const int world = opts_.dp ? opts_.dp->world_size() : 1;
-  zero_ = world > 1 && cfg_.zero == 1;
+  zero3_ = world > 1 && cfg_.zero == 3;
+  zero_ = world > 1 && (cfg_.zero == 1 || zero3_);
+  device_ = params[trainable_.front()].second.device();
+  if (zero3_ && cfg_.micro_batch() < world) {
+    // The layers' gathers and reduce-scatters are collectives inside forward and backward: every rank needs rows.
+    return InvalidArgument("train.zero 3 on " + std::to_string(world) + " ranks needs micro-batches of at least " +
+                           std::to_string(world) + " sequences (got " + std::to_string(cfg_.micro_batch()) +
+                           "): raise train.batch_tokens or lower train.grad_accum");
+  }
   shard_size_ = zero_ ? (flat_numel_ + world - 1) / world : flat_numel_;
   const int rank = opts_.dp ? opts_.dp->rank() : 0;
-  shard_begin_ = zero_ ? std::min(flat_numel_, rank * shard_size_) : 0;
-  shard_end_ = std::min(flat_numel_, shard_begin_ + shard_size_);
-  segments_ = SegmentsOf(shard_begin_, shard_end_);
-  if (zero_) {
-    for (int r = 0; r < world; ++r)
-      rank_segments_.push_back(SegmentsOf(std::min(flat_numel_, r * shard_size_), std::min(flat_numel_, (r + 1) * shard_size_)));
-  }
+  shard_begin_ = zero_ && !zero3_ ? std::min(flat_numel_, rank * shard_size_) : 0;
+  shard_end_ = zero_ && !zero3_ ? std::min(flat_numel_, shard_begin_ + shard_size_) : flat_numel_;
   const auto state_opts = params[trainable_.front()].second.options().dtype(at::kFloat).requires_grad(false);
+  if (zero3_) {
+    // Units: the trainable parameters of each decoder layer, and the rest (embeddings, final norm, lm_head).
+    const int64_t layers = model_->config().num_hidden_layers;
+    units_.resize(static_cast<size_t>(layers) + 1);
+    unit_members_.resize(units_.size());
+    for (auto& u : units_) u = std::make_shared<ShardedUnit>();
+    for (size_t k = 0; k < trainable_.size(); ++k) {
+      const auto& [name, t] = params[trainable_[k]];
+      size_t u = 0;
+      if (name.starts_with("model.layers.")) {
+        u = 1 + std::stoul(name.substr(std::string("model.layers.").size()));
+        if (u > static_cast<size_t>(layers)) return Internal("parameter " + name + " outside the model's layers");
+      }
+      units_[u]->Add(name, t.sizes().vec());
+      unit_members_[u].push_back(k);
+    }
+    for (auto& u : units_) u->Finish(world);
+    segments_ = Zero3SegmentsOf(rank);
+    int64_t owned = 0;
+    for (const Segment& sg : segments_) owned += sg.len;
+    shard_end_ = owned;  // the optimizer state's length (its elements are OwnedRanges(rank), not [begin, end))
+    at::NoGradGuard ng;
+    for (size_t u = 0; u < units_.size(); ++u) {
+      at::Tensor sh = at::zeros({units_[u]->shard}, state_opts);
+      for (const Segment& sg : segments_)
+        if (sg.unit == u)
+          sh.narrow(0, sg.unit_off, sg.len).copy_(params[trainable_[sg.k]].second.reshape({-1}).narrow(0, sg.param_off, sg.len));
+      unit_shard_.push_back(sh.requires_grad_(true));
+    }
+    std::vector<size_t> all(trainable_.size());
+    for (size_t k = 0; k < all.size(); ++k) all[k] = k;
+    ToPlaceholders(all);  // from here on only the shards hold the trainable weights
+    comm_ = MakeShardComm(opts_.dp);
+  } else {
+    segments_ = SegmentsOf(shard_begin_, shard_end_);
+    if (zero_) {
+      for (int r = 0; r < world; ++r)
+        rank_segments_.push_back(SegmentsOf(std::min(flat_numel_, r * shard_size_), std::min(flat_numel_, (r + 1) * shard_size_)));
+    }
+  }
   exp_avg_ = at::zeros({shard_end_ - shard_begin_}, state_opts);
   exp_avg_sq_ = at::zeros({shard_end_ - shard_begin_}, state_opts);
-  if (opts_.dp) {
+  if (opts_.dp && !zero3_) {
     std::vector<at::Tensor> tp;
     for (size_t i : trainable_) tp.push_back(params[i].second);
     const DistConfig& dc = opts_.dp->config();
@@ -127,9 +173,11 @@ Status Trainer::Init() {
 StatusOr<double> Trainer::TrainStep() {
   auto& params = model_->params();
   const int64_t micro = cfg_.micro_batch();
-  const c10::Device dev = params.front().second.device();
+  const c10::Device dev = device_;
   const bool cuda = dev.is_cuda();
   double loss_sum = 0;
+  // ZeRO-3: the outer unit is whole for the step; each layer gathers its parameters when it runs.
+  if (zero3_) BTX_RETURN_IF_ERROR(GatherOuterUnit());
   for (int64_t a = 0; a < cfg_.grad_accum; ++a) {
     // Every rank draws the whole micro-batch (the sampler is deterministic) and computes its slice of the rows,
     // so that R ranks see exactly the samples one rank would; the slice's loss is weighted by its share of the
@@ -151,6 +199,8 @@ StatusOr<double> Trainer::TrainStep() {
     at::Tensor input = batch.narrow(1, 0, cfg_.seq_len), target = targets.to(dev);
     ForwardOutput out;
     at::Tensor ce;
+    // ZeRO-3's collectives run inside forward and backward; a failed one throws.
+    try {
     {
       // bf16 forward with `train.precision: bf16`; the backward runs outside autocast
       kernels::CudaAutocastScope amp(cuda && cfg_.precision == "bf16");
@@ -161,6 +211,13 @@ StatusOr<double> Trainer::TrainStep() {
       fo.backend = opts_.backend;
       fo.top_k = opts_.top_k;
       ApplyMemoryOptions(cfg_, fo);
+      if (zero3_) {
+        fo.layer_runner = [this](int64_t l, const at::Tensor& x, const LayerFn& fn) {
+          const size_t u = static_cast<size_t>(l) + 1;
+          if (units_[u]->numel == 0) return fn(x, {});  // a layer without trainable parameters
+          return RunShardedUnit(units_[u], comm_.get(), fn, x, unit_shard_[u]);
+        };
+      }
       out = model_->Forward(input, fo);
       if (cfg_.loss_chunk_tokens > 0) {
         // Same mean over the tokens whose target is not -100, without the [tokens, vocab] logits.
@@ -176,10 +233,24 @@ StatusOr<double> Trainer::TrainStep() {
     // The last micro-batch's backward feeds the gradient buckets as it goes (overlap; distributed.h).
     if (reducer_ && a + 1 == cfg_.grad_accum) reducer_->Arm();
     loss.backward();
+    } catch (const std::exception& e) {
+      if (!zero3_) throw;
+      return Internal(std::string("ZeRO-3 step ") + std::to_string(step_ + 1) + ": " + e.what());
+    }
     loss_sum += ce.item<double>() * share;
   }
   at::NoGradGuard ng;
-  if (opts_.dp) {
+  if (zero3_) {
+    BTX_RETURN_IF_ERROR(ReduceOuterUnit());
+    if (step_ == 0) {
+      int64_t largest = 0;
+      for (size_t u = 1; u < units_.size(); ++u) largest = std::max(largest, units_[u]->numel);
+      std::cerr << "btx: rank " << opts_.dp->rank() << ": parameters, gradients and optimizer sharded (ZeRO-3): "
+                << shard_end_ - shard_begin_ << " of " << flat_numel_ << " elements in " << units_.size()
+                << " units (outer " << units_[0]->numel << ", largest layer " << largest << ")\n";
+    }
+    BTX_ASSIGN_OR_RETURN(loss_sum, opts_.dp->Sum(loss_sum));
+  } else if (opts_.dp) {
     // Every rank ends with the summed gradient of every parameter (Gloo has no reduce-scatter in LibTorch 1.13;
     // ZeRO-1 then reads only its shard of it).
     BTX_RETURN_IF_ERROR(reducer_->Finish());
@@ -192,12 +263,18 @@ StatusOr<double> Trainer::TrainStep() {
     BTX_ASSIGN_OR_RETURN(loss_sum, opts_.dp->Sum(loss_sum));
   }
   const double lr = LearningRate(cfg_, step_, opts_.steps);
+  // A segment's gradient: a view into the parameter's .grad, or with ZeRO-3 into its unit's gradient shard.
+  auto grad_of = [&](const Segment& s) -> at::Tensor {
+    const at::Tensor& g = zero3_ ? unit_shard_[s.unit].grad() : params[trainable_[s.k]].second.grad();
+    if (!g.defined()) return g;
+    return zero3_ ? g.narrow(0, s.unit_off, s.len) : g.reshape({-1}).narrow(0, s.param_off, s.len);
+  };
   if (cfg_.grad_clip > 0) {
-    // The global norm: over this rank's shard, summed over the ranks with ZeRO-1 (each element counted once).
+    // The global norm: over this rank's shard, summed over the ranks with ZeRO-1 or 3 (each element counted once).
     std::vector<at::Tensor> norms;
     for (const Segment& s : segments_) {
-      const at::Tensor& g = params[trainable_[s.k]].second.grad();
-      if (g.defined()) norms.push_back(g.reshape({-1}).narrow(0, s.param_off, s.len).pow(2).sum());
+      at::Tensor g = grad_of(s);
+      if (g.defined()) norms.push_back(g.pow(2).sum());
     }
     double sq = norms.empty() ? 0.0 : at::stack(norms).sum().item<double>();
     if (zero_) {
@@ -208,7 +285,12 @@ StatusOr<double> Trainer::TrainStep() {
       const double scale = cfg_.grad_clip / (total + 1e-6);
       for (const Segment& s : segments_) {
         at::Tensor& p = params[trainable_[s.k]].second;
-        if (p.grad().defined()) p.mutable_grad().mul_(scale);  // a parameter has at most one segment per shard
+        if (zero3_) {
+          at::Tensor g = grad_of(s);  // a view into the unit's gradient shard; segments do not overlap
+          if (g.defined()) g.mul_(scale);
+        } else if (p.grad().defined()) {
+          p.mutable_grad().mul_(scale);  // a parameter has at most one segment per shard
+        }
       }
     }
   }
@@ -216,9 +298,9 @@ StatusOr<double> Trainer::TrainStep() {
   const double bc1 = 1 - std::pow(cfg_.beta1, t), bc2 = 1 - std::pow(cfg_.beta2, t);
   for (const Segment& s : segments_) {
     at::Tensor& p = params[trainable_[s.k]].second;
-    if (!p.grad().defined()) continue;
-    at::Tensor g = p.grad().reshape({-1}).narrow(0, s.param_off, s.len);
-    at::Tensor w = p.view({-1}).narrow(0, s.param_off, s.len);
+    at::Tensor g = grad_of(s);
+    if (!g.defined()) continue;
+    at::Tensor w = zero3_ ? unit_shard_[s.unit].narrow(0, s.unit_off, s.len) : p.view({-1}).narrow(0, s.param_off, s.len);
     at::Tensor m = exp_avg_.narrow(0, s.state_off, s.len), v = exp_avg_sq_.narrow(0, s.state_off, s.len);
     // Decoupled weight decay (AdamW) on matrices only; norms and other vectors are not decayed.
     if (cfg_.weight_decay > 0 && p.dim() >= 2) w.mul_(1.0 - lr * cfg_.weight_decay);
@@ -228,7 +310,8 @@ StatusOr<double> Trainer::TrainStep() {
     w.addcdiv_(m, denom, -lr / bc1);
   }
   for (size_t i : trainable_) params[i].second.mutable_grad().reset();
-  if (zero_) BTX_RETURN_IF_ERROR(GatherParams());
+  for (auto& sh : unit_shard_) sh.mutable_grad().reset();
+  if (zero_ && !zero3_) BTX_RETURN_IF_ERROR(GatherParams());
   ++step_;
   return loss_sum / static_cast<double>(cfg_.grad_accum);
 }
@@ -261,6 +344,98 @@ Status Trainer::GatherParams() {
   return Status::Ok();
 }
 
+std::vector<Trainer::Segment> Trainer::Zero3SegmentsOf(int rank) const {
+  std::vector<Segment> out;
+  int64_t state = 0;
+  for (size_t u = 0; u < units_.size(); ++u) {
+    const ShardedUnit& unit = *units_[u];
+    const int64_t begin = std::min(unit.numel, rank * unit.shard), end = std::min(unit.numel, begin + unit.shard);
+    for (size_t j = 0; j < unit_members_[u].size(); ++j) {
+      const int64_t off = unit.offsets[j], next = j + 1 < unit.offsets.size() ? unit.offsets[j + 1] : unit.numel;
+      const int64_t lo = std::max(begin, off), hi = std::min(end, next);
+      if (lo >= hi) continue;
+      out.push_back({unit_members_[u][j], lo - off, state, hi - lo, u, lo - begin});
+      state += hi - lo;
+    }
+  }
+  return out;
+}
+
+std::vector<Trainer::Range> Trainer::OwnedRanges(int rank) const {
+  if (!zero3_) {
+    const int64_t b = zero_ ? std::min(flat_numel_, rank * shard_size_) : 0;
+    const int64_t e = zero_ ? std::min(flat_numel_, (rank + 1) * shard_size_) : flat_numel_;
+    return {{b, e, 0}};
+  }
+  std::vector<Range> out;
+  for (const Segment& s : Zero3SegmentsOf(rank)) {
+    const int64_t b = flat_offsets_[s.k] + s.param_off;
+    if (!out.empty() && out.back().end == b && out.back().state_off + (out.back().end - out.back().begin) == s.state_off)
+      out.back().end += s.len;
+    else
+      out.push_back({b, b + s.len, s.state_off});
+  }
+  return out;
+}
+
+void Trainer::ToPlaceholders(const std::vector<size_t>& ks) {
+  auto& params = model_->params();
+  for (size_t k : ks) {
+    at::Tensor& t = params[trainable_[k]].second;
+    t = at::empty(t.sizes(), at::TensorOptions().dtype(at::kFloat).device(at::kMeta)).requires_grad_(true);
+  }
+}
+
+Status Trainer::GatherOuterUnit() {
+  const ShardedUnit& unit = *units_[0];
+  if (unit.numel == 0) return Status::Ok();
+  at::Tensor full = at::empty({comm_->world_size() * unit.shard}, unit_shard_[0].options().requires_grad(false));
+  BTX_RETURN_IF_ERROR(comm_->AllGather(unit_shard_[0].detach(), full));
+  auto views = unit.Views(full);
+  auto& params = model_->params();
+  for (size_t j = 0; j < unit.names.size(); ++j) {
+    at::Tensor p = views.at(unit.names[j]);
+    p.requires_grad_(true);  // a leaf for the step: its .grad accumulates over the micro-batches
+    params[trainable_[unit_members_[0][j]]].second = p;
+  }
+  return Status::Ok();
+}
+
+Status Trainer::ReduceOuterUnit() {
+  const ShardedUnit& unit = *units_[0];
+  if (unit.numel == 0) return Status::Ok();
+  auto& params = model_->params();
+  at::Tensor full = at::zeros({comm_->world_size() * unit.shard}, unit_shard_[0].options().requires_grad(false));
+  for (size_t j = 0; j < unit.names.size(); ++j) {
+    const at::Tensor& g = params[trainable_[unit_members_[0][j]]].second.grad();
+    if (g.defined()) full.narrow(0, unit.offsets[j], g.numel()).copy_(g.reshape({-1}));
+  }
+  ToPlaceholders(unit_members_[0]);  // frees the gathered weights and their gradients
+  BTX_ASSIGN_OR_RETURN(at::Tensor mine, comm_->ReduceScatter(full));
+  at::Tensor& g = unit_shard_[0].mutable_grad();
+  if (g.defined())
+    g.add_(mine);
+  else
+    g = mine;
+  return Status::Ok();
+}
+
+Status Trainer::GatherFullParams(std::vector<std::pair<std::string, at::Tensor>>* dst, c10::Device device) {
+  at::NoGradGuard ng;
+  for (size_t u = 0; u < units_.size(); ++u) {
+    const ShardedUnit& unit = *units_[u];
+    if (unit.numel == 0) continue;
+    at::Tensor full = at::empty({comm_->world_size() * unit.shard}, unit_shard_[u].options().requires_grad(false));
+    BTX_RETURN_IF_ERROR(comm_->AllGather(unit_shard_[u].detach(), full));
+    if (dst == nullptr) continue;
+    auto views = unit.Views(full);
+    for (size_t j = 0; j < unit.names.size(); ++j)
+      (*dst)[trainable_[unit_members_[u][j]]].second =
+          views.at(unit.names[j]).to(at::TensorOptions().device(device), /*non_blocking=*/false, /*copy=*/true);
+  }
+  return Status::Ok();
+}
+
 StatusOr<TrainOutcome> Trainer::Run() {
   using clock = std::chrono::steady_clock;
   auto window_start = clock::now();
@@ -288,6 +463,10 @@ StatusOr<TrainOutcome> Trainer::Run() {
     if (!opts_.checkpoint_dir.empty() && (periodic || stop || step_ == opts_.steps))
       BTX_RETURN_IF_ERROR(SaveCheckpoint());
     if (stop && step_ < opts_.steps) return TrainOutcome::kInterrupted;
+  }
+  if (zero3_) {
+    // Rank 0 validates and publishes the trained model: it gets the full weights back (collective).
+    BTX_RETURN_IF_ERROR(GatherFullParams(opts_.dp->rank() == 0 ? &model_->params() : nullptr, device_));
   }
   return TrainOutcome::kCompleted;
 }
@@ -331,8 +510,15 @@ at::Tensor CpuRngState() {
 }  // namespace
 
 Status Trainer::WriteOptimizerShard(const std::string& path, std::string* sha256) const {
-  const std::map<std::string, std::string> meta = {
-      {"begin", std::to_string(shard_begin_)}, {"end", std::to_string(shard_end_)}, {"numel", std::to_string(flat_numel_)}};
+  std::map<std::string, std::string> meta = {{"numel", std::to_string(flat_numel_)}};
+  if (zero3_) {
+    json ranges = json::array();
+    for (const Range& r : OwnedRanges(opts_.dp->rank())) ranges.push_back({r.begin, r.end});
+    meta["ranges"] = ranges.dump();
+  } else {
+    meta["begin"] = std::to_string(shard_begin_);
+    meta["end"] = std::to_string(shard_end_);
+  }
   return st::Write(path, {{"exp_avg", exp_avg_.cpu()}, {"exp_avg_sq", exp_avg_sq_.cpu()}}, meta, sha256);
 }
 
@@ -365,6 +551,12 @@ Status Trainer::SaveCheckpoint() {
   if (opts_.dp) {
     BTX_ASSIGN_OR_RETURN(rngs, opts_.dp->AllGather(rngs[0]));
   }
+  // ZeRO-3: the model files need the full weights; rank 0 assembles them in host memory, unit by unit.
+  std::optional<LlamaModel> full;
+  if (zero3_) {
+    if (rank == 0) full = *model_;
+    BTX_RETURN_IF_ERROR(GatherFullParams(rank == 0 ? &full->params() : nullptr, c10::kCPU));
+  }
   const int shards = zero_ ? world : 1;
   auto partial = [&](int r) {
     return opts_.checkpoint_dir + "/." + StepDirName(step_) + "." + ShardFileName(r, shards) + ".partial";
@@ -390,16 +582,23 @@ Status Trainer::SaveCheckpoint() {
     // Checkpoints hold the float32 weights whatever the output's dtype: resuming must be bit-exact.
     SaveOptions exact;
     exact.dtype = st::DType::kF32;
-    BTX_RETURN_IF_ERROR(WriteModelFiles(*model_, staged.path(), exact, &digests));
+    BTX_RETURN_IF_ERROR(WriteModelFiles(zero3_ ? *full : *model_, staged.path(), exact, &digests));
     // Twice the (shard of the) model's size (Adam's two moments): hashed as written too.
     const std::string own = ShardFileName(0, shards);
     BTX_RETURN_IF_ERROR(WriteOptimizerShard(staged.path() + "/" + own, &digests[own]));
-    json layout = {{"numel", flat_numel_}, {"zero", zero_ ? 1 : 0}, {"world_size", world}};
+    json layout = {{"numel", flat_numel_}, {"zero", zero3_ ? 3 : zero_ ? 1 : 0}, {"world_size", world}};
     const auto& params = model_->params();
     for (size_t i : trainable_) layout["params"].push_back({params[i].first, params[i].second.numel()});
     for (int r = 0; r < shards; ++r) {
-      const int64_t b = std::min(flat_numel_, r * shard_size_), e = std::min(flat_numel_, (r + 1) * shard_size_);
-      layout["shards"].push_back({{"file", ShardFileName(r, shards)}, {"begin", b}, {"end", e}});
+      if (zero3_) {
+        // Rank r's elements: its shard of every unit, in unit order (several ranges of the flat layout).
+        json ranges = json::array();
+        for (const Range& g : OwnedRanges(r)) ranges.push_back({g.begin, g.end});
+        layout["shards"].push_back({{"file", ShardFileName(r, shards)}, {"ranges", ranges}});
+      } else {
+        const int64_t b = std::min(flat_numel_, r * shard_size_), e = std::min(flat_numel_, (r + 1) * shard_size_);
+        layout["shards"].push_back({{"file", ShardFileName(r, shards)}, {"begin", b}, {"end", e}});
+      }
       // The other ranks' shards: hashed by the manifest (they were written by other processes).
       if (r > 0 && ::rename(partial(r).c_str(), (staged.path() + "/" + ShardFileName(r, shards)).c_str()) != 0)
         return Internal("moving " + partial(r) + " into the checkpoint: " + std::strerror(errno));
@@ -483,23 +682,48 @@ Status Trainer::LoadOptimizerState(const std::string& dir, const json& state) {
       return FailedPrecondition(dir + ": optimizer state of " + params[trainable_[k]].first + " does not match the model");
   }
   at::NoGradGuard ng;
+  // A saved shard holds the flat elements of its ranges, concatenated: one range ([begin, end)) with ZeRO-0/1,
+  // one or more per unit with ZeRO-3 ("ranges"). This rank's state is OwnedRanges(rank); any layout loads into
+  // any other (world size, ZeRO 0/1/3).
+  const std::vector<Range> mine = OwnedRanges(opts_.dp ? opts_.dp->rank() : 0);
   int64_t covered = 0;
   for (const auto& sh : layout.at("shards")) {
-    const int64_t b = sh.at("begin").get<int64_t>(), e = sh.at("end").get<int64_t>();
-    const int64_t lo = std::max(b, shard_begin_), hi = std::min(e, shard_end_);
-    if (lo >= hi) continue;
+    std::vector<Range> saved_ranges;
+    int64_t total = 0;
+    if (sh.contains("ranges")) {
+      for (const auto& r : sh.at("ranges")) {
+        const int64_t b = r.at(0).get<int64_t>(), e = r.at(1).get<int64_t>();
+        if (b < 0 || e < b || e > flat_numel_) return DataLoss(dir + ": bad optimizer shard range");
+        saved_ranges.push_back({b, e, total});
+        total += e - b;
+      }
+    } else {
+      const int64_t b = sh.at("begin").get<int64_t>(), e = sh.at("end").get<int64_t>();
+      saved_ranges.push_back({b, e, 0});
+      total = e - b;
+    }
+    bool overlaps = false;
+    for (const Range& s : saved_ranges)
+      for (const Range& m : mine) overlaps = overlaps || std::max(s.begin, m.begin) < std::min(s.end, m.end);
+    if (!overlaps) continue;
     const std::string file = sh.at("file").get<std::string>();
     if (file.find('/') != std::string::npos) return DataLoss(dir + ": bad optimizer shard name " + file);
     BTX_ASSIGN_OR_RETURN(auto opt, st::File::Open(dir + "/" + file));
     BTX_ASSIGN_OR_RETURN(at::Tensor m, opt->Load("exp_avg"));
     BTX_ASSIGN_OR_RETURN(at::Tensor v, opt->Load("exp_avg_sq"));
-    if (m.dim() != 1 || m.numel() != e - b || v.numel() != e - b)
-      return DataLoss(dir + "/" + file + ": holds " + std::to_string(m.numel()) + " elements, expected " + std::to_string(e - b));
-    exp_avg_.narrow(0, lo - shard_begin_, hi - lo).copy_(m.narrow(0, lo - b, hi - lo));
-    exp_avg_sq_.narrow(0, lo - shard_begin_, hi - lo).copy_(v.narrow(0, lo - b, hi - lo));
-    covered += hi - lo;
+    if (m.dim() != 1 || m.numel() != total || v.numel() != total)
+      return DataLoss(dir + "/" + file + ": holds " + std::to_string(m.numel()) + " elements, expected " + std::to_string(total));
+    for (const Range& s : saved_ranges) {
+      for (const Range& r : mine) {
+        const int64_t lo = std::max(s.begin, r.begin), hi = std::min(s.end, r.end);
+        if (lo >= hi) continue;
+        exp_avg_.narrow(0, r.state_off + lo - r.begin, hi - lo).copy_(m.narrow(0, s.state_off + lo - s.begin, hi - lo));
+        exp_avg_sq_.narrow(0, r.state_off + lo - r.begin, hi - lo).copy_(v.narrow(0, s.state_off + lo - s.begin, hi - lo));
+        covered += hi - lo;
+      }
+    }
   }
-  if (covered != shard_end_ - shard_begin_) return DataLoss(dir + ": the optimizer shards do not cover the parameters");
+  if (covered != exp_avg_.numel()) return DataLoss(dir + ": the optimizer shards do not cover the parameters");
   return Status::Ok();
 }
 
@@ -512,7 +736,12 @@ Status Trainer::ResumeFrom(const std::string& dir) {
     for (size_t i = 0; i < params.size(); ++i) {
       if (saved.params()[i].first != params[i].first || !saved.params()[i].second.sizes().equals(params[i].second.sizes()))
         return FailedPrecondition(dir + ": checkpoint tensor " + saved.params()[i].first + " does not match the model");
-      params[i].second.copy_(saved.params()[i].second);
+      if (!zero3_ || !params[i].second.requires_grad()) params[i].second.copy_(saved.params()[i].second);
+    }
+    // ZeRO-3: the trainable weights go into this rank's shards.
+    for (const Segment& s : zero3_ ? segments_ : std::vector<Segment>{}) {
+      unit_shard_[s.unit].narrow(0, s.unit_off, s.len)
+          .copy_(saved.params()[trainable_[s.k]].second.reshape({-1}).narrow(0, s.param_off, s.len));
     }
   }
   BTX_ASSIGN_OR_RETURN(std::string text, ReadFile(dir + "/trainer_state.json"));

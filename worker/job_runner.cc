@@ -223,6 +223,9 @@ absl::Status JobRunner::LaunchGroup(const std::string& job_path, std::string mem
               {"BTX_WORLD_SIZE", std::to_string(world_)},
               {"BTX_RENDEZVOUS", rendezvous}};
     if (config_.dist_timeout.count() > 0) ps.env.emplace_back("BTX_DIST_TIMEOUT_S", std::to_string(config_.dist_timeout.count()));
+    // A gang's ranks talk across hosts: Gloo binds to the address the other members reach this worker at,
+    // not to whatever the hostname resolves to (loopback on many distributions).
+    if (config_.nodes > 1) ps.env.emplace_back("BTX_LOCAL_ADDR", config_.advertise_host);
     auto child = launcher_.Launch(ps);
     if (!child.ok()) {
       if (store) members_.push_back(std::move(*store));  // so that KillLaunched ends it too

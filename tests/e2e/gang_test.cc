@@ -101,7 +101,9 @@ class GangE2eTest : public ::testing::Test {
  protected:
   GangE2eTest()
       : cluster_(ClusterOptions{.workers = 3, .lease_seconds = 5, .heartbeat_seconds = 1, .threads_per_job = 1,
-                                .worker_args = {"--dist-timeout-seconds", "30", "--advertise-host", "127.0.0.1"}}) {}
+                                                                // Not 127.0.0.1: the ranks take the path of a gang across hosts (the store and
+                                // Gloo reached at the advertised address, BTX_LOCAL_ADDR), still on loopback.
+                                .worker_args = {"--dist-timeout-seconds", "30", "--advertise-host", "127.0.0.2"}}) {}
   void SetUp() override {
     data_ = cluster_.dir() + "/data";
     MakeCorpora(data_, 60000);

@@ -68,6 +68,19 @@ std::string Spec(const std::string& data) {
          "evaluate: {baselines: [seed, experts], max_tokens: 2048}\n";
 }
 
+// A second pipeline whose training jobs are gangs of both workers: queued behind the first, they wait
+// (btx_gang_pending_nodes, btx_workers_offering), then run (btx_gang_member, btx_gangs_formed_total).
+std::string GangSpec(const std::string& data) {
+  return "name: prom-gang\n"
+         "seed: {init: {preset: tiny}, pretrain: {data: {train: [" + data + "/prose/train.txt]}, steps: 60}}\n"
+         "experts:\n"
+         "  - {name: code, data: {train: " + data + "/code/train.txt}, steps: 60}\n"
+         "train: {batch_tokens: 512, seq_len: 64, lr: 3e-3, warmup: 2, log_every: 5, valid_tokens: 1024}\n"
+         "finetune: {steps: 10}\n"
+         "evaluate: {max_tokens: 1024}\n"
+         "resources: {nodes_per_job: 2}\n";
+}
+
 TEST(PrometheusE2e, EveryDashboardQueryReturnsDataFromALiveScrape) {
   if (!fs::exists("/usr/bin/prometheus")) GTEST_SKIP() << "prometheus is not installed (scripts/install-deps installs it)";
   const std::string pki = *MakeTempDir("btx-prom-pki");
@@ -84,7 +97,8 @@ TEST(PrometheusE2e, EveryDashboardQueryReturnsDataFromALiveScrape) {
   Cluster cluster({.tls = ClusterTls{.ca_file = ca.cert_file(), .server_cert = server.cert_file,
                                      .server_key = server.key_file, .worker_cert = worker.cert_file,
                                      .worker_key = worker.key_file, .tokens_file = pki + "/tokens",
-                                     .client_token = "user-token"}});
+                                     .client_token = "user-token"},
+                   .worker_args = {"--advertise-host", "127.0.0.1"}});
   const std::string data = cluster.dir() + "/data";
   MakeCorpora(data, 60000);
   ASSERT_TRUE(cluster.Start().ok()) << cluster.DaemonLogs();
@@ -127,7 +141,10 @@ TEST(PrometheusE2e, EveryDashboardQueryReturnsDataFromALiveScrape) {
   }
   auto id = cluster.Submit(Spec(data));
   ASSERT_TRUE(id.ok()) << id.status();
+  auto gang = cluster.Submit(GangSpec(data));
+  ASSERT_TRUE(gang.ok()) << gang.status();
   ASSERT_EQ(cluster.WaitForPipeline(*id, 600s), "SUCCEEDED") << cluster.DaemonLogs();
+  ASSERT_EQ(cluster.WaitForPipeline(*gang, 600s), "SUCCEEDED") << cluster.DaemonLogs();
 
   // Each expression over the whole run; wait for the scrapes after completion to land.
   const auto queries = DashboardQueries();

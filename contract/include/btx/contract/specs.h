@@ -46,7 +46,9 @@ struct TrainConfig {
   std::string attention = "auto";
   bool activation_checkpointing = false;
   int64_t loss_chunk_tokens = 0;
-  int64_t zero = 1;                   // with several ranks: 1 shards the optimizer state (ZeRO-1), 0 replicates it
+  // With several ranks: 1 shards the optimizer state (ZeRO-1), 3 the parameters and gradients too (ZeRO-3),
+  // 0 replicates everything. 2 is refused.
+  int64_t zero = 1;
   std::string precision = "fp32";     // fp32 | bf16 (autocast forward, fp32 weights and optimizer state)
 
   int64_t sequences_per_step() const { return std::max<int64_t>(1, batch_tokens / seq_len); }

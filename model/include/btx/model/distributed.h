@@ -61,6 +61,9 @@ class DataParallel {
   // In place into `outs` (each of mine's size, on the group's device): the c10d call without copies.
   Status AllGatherInto(const at::Tensor& mine, std::vector<at::Tensor>& outs);
   Status Barrier();
+  // The sum over ranks of `full` ([world * S], on the group's device): this rank's S elements [rank * S, ...).
+  // NCCL reduce-scatters; Gloo (no reduce-scatter in LibTorch 1.13) all-reduces `full` in place and slices it.
+  StatusOr<at::Tensor> ReduceScatter(at::Tensor& full);
 
   // Asynchronous in-place sum of one contiguous tensor; Wait() returns once every launched one finished.
   void LaunchAllReduce(const at::Tensor& t);

@@ -8,6 +8,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <unordered_map>
 #include <utility>
@@ -28,6 +29,14 @@ bool KernelsAvailable();
 // else naive. kNaive materialises the T x T scores; kChunked keeps O(T) (flash-attention style backward).
 enum class AttentionKind { kAuto, kNaive, kChunked };
 
+// One decoder layer as a function of its input and parameters: `w` maps parameter names to the tensors to use
+// (names it lacks fall back to the model's own tensors). Returns {output} (dense) or {output, lb, z} (MoE).
+// It captures by value and may be called again after Forward returned (recomputation in the backward).
+using LayerFn = std::function<std::vector<at::Tensor>(const at::Tensor& x, const std::unordered_map<std::string, at::Tensor>& w)>;
+// Runs decoder layer `layer` on `x` by calling `fn` with the layer's parameters: ZeRO-3 (zero3.h) gathers them
+// around the call and recomputes the layer in the backward.
+using LayerRunner = std::function<std::vector<at::Tensor>(int64_t layer, const at::Tensor& x, const LayerFn& fn)>;
+
 struct ForwardOptions {
   bool training = false;
   MoeBackend backend = MoeBackend::kKernels;
@@ -39,6 +48,9 @@ struct ForwardOptions {
   bool activation_checkpointing = false;
   // Leave `logits` undefined and return the final normed hidden state in `hidden` (chunked cross-entropy).
   bool return_hidden = false;
+  // When set, every decoder layer runs through it (it then decides about recomputation; activation_checkpointing
+  // is not applied on top).
+  LayerRunner layer_runner;
 };
 
 struct ForwardOutput {

@@ -22,7 +22,12 @@ struct MemoryModelInput {
   std::string attention = "naive";  // resolved: naive | chunked | sdpa
   bool checkpointing = false;
   int64_t loss_chunk_tokens = 0;  // 0: full logits
-  int64_t optimizer_shards = 1;   // ranks the optimizer state is split over (ZeRO-1), 1: replicated
+  int64_t optimizer_shards = 1;   // ranks the optimizer state is split over (ZeRO-1 and 3), 1: replicated
+  // ZeRO-3: ranks the trainable parameters and their gradients are split over (1: whole on every rank), and the
+  // elements gathered whole at once on top of the shards: the outer unit (embeddings, final norm, lm_head, for
+  // the whole step) plus the largest decoder layer's trainable parameters.
+  int64_t param_shards = 1;
+  int64_t gathered = 0;
   int64_t activation_bytes = 4;   // bytes per activation element: 4 fp32, 2 under bf16 autocast
 };
 
