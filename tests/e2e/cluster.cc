@@ -2,6 +2,7 @@
 
 #include <signal.h>
 
+#include <cerrno>
 #include <filesystem>
 #include <functional>
 #include <fstream>
@@ -228,6 +229,72 @@ std::vector<AttemptRow> Attempts(const std::string& conninfo, const std::string&
            pipeline_id)) {
     out.push_back({r[0].as<std::string>(), r[1].as<std::string>(), r[2].as<std::string>(), r[3].as<std::string>(),
                    r[4].as<int>()});
+  }
+  return out;
+}
+
+std::string TinySpec(const std::string& name, const std::string& data, int branch_steps, int checkpoint_every,
+                     const std::string& resources) {
+  return "name: " + name + R"(
+seed:
+  init: {preset: tiny}
+  pretrain: {data: {train: [)" + data + "/code/train.txt, " + data + R"(/math/train.txt]}, steps: 4}
+experts:
+  - {name: code, data: {train: )" + data + "/code/train.txt, valid: " + data + "/code/valid.txt}, steps: " +
+         std::to_string(branch_steps) + R"(}
+  - {name: math, data: {train: )" + data + "/math/train.txt, valid: " + data + "/math/valid.txt}, steps: " +
+         std::to_string(branch_steps) + R"(}
+train: {batch_tokens: 512, seq_len: 64, lr: 3e-3, warmup: 2, checkpoint_every: )" + std::to_string(checkpoint_every) +
+         R"(, log_every: 1, valid_tokens: 2048, threads: 1}
+merge: {method: btx, keep_seed_expert: true, router_init: random}
+finetune: {top_k: 2, steps: 4}
+evaluate: {baselines: [seed, experts], max_tokens: 2048}
+resources: )" + resources + "\n";
+}
+
+namespace {
+std::string ReadProc(pid_t pid, const char* what) {
+  auto text = ReadFile(Cat("/proc/", pid, "/", what));
+  std::string s = text.ok() ? *text : "";
+  for (char& c : s) {
+    if (c == '\0') c = '\n';
+  }
+  return s;
+}
+}  // namespace
+
+std::map<int, pid_t> AttemptProcesses(const std::string& job_id, int attempt) {
+  namespace fs = std::filesystem;
+  std::map<int, pid_t> out;
+  const std::string attempt_dir = Cat(job_id, "-attempt-", attempt);
+  for (const auto& e : fs::directory_iterator("/proc")) {
+    const std::string name = e.path().filename();
+    if (name.empty() || !std::isdigit(static_cast<unsigned char>(name[0]))) continue;
+    const pid_t pid = static_cast<pid_t>(std::stol(name));
+    const std::string cmd = ReadProc(pid, "cmdline");
+    if (cmd.find("btx-train") == std::string::npos) continue;
+    std::error_code ec;
+    if (cmd.find("--store-server") != std::string::npos) {
+      if (fs::read_symlink(Cat("/proc/", pid, "/cwd"), ec).filename() == attempt_dir) out[-1] = pid;
+      continue;
+    }
+    if (cmd.find(attempt_dir + "/JOB.json") == std::string::npos && cmd.find(attempt_dir + "-node-") == std::string::npos) {
+      continue;
+    }
+    const std::string env = ReadProc(pid, "environ");
+    const size_t at = env.find("\nBTX_RANK=");
+    if (at != std::string::npos) out[std::stoi(env.substr(at + 10))] = pid;
+  }
+  return out;
+}
+
+bool Gone(pid_t pid) { return ::kill(pid, 0) != 0 && errno == ESRCH; }
+
+std::string JobLogs(storage::Store& store, const std::string& job_id) {
+  auto logs = store.LogsAfter(job_id, 0, 100000);
+  std::string out;
+  if (logs.ok()) {
+    for (const auto& l : *logs) out += Cat(l.attempt, " [", l.stream, "] ", l.line, "\n");
   }
   return out;
 }

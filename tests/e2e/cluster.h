@@ -3,6 +3,8 @@
 // binaries, killable with any signal and restartable against the same state.
 #pragma once
 
+#include <sys/types.h>
+
 #include <map>
 #include <memory>
 #include <optional>
@@ -10,6 +12,7 @@
 #include <vector>
 
 #include <grpcpp/grpcpp.h>
+#include <gtest/gtest.h>
 
 #include "btx/common/process.h"
 #include "btx/storage/pool.h"
@@ -95,8 +98,39 @@ class Cluster {
   std::unique_ptr<v1::PipelineService::Stub> pipelines_;
 };
 
+// Every btx-train process of one attempt of a job on this machine, found through /proc: global rank
+// (BTX_RANK) -> pid, and its rendezvous store as -1 (run in the attempt dir). Node 0 of a gang (and a
+// single worker's job) runs in <job>-attempt-N, member k in <job>-attempt-N-node-k.
+std::map<int, pid_t> AttemptProcesses(const std::string& job_id, int attempt);
+// The process has exited and been reaped.
+bool Gone(pid_t pid);
+// A job's stored log lines, one per line: "<attempt> [<stream>] <text>".
+std::string JobLogs(storage::Store& store, const std::string& job_id);
+
+// The suites' tiny BTX pipeline over MakeCorpora's code and math domains (pretrain 4 steps, two experts,
+// btx merge, finetune, eval), with `resources` (a YAML flow map) deciding how its training jobs run.
+std::string TinySpec(const std::string& name, const std::string& data, int branch_steps, int checkpoint_every,
+                     const std::string& resources);
+
 // Small text corpora for three domains (code, math, prose), generated deterministically:
 // <dir>/<domain>/{train,valid}.txt. Returns the domain names.
 std::vector<std::string> MakeCorpora(const std::string& dir, size_t train_bytes);
+
+// A test with its own cluster, started with corpora in data_; the daemons' logs are printed when it fails.
+class ClusterTest : public ::testing::Test {
+ protected:
+  explicit ClusterTest(ClusterOptions options = {}) : cluster_(std::move(options)) {}
+  void SetUp() override {
+    data_ = cluster_.dir() + "/data";
+    MakeCorpora(data_, 60000);
+    auto s = cluster_.Start();
+    ASSERT_TRUE(s.ok()) << s;
+  }
+  void TearDown() override {
+    if (HasFailure()) std::cerr << cluster_.DaemonLogs() << "\n";
+  }
+  Cluster cluster_;
+  std::string data_;
+};
 
 }  // namespace btx::e2e

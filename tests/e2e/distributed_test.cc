@@ -27,89 +27,36 @@ namespace fs = std::filesystem;
 
 // The e2e suite's tiny BTX pipeline, with every training job (pretrain, branches, finetune) as 2 CPU ranks.
 std::string TwoRankSpec(const std::string& data, int branch_steps, int checkpoint_every) {
-  return R"(
-name: e2e-ranks
-seed:
-  init: {preset: tiny}
-  pretrain: {data: {train: [)" + data + "/code/train.txt, " + data + R"(/math/train.txt]}, steps: 4}
-experts:
-  - {name: code, data: {train: )" + data + "/code/train.txt, valid: " + data + "/code/valid.txt}, steps: " +
-         std::to_string(branch_steps) + R"(}
-  - {name: math, data: {train: )" + data + "/math/train.txt, valid: " + data + "/math/valid.txt}, steps: " +
-         std::to_string(branch_steps) + R"(}
-train: {batch_tokens: 512, seq_len: 64, lr: 3e-3, warmup: 2, checkpoint_every: )" + std::to_string(checkpoint_every) +
-         R"(, log_every: 1, valid_tokens: 2048, threads: 1}
-merge: {method: btx, keep_seed_expert: true, router_init: random}
-finetune: {top_k: 2, steps: 4}
-evaluate: {baselines: [seed, experts], max_tokens: 2048}
-resources: {max_attempts: 3, ranks_per_job: 2}
-)";
+  return TinySpec("e2e-ranks", data, branch_steps, checkpoint_every, "{max_attempts: 3, ranks_per_job: 2}");
 }
 
-std::string ReadProc(pid_t pid, const char* what) {
-  auto text = ReadFile(Cat("/proc/", pid, "/", what));
-  std::string s = text.ok() ? *text : "";
-  for (char& c : s) {
-    if (c == '\0') c = '\n';
-  }
-  return s;
-}
-
-// The processes of one attempt of a job, found through /proc: its ranks (btx-train --job <attempt
-// dir>/JOB.json, told their rank by BTX_RANK) and its rendezvous store (run in the attempt dir).
+// The processes of one attempt of a job: its ranks and its rendezvous store.
 struct Group {
   std::map<int, pid_t> ranks;
   pid_t store = 0;
 };
 Group FindGroup(const std::string& job_id, int attempt) {
   Group g;
-  const std::string attempt_dir = Cat(job_id, "-attempt-", attempt);
-  for (const auto& e : fs::directory_iterator("/proc")) {
-    const std::string name = e.path().filename();
-    if (name.empty() || !std::isdigit(static_cast<unsigned char>(name[0]))) continue;
-    const pid_t pid = static_cast<pid_t>(std::stol(name));
-    const std::string cmd = ReadProc(pid, "cmdline");
-    if (cmd.find("btx-train") == std::string::npos) continue;
-    if (cmd.find("--store-server") != std::string::npos) {
-      std::error_code ec;
-      if (fs::read_symlink(Cat("/proc/", pid, "/cwd"), ec).filename() == attempt_dir) g.store = pid;
-      continue;
+  for (const auto& [rank, pid] : AttemptProcesses(job_id, attempt)) {
+    if (rank < 0) {
+      g.store = pid;
+    } else {
+      g.ranks[rank] = pid;
     }
-    if (cmd.find(attempt_dir + "/JOB.json") == std::string::npos) continue;
-    const std::string env = ReadProc(pid, "environ");
-    const size_t at = env.find("\nBTX_RANK=");
-    if (at != std::string::npos) g.ranks[std::stoi(env.substr(at + 10))] = pid;
   }
   return g;
 }
 
-bool Gone(pid_t pid) { return ::kill(pid, 0) != 0 && errno == ESRCH; }
-
-class DistributedE2eTest : public ::testing::Test {
+class DistributedE2eTest : public ClusterTest {
  protected:
-  DistributedE2eTest() : cluster_(ClusterOptions{.workers = 1, .lease_seconds = 5, .heartbeat_seconds = 1,
-                                                 .threads_per_job = 2, .worker_args = {"--dist-timeout-seconds", "60"}}) {}
+  DistributedE2eTest()
+      : ClusterTest(ClusterOptions{.workers = 1, .lease_seconds = 5, .heartbeat_seconds = 1, .threads_per_job = 2,
+                                   .worker_args = {"--dist-timeout-seconds", "60"}}) {}
   void SetUp() override {
     // A rank needs a CPU thread of its own: with fewer, submit refuses 2-rank jobs (and says so).
     if (std::thread::hardware_concurrency() < 2) GTEST_SKIP() << "needs 2 CPU threads";
-    data_ = cluster_.dir() + "/data";
-    MakeCorpora(data_, 60000);
-    auto s = cluster_.Start();
-    ASSERT_TRUE(s.ok()) << s;
+    ClusterTest::SetUp();
   }
-  void TearDown() override {
-    if (HasFailure()) std::cerr << cluster_.DaemonLogs() << "\n";
-  }
-  std::string AllLogs(const std::string& job_id) {
-    auto logs = cluster_.store().LogsAfter(job_id, 0, 100000);
-    std::string out;
-    if (logs.ok()) {
-      for (const auto& l : *logs) out += Cat(l.attempt, " [", l.stream, "] ", l.line, "\n");
-    }
-    return out;
-  }
-  Cluster cluster_;
-  std::string data_;
 };
 
 TEST_F(DistributedE2eTest, TinyPipelineWithTwoRankTrainingJobsSucceeds) {
@@ -127,7 +74,7 @@ TEST_F(DistributedE2eTest, TinyPipelineWithTwoRankTrainingJobsSucceeds) {
     EXPECT_EQ(j.ranks, training ? 2 : 1) << j.name;
     if (j.kind != "branch") continue;
     // Both ranks ran and joined one group; rank 0 reported the progress of the whole job.
-    const std::string logs = AllLogs(j.id);
+    const std::string logs = JobLogs(cluster_.store(), j.id);
     EXPECT_NE(logs.find("as 2 ranks"), std::string::npos) << logs;
     EXPECT_NE(logs.find("[stderr] btx-train: rank 0 of 2"), std::string::npos) << logs;
     EXPECT_NE(logs.find("[stderr] [rank 1] btx-train: rank 1 of 2"), std::string::npos) << logs;
@@ -187,7 +134,7 @@ TEST_F(DistributedE2eTest, OneRankKilledFailsTheGroupAndTheRetryResumesFromTheCh
   auto job = cluster_.store().GetJob(victim);
   ASSERT_TRUE(job.ok());
   EXPECT_EQ(job->attempt, 2);
-  const std::string logs = AllLogs(victim);
+  const std::string logs = JobLogs(cluster_.store(), victim);
   EXPECT_NE(logs.find("1 [worker] rank 1 of 2 failed: stopping the group"), std::string::npos) << logs;
   EXPECT_NE(logs.find("1 [worker] rank 1 of 2 exited with code 137"), std::string::npos) << logs;
   // Attempt 2 ran as a group again and resumed from attempt 1's checkpoint instead of starting over.

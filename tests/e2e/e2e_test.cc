@@ -53,20 +53,7 @@ void ExpectEveryArtifactVerifies(Cluster& cluster, const std::string& id) {
   }
 }
 
-class E2eTest : public ::testing::Test {
- protected:
-  void SetUp() override {
-    data_ = cluster_.dir() + "/data";
-    MakeCorpora(data_, 60000);
-    auto s = cluster_.Start();
-    ASSERT_TRUE(s.ok()) << s;
-  }
-  void TearDown() override {
-    if (HasFailure()) std::cerr << cluster_.DaemonLogs() << "\n";
-  }
-  Cluster cluster_;
-  std::string data_;
-};
+using E2eTest = ClusterTest;
 
 TEST_F(E2eTest, TinyPipelineRunsToCompletionAcrossTwoWorkers) {
   auto id = cluster_.Submit(TinySpec(data_, 8));

@@ -29,63 +29,6 @@ using namespace std::chrono_literals;
 using json = nlohmann::json;
 namespace fs = std::filesystem;
 
-// The e2e suite's tiny pipeline; `resources` decides how its training jobs run.
-std::string Spec(const std::string& name, const std::string& data, int branch_steps, int checkpoint_every,
-                 const std::string& resources) {
-  return "name: " + name + R"(
-seed:
-  init: {preset: tiny}
-  pretrain: {data: {train: [)" + data + "/code/train.txt, " + data + R"(/math/train.txt]}, steps: 4}
-experts:
-  - {name: code, data: {train: )" + data + "/code/train.txt, valid: " + data + "/code/valid.txt}, steps: " +
-         std::to_string(branch_steps) + R"(}
-  - {name: math, data: {train: )" + data + "/math/train.txt, valid: " + data + "/math/valid.txt}, steps: " +
-         std::to_string(branch_steps) + R"(}
-train: {batch_tokens: 512, seq_len: 64, lr: 3e-3, warmup: 2, checkpoint_every: )" + std::to_string(checkpoint_every) +
-         R"(, log_every: 1, valid_tokens: 2048, threads: 1}
-merge: {method: btx, keep_seed_expert: true, router_init: random}
-finetune: {top_k: 2, steps: 4}
-evaluate: {baselines: [seed, experts], max_tokens: 2048}
-resources: )" + resources + "\n";
-}
-
-std::string ReadProc(pid_t pid, const char* what) {
-  auto text = ReadFile(Cat("/proc/", pid, "/", what));
-  std::string s = text.ok() ? *text : "";
-  for (char& c : s) {
-    if (c == '\0') c = '\n';
-  }
-  return s;
-}
-
-// Every btx-train process of one attempt of a job, on any worker: global rank -> pid (the store: -1).
-std::map<int, pid_t> AttemptProcesses(const std::string& job_id, int attempt) {
-  std::map<int, pid_t> out;
-  const std::string attempt_dir = Cat(job_id, "-attempt-", attempt);
-  for (const auto& e : fs::directory_iterator("/proc")) {
-    const std::string name = e.path().filename();
-    if (name.empty() || !std::isdigit(static_cast<unsigned char>(name[0]))) continue;
-    const pid_t pid = static_cast<pid_t>(std::stol(name));
-    const std::string cmd = ReadProc(pid, "cmdline");
-    if (cmd.find("btx-train") == std::string::npos) continue;
-    std::error_code ec;
-    if (cmd.find("--store-server") != std::string::npos) {
-      if (fs::read_symlink(Cat("/proc/", pid, "/cwd"), ec).filename() == attempt_dir) out[-1] = pid;
-      continue;
-    }
-    // Node 0 runs in <job>-attempt-N, member k in <job>-attempt-N-node-k.
-    if (cmd.find(attempt_dir + "/JOB.json") == std::string::npos && cmd.find(attempt_dir + "-node-") == std::string::npos) {
-      continue;
-    }
-    const std::string env = ReadProc(pid, "environ");
-    const size_t at = env.find("\nBTX_RANK=");
-    if (at != std::string::npos) out[std::stoi(env.substr(at + 10))] = pid;
-  }
-  return out;
-}
-
-bool Gone(pid_t pid) { return ::kill(pid, 0) != 0 && errno == ESRCH; }
-
 // Loss per step of one attempt of a job, as its heartbeats stored them.
 std::map<int64_t, double> Losses(const std::string& conninfo, const std::string& job_id) {
   pqxx::connection c(conninfo);
@@ -97,30 +40,13 @@ std::map<int64_t, double> Losses(const std::string& conninfo, const std::string&
   return out;
 }
 
-class GangE2eTest : public ::testing::Test {
+class GangE2eTest : public ClusterTest {
  protected:
   GangE2eTest()
-      : cluster_(ClusterOptions{.workers = 3, .lease_seconds = 5, .heartbeat_seconds = 1, .threads_per_job = 1,
-                                                                // Not 127.0.0.1: the ranks take the path of a gang across hosts (the store and
-                                // Gloo reached at the advertised address, BTX_LOCAL_ADDR), still on loopback.
-                                .worker_args = {"--dist-timeout-seconds", "30", "--advertise-host", "127.0.0.2"}}) {}
-  void SetUp() override {
-    data_ = cluster_.dir() + "/data";
-    MakeCorpora(data_, 60000);
-    auto s = cluster_.Start();
-    ASSERT_TRUE(s.ok()) << s;
-  }
-  void TearDown() override {
-    if (HasFailure()) std::cerr << cluster_.DaemonLogs() << "\n";
-  }
-  std::string AllLogs(const std::string& job_id) {
-    auto logs = cluster_.store().LogsAfter(job_id, 0, 100000);
-    std::string out;
-    if (logs.ok()) {
-      for (const auto& l : *logs) out += Cat(l.attempt, " [", l.stream, "] ", l.line, "\n");
-    }
-    return out;
-  }
+      : ClusterTest(ClusterOptions{.workers = 3, .lease_seconds = 5, .heartbeat_seconds = 1, .threads_per_job = 1,
+                                   // Not 127.0.0.1: the ranks take the path of a gang across hosts (the store and
+                                   // Gloo reached at the advertised address, BTX_LOCAL_ADDR), still on loopback.
+                                   .worker_args = {"--dist-timeout-seconds", "30", "--advertise-host", "127.0.0.2"}}) {}
   // The cluster index of a worker id (workers are named w<index>).
   int IndexOf(const std::string& worker_id) {
     auto workers = cluster_.store().ListWorkers();
@@ -149,17 +75,15 @@ class GangE2eTest : public ::testing::Test {
       EXPECT_EQ(succeeded, 1) << j.name;
     }
   }
-  Cluster cluster_;
-  std::string data_;
 };
 
 // The same pipeline as a 2-node gang (one rank per worker) and on one worker as 2 ranks: the same world
 // and global batch, so the same losses. Its two branch gangs need four workers and there are three:
 // they run one after the other, both finish.
 TEST_F(GangE2eTest, TwoNodeJobsEqualTheOneNodeRunAndTwoGangsShareThreeWorkers) {
-  auto gang = cluster_.Submit(Spec("e2e-gang", data_, 8, 4, "{max_attempts: 3, nodes_per_job: 2}"));
+  auto gang = cluster_.Submit(TinySpec("e2e-gang", data_, 8, 4, "{max_attempts: 3, nodes_per_job: 2}"));
   ASSERT_TRUE(gang.ok()) << gang.status();
-  auto single = cluster_.Submit(Spec("e2e-one-node", data_, 8, 4, "{max_attempts: 3, ranks_per_job: 2}"));
+  auto single = cluster_.Submit(TinySpec("e2e-one-node", data_, 8, 4, "{max_attempts: 3, ranks_per_job: 2}"));
   ASSERT_TRUE(single.ok()) << single.status();
   ASSERT_EQ(cluster_.WaitForPipeline(*gang, 900s), "SUCCEEDED");
   ASSERT_EQ(cluster_.WaitForPipeline(*single, 900s), "SUCCEEDED");
@@ -177,7 +101,7 @@ TEST_F(GangE2eTest, TwoNodeJobsEqualTheOneNodeRunAndTwoGangsShareThreeWorkers) {
     EXPECT_EQ(j.nodes, training ? 2 : 1) << j.name;
     if (!training) continue;
     // Both members ran: node 1's ranks log as global rank 1, node 0 reported the progress.
-    const std::string logs = AllLogs(j.id);
+    const std::string logs = JobLogs(cluster_.store(), j.id);
     EXPECT_NE(logs.find("[stderr] btx-train: rank 0 of 2"), std::string::npos) << logs;
     EXPECT_NE(logs.find("[rank 1] btx-train: rank 1 of 2"), std::string::npos) << logs;
     // Equal to the one-node run within the distributed tolerance (docs/btx-train-protocol.md).
@@ -193,7 +117,9 @@ TEST_F(GangE2eTest, TwoNodeJobsEqualTheOneNodeRunAndTwoGangsShareThreeWorkers) {
     // The end of training, every step in: the validation loss of the result.
     const double va = json::parse(j.result_json).value("valid_loss", 0.0);
     const double vb = json::parse(reference.at(j.name).result_json).value("valid_loss", 0.0);
-    if (j.kind == "branch") EXPECT_GT(va, 0.0) << j.result_json;
+    if (j.kind == "branch") {
+      EXPECT_GT(va, 0.0) << j.result_json;
+    }
     EXPECT_NEAR(va, vb, 1e-4 * std::max(1.0, va)) << j.name;
   }
   EXPECT_GE(compared, 4);
@@ -213,7 +139,7 @@ TEST_F(GangE2eTest, TwoNodeJobsEqualTheOneNodeRunAndTwoGangsShareThreeWorkers) {
 }
 
 TEST_F(GangE2eTest, AMemberKilledMidStepEndsTheAttemptEverywhereAndTheRetryResumes) {
-  auto id = cluster_.Submit(Spec("e2e-gang-kill", data_, 600, 20, "{max_attempts: 3, nodes_per_job: 2}"));
+  auto id = cluster_.Submit(TinySpec("e2e-gang-kill", data_, 600, 20, "{max_attempts: 3, nodes_per_job: 2}"));
   ASSERT_TRUE(id.ok()) << id.status();
   // A branch gang with a checkpoint behind it and steps to go: kill the worker of its node 1.
   std::string victim;
@@ -276,13 +202,13 @@ TEST_F(GangE2eTest, AMemberKilledMidStepEndsTheAttemptEverywhereAndTheRetryResum
   }
   EXPECT_EQ(first, 1);
   // The retry ran as a gang on the two workers left and resumed from attempt 1's checkpoint on both.
-  const std::string logs = AllLogs(victim);
+  const std::string logs = JobLogs(cluster_.store(), victim);
   EXPECT_NE(logs.find(Cat(job->attempt, " [stderr] btx: resumed from")), std::string::npos) << logs;
   EXPECT_NE(logs.find(Cat(job->attempt, " [stderr] [rank 1] btx: resumed from")), std::string::npos) << logs;
 }
 
 TEST_F(GangE2eTest, SchedulerRestartMidGangLosesNothing) {
-  auto id = cluster_.Submit(Spec("e2e-gang-restart", data_, 120, 20, "{max_attempts: 3, nodes_per_job: 2}"));
+  auto id = cluster_.Submit(TinySpec("e2e-gang-restart", data_, 120, 20, "{max_attempts: 3, nodes_per_job: 2}"));
   ASSERT_TRUE(id.ok()) << id.status();
   bool running = false;
   const auto deadline = std::chrono::steady_clock::now() + 600s;
