@@ -189,6 +189,50 @@ TEST_F(GangStoreTest, AnyMemberFailingEndsTheAttemptForAll) {
   EXPECT_EQ(r1->job.attempt, 2);
 }
 
+// A cancel reaches every member; a draining member's hand-back ends the attempt for all and keeps the budget.
+TEST_F(GangStoreTest, CancelAndDrainActOnTheWholeGang) {
+  auto ids = Submit({{"g", 2}, {"h", 2}}, 0, /*max_attempts=*/1);
+  const std::string a = Worker("a"), b = Worker("b");
+  (void)Poll(a);
+  auto n0 = Poll(b);
+  auto n1 = Poll(a);
+  ASSERT_TRUE(n0 && n1);
+  // Drain: node 1 hands its part back as an interruption; the one attempt is not spent.
+  auto back = store_.FailJob(a, n1->job.id, n1->job.attempt, "worker draining", true, false, "", policy_, now_,
+                             /*interrupted=*/true);
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->new_state, "RETRY_WAIT");
+  EXPECT_EQ(store_.GetJob(n1->job.id)->max_attempts, 2);
+  EXPECT_EQ(Beat(b, *n0).directive, Directive::kLeaseLost);
+  // A gang formed again (g or h: they were queued together), then cancelled: both members are told.
+  (void)Poll(a);
+  auto m0 = Poll(b);
+  auto m1 = Poll(a);
+  ASSERT_TRUE(m0 && m1);
+  ASSERT_EQ(m0->job.id, m1->job.id);
+  auto pipeline_id = store_.GetJob(m0->job.id)->pipeline_id;
+  ASSERT_TRUE(store_.CancelPipeline(pipeline_id, "user", now_).ok());
+  EXPECT_EQ(Beat(b, *m0).directive, Directive::kCancel);
+  EXPECT_EQ(Beat(a, *m1).directive, Directive::kCancel);
+  auto cancelled = store_.FailJob(b, m0->job.id, m0->job.attempt, "cancelled", false, true, "", policy_, now_);
+  ASSERT_TRUE(cancelled.ok()) << cancelled.status();
+  EXPECT_EQ(cancelled->new_state, "CANCELLED");
+  EXPECT_TRUE(absl::IsFailedPrecondition(
+      store_.FailJob(a, m1->job.id, m1->job.attempt, "cancelled", false, true, "", policy_, now_).status()));
+}
+
+// Only offers with the gang's GPUs free count: a worker whose GPUs are busy is no member.
+TEST_F(GangStoreTest, OnlyOffersWithTheGpusTheGangNeedsCount) {
+  auto ids = Submit({{"g", 2}}, /*gpus=*/2);
+  const std::string a = Worker("a", 2), b = Worker("b", 2);
+  EXPECT_FALSE(Poll(a, /*free_gpus=*/1).has_value());  // one of its two GPUs is busy
+  EXPECT_FALSE(Poll(b, 2).has_value());
+  EXPECT_EQ(store_.GetJob(ids["g"])->state, "READY");
+  auto formed = Poll(a, 2);
+  ASSERT_TRUE(formed.has_value());
+  EXPECT_EQ(formed->job.gpus, 2);
+}
+
 TEST_F(GangStoreTest, OneMemberStoppingHeartbeatsExpiresTheWholeAttempt) {
   auto ids = Submit({{"g", 2}});
   const std::string a = Worker("a"), b = Worker("b");
