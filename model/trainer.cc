@@ -5,6 +5,7 @@
 
 #include "btx/kernels/autocast.h"
 #include "btx/kernels/chunked_loss.h"
+#include "btx/kernels/fused_adamw.h"
 #include <ATen/CPUGeneratorImpl.h>
 
 #include <chrono>
@@ -303,11 +304,21 @@ StatusOr<double> Trainer::TrainStep() {
     at::Tensor w = zero3_ ? unit_shard_[s.unit].narrow(0, s.unit_off, s.len) : p.view({-1}).narrow(0, s.param_off, s.len);
     at::Tensor m = exp_avg_.narrow(0, s.state_off, s.len), v = exp_avg_sq_.narrow(0, s.state_off, s.len);
     // Decoupled weight decay (AdamW) on matrices only; norms and other vectors are not decayed.
-    if (cfg_.weight_decay > 0 && p.dim() >= 2) w.mul_(1.0 - lr * cfg_.weight_decay);
-    m.mul_(cfg_.beta1).add_(g, 1.0 - cfg_.beta1);
-    v.mul_(cfg_.beta2).addcmul_(g, g, 1.0 - cfg_.beta2);
-    at::Tensor denom = (v.sqrt() / std::sqrt(bc2)).add_(cfg_.eps);
-    w.addcdiv_(m, denom, -lr / bc1);
+    // One pass over w, g, m, v (btx::kernels::FusedAdamW) instead of ~6 ATen ops; other layouts or dtypes
+    // take the same ATen sequence as before.
+    btx::kernels::AdamWParams hp;
+    hp.lr = lr;
+    hp.beta1 = cfg_.beta1;
+    hp.beta2 = cfg_.beta2;
+    hp.eps = cfg_.eps;
+    hp.weight_decay = (cfg_.weight_decay > 0 && p.dim() >= 2) ? cfg_.weight_decay : 0.0;
+    hp.bc1 = bc1;
+    hp.bc2 = bc2;
+    if (btx::kernels::FusedAdamWAccepts(w, g, m, v)) {
+      btx::kernels::FusedAdamW(w, g, m, v, hp);
+    } else {
+      btx::kernels::AdamWAtenSequence(w, g, m, v, hp);
+    }
   }
   for (size_t i : trainable_) params[i].second.mutable_grad().reset();
   for (auto& sh : unit_shard_) sh.mutable_grad().reset();
