@@ -6,9 +6,7 @@
 #include <cmath>
 #include <cstdint>
 
-#ifdef BTX_TORCH_HAS_CUDA
-#include "fused_adamw_cuda.h"
-#endif
+#include "fused_adamw_cuda.h"  // AdamWCoeffsOf; the CUDA back end itself is built only with BTX_TORCH_HAS_CUDA
 
 namespace btx::kernels {
 namespace {
@@ -21,20 +19,6 @@ struct Coeffs {
   float decay, beta1, one_minus_beta1, beta2, one_minus_beta2, sqrt_bc2, eps, step;
   bool decayed;
 };
-
-Coeffs coeffs_of(const AdamWParams& p) {
-  Coeffs c;
-  c.decayed = p.weight_decay != 0.0;
-  c.decay = static_cast<float>(1.0 - p.lr * p.weight_decay);
-  c.beta1 = static_cast<float>(p.beta1);
-  c.one_minus_beta1 = static_cast<float>(1.0 - p.beta1);
-  c.beta2 = static_cast<float>(p.beta2);
-  c.one_minus_beta2 = static_cast<float>(1.0 - p.beta2);
-  c.sqrt_bc2 = static_cast<float>(std::sqrt(p.bc2));
-  c.eps = static_cast<float>(p.eps);
-  c.step = static_cast<float>(-p.lr / p.bc1);
-  return c;
-}
 
 // The inner loop, kept free of aliasing and branches so that it vectorises (this file is built with
 // -fno-math-errno so the sqrt needs no scalar errno path; v >= 0 here, so results do not change).
@@ -73,7 +57,7 @@ void check_inputs(const at::Tensor& w, const at::Tensor& g, const at::Tensor& m,
 
 void fused_adamw_cpu(const at::Tensor& w, const at::Tensor& g, const at::Tensor& m, const at::Tensor& v,
                      const AdamWParams& p) {
-  const Coeffs c = coeffs_of(p);
+  const Coeffs c = detail::AdamWCoeffsOf<Coeffs>(p);
   float* wp = w.data_ptr<float>();
   const float* gp = g.data_ptr<float>();
   float* mp = m.data_ptr<float>();
