@@ -177,6 +177,15 @@ absl::StatusOr<json> ParseSpec(const std::string& text, const SpecLimits& operat
   if (const json& e = Field(in, "evaluate"); !e.is_null() && r.Object("evaluate", e, {"baselines", "max_tokens"})) {
     if (!Field(e, "baselines").is_null()) {
       evaluate["baselines"] = r.EnumList(e, "evaluate", "baselines", {"seed", "experts", "btm", "upcycle"});
+      // Each baseline is one job of the plan (baseline/<name>): named twice, it would be planned twice.
+      for (size_t i = 0; i < evaluate["baselines"].size(); ++i) {
+        for (size_t j = 0; j < i; ++j) {
+          if (evaluate["baselines"][j] != evaluate["baselines"][i]) continue;
+          r.Fail(contract::IndexPath("evaluate.baselines", i), evaluate["baselines"][i],
+                 Cat("each baseline once (it is evaluate.baselines[", j, "] already)"));
+          break;
+        }
+      }
       for (size_t i = 0; i < evaluate["baselines"].size(); ++i) {
         if (evaluate["baselines"][i] == "btm" && method != "upcycle" && expert_names.size() > contract::kMaxEnsemble) {
           r.Fail(contract::IndexPath("evaluate.baselines", i), "btm",

@@ -116,6 +116,8 @@ TEST(Spec, TableOfMalformedSpecs) {
       {"name: x\nseed: {model: /m}\nexperts: [{name: a, data: {train: [/x]}}]\nfinetune: {freeze: [router]}", "finetune.freeze[0]"},
       {"name: x\nseed: {model: /m}\nexperts: [{name: a, data: {train: [/x]}}]\nresources: {gpus_per_job: 65}", "resources.gpus_per_job"},
       {"name: x\nseed: {model: /m}\nexperts: [{name: a, data: {train: [/x]}}]\nresources: {ranks_per_job: 0}", "resources.ranks_per_job"},
+      {"name: x\nseed: {model: /m}\nexperts: [{name: a, data: {train: [/x]}}]\nevaluate: {baselines: [seed, upcycle, upcycle]}",
+       "evaluate.baselines[2]"},
       {"name: x\nseed: {model: /m}\nexperts: [{name: a, data: {train: [/x]}}]\nresources: {gpus_per_job: 2, ranks_per_job: 4}",
        "resources.ranks_per_job"},
       {"name: x\nseed: {model: /m}\nexperts: [{name: a, data: {train: [/x]}}]\ntokenizer: {type: sentencepiece, vocab_size: 512}",
@@ -290,7 +292,9 @@ TEST(Plan, NodesPerJobMakesTrainingJobsGangs) {
   // A stored spec from before gangs plans one node.
   json old = *spec;
   old["resources"].erase("nodes_per_job");
-  for (const auto& j : *PlanJobs(old)) EXPECT_EQ(j.nodes, 1) << j.name;
+  auto old_jobs = PlanJobs(old);
+  ASSERT_TRUE(old_jobs.ok()) << old_jobs.status();
+  for (const auto& j : *old_jobs) EXPECT_EQ(j.nodes, 1) << j.name;
 
   for (const char* bad : {"resources: {nodes_per_job: 0}", "resources: {nodes_per_job: 513}",
                           "resources: {nodes_per_job: 100, gpus_per_job: 64}", "resources: {nodes_per_job: two}"}) {

@@ -56,7 +56,18 @@ absl::Status Cluster::Start() {
   for (int i = 0; i < options_.workers; ++i) {
     if (auto s = StartWorker(i); !s.ok()) return s;
   }
-  return absl::OkStatus();
+  // Every worker registered before the test submits: submit checks the registered fleet (a gang larger
+  // than it is refused), so a spec would otherwise be judged against whichever workers were quick.
+  const auto deadline = std::chrono::steady_clock::now() + 60s;
+  for (;;) {
+    auto workers = store_->ListWorkers();
+    if (workers.ok() && static_cast<int>(workers->size()) >= options_.workers) return absl::OkStatus();
+    if (std::chrono::steady_clock::now() >= deadline) {
+      return absl::DeadlineExceededError(Cat("only ", workers.ok() ? workers->size() : 0, " of ", options_.workers,
+                                             " workers registered within 60 s\n", DaemonLogs()));
+    }
+    std::this_thread::sleep_for(10ms);
+  }
 }
 
 absl::StatusOr<int> Cluster::ReadPortFile(const std::string& path, Process& proc) {

@@ -29,6 +29,20 @@ merge: {method: upcycle}
 finetune: {top_k: 1, steps: 1, freeze: [attention, embeddings, norms], router: sparsemixer}
 evaluate: {baselines: [seed, experts, btm, upcycle]}
 """,
+    # Found by this fuzzer: a baseline named twice was planned as two jobs of one name.
+    "repeated-baseline.yaml": """
+name: rb
+seed: {model: /models/seed}
+experts: [{name: a, data: {train: /d/a}}]
+evaluate: {baselines: [seed, upcycle, upcycle]}
+""",
+    "gang.yaml": """
+name: g
+seed: {model: /models/seed}
+experts: [{name: a, data: {train: /d/a}}]
+train: {zero: 3}
+resources: {nodes_per_job: 4, ranks_per_job: 2}
+""",
     "btm.yaml": """
 name: btm
 seed: {init: {preset: small, hidden_size: 128}, pretrain: {data: {train: /d/all}, steps: 10}}
