@@ -50,6 +50,19 @@ TEST(Uri, JoinUnderRejectsUnsafeComponents) {
   EXPECT_FALSE(IsSafeComponent(".."));
 }
 
+// What a gang's rendezvous may be: the scheduler refuses anything else, a member ignores it.
+TEST(Uri, IsHostPortTakesWhatBtxTrainReads) {
+  for (const char* ok : {"127.0.0.1:29500", "gpu-node-1.example.org:1", "fe80::1:65535", "[::1]:8080"}) {
+    EXPECT_TRUE(IsHostPort(ok)) << ok;
+  }
+  for (const char* bad : {"", ":80", "host", "host:", "host:0", "host:65536", "host:123456", "host:8o", "a b:80",
+                          "no port; rm -rf /", "h/x:80"}) {
+    EXPECT_FALSE(IsHostPort(bad)) << bad;
+  }
+  EXPECT_FALSE(IsHostPort(std::string(254, 'a') + ":80"));
+  EXPECT_TRUE(IsHostPort(std::string(253, 'a') + ":80"));
+}
+
 TEST(ArtifactStore, FetchRefusesASymlinkLeadingOutOfTheRoot) {
   const std::string dir = *MakeTempDir("btx-artifacts-");
   std::filesystem::create_directories(dir + "/root/p/job/model");

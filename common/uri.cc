@@ -1,5 +1,6 @@
 #include "btx/common/uri.h"
 
+#include <cctype>
 #include <vector>
 
 #include "btx/common/strings.h"
@@ -63,6 +64,22 @@ absl::StatusOr<std::string> JoinUnder(std::string_view root, std::string_view re
     out += Cat("/", part);
   }
   return out;
+}
+
+bool IsHostPort(std::string_view v) {
+  const size_t colon = v.rfind(':');
+  if (colon == std::string_view::npos || colon == 0 || colon > 253) return false;
+  for (char c : v.substr(0, colon)) {
+    if (!std::isalnum(static_cast<unsigned char>(c)) && c != '.' && c != '-' && c != ':' && c != '[' && c != ']') return false;
+  }
+  const std::string_view digits = v.substr(colon + 1);
+  if (digits.empty() || digits.size() > 5) return false;
+  int port = 0;
+  for (char c : digits) {
+    if (c < '0' || c > '9') return false;
+    port = port * 10 + (c - '0');
+  }
+  return port > 0 && port <= 65535;
 }
 
 }  // namespace btx

@@ -3,6 +3,8 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <optional>
+#include <set>
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/str_join.h"
@@ -55,18 +57,9 @@ absl::StatusOr<json> ResolveInputs(const storage::ClaimedJob& c) {
   return ResolveArtifacts(stored, c.parent_artifacts);
 }
 
-// host:port, as btx-train's BTX_RENDEZVOUS takes it: the members' ranks connect there.
+// The members' ranks connect there (IsHostPort: as btx-train reads BTX_RENDEZVOUS).
 absl::Status CheckRendezvous(const std::string& field, const std::string& v) {
-  const size_t colon = v.rfind(':');
-  const bool host_ok = colon != std::string::npos && colon > 0 && colon <= 253 &&
-                       std::all_of(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(colon), [](char c) {
-                         return std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '-' || c == ':' || c == '[' || c == ']';
-                       });
-  int port = 0;
-  const bool port_ok = host_ok && colon + 1 < v.size() && v.size() - colon - 1 <= 5 &&
-                       std::all_of(v.begin() + static_cast<std::ptrdiff_t>(colon) + 1, v.end(), [](char c) { return c >= '0' && c <= '9'; }) &&
-                       (port = std::stoi(v.substr(colon + 1))) > 0 && port <= 65535;
-  if (port_ok) return absl::OkStatus();
+  if (IsHostPort(v)) return absl::OkStatus();
   return InvalidFields({{field, Cat("got '", v.substr(0, 64), "'; expected host:port of the gang's rendezvous store")}});
 }
 
@@ -102,14 +95,20 @@ absl::Status CheckSomeWorkerFitsRanks(storage::Store& store, const std::vector<s
 absl::Status CheckSomeWorkerFits(storage::Store& store, const std::vector<storage::NewJob>& jobs) {
   // A gang needs nodes_per_job workers at once: refused when fewer are registered than it needs, for the
   // same reason (and with the same leniency for an empty fleet) as a job too large for any one worker.
-  int needed = 0;
+  // The planner gives every training job of a pipeline the same shape: each distinct one is checked once.
+  std::set<std::pair<int, int>> checked;  // (nodes, gpus)
+  std::optional<bool> fleet_empty;
   for (const auto& j : jobs) {
-    if (j.nodes <= 1) continue;
+    if (j.nodes <= 1 || !checked.insert({j.nodes, j.gpus}).second) continue;
+    if (!fleet_empty) {
+      auto any = store.LargestWorker();
+      if (!any.ok()) return any.status();
+      fleet_empty = !any->has_value();
+    }
+    if (*fleet_empty) break;
     auto fit = store.WorkersWithGpus(j.gpus);
     if (!fit.ok()) return fit.status();
-    auto any = store.LargestWorker();
-    if (!any.ok()) return any.status();
-    if (!any->has_value() || fit->first >= j.nodes) continue;
+    if (fit->first >= j.nodes) continue;
     return absl::FailedPreconditionError(Cat(
         "no set of registered workers can run this pipeline: its training jobs span ", j.nodes,
         " workers at once (resources.nodes_per_job)", j.gpus > 0 ? Cat(" with ", j.gpus, " GPUs each") : std::string(),
@@ -117,6 +116,7 @@ absl::Status CheckSomeWorkerFits(storage::Store& store, const std::vector<storag
         fit->second.empty() ? std::string() : Cat(" (", absl::StrJoin(fit->second, ", "), ")"),
         "; a gang never starts on fewer"));
   }
+  int needed = 0;
   for (const auto& j : jobs) needed = std::max(needed, j.gpus);
   if (needed == 0) return CheckSomeWorkerFitsRanks(store, jobs);
   auto largest = store.LargestWorker();

@@ -56,6 +56,15 @@ class GangStoreTest : public ::testing::Test {
     EXPECT_TRUE(offer.ok()) << offer.status();
     return offer.ok() ? offer->mine : std::nullopt;
   }
+  // A 2-node gang formed the usual way: `first` offers (nothing forms), `second`'s poll forms it as node 0,
+  // `first`'s next poll picks up node 1.
+  std::pair<std::optional<ClaimedJob>, std::optional<ClaimedJob>> FormOnTwo(const std::string& first,
+                                                                             const std::string& second) {
+    EXPECT_FALSE(Poll(first).has_value());
+    auto n0 = Poll(second);
+    auto n1 = Poll(first);
+    return {std::move(n0), std::move(n1)};
+  }
   JobDirectiveRow Beat(const std::string& worker, const ClaimedJob& c, const std::string& rendezvous = "",
                        const std::string& progress = "") {
     JobReportRow r{.job_id = c.job.id, .attempt = c.job.attempt, .progress_json = progress, .rendezvous = rendezvous};
@@ -146,9 +155,7 @@ TEST_F(GangStoreTest, AGangTheFleetCannotServeHoldsNothingUp) {
 TEST_F(GangStoreTest, ReportsAreFencedByMembership) {
   auto ids = Submit({{"g", 2}});
   const std::string a = Worker("a"), b = Worker("b"), c = Worker("c");
-  (void)Poll(a);
-  auto n0 = Poll(b);
-  auto n1 = Poll(a);
+  auto [n0, n1] = FormOnTwo(a, b);
   ASSERT_TRUE(n0 && n1);
   // Node 1 learns the rendezvous once node 0 reported it; node 1's own claim to one is ignored.
   EXPECT_EQ(Beat(a, *n1, "evil:1").rendezvous, "");
@@ -168,9 +175,7 @@ TEST_F(GangStoreTest, ReportsAreFencedByMembership) {
 TEST_F(GangStoreTest, AnyMemberFailingEndsTheAttemptForAll) {
   auto ids = Submit({{"g", 2}});
   const std::string a = Worker("a"), b = Worker("b");
-  (void)Poll(a);
-  auto n0 = Poll(b);
-  auto n1 = Poll(a);
+  auto [n0, n1] = FormOnTwo(a, b);
   ASSERT_TRUE(n0 && n1);
   auto failed = store_.FailJob(a, ids["g"], 1, "rank 3 exited with code 1", true, false, "", policy_, now_);
   ASSERT_TRUE(failed.ok()) << failed.status();
@@ -181,9 +186,7 @@ TEST_F(GangStoreTest, AnyMemberFailingEndsTheAttemptForAll) {
   EXPECT_TRUE(absl::IsFailedPrecondition(store_.CompleteJob(b, ids["g"], 1, "file:///x", "", now_)));
   // The retry forms a new gang with a new attempt number, shared by its members.
   now_ += 1h;
-  (void)Poll(b);
-  auto r0 = Poll(a);
-  auto r1 = Poll(b);
+  auto [r0, r1] = FormOnTwo(b, a);
   ASSERT_TRUE(r0 && r1);
   EXPECT_EQ(r0->job.attempt, 2);
   EXPECT_EQ(r1->job.attempt, 2);
@@ -193,9 +196,7 @@ TEST_F(GangStoreTest, AnyMemberFailingEndsTheAttemptForAll) {
 TEST_F(GangStoreTest, CancelAndDrainActOnTheWholeGang) {
   auto ids = Submit({{"g", 2}, {"h", 2}}, 0, /*max_attempts=*/1);
   const std::string a = Worker("a"), b = Worker("b");
-  (void)Poll(a);
-  auto n0 = Poll(b);
-  auto n1 = Poll(a);
+  auto [n0, n1] = FormOnTwo(a, b);
   ASSERT_TRUE(n0 && n1);
   // Drain: node 1 hands its part back as an interruption; the one attempt is not spent.
   auto back = store_.FailJob(a, n1->job.id, n1->job.attempt, "worker draining", true, false, "", policy_, now_,
@@ -205,9 +206,7 @@ TEST_F(GangStoreTest, CancelAndDrainActOnTheWholeGang) {
   EXPECT_EQ(store_.GetJob(n1->job.id)->max_attempts, 2);
   EXPECT_EQ(Beat(b, *n0).directive, Directive::kLeaseLost);
   // A gang formed again (g or h: they were queued together), then cancelled: both members are told.
-  (void)Poll(a);
-  auto m0 = Poll(b);
-  auto m1 = Poll(a);
+  auto [m0, m1] = FormOnTwo(a, b);
   ASSERT_TRUE(m0 && m1);
   ASSERT_EQ(m0->job.id, m1->job.id);
   auto pipeline_id = store_.GetJob(m0->job.id)->pipeline_id;
@@ -236,9 +235,7 @@ TEST_F(GangStoreTest, OnlyOffersWithTheGpusTheGangNeedsCount) {
 TEST_F(GangStoreTest, OneMemberStoppingHeartbeatsExpiresTheWholeAttempt) {
   auto ids = Submit({{"g", 2}});
   const std::string a = Worker("a"), b = Worker("b");
-  (void)Poll(a);
-  auto n0 = Poll(b);
-  auto n1 = Poll(a);
+  auto [n0, n1] = FormOnTwo(a, b);
   ASSERT_TRUE(n0 && n1);
   now_ += 20s;
   Beat(b, *n0);  // node 0 renews; node 1 (worker a) has gone quiet
@@ -275,9 +272,7 @@ TEST_F(GangStoreTest, TwoGangsNeedingMoreWorkersThanExistBothFinish) {
   auto g1 = Submit({{"g1", 2}});
   auto g2 = Submit({{"g2", 2}});
   const std::string a = Worker("a"), b = Worker("b"), c = Worker("c");
-  (void)Poll(a);
-  auto x0 = Poll(b);
-  auto x1 = Poll(a);
+  auto [x0, x1] = FormOnTwo(a, b);
   ASSERT_TRUE(x0 && x1);
   EXPECT_EQ(x0->job.name, "g1");
   EXPECT_FALSE(Poll(c).has_value());  // g2 needs two: c waits, holding nothing

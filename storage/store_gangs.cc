@@ -77,12 +77,35 @@ absl::StatusOr<std::pair<int, std::vector<std::string>>> Store::WorkersWithGpus(
 }
 
 absl::Status Store::DescribeGangs(std::vector<JobRecord>& jobs, TimePoint now) {
-  std::vector<JobRecord*> gangs;
+  std::vector<JobRecord*> waiting;
+  std::map<std::string, JobRecord*> by_id;
+  std::vector<std::string> leased_ids, leased_attempts;
   for (auto& j : jobs) {
-    if (j.nodes > 1) gangs.push_back(&j);
+    if (j.nodes <= 1) continue;
+    if (j.state == job_state::kLeased) {
+      by_id[j.id] = &j;
+      leased_ids.push_back(UuidParam(j.id));
+      leased_attempts.push_back(std::to_string(j.attempt));
+    } else if (j.state == job_state::kReady || j.state == job_state::kRetryWait) {
+      waiting.push_back(&j);
+    }
   }
-  if (gangs.empty()) return absl::OkStatus();
+  if (by_id.empty() && waiting.empty()) return absl::OkStatus();
   return InTx<bool>(pool_, "describe gangs", [&](pqxx::work& tx) -> absl::StatusOr<bool> {
+    // The current attempt's members of every leased gang, in one query.
+    if (!by_id.empty()) {
+      for (const auto& m : tx.exec_params(
+               "SELECT m.job_id::text, m.node_rank, m.worker_id::text, w.name, " + Us("m.lease_deadline") + ", m.delivered "
+               "FROM job_members m JOIN workers w ON w.id = m.worker_id "
+               "WHERE (m.job_id, m.attempt) IN (SELECT * FROM unnest($1::uuid[], $2::int[])) ORDER BY m.job_id, m.node_rank",
+               ArrayLiteral(leased_ids), ArrayLiteral(leased_attempts))) {
+        by_id.at(m[0].as<std::string>())->members.push_back(
+            {m[1].as<int>(), m[2].as<std::string>(), m[3].as<std::string>(), FromUnixMicros(m[4].as<int64_t>()),
+             m[5].as<bool>()});
+      }
+    }
+    if (waiting.empty()) return true;
+    // Why each waiting gang waits: the head gang, and the fleet's offers.
     std::string head_id, head_name;
     if (auto h = tx.exec_params("SELECT h.id::text, p.name || '/' || j.name FROM btx_head_gang(" + Ts(1) + ") h "
                                 "JOIN jobs j ON j.id = h.id JOIN pipelines p ON p.id = j.pipeline_id", Micros(now));
@@ -104,19 +127,7 @@ absl::Status Store::DescribeGangs(std::vector<JobRecord>& jobs, TimePoint now) {
       fleet.push_back({w[0].as<std::string>(), w[1].as<std::string>(), w[2].as<int>(), w[3].as<bool>(), w[4].as<int>(),
                        w[5].as<int>()});
     }
-    for (JobRecord* j : gangs) {
-      if (j->state == job_state::kLeased) {
-        for (const auto& m : tx.exec_params(
-                 "SELECT m.node_rank, m.worker_id::text, w.name, " + Us("m.lease_deadline") + ", m.delivered "
-                 "FROM job_members m JOIN workers w ON w.id = m.worker_id WHERE m.job_id = $1::uuid AND m.attempt = $2 "
-                 "ORDER BY m.node_rank",
-                 UuidParam(j->id), j->attempt)) {
-          j->members.push_back({m[0].as<int>(), m[1].as<std::string>(), m[2].as<std::string>(),
-                                FromUnixMicros(m[3].as<int64_t>()), m[4].as<bool>()});
-        }
-        continue;
-      }
-      if (j->state != job_state::kReady && j->state != job_state::kRetryWait) continue;
+    for (JobRecord* j : waiting) {
       std::vector<std::string> offered, busy;
       int active_fit = 0;
       for (const auto& w : fleet) {

@@ -51,19 +51,6 @@ std::string CleanLine(std::string_view raw) {
   return s;
 }
 
-// "host:port", as btx-train reads BTX_RENDEZVOUS (the last colon splits; IPv6 hosts unbracketed). One it
-// would refuse would fail the member's ranks as an invalid job (exit 65), which is not the job's fault.
-bool ValidRendezvous(const std::string& r) {
-  const size_t colon = r.rfind(':');
-  if (colon == std::string::npos || colon == 0 || colon + 1 == r.size() || r.size() - colon > 6) return false;
-  int port = 0;
-  for (size_t i = colon + 1; i < r.size(); ++i) {
-    if (r[i] < '0' || r[i] > '9') return false;
-    port = port * 10 + (r[i] - '0');
-  }
-  return port > 0 && port <= 65535;
-}
-
 std::string Seconds(std::chrono::steady_clock::duration d) {
   char buf[32];
   std::snprintf(buf, sizeof buf, "%.1f s", std::chrono::duration<double>(d).count());
@@ -288,7 +275,9 @@ void JobRunner::SetRendezvous(const std::string& rendezvous) {
     return;
   }
   if (!rendezvous_.empty()) return;  // the first stands: the ranks may have been started with it
-  if (!ValidRendezvous(rendezvous)) {
+  // One btx-train would refuse would fail the member's ranks as an invalid job (exit 65), which is not the
+  // job's fault: it is ignored, and the member waits on.
+  if (!IsHostPort(rendezvous)) {
     if (rendezvous != rejected_rendezvous_) {
       AddLogLocked("worker", Cat("ignored the rendezvous '", rendezvous, "' from the scheduler: expected host:port"));
       rejected_rendezvous_ = rendezvous;

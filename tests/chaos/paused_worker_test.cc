@@ -20,7 +20,7 @@ namespace btx::chaos {
 namespace {
 using namespace std::chrono_literals;
 
-bool ProcessGone(pid_t pid) { return ::kill(pid, 0) != 0 && errno == ESRCH; }
+using e2e::Gone;
 
 // The pid the worker logged for the child it started for `attempt`, or 0 while not yet reported.
 pid_t ChildPid(e2e::Cluster& cluster, const std::string& job_id, int attempt) {
@@ -162,7 +162,7 @@ TEST_F(PausedWorkerTest, LateReportsAreRefusedAndTheStaleTrainerIsKilled) {
   EXPECT_TRUE(PollUntil([&] { return FileContains(paused_log, Cat("lease of ", victim.name, " attempt 1 lost; killing it")); },
                         30s))
       << "the resumed worker did not learn that it lost the lease";
-  EXPECT_TRUE(PollUntil([&] { return ProcessGone(child_); }, 30s)) << "stale btx-train " << child_ << " still runs";
+  EXPECT_TRUE(PollUntil([&] { return Gone(child_); }, 30s)) << "stale btx-train " << child_ << " still runs";
 
   ASSERT_EQ(cluster_.WaitForPipeline(*id, 300s), "SUCCEEDED");
   ExpectCleanFinish(cluster_, *id, planned);

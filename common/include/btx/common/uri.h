@@ -21,4 +21,8 @@ std::string SanitizeComponent(std::string_view name);
 // Joins root and relative components after checking each; fails on traversal.
 absl::StatusOr<std::string> JoinUnder(std::string_view root, std::string_view relative);
 
+// "host:port" as btx-train reads BTX_RENDEZVOUS (the last colon splits, so an IPv6 host may stand
+// unbracketed): a host of [A-Za-z0-9.-:[]] up to 253 characters and a port in 1..65535.
+bool IsHostPort(std::string_view v);
+
 }  // namespace btx
