@@ -30,6 +30,7 @@
 #include "btx/storage/store.h"
 #include "btx/v1/pipeline_service.grpc.pb.h"
 #include "btx/v1/worker_service.grpc.pb.h"
+#include "bench_database.h"
 #include "../../scheduler/follow.h"
 
 namespace {
@@ -236,35 +237,12 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
 
-  auto dir = btx::MakeTempDir("btx-bench-follow-");
-  if (!dir.ok()) {
-    std::cerr << dir.status() << "\n";
+  btx::bench::BenchDatabase bench_db;
+  if (auto s = btx::bench::OpenBenchDatabase(bench_db, "btx-bench-follow-", "", durable, connections); !s.ok()) {
+    std::cerr << s << "\n";
     return 1;
   }
-  btx::PosixProcessLauncher launcher;
-  std::unique_ptr<btx::storage::Database> db;
-  struct Cleanup {
-    std::unique_ptr<btx::storage::Database>& db;
-    std::string dir;
-    ~Cleanup() {
-      db.reset();
-      std::error_code ec;
-      std::filesystem::remove_all(dir, ec);
-    }
-  } cleanup{db, *dir};
-  {
-    btx::storage::DatabaseOptions options;
-    options.local.state_dir = *dir;
-    options.local.durable = durable;
-    options.connections = connections;
-    auto opened = btx::storage::OpenDatabase(std::move(options), launcher);
-    if (!opened.ok()) {
-      std::cerr << opened.status() << "\n";
-      return 1;
-    }
-    db = std::move(*opened);
-  }
-  const std::string conninfo = db->conninfo;
+  const std::string conninfo = bench_db.db->conninfo;
   std::printf("btx_bench_followers: %d workers heartbeating every %d ms (lease %d s), %d followers, %d + %d database "
               "connections, %u CPUs, durable=%s\n",
               workers_n, heartbeat_ms, lease_s, followers_n, connections, follower_connections,
@@ -283,7 +261,7 @@ int main(int argc, char** argv) {
   }
   btx::SystemClock clock;
   btx::scheduler::SchedulerConfig cfg;
-  cfg.artifact_root = *dir + "/artifacts";
+  cfg.artifact_root = bench_db.dir + "/artifacts";
   cfg.lease = std::chrono::seconds(lease_s);
   cfg.heartbeat_interval = std::chrono::milliseconds(heartbeat_ms);
   cfg.reap_interval = std::chrono::seconds(1);

@@ -33,6 +33,7 @@
 #include "btx/storage/pool.h"
 #include "btx/storage/store.h"
 #include "btx/v1/worker_service.grpc.pb.h"
+#include "bench_database.h"
 
 namespace {
 using Clock = std::chrono::steady_clock;
@@ -419,38 +420,13 @@ int main(int argc, char** argv) {
   // As btx-scheduler does: Debian's Abseil checks every Mutex acquisition for lock-order cycles.
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
 
-  auto dir = btx::MakeTempDir("btx-bench-sched-");
-  if (!dir.ok()) {
-    std::cerr << dir.status() << "\n";
+  btx::bench::BenchDatabase bench_db;
+  if (auto s = btx::bench::OpenBenchDatabase(bench_db, "btx-bench-sched-", database_url, durable, connections); !s.ok()) {
+    std::cerr << s << "\n";
     return 1;
   }
-  btx::PosixProcessLauncher launcher;
-  std::unique_ptr<btx::storage::Database> db;
-  // Stops the server before its directory goes, on every way out.
-  struct Cleanup {
-    std::unique_ptr<btx::storage::Database>& db;
-    std::string dir;
-    ~Cleanup() {
-      db.reset();
-      std::error_code ec;
-      std::filesystem::remove_all(dir, ec);
-    }
-  } cleanup{db, *dir};
-  {
-    btx::storage::DatabaseOptions options;
-    options.url = database_url;
-    options.local.state_dir = *dir;
-    options.local.durable = durable;
-    options.connections = connections;
-    auto opened = btx::storage::OpenDatabase(std::move(options), launcher);
-    if (!opened.ok()) {
-      std::cerr << opened.status() << "\n";
-      return 1;
-    }
-    db = std::move(*opened);
-  }
-  const std::string conninfo = db->conninfo;
-  const bool pg = db->local != nullptr;
+  const std::string conninfo = bench_db.db->conninfo;
+  const bool pg = bench_db.db->local != nullptr;
   std::printf("btx_bench_scheduler: %d workers, %d jobs (%d per pipeline), %d database connections, %u CPUs\n", workers,
               jobs, per_pipeline, connections, std::thread::hardware_concurrency());
   if (pg) {
@@ -477,7 +453,7 @@ int main(int argc, char** argv) {
         pqxx::connection c(conninfo);
         pqxx::nontransaction(c).exec("TRUNCATE pipelines, workers CASCADE");
       }
-      auto r = RunSchedulerPhase(conninfo, *dir, phase, workers, jobs, per_pipeline, connections, client_threads,
+      auto r = RunSchedulerPhase(conninfo, bench_db.dir, phase, workers, jobs, per_pipeline, connections, client_threads,
                                  grpc_connections, max_batch, batches_in_flight, no_metrics);
       if (!r) return 1;
       sched = *r;
@@ -509,7 +485,7 @@ int main(int argc, char** argv) {
       pqxx::connection c(conninfo);
       pqxx::nontransaction(c).exec("TRUNCATE pipelines, workers CASCADE");
     }
-    auto r = RunSchedulerPhase(conninfo, *dir, "scheduler", workers, open_jobs, per_pipeline, connections, client_threads,
+    auto r = RunSchedulerPhase(conninfo, bench_db.dir, "scheduler", workers, open_jobs, per_pipeline, connections, client_threads,
                                grpc_connections, max_batch, batches_in_flight, no_metrics, offered);
     if (!r) return 1;
     std::printf("target (open loop at %.2f of the maximum): claim p99 < 20 ms %s (%.2f ms, from each claim's due time)\n",
