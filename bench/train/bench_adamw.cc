@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "btx/kernels/fused_adamw.h"
+#include "bench_timing.h"
 
 namespace {
 
@@ -28,16 +29,8 @@ std::vector<int64_t> ParseList(const std::string& s) {
   return out;
 }
 
-double Seconds(const std::function<void()>& fn) {
-  const auto t0 = std::chrono::steady_clock::now();
-  fn();
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
-
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
+using btx::bench::Median;
+using btx::bench::Seconds;
 
 }  // namespace
 

@@ -22,6 +22,7 @@
 
 #include "btx/kernels/attention.h"
 #include "btx/kernels/chunked_loss.h"
+#include "bench_timing.h"
 
 namespace {
 
@@ -53,16 +54,8 @@ int64_t PeakAbove(const std::function<void()>& fn) {
   return (StatusKb("VmHWM:") - base) * 1024;
 }
 
-double Seconds(const std::function<void()>& fn) {
-  const auto t0 = std::chrono::steady_clock::now();
-  fn();
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
-
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
+using btx::bench::Median;
+using btx::bench::Seconds;
 
 std::string Mib(int64_t bytes) {
   if (bytes < 0) return "n/a";
@@ -71,8 +64,18 @@ std::string Mib(int64_t bytes) {
   return buf;
 }
 
-void Report(const char* what, const char* base_name, const char* new_name, const std::vector<double>& base_t,
-            const std::vector<double>& new_t, int64_t base_peak, int64_t new_peak) {
+// Times both (one warm-up each, then `reps` interleaved runs), measures each one's peak, and prints the ratios.
+void CompareNaiveAndChunked(const char* what, const std::function<void()>& naive, const std::function<void()>& chunked,
+                            int reps) {
+  const char *base_name = "naive", *new_name = "chunked";
+  naive();
+  chunked();
+  std::vector<double> base_t, new_t;
+  for (int r = 0; r < reps; ++r) {
+    base_t.push_back(Seconds(naive));
+    new_t.push_back(Seconds(chunked));
+  }
+  const int64_t base_peak = PeakAbove(naive), new_peak = PeakAbove(chunked);
   const double bt = Median(base_t), nt = Median(new_t);
   std::printf("%s\n  %-8s fwd+bwd %8.1f ms   peak +%s\n  %-8s fwd+bwd %8.1f ms   peak +%s\n", what, base_name, bt * 1e3,
               Mib(base_peak).c_str(), new_name, nt * 1e3, Mib(new_peak).c_str());
@@ -123,20 +126,12 @@ int main(int argc, char** argv) {
     auto chunked = [&] {
       torch::autograd::grad({btx::kernels::chunked_causal_attention(q, k, v, 0, 0, bq, bk)}, {q, k, v}, {up});
     };
-    naive();
-    chunked();
-    std::vector<double> tn, tc;
-    for (int r = 0; r < a.reps; ++r) {
-      tn.push_back(Seconds(naive));
-      tc.push_back(Seconds(chunked));
-    }
-    const int64_t pn = PeakAbove(naive), pc = PeakAbove(chunked);
     char what[160];
     std::snprintf(what, sizeof what, "attention B %lld, H %lld / Hkv %lld, T %lld, head_dim %lld, blocks %lld x %lld",
                   static_cast<long long>(a.batch), static_cast<long long>(a.heads), static_cast<long long>(a.kv_heads),
                   static_cast<long long>(a.seq), static_cast<long long>(a.head_dim), static_cast<long long>(bq),
                   static_cast<long long>(bk));
-    Report(what, "naive", "chunked", tn, tc, pn, pc);
+    CompareNaiveAndChunked(what, naive, chunked, a.reps);
   }
 
   // Cross-entropy of the LM head: gradients of the hidden states and the head.
@@ -148,19 +143,11 @@ int main(int argc, char** argv) {
     auto chunked = [&] {
       torch::autograd::grad({btx::kernels::chunked_cross_entropy(h, w, t, a.chunk).loss}, {h, w});
     };
-    naive();
-    chunked();
-    std::vector<double> tn, tc;
-    for (int r = 0; r < a.reps; ++r) {
-      tn.push_back(Seconds(naive));
-      tc.push_back(Seconds(chunked));
-    }
-    const int64_t pn = PeakAbove(naive), pc = PeakAbove(chunked);
     char what[160];
     std::snprintf(what, sizeof what, "cross-entropy N %lld tokens, D %lld, V %lld, chunk %lld",
                   static_cast<long long>(a.tokens), static_cast<long long>(a.hidden), static_cast<long long>(a.vocab),
                   static_cast<long long>(a.chunk));
-    Report(what, "naive", "chunked", tn, tc, pn, pc);
+    CompareNaiveAndChunked(what, naive, chunked, a.reps);
   }
   return 0;
 }
