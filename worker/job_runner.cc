@@ -227,9 +227,7 @@ absl::Status JobRunner::LaunchGroup(const std::string& job_path, std::string mem
     *described = Cat("as ", ranks_, " ranks (pids ", absl::StrJoin(pids, ", "), "; rendezvous store ", rendezvous,
                      ", pid ", store->proc->pid(), ") on ", on);
   } else {
-    const std::string mine = ranks_ == 1 ? Cat("rank ", first_rank_, " of ", world_)
-                                         : Cat("ranks ", first_rank_, "-", first_rank_ + ranks_ - 1, " of ", world_);
-    *described = Cat("as node ", config_.node_rank, " of ", config_.nodes, ", ", mine, ", rendezvous ", rendezvous,
+    *described = Cat("as ", GangPlace(config_.node_rank, config_.nodes, ranks_), ", rendezvous ", rendezvous,
                      " (pid", pids.size() == 1 ? " " : "s ", absl::StrJoin(pids, ", "),
                      store ? Cat("; rendezvous store pid ", store->proc->pid()) : "", ") on ", on);
   }
@@ -291,6 +289,12 @@ void JobRunner::SetRendezvous(const std::string& rendezvous) {
 std::string JobRunner::rendezvous() const {
   std::lock_guard lock(mu_);
   return rendezvous_;
+}
+
+std::string GangPlace(int node_rank, int nodes, int ranks) {
+  const int first = node_rank * ranks, world = nodes * ranks;
+  return Cat("node ", node_rank, " of ", nodes, ", ",
+             ranks == 1 ? Cat("rank ", first, " of ", world) : Cat("ranks ", first, "-", first + ranks - 1, " of ", world));
 }
 
 std::string JobRunner::RankName(int global_rank) const { return Cat("rank ", global_rank, " of ", world_); }

@@ -55,6 +55,10 @@ struct JobRunnerConfig {
   std::function<absl::Status(const std::string& dir)> verify_artifact;
 };
 
+// "node 1 of 2, ranks 2-3 of 4" (or "rank 1 of 2" with one rank per node): where a gang member's ranks
+// stand in the job's world.
+std::string GangPlace(int node_rank, int nodes, int ranks);
+
 enum class StopReason { kNone, kCancel, kDrain, kLeaseLost, kKill };
 
 struct Outcome {

@@ -319,9 +319,7 @@ class Worker::Impl {
     auto runner = std::make_shared<JobRunner>(job, rc, launcher_, clock_);
     std::string as;
     if (rc.nodes > 1) {
-      const int first = rc.node_rank * rc.ranks, world = rc.nodes * rc.ranks;
-      as = Cat(" as node ", rc.node_rank, " of ", rc.nodes, ", ",
-               rc.ranks == 1 ? Cat("rank ", first, " of ", world) : Cat("ranks ", first, "-", first + rc.ranks - 1, " of ", world),
+      as = Cat(" as ", GangPlace(rc.node_rank, rc.nodes, rc.ranks),
                job.rendezvous().empty() || rc.node_rank == 0 ? "" : Cat(", rendezvous ", job.rendezvous()));
     } else if (rc.ranks > 1) {
       as = Cat(" as ", rc.ranks, " ranks");
