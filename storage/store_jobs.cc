@@ -49,8 +49,10 @@ bool ProgressEventDue(const LeaseRow& row, int attempt, Duration every, TimePoin
 
 // A heartbeat's log lines for one job in one statement; a line whose (attempt, seq) is stored
 // already is skipped by the unique index job_logs_attempt_seq (migration 0007). Ids follow the
-// lines' order.
-void InsertLogLines(pqxx::work& tx, const std::string& job_id, int attempt, const std::vector<LogRecord>& logs) {
+// lines' order. `seq_offset` moves a gang member's numbered lines into a range of its own (its worker
+// numbers them from 1 like every other member's).
+void InsertLogLines(pqxx::work& tx, const std::string& job_id, int attempt, const std::vector<LogRecord>& logs,
+                    int64_t seq_offset = 0) {
   if (logs.empty()) return;
   static const std::string kSql =
       "INSERT INTO job_logs (job_id, attempt, seq, stream, line, created_at) "
@@ -65,23 +67,13 @@ void InsertLogLines(pqxx::work& tx, const std::string& job_id, int attempt, cons
   };
   std::vector<std::string> seqs, streams, lines, micros;
   for (const auto& l : logs) {
-    seqs.push_back(std::to_string(std::max<int64_t>(0, l.seq)));
+    seqs.push_back(std::to_string(l.seq > 0 ? l.seq + seq_offset : 0));
     streams.push_back(text(l.stream));
     lines.push_back(text(l.line));
     micros.push_back(std::to_string(Micros(l.created_at)));
   }
   ExecPrepared(tx, "btx_insert_logs", kSql, UuidParam(job_id), attempt, ArrayLiteral(seqs), ArrayLiteral(streams),
                ArrayLiteral(lines), ArrayLiteral(micros));
-}
-
-// A gang member's log lines, with seq moved into the member's own range (node k: k * 2^40 + seq).
-std::vector<LogRecord> MemberLines(const std::vector<LogRecord>& logs, int node_rank) {
-  std::vector<LogRecord> out = logs;
-  if (node_rank == 0) return out;
-  for (auto& l : out) {
-    if (l.seq > 0) l.seq += static_cast<int64_t>(node_rank) << 40;
-  }
-  return out;
 }
 
 absl::Status CheckFence(const LeaseRow& row, const std::string& job_id, int attempt, const std::string& worker_id) {
@@ -220,7 +212,7 @@ absl::StatusOr<std::vector<JobDirectiveRow>> Store::Heartbeat(const std::string&
                 "RETURNING rendezvous, " + Us("lease_deadline"),
                 rep.job_id, rep.attempt, *node == 0, rep.rendezvous);
             d.rendezvous = g[0][0].as<std::string>();
-            InsertLogLines(tx, rep.job_id, rep.attempt, MemberLines(rep.logs, *node));
+            InsertLogLines(tx, rep.job_id, rep.attempt, rep.logs, static_cast<int64_t>(*node) << 40);  // node k: k * 2^40 + seq
             d.directive = row->cancel_requested ? Directive::kCancel : Directive::kContinue;
             d.lease_deadline = deadline;
             if (*node != 0) continue;
